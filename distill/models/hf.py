@@ -1,0 +1,278 @@
+"""Hugging Face <-> native: the config.json mapping and one declarative weight table per family.
+
+A table row is (HF name, native path, layout). `{i}` marks a per-layer tensor that lands in slice
+i of a parameter stacked on L. Layouts:
+  "same"  the same array (embeddings, norms);
+  "flat"  HF keeps the named dims flattened (q/k/v biases: [N*H] <-> [N, H]);
+  "t1"/"t2"  a linear layer: HF stores W as [out, in]; the native parameter is W transposed and
+          split into named dims, of which the first 1 or 2 (after L) make HF's input axis:
+          native = W.T.reshape(native_shape), W = native.reshape(in, out).T.
+Nothing else happens to a tensor, so HF -> distill -> HF is bit-exact.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from distill.config import DenseConfig, RopeScaling
+from distill.errors import DistillError
+from distill.models import safetensors_io
+from distill.models.dense import DenseDecoder
+
+Row = tuple[str, str, str]
+
+DENSE_TABLE: tuple[Row, ...] = (
+    ("model.embed_tokens.weight", "embed.embedding_vd", "same"),
+    ("model.norm.weight", "final_norm_d", "same"),
+    ("lm_head.weight", "lm_head_dv", "t1"),
+    ("model.layers.{i}.input_layernorm.weight", "blocks.attn_norm_d", "same"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "blocks.mlp_norm_d", "same"),
+    ("model.layers.{i}.self_attn.q_proj.weight", "blocks.attn.wq_dnh", "t1"),
+    ("model.layers.{i}.self_attn.k_proj.weight", "blocks.attn.wk_dkh", "t1"),
+    ("model.layers.{i}.self_attn.v_proj.weight", "blocks.attn.wv_dkh", "t1"),
+    ("model.layers.{i}.self_attn.o_proj.weight", "blocks.attn.wo_nhd", "t2"),
+    ("model.layers.{i}.self_attn.q_proj.bias", "blocks.attn.bq_nh", "flat"),
+    ("model.layers.{i}.self_attn.k_proj.bias", "blocks.attn.bk_kh", "flat"),
+    ("model.layers.{i}.self_attn.v_proj.bias", "blocks.attn.bv_kh", "flat"),
+    ("model.layers.{i}.mlp.gate_proj.weight", "blocks.mlp.w_gate_df", "t1"),
+    ("model.layers.{i}.mlp.up_proj.weight", "blocks.mlp.w_up_df", "t1"),
+    ("model.layers.{i}.mlp.down_proj.weight", "blocks.mlp.w_down_fd", "t1"),
+)
+# Buffers that some checkpoints carry and that hold no learned weight.
+IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+FAMILY_ARCH = {v: k for k, v in ARCHITECTURES.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json
+
+
+def config_from_hf(hf: dict, source: str = "config.json", **runtime) -> DenseConfig:
+    """Map a config.json dict to a DenseConfig (runtime fields such as param_dtype via kwargs)."""
+    arch = (hf.get("architectures") or [None])[0]
+    family = ARCHITECTURES.get(arch) or {"llama": "llama", "qwen2": "qwen2"}.get(hf.get("model_type"))
+    if family is None:
+        raise DistillError(
+            f"{source}: unsupported architecture {arch or hf.get('model_type')!r} "
+            f"(supported: {', '.join(ARCHITECTURES)})")
+    if hf.get("mlp_bias"):
+        raise DistillError(f"{source}: mlp_bias=true is not supported")
+    rope = dict(hf.get("rope_parameters") or {})  # transformers >= 5 nests theta and scaling here
+    theta = hf.get("rope_theta", rope.pop("rope_theta", 10000.0))
+    scaling = hf.get("rope_scaling") or rope or None
+    if scaling:
+        scaling = dict(scaling)
+        scaling["rope_type"] = scaling.pop("rope_type", scaling.pop("type", "default"))
+        known = set(RopeScaling.model_fields)
+        scaling = {k: v for k, v in scaling.items() if k in known}
+        if scaling["rope_type"] == "default":
+            scaling = None
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+            "bos_token_id", "eos_token_id", "pad_token_id", "head_dim", "sliding_window",
+            "use_sliding_window", "max_window_layers")
+    data = {k: hf[k] for k in keys if hf.get(k) is not None}
+    data["num_key_value_heads"] = hf.get("num_key_value_heads") or hf["num_attention_heads"]
+    if isinstance(data.get("eos_token_id"), list):
+        data["eos_token_id"] = tuple(data["eos_token_id"])
+    data.update(family=family, rope_theta=theta, rope_scaling=scaling,
+                attention_bias=True if family == "qwen2" else bool(hf.get("attention_bias", False)))
+    data.update(runtime)
+    from distill.config import validate  # local: config imports nothing from models
+
+    try:
+        return validate(DenseConfig, data, source)
+    except KeyError as e:
+        raise DistillError(f"{source}: missing key {e.args[0]!r}") from None
+
+
+def config_to_hf(cfg: DenseConfig, torch_dtype: str | None = None) -> dict:
+    """A config.json dict that transformers loads as the same architecture."""
+    out = {
+        "architectures": [FAMILY_ARCH[cfg.family]],
+        "model_type": cfg.family,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_size,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": cfg.rope_scaling.as_hf() if cfg.rope_scaling else None,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id,
+        "torch_dtype": torch_dtype or cfg.param_dtype,
+        "use_cache": True,
+    }
+    if cfg.pad_token_id is not None:
+        out["pad_token_id"] = cfg.pad_token_id
+    if cfg.family == "llama":
+        out.update(attention_bias=cfg.attention_bias, mlp_bias=False, pretraining_tp=1)
+    else:
+        out.update(sliding_window=cfg.sliding_window, use_sliding_window=cfg.use_sliding_window,
+                   max_window_layers=cfg.max_window_layers or cfg.num_hidden_layers)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+
+
+def _compile_table(table: Iterable[Row]) -> list[tuple[re.Pattern, str, str]]:
+    return [(re.compile("^" + re.escape(hf).replace(r"\{i\}", r"(\d+)") + "$"), path, layout)
+            for hf, path, layout in table]
+
+
+_DENSE_PATTERNS = _compile_table(DENSE_TABLE)
+
+
+def _path_key(path: str) -> tuple[str, ...]:
+    return tuple(path.split("."))
+
+
+def hf_to_native(w: np.ndarray, native_shape: tuple[int, ...], layout: str) -> np.ndarray:
+    """HF tensor -> native layout (one layer's slice)."""
+    return (w.T if layout.startswith("t") else w).reshape(native_shape)
+
+
+def native_to_hf(x: np.ndarray, layout: str) -> np.ndarray:
+    """Native slice -> HF tensor ([out, in] for linears)."""
+    if layout == "same":
+        return x
+    if layout == "flat":
+        return x.reshape(-1)
+    return x.reshape(math.prod(x.shape[: int(layout[1:])]), -1).T
+
+
+def abstract_model(cfg: DenseConfig) -> DenseDecoder:
+    """The model with ShapeDtypeStructs in place of arrays (no allocation)."""
+    return nnx.eval_shape(lambda: DenseDecoder(cfg, nnx.Rngs(0)))
+
+
+def build_from_tensors(cfg: DenseConfig, tensors: Iterable[tuple[str, np.ndarray]], source: str,
+                       mesh: Mesh | None = None) -> DenseDecoder:
+    """Assemble a DenseDecoder from (HF name, array) pairs streamed one at a time.
+
+    Each parameter's host buffer is moved to the device (sharded when `mesh` is given) as soon as
+    its last layer arrives, so peak host memory stays near one copy of the model.
+    """
+    from distill.parallel import variable_sharding
+
+    graphdef, state = nnx.split(abstract_model(cfg))
+    abstract = dict(nnx.to_flat_state(state))
+    buffers: dict[tuple, np.ndarray] = {}
+    pending: dict[tuple, set[int]] = {}
+    done: dict[tuple, jax.Array] = {}
+    for name, array in tensors:
+        key, layer, layout = _match(name, abstract, source)
+        if key is None:
+            continue
+        var = abstract[key]
+        stacked = "{i}" in _row_hf(key)
+        if key in done or (stacked and layer not in pending.setdefault(key, set(range(var.shape[0])))):
+            raise DistillError(f"{source}: tensor {name!r} appears twice")
+        shape = var.shape[1:] if stacked else var.shape
+        expect = native_to_hf(np.empty(shape, np.uint8), layout).shape
+        if tuple(array.shape) != tuple(expect):
+            raise DistillError(f"{source}: tensor {name!r} has shape {tuple(array.shape)}, "
+                               f"expected {tuple(expect)} for this config")
+        value = hf_to_native(np.asarray(array), shape, layout).astype(var.dtype)
+        if stacked:
+            buffers.setdefault(key, np.empty(var.shape, var.dtype))[layer] = value
+            pending[key].discard(layer)
+            if pending[key]:
+                continue
+            value = buffers.pop(key)
+        sharding = variable_sharding(var, mesh) if mesh is not None else None
+        done[key] = jax.device_put(value, sharding)
+    missing = [k for k in abstract if k not in done]
+    if missing:
+        k = missing[0]
+        hint = _row_hf(k).replace("{i}", str(min(pending.get(k) or {0})))
+        raise DistillError(f"{source}: missing tensor {hint!r}" +
+                           (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
+    for key, var in abstract.items():
+        var.set_value(done[key])
+    return nnx.merge(graphdef, nnx.from_flat_state(abstract))
+
+
+def _row_hf(key: tuple) -> str:
+    path = ".".join(key)
+    return next(hf for hf, p, _ in DENSE_TABLE if p == path)
+
+
+def _match(name: str, abstract: dict, source: str):
+    for pattern, path, layout in _DENSE_PATTERNS:
+        m = pattern.match(name)
+        if m:
+            key = _path_key(path)
+            if key not in abstract:  # e.g. lm_head of a tied model, bias of a bias-free one
+                if path == "lm_head_dv":
+                    return None, None, None
+                raise DistillError(f"{source}: unexpected tensor {name!r} for this config")
+            layer = int(m.group(1)) if m.groups() else None
+            if layer is not None and layer >= abstract[key].shape[0]:
+                raise DistillError(f"{source}: tensor {name!r} is beyond num_hidden_layers")
+            return key, layer, layout
+    if IGNORED.match(name):
+        return None, None, None
+    raise DistillError(f"{source}: unexpected tensor {name!r} (not part of this architecture)")
+
+
+def hf_tensor_specs(model: DenseDecoder, dtype: np.dtype) -> list[tuple[str, tuple, np.dtype, tuple, int | None, str]]:
+    """(HF name, HF shape, dtype, native key, layer, layout) for every tensor of `model`."""
+    state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    specs = []
+    for hf, path, layout in DENSE_TABLE:
+        key = _path_key(path)
+        if key not in state:
+            continue
+        shape = state[key].shape
+        layers = range(shape[0]) if "{i}" in hf else [None]
+        one = shape[1:] if "{i}" in hf else shape
+        hf_shape = native_to_hf(np.empty(one, np.uint8), layout).shape
+        for i in layers:
+            specs.append((hf.replace("{i}", str(i)), tuple(hf_shape), dtype, key, i, layout))
+    return specs
+
+
+def _hf_tensor(state: dict, spec) -> np.ndarray:
+    """Host copy of one HF tensor from the model state."""
+    _, _, dt, key, layer, layout = spec
+    value = state[key][...] if layer is None else state[key][...][layer]
+    value = np.asarray(jax.device_get(value))
+    return native_to_hf(value, layout).astype(dt or value.dtype)
+
+
+def iter_hf_tensors(model: DenseDecoder, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, array) for every parameter slice, in table order (host copies, one at a time)."""
+    state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    for spec in hf_tensor_specs(model, dtype):
+        yield spec[0], _hf_tensor(state, spec)
+
+
+def save_weights(model: DenseDecoder, out_dir: Path, dtype: str = "float32",
+                 max_shard_bytes: int = 5 * 10**9) -> list[Path]:
+    """Write the model's weights as HF safetensors (sharded with an index when large)."""
+    specs = hf_tensor_specs(model, np.dtype(jnp.dtype(dtype)))
+    state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    by_name = {s[0]: s for s in specs}
+    plan = [(s[0], s[1], s[2]) for s in specs]
+    return safetensors_io.write_checkpoint(
+        out_dir, plan, lambda name: _hf_tensor(state, by_name[name]), max_shard_bytes)

@@ -1,0 +1,99 @@
+"""Device meshes and the one table that maps logical axis names to mesh axes.
+
+Models name their parameter axes logically ("embed", "mlp", ...); only this module knows the mesh
+axes (`data`, `fsdp`, `tensor`, `expert`). A dimension that a mesh axis does not divide stays
+replicated along it, so one rules table serves every preset on every mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from distill.errors import DistillError
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+# logical name -> mesh axis (or axes, tried in order of preference as a group), None = replicated.
+AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("seq", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    ("experts", "expert"),
+)
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """'data=1,fsdp=4,tensor=2' -> {'data': 1, 'fsdp': 4, 'tensor': 2}."""
+    shape: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, size = part.partition("=")
+        if not sep or name not in MESH_AXES or not size.isdigit() or int(size) < 1:
+            raise DistillError(f"mesh {text!r}: expected AXIS=N with AXIS in {MESH_AXES}, got {part!r}")
+        shape[name] = int(size)
+    return shape
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh with all four axes (missing ones of size 1) over `devices` (default: all)."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+    if math.prod(sizes) != len(devices):
+        raise DistillError(
+            f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {math.prod(sizes)} devices, "
+            f"but {len(devices)} are available")
+    return Mesh(np.array(devices).reshape(sizes), MESH_AXES)
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules=AXIS_RULES) -> PartitionSpec:
+    """PartitionSpec for an array with these logical axis names on `mesh`.
+
+    Each mesh axis is used at most once per array, and only where it divides the dimension.
+    """
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(names, shape, strict=True):
+        target = table.get(name) if name is not None else None
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        chosen = []
+        for axis in axes:
+            size = mesh.shape[axis]
+            if axis in used or size == 1 or dim % (math.prod(mesh.shape[a] for a in chosen) * size):
+                continue
+            chosen.append(axis)
+        used.update(chosen)
+        spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+    return PartitionSpec(*spec)
+
+
+def variable_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:
+    """NamedSharding of one (possibly abstract) NNX variable from its `out_sharding` names."""
+    names = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
+    return NamedSharding(mesh, logical_to_spec(names, var.shape, mesh))
+
+
+def state_shardings(state: nnx.State, mesh: Mesh):
+    """A pytree of NamedShardings matching `state` (works on abstract states from eval_shape)."""
+    return jax.tree.map(lambda v: variable_sharding(v, mesh), state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_module(module: nnx.Module, mesh: Mesh) -> nnx.Module:
+    """Place every variable of `module` on `mesh` as its logical names say (returns the module)."""
+    state = nnx.state(module)
+    nnx.update(module, jax.device_put(state, state_shardings(state, mesh)))
+    return module

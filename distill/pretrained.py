@@ -1,0 +1,121 @@
+"""`load_pretrained` / `save_pretrained`: every kind of model path, one entry point.
+
+A MODEL path is a Hugging Face model directory (config.json + safetensors), a GGUF file, or a model
+preset YAML (random initialisation, for tests and planning). Training-run directories join when
+training lands.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh
+
+from distill.config import DenseConfig, load_model_config
+from distill.errors import DistillError
+from distill.models import hf, safetensors_io
+from distill.models.dense import DenseDecoder
+
+
+def model_kind(path: str | Path) -> str:
+    """'hf', 'gguf' or 'preset' for a MODEL path; a DistillError for anything else."""
+    p = Path(path)
+    if not p.exists():
+        raise DistillError(f"{p}: no such file or directory")
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return "hf"
+        raise DistillError(f"{p}: not a model directory (no config.json)")
+    if p.suffix == ".gguf":
+        return "gguf"
+    if p.suffix in (".yaml", ".yml"):
+        return "preset"
+    raise DistillError(f"{p}: unknown kind of model file (expected a HF directory, .gguf or .yaml)")
+
+
+def read_hf_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DistillError(f"{path}: invalid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(data, dict):
+        raise DistillError(f"{path}: expected a JSON object")
+    return data
+
+
+def init_model(cfg: DenseConfig, seed: int = 0, mesh: Mesh | None = None) -> DenseDecoder:
+    """A randomly initialised model, created directly in its sharded layout when `mesh` is given."""
+    if mesh is None:
+        return DenseDecoder(cfg, nnx.Rngs(seed))
+    from distill.parallel import state_shardings
+
+    abstract = nnx.eval_shape(lambda: DenseDecoder(cfg, nnx.Rngs(seed)))
+    shardings = state_shardings(nnx.state(abstract), mesh)
+
+    state = jax.jit(lambda: nnx.state(DenseDecoder(cfg, nnx.Rngs(seed))), out_shardings=shardings)()
+    return nnx.merge(nnx.graphdef(abstract), state)
+
+
+def load_pretrained(path: str | Path, *, param_dtype: str = "float32", dtype: str | None = None,
+                    mesh: Mesh | None = None, overrides=(), seed: int = 0):
+    """Load (model, tokenizer) from a MODEL path.
+
+    param_dtype: storage dtype of the weights ("float32" or "bfloat16"); dtype: compute dtype
+    (default: param_dtype). With a `mesh`, every weight is placed sharded as its logical axis
+    names say while it streams in. The tokenizer is None when the path carries none.
+    """
+    from distill.tokenizer import Tokenizer
+
+    path = Path(path)
+    kind = model_kind(path)
+    runtime = {"param_dtype": param_dtype, "dtype": dtype or param_dtype}
+    if kind == "preset":
+        cfg = load_model_config(path, [*overrides, *(f"model.{k}={v}" for k, v in runtime.items())])
+        return init_model(cfg, seed, mesh), None
+    if kind == "gguf":
+        from distill.models import gguf
+
+        cfg = hf.config_from_hf(gguf.read_gguf_config(path), str(path), **runtime)
+        model = hf.build_from_tensors(cfg, gguf.iter_gguf_tensors(path), str(path), mesh)
+        return model, Tokenizer.from_gguf(path)
+    cfg = hf.config_from_hf(read_hf_config(path), str(path / "config.json"), **runtime)
+    model = hf.build_from_tensors(cfg, safetensors_io.iter_checkpoint(path), str(path), mesh)
+    has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
+    return model, Tokenizer.from_pretrained(path) if has_tokenizer else None
+
+
+def save_pretrained(model: DenseDecoder, tokenizer, out_dir: str | Path, *, dtype: str = "float32",
+                    max_shard_bytes: int = 5 * 10**9, overwrite: bool = False,
+                    generation_config: dict | None = None) -> Path:
+    """Write a Hugging Face model directory (config.json, safetensors, tokenizer files).
+
+    Everything is written into a temporary sibling directory that is renamed into place at the
+    end, so an interrupted save never leaves a directory that looks complete.
+    """
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise DistillError(f"{out}: already exists and is not empty (pass overwrite/--force)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        cfg = model.config
+        (tmp / "config.json").write_text(json.dumps(hf.config_to_hf(cfg, dtype), indent=2) + "\n")
+        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": hf.config_to_hf(cfg)["eos_token_id"]}
+        gen.update(generation_config or {})
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        hf.save_weights(model, tmp, dtype, max_shard_bytes)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
