@@ -95,13 +95,17 @@ def export(checkpoint, out_dir, dtype, force):
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
               show_default=True, help="Weight and compute dtype.")
-def sample(model_path, prompt, system, raw, max_new_tokens, temperature, top_p, top_k, seed, dtype):
-    from distill.textgen import sample_text
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a field of a preset YAML MODEL, e.g. model.num_hidden_layers=4.")
+def sample(model_path, prompt, system, raw, max_new_tokens, temperature, top_p, top_k, seed, dtype,
+           overrides):
     from distill.sampling import SamplingParams
+    from distill.textgen import sample_text
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                             top_k=top_k, seed=seed)
-    click.echo(sample_text(model_path, prompt, params, system=system, raw=raw, dtype=dtype))
+    click.echo(sample_text(model_path, prompt, params, system=system, raw=raw, dtype=dtype,
+                           overrides=overrides))
 
 
 @cli.command()

@@ -144,7 +144,8 @@ def validate(schema: type[T], data: dict, source: str) -> T:
     try:
         return schema.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
+        # an unknown key first: a typo shows up as both "unknown" and "missing", and names itself
+        err = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")[0]
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
             msg = "unknown key"

@@ -75,6 +75,8 @@ def load_pretrained(path: str | Path, *, param_dtype: str = "float32", dtype: st
     path = Path(path)
     kind = model_kind(path)
     runtime = {"param_dtype": param_dtype, "dtype": dtype or param_dtype}
+    if overrides and kind != "preset":
+        raise DistillError(f"{path}: --set overrides apply to preset YAML models only")
     if kind == "preset":
         cfg = load_model_config(path, [*overrides, *(f"model.{k}={v}" for k, v in runtime.items())])
         return init_model(cfg, seed, mesh), None

@@ -27,11 +27,11 @@ def stop_ids(model, tokenizer) -> list[int]:
 
 
 def sample_text(model_path, prompt: str, params: SamplingParams, *, system=None, raw=False,
-                dtype="float32") -> str:
+                dtype="float32", overrides=()) -> str:
     """Load MODEL, generate one completion for `prompt`, return its text."""
     from distill.pretrained import load_pretrained
 
-    model, tokenizer = load_pretrained(model_path, param_dtype=dtype)
+    model, tokenizer = load_pretrained(model_path, param_dtype=dtype, overrides=overrides)
     if tokenizer is None:
         raise DistillError(f"{model_path}: no tokenizer found next to the model")
     ids = prompt_ids(tokenizer, prompt, system, raw)

@@ -165,6 +165,12 @@ def abstract_model(cfg: DenseConfig) -> DenseDecoder:
     return nnx.eval_shape(lambda: DenseDecoder(cfg, nnx.Rngs(0)))
 
 
+def param_count(cfg: DenseConfig) -> int:
+    """Number of parameters of the model a config describes (from shapes only)."""
+    state = nnx.state(abstract_model(cfg), nnx.Param)
+    return sum(math.prod(v.shape) for _, v in nnx.to_flat_state(state))
+
+
 def build_from_tensors(cfg: DenseConfig, tensors: Iterable[tuple[str, np.ndarray]], source: str,
                        mesh: Mesh | None = None) -> DenseDecoder:
     """Assemble a DenseDecoder from (HF name, array) pairs streamed one at a time.
