@@ -39,7 +39,7 @@ test-fast: setup models  ## the suite without the slow tests
 	DISTILL_SMOLLM2_GGUF=$(SMOLLM2) $(PYTEST) -q -m "not slow"
 
 bench: setup models  ## side-by-side benchmarks
-	$(BIN)/distill bench --compare transformers
+	$(BIN)/distill bench --compare transformers --gguf $(SMOLLM2)
 
 lint: setup
 	$(BIN)/ruff check distill tests

@@ -19,7 +19,15 @@ from distill.errors import DistillError
 DEFAULT_GGUF = Path(".cache/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 PROMPT = "What is 17 * 23? Think step by step."
 NOT_BUILT = ("generate (teacher traces)", "train (SFT / logit distillation)", "eval", "serve",
-             "plan", "bench")
+             "plan")
+
+
+def smollm2_path(gguf_path: str | None) -> Path:
+    """The SmolLM2 GGUF to use: the given path, else the one `make models` fetched."""
+    gguf = Path(gguf_path) if gguf_path else DEFAULT_GGUF
+    if not gguf.is_file():
+        raise DistillError(f"{gguf}: SmolLM2 GGUF not found; run `make models` first")
+    return gguf
 
 
 def run_demo(gguf_path: str | None, out_dir: str) -> None:
@@ -30,9 +38,7 @@ def run_demo(gguf_path: str | None, out_dir: str) -> None:
     from distill.textgen import prompt_ids, stop_ids
 
     console = Console()
-    gguf = Path(gguf_path) if gguf_path else DEFAULT_GGUF
-    if not gguf.is_file():
-        raise DistillError(f"{gguf}: SmolLM2 GGUF not found; run `make models` first")
+    gguf = smollm2_path(gguf_path)
     rows = []
 
     t = time.perf_counter()

@@ -32,11 +32,13 @@ class SamplingParams:
     n: int = 1  # samples per prompt
     seed: int = 0
     stop: tuple[str, ...] = ()  # stop strings, applied to the decoded text
+    logprobs: int = 0  # also return the top-k log-probabilities of every generated token
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.n < 1:
+        if (self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.n < 1
+                or self.logprobs < 0):
             raise ValueError(f"invalid sampling parameters {self}")
 
 
@@ -49,6 +51,11 @@ class Completion:
     token_ids: list[int]
     text: str | None
     finish_reason: str  # "stop" (EOS or stop string) or "length"
+    # With SamplingParams.logprobs = k: per generated token, its own log-probability and the top-k
+    # (ids, log-probabilities) under the model's distribution (temperature 1, before filtering).
+    token_logprobs: list[float] | None = None
+    top_ids: list[list[int]] | None = None
+    top_logprobs: list[list[float]] | None = None
 
 
 def _round_up(x: int, m: int) -> int:
@@ -86,38 +93,53 @@ def _prefill(graphdef, state, tokens_bp, positions_bp, kv_valid_bs, cache):
     return logits[:, -1], cache
 
 
+def _logprob_record(logits_bv, tok_b, k: int):
+    """(logprob of tok [B], top-k ids [B, k], top-k logprobs [B, k]) from raw logits."""
+    logp = jax.nn.log_softmax(logits_bv.astype(jnp.float32), axis=-1)
+    top_lp, top_ids = jax.lax.top_k(logp, max(k, 1))
+    return jnp.take_along_axis(logp, tok_b[:, None], axis=-1)[:, 0], top_ids, top_lp
+
+
 @partial(jax.jit, static_argnums=(0, 1))
 def _decode(graphdef, params: SamplingParams, state, cache, first_logits_bv, kv_valid_bs,
             lengths_b, eos_ids, key):
-    """The whole decode loop. Returns tokens [B, max_new] and the count generated per row."""
+    """The whole decode loop. Returns tokens [B, max_new], the count generated per row, and the
+    log-probability records ([B, max_new], [B, max_new, k], [B, max_new, k]; k >= 1)."""
     model = nnx.merge(graphdef, state)
     b = first_logits_bv.shape[0]
     p = kv_valid_bs.shape[1] - params.max_new_tokens  # slots before the first generated token
-    max_new = params.max_new_tokens
+    max_new, k = params.max_new_tokens, max(params.logprobs, 1)
     tok0 = sample_token(first_logits_bv, jax.random.fold_in(key, 0), params)
     out = jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(tok0)
+    lps = (jnp.zeros((b, max_new)), jnp.zeros((b, max_new, k), jnp.int32), jnp.zeros((b, max_new, k)))
+    if params.logprobs:
+        lps = tuple(a.at[:, 0].set(r) for a, r in zip(lps, _logprob_record(first_logits_bv, tok0, k),
+                                                      strict=True))
     done = jnp.isin(tok0, eos_ids)
     count = jnp.ones((b,), jnp.int32)
 
     def cond(carry):
-        t, _, _, _, done, _ = carry
+        t, _, _, _, done, _, _ = carry
         return (t < max_new - 1) & ~jnp.all(done)
 
     def body(carry):
-        t, cache, valid, out, done, count = carry
+        t, cache, valid, out, done, count, lps = carry
         slot = p + t
         valid = valid.at[:, slot].set(True)
         tok = out[:, t][:, None]
         logits, cache = model.forward_cached(tok, (lengths_b + t)[:, None], cache, slot, valid)
         nxt = sample_token(logits[:, 0], jax.random.fold_in(key, t + 1), params)
         out = out.at[:, t + 1].set(jnp.where(done, 0, nxt))
+        if params.logprobs:
+            rec = _logprob_record(logits[:, 0], nxt, k)
+            lps = tuple(a.at[:, t + 1].set(r) for a, r in zip(lps, rec, strict=True))
         count = count + (~done).astype(jnp.int32)
         done = done | jnp.isin(nxt, eos_ids)
-        return t + 1, cache, valid, out, done, count
+        return t + 1, cache, valid, out, done, count, lps
 
-    carry = (jnp.int32(0), cache, kv_valid_bs, out, done, count)
-    _, _, _, out, _, count = jax.lax.while_loop(cond, body, carry)
-    return out, count
+    carry = (jnp.int32(0), cache, kv_valid_bs, out, done, count, lps)
+    _, _, _, out, _, count, lps = jax.lax.while_loop(cond, body, carry)
+    return out, count, lps
 
 
 def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams,
@@ -143,14 +165,14 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams,
     first, cache = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(positions),
                             jnp.asarray(kv_valid), cache)
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
-    out, count = _decode(graphdef, params, state, cache, first, jnp.asarray(kv_valid),
-                         jnp.asarray(lengths), eos, jax.random.PRNGKey(params.seed))
-    out, count = np.asarray(out), np.asarray(count)
-    return [_finish(rows[j][0], rows[j][1], out[j, : count[j]].tolist(), set(eos_ids), params,
-                    tokenizer) for j in range(b)]
+    out, count, lps = _decode(graphdef, params, state, cache, first, jnp.asarray(kv_valid),
+                              jnp.asarray(lengths), eos, jax.random.PRNGKey(params.seed))
+    out, count, lps = np.asarray(out), np.asarray(count), [np.asarray(a) for a in lps]
+    return [_finish(rows[j][0], rows[j][1], out[j, : count[j]].tolist(), [a[j] for a in lps],
+                    set(eos_ids), params, tokenizer) for j in range(b)]
 
 
-def _finish(prompt_index, sample_index, ids, eos, params, tokenizer) -> Completion:
+def _finish(prompt_index, sample_index, ids, lps, eos, params, tokenizer) -> Completion:
     reason = "stop" if ids and ids[-1] in eos else "length"
     if reason == "stop":
         ids = ids[:-1]
@@ -159,4 +181,10 @@ def _finish(prompt_index, sample_index, ids, eos, params, tokenizer) -> Completi
         cut = min((text.find(s) for s in params.stop if s in text), default=-1)
         if cut >= 0:
             text, reason = text[:cut], "stop"
-    return Completion(prompt_index, sample_index, ids, text, reason)
+    c = Completion(prompt_index, sample_index, ids, text, reason)
+    if params.logprobs:
+        n = len(ids)
+        c.token_logprobs = lps[0][:n].tolist()
+        c.top_ids = lps[1][:n].tolist()
+        c.top_logprobs = lps[2][:n].tolist()
+    return c

@@ -80,3 +80,17 @@ def test_filters_match_a_numpy_reference(temperature, top_k, top_p):
         ref = _np_filter(logits[row], temperature, top_k, top_p)
         assert np.array_equal(np.isinf(ours[row]), np.isinf(ref))
         np.testing.assert_allclose(ours[row][~np.isinf(ref)], ref[~np.isinf(ref)], rtol=1e-6)
+
+
+def test_logprobs_match_transformers_scores(pair):
+    ref, model = pair
+    prompt = [9, 8, 7, 6, 5]
+    [out] = generate(model, [prompt], SamplingParams(max_new_tokens=8, logprobs=3))
+    with torch.no_grad():
+        hf = ref.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0,
+                          eos_token_id=None, output_logits=True, return_dict_in_generate=True)
+    logp = torch.log_softmax(torch.stack(hf.logits, 1)[0].float(), -1).numpy()  # [8, V]
+    assert out.token_ids == hf.sequences[0, len(prompt):].tolist()
+    np.testing.assert_allclose(out.token_logprobs, logp[np.arange(8), out.token_ids], atol=1e-4)
+    np.testing.assert_allclose(out.top_logprobs, -np.sort(-logp, axis=-1)[:, :3], atol=1e-4)
+    assert [row[0] for row in out.top_ids] == out.token_ids  # greedy picks the top-1

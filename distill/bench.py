@@ -1,0 +1,79 @@
+"""Side-by-side benchmarks: distill and transformers + PyTorch in the same run, as ratios.
+
+The machines this runs on are shared and noisy, so each figure is taken right next to its
+reference and reported as a ratio; every timed call is preceded by a warm-up call (compilation,
+allocator warm-up) that is not counted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+PROMPT = "Write a short story about a robot who learns to paint."
+
+
+def _best_of(fn, repeats: int) -> float:
+    fn()  # warm-up: compile / first-call costs are not counted
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def bench_decode(gguf: Path, batch_sizes=(1, 16), new_tokens: int = 64, repeats: int = 2) -> list[dict]:
+    """Greedy decode tokens/s of distill vs transformers `generate` on the same SmolLM2 weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import distill
+    from distill.sampling import SamplingParams, generate
+    from distill.textgen import prompt_ids
+
+    model, tok = distill.load_pretrained(gguf)
+    ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                               dtype=torch.float32).eval()
+    ids = prompt_ids(tok, PROMPT)
+    params = SamplingParams(max_new_tokens=new_tokens)
+    rows = []
+    for b in batch_sizes:
+        def ours(b=b):
+            out = generate(model, [ids] * b, params)  # no EOS: always new_tokens tokens
+            assert all(len(o.token_ids) == new_tokens for o in out)
+
+        def theirs(b=b):
+            with torch.no_grad():
+                ref.generate(torch.tensor([ids] * b), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+
+        t_ours, t_theirs = _best_of(ours, repeats), _best_of(theirs, repeats)
+        rows.append({"benchmark": "decode", "model": "SmolLM2-135M-Instruct", "batch": b,
+                     "prompt_tokens": len(ids), "new_tokens": new_tokens,
+                     "distill_tokens_per_s": b * new_tokens / t_ours,
+                     "transformers_tokens_per_s": b * new_tokens / t_theirs,
+                     "speedup": t_theirs / t_ours})
+    return rows
+
+
+def report(rows: list[dict], out: Path | None) -> str:
+    """A Markdown table of the rows (and the JSON file when `out` is given)."""
+    lines = ["| benchmark | batch | distill tok/s | transformers tok/s | ratio |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['benchmark']} | {r['batch']} | {r['distill_tokens_per_s']:.1f} | "
+                     f"{r['transformers_tokens_per_s']:.1f} | {r['speedup']:.2f}x |")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=2) + "\n")
+    return "\n".join(lines)
+
+
+def main(gguf: Path, out: Path | None) -> str:
+    """Run every benchmark that exists and return the table."""
+    np.set_printoptions(precision=3)
+    return report(bench_decode(gguf), out)
