@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distill.errors import DistillError
 
@@ -87,7 +87,101 @@ class DenseConfig(Frozen):
         return () if e is None else (e,) if isinstance(e, int) else tuple(e)
 
 
-ModelConfig = DenseConfig  # the MoE teacher config joins this union when it lands
+class MoEConfig(Frozen):
+    """A DeepSeek-V3 / R1 decoder (MLA attention, shared + routed experts). config.json names.
+
+    Layers [0, first_k_dense_replace) have a dense MLP of `intermediate_size`; the rest a
+    DeepSeekMoE block: `n_shared_experts` always-on experts plus `num_experts_per_tok` of
+    `n_routed_experts` routed ones, each of width `moe_intermediate_size`.
+    """
+
+    family: Literal["deepseek_v3"]
+    vocab_size: int
+    hidden_size: int  # D
+    intermediate_size: int  # F of the dense layers
+    moe_intermediate_size: int  # F of one expert
+    num_hidden_layers: int  # L (the MTP layers stored after them are not part of the model)
+    num_attention_heads: int  # N
+    num_key_value_heads: int | None = None  # MLA: always N (kept for config.json fidelity)
+    # Multi-head latent attention.
+    q_lora_rank: int | None = None  # Q; None = a plain query projection
+    kv_lora_rank: int  # C, the cached latent
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int  # R, the cached shared rope key
+    v_head_dim: int
+    rope_interleave: bool = True
+    # DeepSeekMoE.
+    n_routed_experts: int  # E
+    n_shared_experts: int = Field(1, ge=1)
+    num_experts_per_tok: int  # top-k
+    n_group: int = 1
+    topk_group: int = 1
+    first_k_dense_replace: int = 0
+    moe_layer_freq: Literal[1] = 1
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
+    scoring_func: Literal["sigmoid"] = "sigmoid"
+    topk_method: Literal["noaux_tc"] = "noaux_tc"
+    num_nextn_predict_layers: int = 0  # MTP layers in the checkpoint (skipped on load)
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    # Runtime choices (not architecture).
+    param_dtype: DTypeName = "float32"
+    dtype: DTypeName = "float32"  # compute dtype
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    # Routed-expert dispatch: "capacity" (sorted [E, C, D] buffer, exact overflow rounds; forward
+    # only: its while_loop has no reverse-mode derivative), "ragged" (jax.lax.ragged_dot grouped
+    # matmul, differentiable), "auto" = ragged on GPU/TPU, capacity on CPU.
+    moe_dispatch: Literal["auto", "capacity", "ragged"] = "auto"
+    # rows per expert per capacity round: C = factor * tokens * top_k / E. Overflow takes another
+    # round (never dropped); 2 makes one round the usual case under a routing imbalance up to 2x.
+    moe_capacity_factor: float = Field(2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> MoEConfig:
+        n, e, k = self.num_attention_heads, self.n_routed_experts, self.num_experts_per_tok
+        if self.num_key_value_heads not in (None, n):
+            raise ValueError(f"num_key_value_heads must equal num_attention_heads ({n}) in MLA")
+        if e % self.n_group or e // self.n_group < 2:
+            raise ValueError(f"n_group ({self.n_group}) must divide n_routed_experts ({e}) "
+                             "into groups of at least 2")
+        if not 1 <= self.topk_group <= self.n_group:
+            raise ValueError(f"topk_group must be in [1, n_group={self.n_group}]")
+        if not 1 <= k <= self.topk_group * (e // self.n_group):
+            raise ValueError(f"num_experts_per_tok ({k}) must be in [1, experts in the kept "
+                             f"groups = {self.topk_group * (e // self.n_group)}]")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError("qk_rope_head_dim must be even")
+        return self
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def num_dense_layers(self) -> int:
+        return min(self.first_k_dense_replace, self.num_hidden_layers)
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_hidden_layers - self.num_dense_layers
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        e = self.eos_token_id
+        return () if e is None else (e,) if isinstance(e, int) else tuple(e)
+
+
+# Any model config; the `family` field picks the schema.
+ModelConfig = Annotated[DenseConfig | MoEConfig, Field(discriminator="family")]
+_FAMILIES = ("llama", "qwen2", "deepseek_v3")  # union tags, left out of error locations
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -146,7 +240,7 @@ def validate(schema: type[T], data: dict, source: str) -> T:
     except ValidationError as e:
         # an unknown key first: a typo shows up as both "unknown" and "missing", and names itself
         err = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")[0]
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        key = ".".join(str(p) for p in err["loc"] if p not in _FAMILIES) or "(top level)"
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         elif err["type"] == "missing":
@@ -164,11 +258,11 @@ def load_config(schema: type[T], path: str | Path, overrides=()) -> T:
 
 
 class ModelFile(Frozen):
-    """A model preset file: `configs/students/*.yaml` holds one `model:` table."""
+    """A model preset file: `configs/{students,teachers}/*.yaml` holds one `model:` table."""
 
-    model: DenseConfig
+    model: ModelConfig
 
 
-def load_model_config(path: str | Path, overrides=()) -> DenseConfig:
+def load_model_config(path: str | Path, overrides=()) -> DenseConfig | MoEConfig:
     """Load a model preset YAML (a file with a top-level `model:` table)."""
     return load_config(ModelFile, path, overrides).model

@@ -32,6 +32,9 @@ AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("layers", None),
     ("norm", None),
     ("experts", "expert"),
+    ("q_lora", None),  # MLA query latent (q_lora_rank)
+    ("kv_lora", None),  # MLA kv latent + shared rope key (kv_lora_rank + qk_rope_head_dim)
+    ("routing", None),  # router outputs: every device scores every expert
 )
 
 

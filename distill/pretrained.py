@@ -16,9 +16,9 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
-from distill.config import DenseConfig, load_model_config
+from distill.config import DenseConfig, MoEConfig, load_model_config
 from distill.errors import DistillError
-from distill.models import hf, safetensors_io
+from distill.models import hf, hf_moe, safetensors_io
 from distill.models.dense import DenseDecoder
 
 
@@ -49,16 +49,16 @@ def read_hf_config(directory: Path) -> dict:
     return data
 
 
-def init_model(cfg: DenseConfig, seed: int = 0, mesh: Mesh | None = None) -> DenseDecoder:
+def init_model(cfg: DenseConfig | MoEConfig, seed: int = 0, mesh: Mesh | None = None) -> nnx.Module:
     """A randomly initialised model, created directly in its sharded layout when `mesh` is given."""
-    if mesh is None:
-        return DenseDecoder(cfg, nnx.Rngs(seed))
     from distill.parallel import state_shardings
 
-    abstract = nnx.eval_shape(lambda: DenseDecoder(cfg, nnx.Rngs(seed)))
-    shardings = state_shardings(nnx.state(abstract), mesh)
+    model_cls = hf.model_class(cfg)
+    abstract = nnx.eval_shape(lambda: model_cls(cfg, nnx.Rngs(seed)))
+    # one compiled initialiser: far quicker than dispatching every parameter's init eagerly
+    shardings = None if mesh is None else state_shardings(nnx.state(abstract), mesh)
 
-    state = jax.jit(lambda: nnx.state(DenseDecoder(cfg, nnx.Rngs(seed))), out_shardings=shardings)()
+    state = jax.jit(lambda: nnx.state(model_cls(cfg, nnx.Rngs(seed))), out_shardings=shardings)()
     return nnx.merge(nnx.graphdef(abstract), state)
 
 
@@ -86,8 +86,15 @@ def load_pretrained(path: str | Path, *, param_dtype: str = "float32", dtype: st
         cfg = hf.config_from_hf(gguf.read_gguf_config(path), str(path), **runtime)
         model = hf.build_from_tensors(cfg, gguf.iter_gguf_tensors(path), str(path), mesh)
         return model, Tokenizer.from_gguf(path)
-    cfg = hf.config_from_hf(read_hf_config(path), str(path / "config.json"), **runtime)
-    model = hf.build_from_tensors(cfg, safetensors_io.iter_checkpoint(path), str(path), mesh)
+    config_json = read_hf_config(path)
+    if hf_moe.is_moe(config_json):
+        cfg = hf_moe.config_from_hf(config_json, str(path / "config.json"), **runtime)
+        block = hf_moe.quantization_block(config_json, str(path / "config.json"))
+        model = hf_moe.build_from_tensors(cfg, safetensors_io.iter_checkpoint(path), str(path),
+                                          mesh, block)
+    else:
+        cfg = hf.config_from_hf(config_json, str(path / "config.json"), **runtime)
+        model = hf.build_from_tensors(cfg, safetensors_io.iter_checkpoint(path), str(path), mesh)
     has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
     return model, Tokenizer.from_pretrained(path) if has_tokenizer else None
 
@@ -101,6 +108,8 @@ def save_pretrained(model: DenseDecoder, tokenizer, out_dir: str | Path, *, dtyp
     end, so an interrupted save never leaves a directory that looks complete.
     """
     out = Path(out_dir)
+    if isinstance(model.config, MoEConfig):
+        raise DistillError("saving DeepSeek-V3 (MoE) models in HF format is not supported yet")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise DistillError(f"{out}: already exists and is not empty (pass overwrite/--force)")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,9 @@
 """Hugging Face <-> native: the config.json mapping and one declarative weight table per family.
 
 A table row is (HF name, native path, layout). `{i}` marks a per-layer tensor that lands in slice
-i of a parameter stacked on L. Layouts:
+i of a parameter stacked on L (`{e}`, an expert's, in slice [i, e]; `WeightTable` has the details,
+and `distill.models.hf_moe` the DeepSeek-V3 table). `build_from_tensors` takes any table and model
+class. Layouts:
   "same"  the same array (embeddings, norms);
   "flat"  HF keeps the named dims flattened (q/k/v biases: [N*H] <-> [N, H]);
   "t1"/"t2"  a linear layer: HF stores W as [out, in]; the native parameter is W transposed and
@@ -12,6 +14,8 @@ Nothing else happens to a tensor, so HF -> distill -> HF is bit-exact.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 import re
 from collections.abc import Iterable, Iterator
@@ -68,16 +72,7 @@ def config_from_hf(hf: dict, source: str = "config.json", **runtime) -> DenseCon
             f"(supported: {', '.join(ARCHITECTURES)})")
     if hf.get("mlp_bias"):
         raise DistillError(f"{source}: mlp_bias=true is not supported")
-    rope = dict(hf.get("rope_parameters") or {})  # transformers >= 5 nests theta and scaling here
-    theta = hf.get("rope_theta", rope.pop("rope_theta", 10000.0))
-    scaling = hf.get("rope_scaling") or rope or None
-    if scaling:
-        scaling = dict(scaling)
-        scaling["rope_type"] = scaling.pop("rope_type", scaling.pop("type", "default"))
-        known = set(RopeScaling.model_fields)
-        scaling = {k: v for k, v in scaling.items() if k in known}
-        if scaling["rope_type"] == "default":
-            scaling = None
+    theta, scaling = rope_from_hf(hf)
     keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
             "bos_token_id", "eos_token_id", "pad_token_id", "head_dim", "sliding_window",
@@ -95,6 +90,21 @@ def config_from_hf(hf: dict, source: str = "config.json", **runtime) -> DenseCon
         return validate(DenseConfig, data, source)
     except KeyError as e:
         raise DistillError(f"{source}: missing key {e.args[0]!r}") from None
+
+
+def rope_from_hf(hf: dict) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling dict or None) from config.json, old or transformers >= 5 style."""
+    rope = dict(hf.get("rope_parameters") or {})  # transformers >= 5 nests theta and scaling here
+    theta = hf.get("rope_theta", rope.pop("rope_theta", 10000.0))
+    scaling = hf.get("rope_scaling") or rope or None
+    if scaling:
+        scaling = dict(scaling)
+        scaling["rope_type"] = scaling.pop("rope_type", scaling.pop("type", "default"))
+        known = set(RopeScaling.model_fields)
+        scaling = {k: v for k, v in scaling.items() if k in known}
+        if scaling["rope_type"] == "default":
+            scaling = None
+    return theta, scaling
 
 
 def config_to_hf(cfg: DenseConfig, torch_dtype: str | None = None) -> dict:
@@ -134,12 +144,59 @@ def config_to_hf(cfg: DenseConfig, torch_dtype: str | None = None) -> dict:
 # Weights
 
 
-def _compile_table(table: Iterable[Row]) -> list[tuple[re.Pattern, str, str]]:
-    return [(re.compile("^" + re.escape(hf).replace(r"\{i\}", r"(\d+)") + "$"), path, layout)
-            for hf, path, layout in table]
+@dataclasses.dataclass(frozen=True)
+class WeightTable:
+    """One family's HF <-> native weight mapping.
+
+    rows: (HF name, native path, layout). An HF name may hold `{i}` (decoder layer) and `{e}`
+    (expert); each placeholder present indexes one leading axis of the native parameter, in that
+    order. A native path starting with `{stack}.` stands for every (module, first HF layer) pair in
+    `stacks`: HF layer i lands in the stack that holds it, at slice i - first.
+    optional: native paths a config may leave out, whose tensors are then skipped (a tied head).
+    ignored: tensor names that carry no learned weight.
+    """
+
+    rows: tuple[Row, ...]
+    stacks: tuple[tuple[str, int], ...] = ()
+    optional: tuple[str, ...] = ("lm_head_dv",)
+    ignored: re.Pattern = IGNORED
 
 
-_DENSE_PATTERNS = _compile_table(DENSE_TABLE)
+DENSE = WeightTable(DENSE_TABLE)
+_PLACEHOLDERS = ("i", "e")  # decoder layer, expert: the leading native axes, in this order
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """A table row compiled for one stack."""
+
+    pattern: re.Pattern
+    hf: str
+    key: tuple[str, ...]
+    layout: str
+    first: int  # HF index of the stack's first layer
+    axes: tuple[str, ...]  # placeholders present, in native axis order
+
+    def hf_name(self, index: tuple[int, ...]) -> str:
+        name = self.hf
+        for axis, j in zip(self.axes, index, strict=True):
+            name = name.replace("{" + axis + "}", str(j + (self.first if axis == "i" else 0)))
+        return name
+
+
+def _compile_table(table: WeightTable) -> list[_Entry]:
+    entries = []
+    for hf, path, layout in table.rows:
+        regex = re.escape(hf)
+        for p in _PLACEHOLDERS:
+            regex = regex.replace(re.escape("{" + p + "}"), f"(?P<{p}>\\d+)")
+        axes = tuple(p for p in _PLACEHOLDERS if "{" + p + "}" in hf)
+        stacks = table.stacks if path.startswith("{stack}.") else ((None, 0),)
+        for stack, first in stacks:
+            native = path.replace("{stack}", stack) if stack else path
+            entries.append(_Entry(re.compile(f"^{regex}$"), hf, _path_key(native), layout,
+                                  first, axes))
+    return entries
 
 
 def _path_key(path: str) -> tuple[str, ...]:
@@ -160,123 +217,152 @@ def native_to_hf(x: np.ndarray, layout: str) -> np.ndarray:
     return x.reshape(math.prod(x.shape[: int(layout[1:])]), -1).T
 
 
-def abstract_model(cfg: DenseConfig) -> DenseDecoder:
+def model_class(cfg) -> type[nnx.Module]:
+    """The decoder class a config describes (dense student or MoE teacher)."""
+    from distill.config import MoEConfig
+
+    if isinstance(cfg, MoEConfig):
+        from distill.models.moe import MoEDecoder
+
+        return MoEDecoder
+    return DenseDecoder
+
+
+def abstract_model(cfg, model_cls: type[nnx.Module] | None = None) -> nnx.Module:
     """The model with ShapeDtypeStructs in place of arrays (no allocation)."""
-    return nnx.eval_shape(lambda: DenseDecoder(cfg, nnx.Rngs(0)))
+    model_cls = model_cls or model_class(cfg)
+    return nnx.eval_shape(lambda: model_cls(cfg, nnx.Rngs(0)))
 
 
-def param_count(cfg: DenseConfig) -> int:
+def param_count(cfg) -> int:
     """Number of parameters of the model a config describes (from shapes only)."""
     state = nnx.state(abstract_model(cfg), nnx.Param)
     return sum(math.prod(v.shape) for _, v in nnx.to_flat_state(state))
 
 
-def build_from_tensors(cfg: DenseConfig, tensors: Iterable[tuple[str, np.ndarray]], source: str,
-                       mesh: Mesh | None = None) -> DenseDecoder:
-    """Assemble a DenseDecoder from (HF name, array) pairs streamed one at a time.
+def build_from_tensors(cfg, tensors: Iterable[tuple[str, np.ndarray]], source: str,
+                       mesh: Mesh | None = None, *, table: WeightTable = DENSE,
+                       model_cls: type[nnx.Module] | None = None) -> nnx.Module:
+    """Assemble a model from (HF name, array) pairs streamed one at a time, as `table` says.
 
     Each parameter's host buffer is moved to the device (sharded when `mesh` is given) as soon as
-    its last layer arrives, so peak host memory stays near one copy of the model.
+    its last slice arrives, so peak host memory stays near one copy of the model.
     """
     from distill.parallel import variable_sharding
 
-    graphdef, state = nnx.split(abstract_model(cfg))
+    graphdef, state = nnx.split(abstract_model(cfg, model_cls))
     abstract = dict(nnx.to_flat_state(state))
+    entries = _compile_table(table)
     buffers: dict[tuple, np.ndarray] = {}
-    pending: dict[tuple, set[int]] = {}
+    pending: dict[tuple, set[tuple[int, ...]]] = {}
     done: dict[tuple, jax.Array] = {}
     for name, array in tensors:
-        key, layer, layout = _match(name, abstract, source)
-        if key is None:
+        ent, index = _locate(name, entries, abstract, table, source)
+        if ent is None:
             continue
-        var = abstract[key]
-        stacked = "{i}" in _row_hf(key)
-        if key in done or (stacked and layer not in pending.setdefault(key, set(range(var.shape[0])))):
+        var = abstract[ent.key]
+        n = len(index)
+        todo = pending.setdefault(ent.key, _all_slices(var.shape[:n]))
+        if index not in todo:
             raise DistillError(f"{source}: tensor {name!r} appears twice")
-        shape = var.shape[1:] if stacked else var.shape
-        expect = native_to_hf(np.empty(shape, np.uint8), layout).shape
+        shape = var.shape[n:]
+        expect = native_to_hf(np.empty(shape, np.uint8), ent.layout).shape
         if tuple(array.shape) != tuple(expect):
             raise DistillError(f"{source}: tensor {name!r} has shape {tuple(array.shape)}, "
                                f"expected {tuple(expect)} for this config")
-        value = hf_to_native(np.asarray(array), shape, layout).astype(var.dtype)
-        if stacked:
-            buffers.setdefault(key, np.empty(var.shape, var.dtype))[layer] = value
-            pending[key].discard(layer)
-            if pending[key]:
+        value = hf_to_native(np.asarray(array), shape, ent.layout).astype(var.dtype)
+        todo.discard(index)
+        if n:
+            buffers.setdefault(ent.key, np.empty(var.shape, var.dtype))[index] = value
+            if todo:
                 continue
-            value = buffers.pop(key)
+            value = buffers.pop(ent.key)
         sharding = variable_sharding(var, mesh) if mesh is not None else None
-        done[key] = jax.device_put(value, sharding)
+        done[ent.key] = jax.device_put(value, sharding)
     missing = [k for k in abstract if k not in done]
     if missing:
-        k = missing[0]
-        hint = _row_hf(k).replace("{i}", str(min(pending.get(k) or {0})))
-        raise DistillError(f"{source}: missing tensor {hint!r}" +
-                           (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise DistillError(f"{source}: missing tensor {_missing_name(missing[0], entries, abstract, pending)!r}"
+                           + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
     for key, var in abstract.items():
         var.set_value(done[key])
     return nnx.merge(graphdef, nnx.from_flat_state(abstract))
 
 
-def _row_hf(key: tuple) -> str:
-    path = ".".join(key)
-    return next(hf for hf, p, _ in DENSE_TABLE if p == path)
+def _all_slices(lead: tuple[int, ...]) -> set[tuple[int, ...]]:
+    return set(itertools.product(*(range(d) for d in lead)))
 
 
-def _match(name: str, abstract: dict, source: str):
-    for pattern, path, layout in _DENSE_PATTERNS:
-        m = pattern.match(name)
-        if m:
-            key = _path_key(path)
-            if key not in abstract:  # e.g. lm_head of a tied model, bias of a bias-free one
-                if path == "lm_head_dv":
-                    return None, None, None
-                raise DistillError(f"{source}: unexpected tensor {name!r} for this config")
-            layer = int(m.group(1)) if m.groups() else None
-            if layer is not None and layer >= abstract[key].shape[0]:
-                raise DistillError(f"{source}: tensor {name!r} is beyond num_hidden_layers")
-            return key, layer, layout
-    if IGNORED.match(name):
-        return None, None, None
-    raise DistillError(f"{source}: unexpected tensor {name!r} (not part of this architecture)")
+def _missing_name(key: tuple, entries: list[_Entry], abstract: dict, pending: dict) -> str:
+    ent = next((e for e in entries if e.key == key), None)
+    if ent is None:
+        return ".".join(key)
+    todo = pending.get(key) or _all_slices(abstract[key].shape[: len(ent.axes)])
+    return ent.hf_name(min(todo))
 
 
-def hf_tensor_specs(model: DenseDecoder, dtype: np.dtype) -> list[tuple[str, tuple, np.dtype, tuple, int | None, str]]:
-    """(HF name, HF shape, dtype, native key, layer, layout) for every tensor of `model`."""
+def _locate(name: str, entries: list[_Entry], abstract: dict, table: WeightTable, source: str):
+    """(entry, slice index) of an HF tensor in the model; (None, None) for a tensor to skip."""
+    matched = None
+    for ent in entries:
+        m = ent.pattern.match(name)
+        if not m:
+            continue
+        matched = m
+        if ent.key not in abstract:
+            if ".".join(ent.key) in table.optional:
+                return None, None
+            continue
+        lead = abstract[ent.key].shape
+        index = tuple(int(m.group(a)) - (ent.first if a == "i" else 0) for a in ent.axes)
+        if all(0 <= j < d for j, d in zip(index, lead, strict=False)):
+            return ent, index
+    if matched is None:
+        if table.ignored.match(name):
+            return None, None
+        raise DistillError(f"{source}: unexpected tensor {name!r} (not part of this architecture)")
+    layers = [e.first + abstract[e.key].shape[0] for e in entries
+              if "i" in e.axes and e.key in abstract]
+    if "i" in matched.groupdict() and layers and int(matched["i"]) >= max(layers):
+        raise DistillError(f"{source}: tensor {name!r} is beyond num_hidden_layers")
+    raise DistillError(f"{source}: unexpected tensor {name!r} for this config")
+
+
+def hf_tensor_specs(model: nnx.Module, dtype: np.dtype, table: WeightTable = DENSE,
+                    ) -> list[tuple[str, tuple, np.dtype, tuple, tuple, str]]:
+    """(HF name, HF shape, dtype, native key, slice index, layout) for every tensor of `model`."""
     state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     specs = []
-    for hf, path, layout in DENSE_TABLE:
-        key = _path_key(path)
-        if key not in state:
+    for ent in _compile_table(table):
+        if ent.key not in state:
             continue
-        shape = state[key].shape
-        layers = range(shape[0]) if "{i}" in hf else [None]
-        one = shape[1:] if "{i}" in hf else shape
-        hf_shape = native_to_hf(np.empty(one, np.uint8), layout).shape
-        for i in layers:
-            specs.append((hf.replace("{i}", str(i)), tuple(hf_shape), dtype, key, i, layout))
+        shape = state[ent.key].shape
+        n = len(ent.axes)
+        hf_shape = native_to_hf(np.empty(shape[n:], np.uint8), ent.layout).shape
+        for index in sorted(_all_slices(shape[:n])):
+            specs.append((ent.hf_name(index), tuple(hf_shape), dtype, ent.key, index, ent.layout))
     return specs
 
 
 def _hf_tensor(state: dict, spec) -> np.ndarray:
     """Host copy of one HF tensor from the model state."""
-    _, _, dt, key, layer, layout = spec
-    value = state[key][...] if layer is None else state[key][...][layer]
+    _, _, dt, key, index, layout = spec
+    value = state[key][...][index] if index else state[key][...]
     value = np.asarray(jax.device_get(value))
     return native_to_hf(value, layout).astype(dt or value.dtype)
 
 
-def iter_hf_tensors(model: DenseDecoder, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
+def iter_hf_tensors(model: nnx.Module, dtype=None, table: WeightTable = DENSE,
+                    ) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, array) for every parameter slice, in table order (host copies, one at a time)."""
     state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    for spec in hf_tensor_specs(model, dtype):
+    for spec in hf_tensor_specs(model, dtype, table):
         yield spec[0], _hf_tensor(state, spec)
 
 
-def save_weights(model: DenseDecoder, out_dir: Path, dtype: str = "float32",
-                 max_shard_bytes: int = 5 * 10**9) -> list[Path]:
+def save_weights(model: nnx.Module, out_dir: Path, dtype: str = "float32",
+                 max_shard_bytes: int = 5 * 10**9, table: WeightTable = DENSE) -> list[Path]:
     """Write the model's weights as HF safetensors (sharded with an index when large)."""
-    specs = hf_tensor_specs(model, np.dtype(jnp.dtype(dtype)))
+    specs = hf_tensor_specs(model, np.dtype(jnp.dtype(dtype)), table)
     state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     by_name = {s[0]: s for s in specs}
     plan = [(s[0], s[1], s[2]) for s in specs]

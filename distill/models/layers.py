@@ -163,6 +163,18 @@ def dot_product_attention(
 
 
 # ---------------------------------------------------------------------------------------------
+# Gated MLP
+
+
+def swiglu(x_btd: jax.Array, w_gate_df: jax.Array, w_up_df: jax.Array, w_down_fd: jax.Array) -> jax.Array:
+    """down(silu(gate(x)) * up(x)) over the last axis of x, in x's dtype."""
+    dt = x_btd.dtype
+    gate = jnp.einsum("...d,df->...f", x_btd, w_gate_df.astype(dt))
+    up = jnp.einsum("...d,df->...f", x_btd, w_up_df.astype(dt))
+    return jnp.einsum("...f,fd->...d", jax.nn.silu(gate) * up, w_down_fd.astype(dt))
+
+
+# ---------------------------------------------------------------------------------------------
 # Remat
 
 

@@ -1,0 +1,152 @@
+"""Multi-head latent attention (MLA) of DeepSeek-V2/V3, parameters stacked on a leading L axis.
+
+Keys and values of all N heads come from one compressed latent per token (C = kv_lora_rank, after
+its RMSNorm) plus one rope key shared by all heads (R = qk_rope_head_dim). Only those two are
+cached, (C + R) numbers per token and layer instead of N * (H_k + H_v).
+
+Extra dimension letters: Q query latent (q_lora_rank), C kv latent, R rope width. The head widths
+differ per projection and are named where used: P = qk_nope_head_dim, H_v = v_head_dim.
+Layouts follow transformers' `DeepseekV3Attention` up to a transpose (see `distill.models.hf_moe`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from distill.config import MoEConfig
+from distill.models import layers
+
+
+class MLACache(NamedTuple):
+    """The cached latents of a stack of layers: latent [L, B, S, C], rope key [L, B, S, R]."""
+
+    latent: jax.Array
+    k_rope: jax.Array
+
+
+def softmax_scale(cfg: MoEConfig) -> float:
+    """qk_head_dim^-0.5, times YaRN's mscale(factor, mscale_all_dim)^2 as transformers applies it."""
+    scale = cfg.qk_head_dim**-0.5
+    s = cfg.rope_scaling
+    if s is not None and s.rope_type != "default" and s.mscale_all_dim:
+        m = layers.yarn_mscale(s.factor, s.mscale_all_dim)
+        scale *= m * m
+    return scale
+
+
+def deinterleave(x: jax.Array) -> jax.Array:
+    """(x0, x1, x2, x3, ...) -> (x0, x2, ..., x1, x3, ...): DeepSeek's interleaved rope pairs in
+    the half-split layout `layers.apply_rope` rotates (transformers' `rope_interleave`)."""
+    return jnp.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
+
+
+class MLAttention(nnx.Module):
+    """MLA over `num_layers` stacked layers; `__call__` runs one layer's slice inside a scan."""
+
+    def __init__(self, cfg: MoEConfig, num_layers: int, rngs: nnx.Rngs):
+        L, D, N = num_layers, cfg.hidden_size, cfg.num_attention_heads
+        Q, C, R = cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        P, Hv = cfg.qk_nope_head_dim, cfg.v_head_dim
+        dt = jnp.dtype(cfg.param_dtype)
+        p = rngs.params
+        if Q:
+            self.wq_a_dq = layers.param(p(), (L, D, Q), ("layers", "embed", "q_lora"), dt)
+            self.q_norm_q = layers.param(p(), (L, Q), ("layers", "norm"), dt, "ones")
+            self.wq_b_qnh = layers.param(p(), (L, Q, N, P + R), ("layers", "q_lora", "q_heads", "head_dim"), dt)
+        else:
+            self.wq_dnh = layers.param(p(), (L, D, N, P + R), ("layers", "embed", "q_heads", "head_dim"), dt)
+        # one projection makes the latent and the shared rope key: [D, C + R], split at use
+        self.wkv_a_dc = layers.param(p(), (L, D, C + R), ("layers", "embed", "kv_lora"), dt)
+        self.kv_norm_c = layers.param(p(), (L, C), ("layers", "norm"), dt, "ones")
+        self.wkv_b_cnh = layers.param(p(), (L, C, N, P + Hv), ("layers", "kv_lora", "q_heads", "head_dim"), dt)
+        self.wo_nhd = layers.param(p(), (L, N, Hv, D), ("layers", "q_heads", "head_dim", "embed"), dt)
+        if cfg.attention_bias:
+            if Q:
+                self.bq_a_q = layers.param(p(), (L, Q), ("layers", "q_lora"), dt, "zeros")
+            self.bkv_a_c = layers.param(p(), (L, C + R), ("layers", "kv_lora"), dt, "zeros")
+            self.bo_d = layers.param(p(), (L, D), ("layers", "embed"), dt, "zeros")
+        self.q_lora = bool(Q)
+        self.bias = cfg.attention_bias
+        self.interleave = cfg.rope_interleave
+        self.eps = cfg.rms_norm_eps
+        self.widths = (C, P, R, Hv)
+        self.scale = softmax_scale(cfg)
+
+    def __call__(self, x_btd, rope, mask_bts, cache=None, cache_index=None):
+        """One layer. cache: this layer's (latent [B, S, C], k_rope [B, S, R]) or None.
+
+        Returns [B, T, D] and the updated cache.
+        """
+        dt = x_btd.dtype
+        C, P, R, Hv = self.widths
+        q_btnh = self._queries(x_btd)
+        q_nope, q_rope = q_btnh[..., :P], q_btnh[..., P:]
+        kv_btc = jnp.einsum("btd,dc->btc", x_btd, self.wkv_a_dc[...].astype(dt))
+        if self.bias:
+            kv_btc = kv_btc + self.bkv_a_c[...].astype(dt)
+        latent_btc = layers.rms_norm(kv_btc[..., :C], self.kv_norm_c[...], self.eps)
+        k_rope_btr = kv_btc[..., C:]
+        if self.interleave:
+            q_rope, k_rope_btr = deinterleave(q_rope), deinterleave(k_rope_btr)
+        cos, sin = rope
+        q_rope = layers.apply_rope(q_rope, cos, sin)
+        k_rope_btr = layers.apply_rope(k_rope_btr[:, :, None, :], cos, sin)[:, :, 0, :]
+        if cache is not None:  # write this step's latents into the cache, attend over all of it
+            lat_c, rope_c = cache
+            latent_btc = jax.lax.dynamic_update_slice(lat_c, latent_btc.astype(lat_c.dtype), (0, cache_index, 0))
+            k_rope_btr = jax.lax.dynamic_update_slice(rope_c, k_rope_btr.astype(rope_c.dtype), (0, cache_index, 0))
+            cache = (latent_btc, k_rope_btr)
+            latent_btc, k_rope_btr = latent_btc.astype(dt), k_rope_btr.astype(dt)
+        t, s = q_btnh.shape[1], latent_btc.shape[1]
+        attend = self._absorbed if _absorb_is_cheaper(t, s, C, P, R, Hv) else self._expanded
+        out_btnh = attend(q_nope, q_rope, latent_btc, k_rope_btr, mask_bts)
+        out = jnp.einsum("btnh,nhd->btd", out_btnh, self.wo_nhd[...].astype(dt))
+        if self.bias:
+            out = out + self.bo_d[...].astype(dt)
+        return out, cache
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _queries(self, x_btd):
+        """[B, T, N, P + R]: through the query latent (with its norm) when q_lora_rank is set."""
+        dt = x_btd.dtype
+        if not self.q_lora:
+            return jnp.einsum("btd,dnh->btnh", x_btd, self.wq_dnh[...].astype(dt))
+        q_btq = jnp.einsum("btd,dq->btq", x_btd, self.wq_a_dq[...].astype(dt))
+        if self.bias:
+            q_btq = q_btq + self.bq_a_q[...].astype(dt)
+        q_btq = layers.rms_norm(q_btq, self.q_norm_q[...], self.eps)
+        return jnp.einsum("btq,qnh->btnh", q_btq, self.wq_b_qnh[...].astype(dt))
+
+    def _expanded(self, q_nope, q_rope, latent_bsc, k_rope_bsr, mask_bts):
+        """Expand the latents into per-head keys and values, then plain attention (long queries)."""
+        P = self.widths[1]
+        kv_bsnh = jnp.einsum("bsc,cnh->bsnh", latent_bsc, self.wkv_b_cnh[...].astype(latent_bsc.dtype))
+        k_nope, v_bsnh = kv_bsnh[..., :P], kv_bsnh[..., P:]
+        k_rope = jnp.broadcast_to(k_rope_bsr[:, :, None, :], (*k_nope.shape[:3], k_rope_bsr.shape[-1]))
+        q = jnp.concatenate([q_nope, q_rope], axis=-1)
+        k = jnp.concatenate([k_nope, k_rope], axis=-1)
+        return layers.dot_product_attention(q, k, v_bsnh, mask_bts, self.scale)
+
+    def _absorbed(self, q_nope, q_rope, latent_bsc, k_rope_bsr, mask_bts):
+        """Attend in latent space: the key/value up-projections fold into the query and the
+        output, so the cache is never expanded (few queries over a long cache, i.e. decode)."""
+        dt = q_nope.dtype
+        P = self.widths[1]
+        w_cnh = self.wkv_b_cnh[...].astype(dt)
+        q_btnc = jnp.einsum("btnp,cnp->btnc", q_nope, w_cnh[..., :P])
+        scores = (jnp.einsum("btnc,bsc->bnts", q_btnc, latent_bsc, preferred_element_type=jnp.float32)
+                  + jnp.einsum("btnr,bsr->bnts", q_rope, k_rope_bsr, preferred_element_type=jnp.float32))
+        scores = jnp.where(mask_bts[:, None], scores * self.scale, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        o_btnc = jnp.einsum("bnts,bsc->btnc", probs, latent_bsc)
+        return jnp.einsum("btnc,cnh->btnh", o_btnc, w_cnh[..., P:])
+
+
+def _absorb_is_cheaper(t: int, s: int, C: int, P: int, R: int, Hv: int) -> bool:
+    """FLOPs per head: expanding costs S*(C*(P+Hv) + T*(P+R+Hv)), absorbing T*(C*(P+Hv) + S*(2C+R))."""
+    return t * (C * (P + Hv) + s * (2 * C + R)) < s * (C * (P + Hv) + t * (P + R + Hv))
