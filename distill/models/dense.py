@@ -115,7 +115,7 @@ class Embed(nnx.Module):
                           preferred_element_type=jnp.float32)
 
 
-class DenseDecoder(nnx.Module):
+class DenseDecoder(layers.CausalLM):
     """Llama / Qwen2 causal LM. `model(tokens_bt) -> logits_btv` (float32)."""
 
     def __init__(self, cfg: DenseConfig, rngs: nnx.Rngs):
@@ -132,43 +132,12 @@ class DenseDecoder(nnx.Module):
 
     # -- public API -----------------------------------------------------------------------------
 
-    def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
-        """Full-sequence forward. segment_ids (0 = padding) keep packed documents apart."""
-        b, t = tokens_bt.shape
-        slots_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        positions_bt = slots_bt if positions_bt is None else positions_bt
-        valid_bs = jnp.ones((b, t), bool) if segment_ids_bt is None else segment_ids_bt != 0
-        mask = layers.attention_mask(slots_bt, slots_bt, valid_bs, segment_ids_bt, segment_ids_bt)
-        hidden, _ = self._run(tokens_bt, positions_bt, mask, None, None)
-        return self.logits(hidden)
-
     def init_cache(self, batch: int, length: int, dtype=None) -> KVCache:
         """An empty KV cache for `batch` sequences of up to `length` slots."""
         c = self.config
         shape = (c.num_hidden_layers, batch, length, c.num_key_value_heads, c.head_size)
         dtype = jnp.dtype(dtype or c.dtype)
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-
-    def forward_cached(self, tokens_bt, positions_bt, cache: KVCache, cache_index, kv_valid_bs):
-        """Run T new tokens that occupy cache slots [cache_index, cache_index + T).
-
-        kv_valid_bs [B, S] marks the cache slots that hold real tokens (left padding is False).
-        Returns float32 logits [B, T, V] and the updated cache.
-        """
-        b, t = tokens_bt.shape
-        s = cache.k.shape[2]
-        q_slots = jnp.broadcast_to(cache_index + jnp.arange(t, dtype=jnp.int32), (b, t))
-        k_slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        mask = layers.attention_mask(q_slots, k_slots, kv_valid_bs)
-        hidden, cache = self._run(tokens_bt, positions_bt, mask, cache, cache_index)
-        return self.logits(hidden), cache
-
-    def logits(self, hidden_btd):
-        """Final projection to float32 logits [B, T, V]."""
-        if self.config.tie_word_embeddings:
-            return self.embed.attend(hidden_btd)
-        return jnp.einsum("btd,dv->btv", hidden_btd, self.lm_head_dv[...].astype(hidden_btd.dtype),
-                          preferred_element_type=jnp.float32)
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -179,15 +148,7 @@ class DenseDecoder(nnx.Module):
         inv_freq, factor = layers.rope_inv_freq(
             cfg.head_size, cfg.rope_theta, cfg.rope_scaling.as_hf() if cfg.rope_scaling else None)
         rope = layers.rope_cos_sin(positions_bt, inv_freq, factor)
-        graphdef, stacked = nnx.split(self.blocks)
-
-        def body(x_btd, layer):
-            state, kv = layer
-            x_btd, kv = nnx.merge(graphdef, state)(x_btd, rope, mask_bts, kv, cache_index)
-            return x_btd, kv
-
-        body = layers.remat(body, cfg.remat)
-        xs = (stacked, None if cache is None else (cache.k, cache.v))
-        x, kv = jax.lax.scan(body, x, xs)
+        kv = None if cache is None else (cache.k, cache.v)
+        x, kv = layers.scan_blocks(self.blocks, x, rope, mask_bts, kv, cache_index, cfg.remat)
         cache = None if cache is None else KVCache(*kv)
         return layers.rms_norm(x, self.final_norm_d[...], cfg.rms_norm_eps), cache

@@ -193,3 +193,62 @@ def remat(fn: Callable, policy: str) -> Callable:
     if policy == "none":
         return fn
     return jax.checkpoint(fn, policy=REMAT_POLICIES[policy], prevent_cse=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoder plumbing shared by the dense and MoE models
+
+
+def scan_blocks(blocks: nnx.Module, x_btd, rope, mask_bts, kv, cache_index, policy: str):
+    """Run stacked blocks (params on a leading L axis) under `lax.scan`; kv: per-layer caches or None.
+
+    Returns the hidden state and the stacked updated caches (None without a cache).
+    """
+    graphdef, stacked = nnx.split(blocks)
+
+    def body(x_btd, layer):
+        state, kv = layer
+        return nnx.merge(graphdef, state)(x_btd, rope, mask_bts, kv, cache_index)
+
+    return jax.lax.scan(remat(body, policy), x_btd, (stacked, kv))
+
+
+class CausalLM(nnx.Module):
+    """The public forward API every decoder shares.
+
+    Subclasses set `config`, `embed` (with `attend`), `lm_head_dv` unless embeddings are tied, and
+    define `_run(tokens_bt, positions_bt, mask_bts, cache, cache_index) -> (hidden_btd, cache)` and
+    `init_cache(batch, length)`.
+    """
+
+    def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
+        """Full-sequence forward -> float32 logits [B, T, V]. segment_ids (0 = padding) keep
+        packed documents apart."""
+        b, t = tokens_bt.shape
+        slots_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        positions_bt = slots_bt if positions_bt is None else positions_bt
+        valid_bs = jnp.ones((b, t), bool) if segment_ids_bt is None else segment_ids_bt != 0
+        mask = attention_mask(slots_bt, slots_bt, valid_bs, segment_ids_bt, segment_ids_bt)
+        hidden, _ = self._run(tokens_bt, positions_bt, mask, None, None)
+        return self.logits(hidden)
+
+    def forward_cached(self, tokens_bt, positions_bt, cache, cache_index, kv_valid_bs):
+        """Run T new tokens that occupy cache slots [cache_index, cache_index + T).
+
+        kv_valid_bs [B, S] marks the cache slots that hold real tokens (left padding is False).
+        Returns float32 logits [B, T, V] and the updated cache.
+        """
+        b, t = tokens_bt.shape
+        s = kv_valid_bs.shape[1]
+        q_slots = jnp.broadcast_to(cache_index + jnp.arange(t, dtype=jnp.int32), (b, t))
+        k_slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        mask = attention_mask(q_slots, k_slots, kv_valid_bs)
+        hidden, cache = self._run(tokens_bt, positions_bt, mask, cache, cache_index)
+        return self.logits(hidden), cache
+
+    def logits(self, hidden_btd):
+        """Final projection to float32 logits [B, T, V]."""
+        if self.config.tie_word_embeddings:
+            return self.embed.attend(hidden_btd)
+        return jnp.einsum("btd,dv->btv", hidden_btd, self.lm_head_dv[...].astype(hidden_btd.dtype),
+                          preferred_element_type=jnp.float32)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -89,7 +88,7 @@ class DecoderBlocks(nnx.Module):
         return x_btd, cache
 
 
-class MoEDecoder(nnx.Module):
+class MoEDecoder(layers.CausalLM):
     """DeepSeek-V3 causal LM. `model(tokens_bt) -> logits_btv` (float32)."""
 
     def __init__(self, cfg: MoEConfig, rngs: nnx.Rngs):
@@ -106,16 +105,6 @@ class MoEDecoder(nnx.Module):
 
     # -- public API -----------------------------------------------------------------------------
 
-    def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
-        """Full-sequence forward. segment_ids (0 = padding) keep packed documents apart."""
-        b, t = tokens_bt.shape
-        slots_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        positions_bt = slots_bt if positions_bt is None else positions_bt
-        valid_bs = jnp.ones((b, t), bool) if segment_ids_bt is None else segment_ids_bt != 0
-        mask = layers.attention_mask(slots_bt, slots_bt, valid_bs, segment_ids_bt, segment_ids_bt)
-        hidden, _ = self._run(tokens_bt, positions_bt, mask, None, None)
-        return self.logits(hidden)
-
     def init_cache(self, batch: int, length: int, dtype=None) -> MoECache:
         """An empty MLA cache (latent and rope key only) for `batch` sequences of `length` slots."""
         c = self.config
@@ -128,27 +117,6 @@ class MoEDecoder(nnx.Module):
                             jnp.zeros((n, batch, length, c.qk_rope_head_dim), dtype))
 
         return MoECache(stack(c.num_dense_layers), stack(c.num_moe_layers))
-
-    def forward_cached(self, tokens_bt, positions_bt, cache: MoECache, cache_index, kv_valid_bs):
-        """Run T new tokens that occupy cache slots [cache_index, cache_index + T).
-
-        kv_valid_bs [B, S] marks the cache slots that hold real tokens (left padding is False).
-        Returns float32 logits [B, T, V] and the updated cache.
-        """
-        b, t = tokens_bt.shape
-        s = kv_valid_bs.shape[1]
-        q_slots = jnp.broadcast_to(cache_index + jnp.arange(t, dtype=jnp.int32), (b, t))
-        k_slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        mask = layers.attention_mask(q_slots, k_slots, kv_valid_bs)
-        hidden, cache = self._run(tokens_bt, positions_bt, mask, cache, cache_index)
-        return self.logits(hidden), cache
-
-    def logits(self, hidden_btd):
-        """Final projection to float32 logits [B, T, V]."""
-        if self.config.tie_word_embeddings:
-            return self.embed.attend(hidden_btd)
-        return jnp.einsum("btd,dv->btv", hidden_btd, self.lm_head_dv[...].astype(hidden_btd.dtype),
-                          preferred_element_type=jnp.float32)
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -171,13 +139,7 @@ class MoEDecoder(nnx.Module):
         return layers.rms_norm(x, self.final_norm_d[...], cfg.rms_norm_eps), cache
 
     def _scan(self, blocks, x_btd, rope, mask_bts, cache: MLACache | None, cache_index):
-        graphdef, stacked = nnx.split(blocks)
-
-        def body(x_btd, layer):
-            state, kv = layer
-            x_btd, kv = nnx.merge(graphdef, state)(x_btd, rope, mask_bts, kv, cache_index)
-            return x_btd, kv
-
-        body = layers.remat(body, self.config.remat)
-        x_btd, kv = jax.lax.scan(body, x_btd, (stacked, None if cache is None else tuple(cache)))
+        kv = None if cache is None else tuple(cache)
+        x_btd, kv = layers.scan_blocks(blocks, x_btd, rope, mask_bts, kv, cache_index,
+                                       self.config.remat)
         return x_btd, None if cache is None else MLACache(*kv)
