@@ -81,23 +81,13 @@ class MLP(nnx.Module):
         return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, self.w_down_fd[...].astype(dt))
 
 
-class Blocks(nnx.Module):
+class Blocks(layers.PreNormBlocks):
     """All decoder blocks, parameters stacked on L; `__call__` runs one layer's slice."""
 
     def __init__(self, cfg: DenseConfig, rngs: nnx.Rngs):
-        L, D, dt = cfg.num_hidden_layers, cfg.hidden_size, jnp.dtype(cfg.param_dtype)
-        self.attn_norm_d = layers.param(rngs.params(), (L, D), ("layers", "norm"), dt, "ones")
-        self.attn = Attention(cfg, rngs)
-        self.mlp_norm_d = layers.param(rngs.params(), (L, D), ("layers", "norm"), dt, "ones")
-        self.mlp = MLP(cfg, rngs)
-        self.eps = cfg.rms_norm_eps
-
-    def __call__(self, x_btd, rope, mask_bts, kv=None, cache_index=None):
-        h, kv = self.attn(layers.rms_norm(x_btd, self.attn_norm_d[...], self.eps), rope, mask_bts,
-                          kv, cache_index)
-        x_btd = x_btd + h
-        x_btd = x_btd + self.mlp(layers.rms_norm(x_btd, self.mlp_norm_d[...], self.eps))
-        return x_btd, kv
+        super().__init__(cfg.num_hidden_layers, cfg.hidden_size, cfg.rms_norm_eps,
+                         jnp.dtype(cfg.param_dtype), lambda: Attention(cfg, rngs),
+                         lambda: MLP(cfg, rngs), rngs)
 
 
 class Embed(nnx.Module):
@@ -124,11 +114,7 @@ class DenseDecoder(layers.CausalLM):
         self.config = cfg
         self.embed = Embed(cfg, rngs)
         self.blocks = Blocks(cfg, rngs)
-        self.final_norm_d = layers.param(rngs.params(), (cfg.hidden_size,), ("norm",),
-                                         jnp.dtype(cfg.param_dtype), "ones")
-        if not cfg.tie_word_embeddings:
-            self.lm_head_dv = layers.param(rngs.params(), (cfg.hidden_size, cfg.vocab_size),
-                                           ("embed", "vocab"), jnp.dtype(cfg.param_dtype))
+        self._init_head(cfg, rngs)
 
     # -- public API -----------------------------------------------------------------------------
 

@@ -213,6 +213,26 @@ def scan_blocks(blocks: nnx.Module, x_btd, rope, mask_bts, kv, cache_index, poli
     return jax.lax.scan(remat(body, policy), x_btd, (stacked, kv))
 
 
+class PreNormBlocks(nnx.Module):
+    """Layers stacked on L, each `x + attn(norm(x))` then `x + mlp(norm(x))`; `__call__` runs one
+    layer's slice inside `scan_blocks`. The factories build the attention and MLP modules."""
+
+    def __init__(self, num_layers: int, d: int, eps: float, dtype, make_attn: Callable,
+                 make_mlp: Callable, rngs: nnx.Rngs):
+        self.attn_norm_d = param(rngs.params(), (num_layers, d), ("layers", "norm"), dtype, "ones")
+        self.attn = make_attn()
+        self.mlp_norm_d = param(rngs.params(), (num_layers, d), ("layers", "norm"), dtype, "ones")
+        self.mlp = make_mlp()
+        self.eps = eps
+
+    def __call__(self, x_btd, rope, mask_bts, kv=None, cache_index=None):
+        h, kv = self.attn(rms_norm(x_btd, self.attn_norm_d[...], self.eps), rope, mask_bts, kv,
+                          cache_index)
+        x_btd = x_btd + h
+        x_btd = x_btd + self.mlp(rms_norm(x_btd, self.mlp_norm_d[...], self.eps))
+        return x_btd, kv
+
+
 class CausalLM(nnx.Module):
     """The public forward API every decoder shares.
 
@@ -220,6 +240,14 @@ class CausalLM(nnx.Module):
     define `_run(tokens_bt, positions_bt, mask_bts, cache, cache_index) -> (hidden_btd, cache)` and
     `init_cache(batch, length)`.
     """
+
+    def _init_head(self, cfg, rngs: nnx.Rngs) -> None:
+        """The final norm, and the output projection unless embeddings are tied."""
+        dt = jnp.dtype(cfg.param_dtype)
+        self.final_norm_d = param(rngs.params(), (cfg.hidden_size,), ("norm",), dt, "ones")
+        if not cfg.tie_word_embeddings:
+            self.lm_head_dv = param(rngs.params(), (cfg.hidden_size, cfg.vocab_size),
+                                    ("embed", "vocab"), dt)
 
     def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
         """Full-sequence forward -> float32 logits [B, T, V]. segment_ids (0 = padding) keep

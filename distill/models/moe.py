@@ -69,23 +69,15 @@ class MoE(nnx.Module):
         return y_md.reshape(b, t, d) + self.shared(x_btd)
 
 
-class DecoderBlocks(nnx.Module):
+class DecoderBlocks(layers.PreNormBlocks):
     """`num_layers` decoder layers stacked on L: MLA, then a dense MLP or a MoE block."""
 
     def __init__(self, cfg: MoEConfig, num_layers: int, moe: bool, rngs: nnx.Rngs):
         L, D, dt = num_layers, cfg.hidden_size, jnp.dtype(cfg.param_dtype)
-        self.attn_norm_d = layers.param(rngs.params(), (L, D), ("layers", "norm"), dt, "ones")
-        self.attn = MLAttention(cfg, L, rngs)
-        self.mlp_norm_d = layers.param(rngs.params(), (L, D), ("layers", "norm"), dt, "ones")
-        self.mlp = MoE(cfg, L, rngs) if moe else GatedMLP(L, D, cfg.intermediate_size, dt, rngs)
-        self.eps = cfg.rms_norm_eps
-
-    def __call__(self, x_btd, rope, mask_bts, cache=None, cache_index=None):
-        h, cache = self.attn(layers.rms_norm(x_btd, self.attn_norm_d[...], self.eps), rope, mask_bts,
-                             cache, cache_index)
-        x_btd = x_btd + h
-        x_btd = x_btd + self.mlp(layers.rms_norm(x_btd, self.mlp_norm_d[...], self.eps))
-        return x_btd, cache
+        super().__init__(
+            L, D, cfg.rms_norm_eps, dt, lambda: MLAttention(cfg, L, rngs),
+            lambda: MoE(cfg, L, rngs) if moe else GatedMLP(L, D, cfg.intermediate_size, dt, rngs),
+            rngs)
 
 
 class MoEDecoder(layers.CausalLM):
@@ -97,11 +89,7 @@ class MoEDecoder(layers.CausalLM):
         nd, nm = cfg.num_dense_layers, cfg.num_moe_layers
         self.dense_blocks = DecoderBlocks(cfg, nd, False, rngs) if nd else None
         self.moe_blocks = DecoderBlocks(cfg, nm, True, rngs) if nm else None
-        self.final_norm_d = layers.param(rngs.params(), (cfg.hidden_size,), ("norm",),
-                                         jnp.dtype(cfg.param_dtype), "ones")
-        if not cfg.tie_word_embeddings:
-            self.lm_head_dv = layers.param(rngs.params(), (cfg.hidden_size, cfg.vocab_size),
-                                           ("embed", "vocab"), jnp.dtype(cfg.param_dtype))
+        self._init_head(cfg, rngs)
 
     # -- public API -----------------------------------------------------------------------------
 
