@@ -3,7 +3,9 @@
 Prompts of different lengths are left-padded into one [B, P] batch; padding slots are masked out of
 attention and positions count real tokens only, so every row computes exactly what it would alone.
 The decode loop is a `jax.lax.while_loop` (no Python dispatch per token) that stops when every row
-has produced an end-of-sequence token or `max_new_tokens` is reached.
+has produced an end-of-sequence token or `max_new_tokens` is reached. With stop strings (and a
+tokenizer) it runs in chunks of STOP_CHECK_EVERY tokens, between which the host decodes the rows'
+text and ends those that contain a stop string.
 
 Any model with `init_cache(batch, length)` and `forward_cached(tokens, positions, cache,
 cache_index, kv_valid)` can be sampled from.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from functools import partial
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -100,46 +103,72 @@ def _logprob_record(logits_bv, tok_b, k: int):
     return jnp.take_along_axis(logp, tok_b[:, None], axis=-1)[:, 0], top_ids, top_lp
 
 
-@partial(jax.jit, static_argnums=(0, 1))
-def _decode(graphdef, params: SamplingParams, state, cache, first_logits_bv, kv_valid_bs,
-            lengths_b, eos_ids, key):
-    """The whole decode loop. Returns tokens [B, max_new], the count generated per row, and the
-    log-probability records ([B, max_new], [B, max_new, k], [B, max_new, k]; k >= 1)."""
-    model = nnx.merge(graphdef, state)
-    b = first_logits_bv.shape[0]
-    p = kv_valid_bs.shape[1] - params.max_new_tokens  # slots before the first generated token
-    max_new, k = params.max_new_tokens, max(params.logprobs, 1)
+class _DecodeState(NamedTuple):
+    """The decode loop's carry; it survives between chunks (see `generate`)."""
+
+    t: jax.Array  # index of the last token written to `out`
+    cache: Any
+    valid: jax.Array  # [B, S] cache slots holding real tokens
+    out: jax.Array  # [B, max_new] generated tokens
+    done: jax.Array  # [B] row finished (EOS, or a stop string seen by the host)
+    count: jax.Array  # [B] tokens generated per row (EOS included)
+    lps: tuple  # log-probability records: [B, max_new], [B, max_new, k], [B, max_new, k]
+
+
+@partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))
+def _decode_start(params: SamplingParams, cache, first_logits_bv, kv_valid_bs, eos_ids, key):
+    """Sample the first token from the prefill logits and set up the carry."""
+    b, max_new, k = first_logits_bv.shape[0], params.max_new_tokens, max(params.logprobs, 1)
     tok0 = sample_token(first_logits_bv, jax.random.fold_in(key, 0), params)
     out = jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(tok0)
     lps = (jnp.zeros((b, max_new)), jnp.zeros((b, max_new, k), jnp.int32), jnp.zeros((b, max_new, k)))
     if params.logprobs:
-        lps = tuple(a.at[:, 0].set(r) for a, r in zip(lps, _logprob_record(first_logits_bv, tok0, k),
-                                                      strict=True))
-    done = jnp.isin(tok0, eos_ids)
-    count = jnp.ones((b,), jnp.int32)
+        rec = _logprob_record(first_logits_bv, tok0, k)
+        lps = tuple(a.at[:, 0].set(r) for a, r in zip(lps, rec, strict=True))
+    return _DecodeState(jnp.int32(0), cache, kv_valid_bs, out, jnp.isin(tok0, eos_ids),
+                        jnp.ones((b,), jnp.int32), lps)
 
-    def cond(carry):
-        t, _, _, _, done, _, _ = carry
-        return (t < max_new - 1) & ~jnp.all(done)
 
-    def body(carry):
-        t, cache, valid, out, done, count, lps = carry
-        slot = p + t
-        valid = valid.at[:, slot].set(True)
-        tok = out[:, t][:, None]
-        logits, cache = model.forward_cached(tok, (lengths_b + t)[:, None], cache, slot, valid)
+@partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
+def _decode_chunk(graphdef, params: SamplingParams, state, carry: _DecodeState, lengths_b,
+                  eos_ids, key, t_end):
+    """Decode until token index `t_end` (or max_new_tokens), or until every row is done."""
+    model = nnx.merge(graphdef, state)
+    p = carry.valid.shape[1] - params.max_new_tokens  # slots before the first generated token
+    stop_at = jnp.minimum(t_end, params.max_new_tokens - 1)
+
+    def cond(c: _DecodeState):
+        return (c.t < stop_at) & ~jnp.all(c.done)
+
+    def body(c: _DecodeState):
+        t, slot = c.t, p + c.t
+        valid = c.valid.at[:, slot].set(True)
+        tok = c.out[:, t][:, None]
+        logits, cache = model.forward_cached(tok, (lengths_b + t)[:, None], c.cache, slot, valid)
         nxt = sample_token(logits[:, 0], jax.random.fold_in(key, t + 1), params)
-        out = out.at[:, t + 1].set(jnp.where(done, 0, nxt))
+        out = c.out.at[:, t + 1].set(jnp.where(c.done, 0, nxt))
+        lps = c.lps
         if params.logprobs:
-            rec = _logprob_record(logits[:, 0], nxt, k)
+            rec = _logprob_record(logits[:, 0], nxt, max(params.logprobs, 1))
             lps = tuple(a.at[:, t + 1].set(r) for a, r in zip(lps, rec, strict=True))
-        count = count + (~done).astype(jnp.int32)
-        done = done | jnp.isin(nxt, eos_ids)
-        return t + 1, cache, valid, out, done, count, lps
+        count = c.count + (~c.done).astype(jnp.int32)
+        done = c.done | jnp.isin(nxt, eos_ids)
+        return _DecodeState(t + 1, cache, valid, out, done, count, lps)
 
-    carry = (jnp.int32(0), cache, kv_valid_bs, out, done, count, lps)
-    _, _, _, out, _, count, lps = jax.lax.while_loop(cond, body, carry)
-    return out, count, lps
+    return jax.lax.while_loop(cond, body, carry)
+
+
+# With stop strings, the host looks at the text every this many tokens and ends the rows that
+# contain one; without, the whole decode is one compiled loop.
+STOP_CHECK_EVERY = 32
+
+
+def _mark_stopped(carry: _DecodeState, tokenizer, stops: tuple[str, ...]) -> _DecodeState:
+    done, out, count = np.array(carry.done), np.asarray(carry.out), np.asarray(carry.count)
+    for j in np.flatnonzero(~done):
+        text = tokenizer.decode(out[j, : count[j]].tolist())
+        done[j] = any(stop in text for stop in stops)
+    return carry._replace(done=jnp.asarray(done))
 
 
 def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams,
@@ -165,9 +194,21 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams,
     first, cache = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(positions),
                             jnp.asarray(kv_valid), cache)
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
-    out, count, lps = _decode(graphdef, params, state, cache, first, jnp.asarray(kv_valid),
-                              jnp.asarray(lengths), eos, jax.random.PRNGKey(params.seed))
-    out, count, lps = np.asarray(out), np.asarray(count), [np.asarray(a) for a in lps]
+    key = jax.random.PRNGKey(params.seed)
+    carry = _decode_start(params, cache, first, jnp.asarray(kv_valid), eos, key)
+    check = params.stop and tokenizer is not None
+    chunk = STOP_CHECK_EVERY if check else params.max_new_tokens
+    t_end = chunk
+    while True:
+        carry = _decode_chunk(graphdef, params, state, carry, jnp.asarray(lengths), eos, key,
+                              jnp.int32(t_end))
+        if check:
+            carry = _mark_stopped(carry, tokenizer, params.stop)
+        if int(carry.t) >= params.max_new_tokens - 1 or bool(jnp.all(carry.done)):
+            break
+        t_end += chunk
+    out, count = np.asarray(carry.out), np.asarray(carry.count)
+    lps = [np.asarray(a) for a in carry.lps]
     return [_finish(rows[j][0], rows[j][1], out[j, : count[j]].tolist(), [a[j] for a in lps],
                     set(eos_ids), params, tokenizer) for j in range(b)]
 
@@ -180,6 +221,9 @@ def _finish(prompt_index, sample_index, ids, lps, eos, params, tokenizer) -> Com
     if text is not None and params.stop:
         cut = min((text.find(s) for s in params.stop if s in text), default=-1)
         if cut >= 0:
+            # keep the tokens up to the one that completes the first stop string
+            while ids and any(s in tokenizer.decode(ids[:-1]) for s in params.stop):
+                ids = ids[:-1]
             text, reason = text[:cut], "stop"
     c = Completion(prompt_index, sample_index, ids, text, reason)
     if params.logprobs:

@@ -94,3 +94,28 @@ def test_logprobs_match_transformers_scores(pair):
     np.testing.assert_allclose(out.token_logprobs, logp[np.arange(8), out.token_ids], atol=1e-4)
     np.testing.assert_allclose(out.top_logprobs, -np.sort(-logp, axis=-1)[:, :3], atol=1e-4)
     assert [row[0] for row in out.top_ids] == out.token_ids  # greedy picks the top-1
+
+
+class _Letters:
+    """A stand-in tokenizer: token i is the letter chr(97 + i % 26)."""
+
+    def decode(self, ids):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+def test_stop_string_ends_the_row_early_and_cuts_text_and_tokens(pair):
+    _, model = pair
+    tok = _Letters()
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    free = generate(model, prompts, SamplingParams(max_new_tokens=100), tokenizer=tok)
+    # a stop string that the first row's free-running text reaches at its 40th token or so
+    stop = free[0].text[38:41]
+    first = free[0].text.find(stop)
+    outs = generate(model, prompts, SamplingParams(max_new_tokens=100, stop=(stop,)), tokenizer=tok)
+    assert outs[0].text == free[0].text[:first] and outs[0].finish_reason == "stop"
+    assert outs[0].token_ids == free[0].token_ids[: first + len(stop)]
+    other = free[1].text.find(stop)
+    if other < 0:  # the second row never sees it: it runs to the length limit, unchanged
+        assert outs[1].token_ids == free[1].token_ids and outs[1].finish_reason == "length"
+    else:
+        assert outs[1].text == free[1].text[:other] and outs[1].finish_reason == "stop"
