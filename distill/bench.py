@@ -11,8 +11,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 PROMPT = "Write a short story about a robot who learns to paint."
 
 
@@ -61,19 +59,33 @@ def bench_decode(gguf: Path, batch_sizes=(1, 16), new_tokens: int = 64, repeats:
     return rows
 
 
-def report(rows: list[dict], out: Path | None) -> str:
-    """A Markdown table of the rows (and the JSON file when `out` is given)."""
+def bench_moe_experts(tokens=(1, 2048)) -> list[dict]:
+    """MoE layer time per token with 8 vs 64 routed experts (same top-k and expert width), on the
+    dispatch path this backend picks; targets: growth <= 1.3x decoding, <= 1.5x for a prefill."""
+    from distill.bench_moe import run
+    from distill.models.experts import resolve_dispatch
+
+    rows = run(tokens=tokens, num_experts=(8, 64), paths=(resolve_dispatch("auto"),))
+    return [dict(r, benchmark="moe_experts") for r in rows]
+
+
+def report(decode: list[dict], moe: list[dict], out: Path | None) -> str:
+    """Markdown tables of the rows (and one JSON file when `out` is given)."""
     lines = ["| benchmark | batch | distill tok/s | transformers tok/s | ratio |", "|---|---|---|---|---|"]
-    for r in rows:
+    for r in decode:
         lines.append(f"| {r['benchmark']} | {r['batch']} | {r['distill_tokens_per_s']:.1f} | "
                      f"{r['transformers_tokens_per_s']:.1f} | {r['speedup']:.2f}x |")
+    lines += ["", "| MoE layer | tokens | dispatch | experts | us/token | vs 8 experts |",
+              "|---|---|---|---|---|---|"]
+    for r in moe:
+        lines.append(f"| routed experts | {r['tokens']} | {r['path']} | {r['experts']} | "
+                     f"{r['us_per_token']:.1f} | {r['ratio']:.2f}x |")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(rows, indent=2) + "\n")
+        out.write_text(json.dumps(decode + moe, indent=2) + "\n")
     return "\n".join(lines)
 
 
 def main(gguf: Path, out: Path | None) -> str:
-    """Run every benchmark that exists and return the table."""
-    np.set_printoptions(precision=3)
-    return report(bench_decode(gguf), out)
+    """Run every benchmark that exists and return the tables."""
+    return report(bench_decode(gguf), bench_moe_experts(), out)
