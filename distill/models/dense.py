@@ -18,7 +18,7 @@ from distill.models import layers
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer: [L, B, S, K, H] each."""
+    """Keys and values of every layer, heads-major: [L, B, K, S, H] each."""
 
     k: jax.Array
     v: jax.Array
@@ -43,7 +43,7 @@ class Attention(nnx.Module):
         self.scale = cfg.head_size**-0.5
 
     def __call__(self, x_btd, rope, mask_bts, kv=None, cache_index=None):
-        """One layer (called on per-layer slices inside the scan). kv: this layer's ([B,S,K,H]) x 2."""
+        """One layer (called on per-layer slices inside the scan). kv: this layer's ([B,K,S,H]) x 2."""
         dt = x_btd.dtype
         q = jnp.einsum("btd,dnh->btnh", x_btd, self.wq_dnh[...].astype(dt))
         k = jnp.einsum("btd,dkh->btkh", x_btd, self.wk_dkh[...].astype(dt))
@@ -54,13 +54,17 @@ class Attention(nnx.Module):
             v = v + self.bv_kh[...].astype(dt)
         cos, sin = rope
         q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
-        if kv is not None:  # write this step's keys/values into the cache, attend over all of it
+        if kv is None:
+            out_btnh = layers.dot_product_attention(q, k, v, mask_bts, self.scale)
+        else:  # write this step's keys/values into the cache, attend over all of it
             k_cache, v_cache = kv
-            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
+            k = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype),
+                                             (0, 0, cache_index, 0))
+            v = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype),
+                                             (0, 0, cache_index, 0))
             kv = (k, v)
-            k, v = k.astype(dt), v.astype(dt)
-        out_btnh = layers.dot_product_attention(q, k, v, mask_bts, self.scale)
+            out_btnh = layers.dot_product_attention(q, k.astype(dt), v.astype(dt), mask_bts,
+                                                    self.scale, kv_layout="bksh")
         return jnp.einsum("btnh,nhd->btd", out_btnh, self.wo_nhd[...].astype(dt)), kv
 
 
@@ -121,7 +125,7 @@ class DenseDecoder(layers.CausalLM):
     def init_cache(self, batch: int, length: int, dtype=None) -> KVCache:
         """An empty KV cache for `batch` sequences of up to `length` slots."""
         c = self.config
-        shape = (c.num_hidden_layers, batch, length, c.num_key_value_heads, c.head_size)
+        shape = (c.num_hidden_layers, batch, c.num_key_value_heads, length, c.head_size)
         dtype = jnp.dtype(dtype or c.dtype)
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
@@ -135,6 +139,7 @@ class DenseDecoder(layers.CausalLM):
             cfg.head_size, cfg.rope_theta, cfg.rope_scaling.as_hf() if cfg.rope_scaling else None)
         rope = layers.rope_cos_sin(positions_bt, inv_freq, factor)
         kv = None if cache is None else (cache.k, cache.v)
-        x, kv = layers.scan_blocks(self.blocks, x, rope, mask_bts, kv, cache_index, cfg.remat)
+        x, kv = layers.scan_blocks(self.blocks, x, rope, mask_bts, kv, cache_index, cfg.remat,
+                                   slot_axis=2)
         cache = None if cache is None else KVCache(*kv)
         return layers.rms_norm(x, self.final_norm_d[...], cfg.rms_norm_eps), cache

@@ -148,18 +148,23 @@ def attention_mask(
 
 
 def dot_product_attention(
-    q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: jax.Array, scale: float
+    q_btnh: jax.Array, k: jax.Array, v: jax.Array, mask_bts: jax.Array, scale: float,
+    kv_layout: str = "bskh",
 ) -> jax.Array:
-    """Grouped-query attention; softmax in float32. Returns [B, T, N, H_v]."""
+    """Grouped-query attention; softmax in float32. Returns [B, T, N, H_v].
+
+    k, v: [B, S, K, H] ("bskh") or heads-major [B, K, S, H] ("bksh", the KV-cache layout, which
+    needs no transpose of the cache).
+    """
     b, t, n, h = q_btnh.shape
-    k = k_bskh.shape[2]
-    q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh, preferred_element_type=jnp.float32)
+    kh = k.shape[kv_layout.index("k")]
+    q_btkgh = q_btnh.reshape(b, t, kh, n // kh, h)
+    scores = jnp.einsum(f"btkgh,{kv_layout}->bkgts", q_btkgh, k, preferred_element_type=jnp.float32)
     scores = scores * scale
     scores = jnp.where(mask_bts[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh)
-    return out.reshape(b, t, n, v_bskh.shape[-1])
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum(f"bkgts,{kv_layout}->btkgh", probs, v)
+    return out.reshape(b, t, n, v.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,18 +204,34 @@ def remat(fn: Callable, policy: str) -> Callable:
 # Decoder plumbing shared by the dense and MoE models
 
 
-def scan_blocks(blocks: nnx.Module, x_btd, rope, mask_bts, kv, cache_index, policy: str):
-    """Run stacked blocks (params on a leading L axis) under `lax.scan`; kv: per-layer caches or None.
+def scan_blocks(blocks: nnx.Module, x_btd, rope, mask_bts, kv, cache_index, policy: str,
+                slot_axis: int = 1):
+    """Run stacked blocks (params on a leading L axis) under `lax.scan`.
 
-    Returns the hidden state and the stacked updated caches (None without a cache).
+    kv: None, or a tuple of caches stacked on L whose per-layer slices hold the cache slots on
+    `slot_axis` (1 for [B, S, ...], 2 for heads-major [B, K, S, H]). Each layer reads its cache
+    slice and hands back only its T new entries; they are written into the stacked caches once,
+    after the scan (in place inside the decode loop), instead of the scan re-stacking whole caches.
+    Returns the hidden state and the updated caches (None without a cache).
     """
     graphdef, stacked = nnx.split(blocks)
+    if kv is None:
+        def plain(x_btd, state):
+            return nnx.merge(graphdef, state)(x_btd, rope, mask_bts, None, None)[0], None
+
+        return jax.lax.scan(remat(plain, policy), x_btd, stacked)[0], None
+    t = x_btd.shape[1]
 
     def body(x_btd, layer):
-        state, kv = layer
-        return nnx.merge(graphdef, state)(x_btd, rope, mask_bts, kv, cache_index)
+        state, kv_i = layer
+        x_btd, kv_i = nnx.merge(graphdef, state)(x_btd, rope, mask_bts, kv_i, cache_index)
+        new = tuple(jax.lax.dynamic_slice_in_dim(u, cache_index, t, axis=slot_axis) for u in kv_i)
+        return x_btd, new
 
-    return jax.lax.scan(remat(body, policy), x_btd, (stacked, kv))
+    x_btd, new = jax.lax.scan(remat(body, policy), x_btd, (stacked, tuple(kv)))
+    start = tuple(cache_index if a == slot_axis + 1 else 0 for a in range(kv[0].ndim))
+    return x_btd, tuple(jax.lax.dynamic_update_slice(c, u, start)
+                        for c, u in zip(kv, new, strict=True))
 
 
 class PreNormBlocks(nnx.Module):
