@@ -69,7 +69,52 @@ def bench_moe_experts(tokens=(1, 2048)) -> list[dict]:
     return [dict(r, benchmark="moe_experts") for r in rows]
 
 
-def report(decode: list[dict], moe: list[dict], out: Path | None) -> str:
+def bench_generate(gguf: Path, prompts: int = 16, n: int = 4, new_tokens: int = 64) -> list[dict]:
+    """Trace-generation throughput: generated tokens/s of the in-process backend (sampling at
+    temperature 0.6, top-p 0.95, `n` samples a prompt, top-5 log-probabilities recorded) for the
+    tiny MoE teacher and for SmolLM2-135M; and completed requests/s of the HTTP backend against
+    `distill serve` (SmolLM2) on 127.0.0.1."""
+    import numpy as np
+
+    import distill
+    from distill.sampling import SamplingParams, generate
+    from distill.serve import ServerThread, build_app
+    from distill.textgen import prompt_ids
+    from distill.traces.http_teacher import bench_http
+
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.6, top_p=0.95, n=n,
+                            logprobs=5)
+    rows = []
+    preset = Path(__file__).resolve().parents[1] / "configs" / "teachers" / "tiny-moe.yaml"
+    cases = [("tiny-moe (random)", preset), ("SmolLM2-135M-Instruct", gguf)]
+    for name, path in cases:
+        model, tok = distill.load_pretrained(path)
+        if tok is not None:
+            ids = [prompt_ids(tok, f"{PROMPT} ({i})") for i in range(prompts)]
+        else:  # the preset has no tokenizer: random prompts of a typical length
+            rng = np.random.default_rng(0)
+            ids = [rng.integers(3, model.config.vocab_size, 40).tolist() for _ in range(prompts)]
+
+        def run(model=model, ids=ids):
+            out = generate(model, ids, params)  # no EOS ids: every row runs to new_tokens
+            return sum(len(o.token_ids) for o in out)
+
+        tokens = run()
+        seconds = _best_of(run, 1)
+        rows.append({"benchmark": "generate_jax", "model": name, "prompts": prompts, "n": n,
+                     "new_tokens": new_tokens, "tokens_per_s": tokens / seconds})
+    model, tok = distill.load_pretrained(gguf)
+    with ServerThread(build_app(model, tok, "smollm2", max_batch=16)) as url:
+        bench_http(f"{url}/v1", "smollm2", requests=16, concurrency=16, max_new_tokens=new_tokens)
+        r = bench_http(f"{url}/v1", "smollm2", requests=64, concurrency=16,
+                       max_new_tokens=new_tokens)
+    rows.append({"benchmark": "generate_http", "model": "SmolLM2-135M-Instruct via distill serve",
+                 **r})
+    return rows
+
+
+def report(decode: list[dict], moe: list[dict], out: Path | None, generate: list[dict] = ()
+           ) -> str:
     """Markdown tables of the rows (and one JSON file when `out` is given)."""
     lines = ["| benchmark | batch | distill tok/s | transformers tok/s | ratio |", "|---|---|---|---|---|"]
     for r in decode:
@@ -80,12 +125,20 @@ def report(decode: list[dict], moe: list[dict], out: Path | None) -> str:
     for r in moe:
         lines.append(f"| routed experts | {r['tokens']} | {r['path']} | {r['experts']} | "
                      f"{r['us_per_token']:.1f} | {r['ratio']:.2f}x |")
+    if generate:
+        lines += ["", "| trace generation | model | throughput |", "|---|---|---|"]
+        for r in generate:
+            value = (f"{r['tokens_per_s']:.1f} generated tok/s (batch {r['prompts']} x n {r['n']})"
+                     if r["benchmark"] == "generate_jax" else
+                     f"{r['requests_per_s']:.1f} requests/s, {r['completion_tokens_per_s']:.1f} "
+                     f"tok/s (concurrency {r['concurrency']})")
+            lines.append(f"| {r['benchmark']} | {r['model']} | {value} |")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(decode + moe, indent=2) + "\n")
+        out.write_text(json.dumps(decode + moe + list(generate), indent=2) + "\n")
     return "\n".join(lines)
 
 
 def main(gguf: Path, out: Path | None) -> str:
     """Run every benchmark that exists and return the tables."""
-    return report(bench_decode(gguf), bench_moe_experts(), out)
+    return report(bench_decode(gguf), bench_moe_experts(), out, bench_generate(gguf))

@@ -45,17 +45,55 @@ def _not_built(name: str, issue: str) -> None:
 @click.argument("config", type=click.Path())
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field.")
 @click.option("--overwrite", is_flag=True, help="Start over instead of resuming.")
-def generate(config, overrides, overwrite):
-    """Write verified reasoning traces to teacher_traces/<run>/ (resumable)."""
-    _not_built("generate", "trace generation lands with the generate/serve issue")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def generate(config, overrides, overwrite, quiet):
+    """Write verified reasoning traces to teacher_traces/<run>/ (resumable).
+
+    \b
+    CONFIG is a run config (see configs/runs/) with sections:
+      prompts   source (jsonl / parquet / csv / save_to_disk dir / hub name / synthetic), columns
+      teacher   kind: jax (a MODEL path run in-process) or openai (base_url, model, api_key_env)
+      sampling  n, temperature, top_p, max_new_tokens, seed, logprobs
+      filters   keep correct|all, truncation, <think> format, language mix, dedup, decontamination
+      output    root (teacher_traces), prompts_per_shard
+    Rerunning the same command resumes after a crash; --overwrite starts over.
+    """
+    from rich.console import Console
+
+    from distill.traces.generate import run_generate
+    from distill.traces.progress import summary_table
+
+    summary = run_generate(config, overrides, overwrite=overwrite, progress=not quiet)
+    Console(stderr=True).print(summary_table(summary))
+    click.echo(str(summary.run_dir))
 
 
 @cli.command()
 @click.argument("config", type=click.Path())
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field.")
-def train(config, overrides):
-    """Fine-tune a student on traces into students/<run>/ (resumable)."""
-    _not_built("train", "training lands with the train/plan issue")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(config, overrides, quiet):
+    """Fine-tune a student on traces into students/<run>/ (resumable).
+
+    \b
+    CONFIG is a training config (see configs/runs/r1-distill-qwen-7b.yaml) with sections:
+      student   init (MODEL path or preset), tokenizer, param_dtype, dtype, remat
+      data      traces (teacher_traces/<run> dirs), weights, keep, seq_len, batch_size, top_k
+      loss      kind sft | forward_kl | reverse_kl | jsd, alpha, beta, temperature
+      optim     lr, warmup_steps, schedule, weight_decay, clip_norm
+      train     steps or epochs, grad_accum, log/eval/checkpoint intervals
+      mesh      e.g. data=1,fsdp=8,tensor=1 (default: every device on fsdp)
+    Rerunning the same command resumes from the latest checkpoint. SIGTERM / Ctrl-C save a
+    checkpoint before exiting (exit code 143 / 130).
+    """
+    from distill.train.loop import run_train
+
+    result = run_train(config, overrides, progress=not quiet)
+    if result.stopped:
+        click.echo(f"stopped at step {result.step}; checkpoint saved in {result.run_dir} "
+                   "(rerun the same command to resume)", err=True)
+        sys.exit(143)
+    click.echo(str(result.run_dir))
 
 
 @cli.command(name="eval")
@@ -108,13 +146,48 @@ def sample(model_path, prompt, system, raw, max_new_tokens, temperature, top_p, 
                            overrides=overrides))
 
 
-@cli.command()
+@cli.command(help="Serve MODEL over an OpenAI-compatible API: POST /v1/chat/completions (plain or "
+             "streaming, reasoning split out as reasoning_content) and GET /v1/models.\n\n"
+             f"MODEL is {MODEL_HELP}; it needs a tokenizer with a chat template. Concurrent "
+             "requests are batched into one generate call.")
 @click.argument("model_path", metavar="MODEL", type=click.Path())
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True, type=int)
-def serve(model_path, host, port):
-    """Serve MODEL over an OpenAI-compatible chat completions API."""
-    _not_built("serve", "serving lands with the generate/serve issue")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to listen on; 0.0.0.0 exposes the server to the network.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--model-name", default=None, help="Name in /v1/models and answers (default: MODEL).")
+@click.option("--max-batch", default=16, show_default=True, type=click.IntRange(1),
+              help="Most sequences per generate call.")
+@click.option("--batch-wait-ms", default=10.0, show_default=True, type=click.FloatRange(0),
+              help="How long a batch waits for more requests before it starts.")
+@click.option("--default-max-tokens", default=1024, show_default=True, type=click.IntRange(1),
+              help="Token budget of a request that sets no max_tokens.")
+@click.option("--api-key-env", metavar="VAR", default=None,
+              help="Require the value of environment variable VAR as the bearer token.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
+              show_default=True, help="Weight and compute dtype.")
+@click.option("--fault-rate", default=0.0, type=click.FloatRange(0, 1), hidden=True,
+              help="Share of chat requests that fail on purpose (retry drills).")
+@click.option("--fault-seed", default=0, type=int, hidden=True)
+@click.option("--fault-kinds", default="429,500,hang,drop", hidden=True)
+@click.option("--fault-retry-after", default=1, type=click.IntRange(0), hidden=True)
+@click.option("--fault-hang-s", default=None, type=click.FloatRange(0), hidden=True,
+              help="Hang this long before answering (default: until the client gives up).")
+def serve(model_path, host, port, model_name, max_batch, batch_wait_ms, default_max_tokens,
+          api_key_env, dtype, fault_rate, fault_seed, fault_kinds, fault_retry_after, fault_hang_s):
+    from distill.serve import FaultConfig
+    from distill.serve import serve as run_server
+
+    faults = None
+    if fault_rate > 0:
+        kinds = tuple(k.strip() for k in fault_kinds.split(",") if k.strip())
+        bad = sorted(set(kinds) - {"429", "500", "hang", "drop"})
+        if bad:
+            raise DistillError(f"--fault-kinds: unknown kind {bad[0]!r} (use 429, 500, hang, drop)")
+        faults = FaultConfig(rate=fault_rate, seed=fault_seed, kinds=kinds,
+                             retry_after_s=fault_retry_after, hang_s=fault_hang_s)
+    run_server(model_path, host, port, model_name=model_name, dtype=dtype, max_batch=max_batch,
+               batch_wait_ms=batch_wait_ms, default_max_tokens=default_max_tokens,
+               api_key_env=api_key_env, faults=faults, echo=click.echo)
 
 
 @cli.command()

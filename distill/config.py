@@ -266,3 +266,14 @@ class ModelFile(Frozen):
 def load_model_config(path: str | Path, overrides=()) -> DenseConfig | MoEConfig:
     """Load a model preset YAML (a file with a top-level `model:` table)."""
     return load_config(ModelFile, path, overrides).model
+
+
+def read_api_key(env_var: str, purpose: str) -> str:
+    """The secret held by environment variable `env_var` (never logged or stored)."""
+    import os
+
+    key = os.environ.get(env_var, "")
+    if not key:
+        raise DistillError(f"environment variable {env_var} is not set (it should hold the API "
+                           f"key {purpose})")
+    return key

@@ -23,14 +23,18 @@ from distill.models.dense import DenseDecoder
 
 
 def model_kind(path: str | Path) -> str:
-    """'hf', 'gguf' or 'preset' for a MODEL path; a DistillError for anything else."""
+    """'hf', 'gguf', 'preset' or 'run' (a students/<run> directory) for a MODEL path; a DistillError
+    for anything else."""
     p = Path(path)
     if not p.exists():
         raise DistillError(f"{p}: no such file or directory")
     if p.is_dir():
         if (p / "config.json").is_file():
             return "hf"
-        raise DistillError(f"{p}: not a model directory (no config.json)")
+        if (p / "model.json").is_file() and (p / "checkpoints").is_dir():
+            return "run"
+        raise DistillError(f"{p}: not a model directory (no config.json, and not a "
+                           "students/<run> directory with model.json and checkpoints/)")
     if p.suffix == ".gguf":
         return "gguf"
     if p.suffix in (".yaml", ".yml"):
@@ -80,6 +84,10 @@ def load_pretrained(path: str | Path, *, param_dtype: str = "float32", dtype: st
     if kind == "preset":
         cfg = load_model_config(path, [*overrides, *(f"model.{k}={v}" for k, v in runtime.items())])
         return init_model(cfg, seed, mesh), None
+    if kind == "run":
+        from distill.train.checkpoint import load_run
+
+        return load_run(path, mesh=mesh, **runtime)
     if kind == "gguf":
         from distill.models import gguf
 

@@ -14,7 +14,7 @@ cache_index, kv_valid)` can be sampled from.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -171,9 +171,22 @@ def _mark_stopped(carry: _DecodeState, tokenizer, stops: tuple[str, ...]) -> _De
     return carry._replace(done=jnp.asarray(done))
 
 
+def _report_chunk(carry: _DecodeState, reported: np.ndarray, on_chunk) -> np.ndarray:
+    """Hand each row's tokens generated since `reported` (tokens per row) to `on_chunk`."""
+    out, count = np.asarray(carry.out), np.asarray(carry.count)
+    on_chunk([out[j, reported[j]: count[j]].tolist() for j in range(out.shape[0])])
+    return count.astype(np.int64)
+
+
 def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams,
-             eos_ids: Sequence[int] = (), tokenizer=None, pad_id: int = 0) -> list[Completion]:
-    """Generate for each prompt (token ids) `params.n` completions, in prompt-major order."""
+             eos_ids: Sequence[int] = (), tokenizer=None, pad_id: int = 0,
+             on_chunk: Callable[[list[list[int]]], None] | None = None) -> list[Completion]:
+    """Generate for each prompt (token ids) `params.n` completions, in prompt-major order.
+
+    on_chunk (for streaming): with it, decode runs in chunks of STOP_CHECK_EVERY tokens and after
+    each one it is called on the host with every row's new token ids since the previous call (rows
+    in the output's order; an end-of-sequence token included, tokens past a stop string too).
+    """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     rows = [(i, s, list(p)) for i, p in enumerate(prompts) for s in range(params.n)]
@@ -195,15 +208,20 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams,
                             jnp.asarray(kv_valid), cache)
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
     key = jax.random.PRNGKey(params.seed)
-    carry = _decode_start(params, cache, first, jnp.asarray(kv_valid), eos, key)
+    # the compiled steps never read seed, n or stop: leave them out of the static argument so a new
+    # seed (e.g. one per request in a server) does not compile the decode loop again
+    static = dataclasses.replace(params, seed=0, n=1, stop=())
+    carry = _decode_start(static, cache, first, jnp.asarray(kv_valid), eos, key)
     check = params.stop and tokenizer is not None
-    chunk = STOP_CHECK_EVERY if check else params.max_new_tokens
-    t_end = chunk
+    chunk = STOP_CHECK_EVERY if check or on_chunk else params.max_new_tokens
+    t_end, reported = chunk, np.zeros(b, np.int64)
     while True:
-        carry = _decode_chunk(graphdef, params, state, carry, jnp.asarray(lengths), eos, key,
+        carry = _decode_chunk(graphdef, static, state, carry, jnp.asarray(lengths), eos, key,
                               jnp.int32(t_end))
         if check:
             carry = _mark_stopped(carry, tokenizer, params.stop)
+        if on_chunk is not None:
+            reported = _report_chunk(carry, reported, on_chunk)
         if int(carry.t) >= params.max_new_tokens - 1 or bool(jnp.all(carry.done)):
             break
         t_end += chunk

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +24,7 @@ from tokenizers import Tokenizer as _Backend
 from tokenizers.models import BPE, Unigram
 
 from distill.errors import DistillError
+from distill.fsutil import write_atomic
 
 # The DeepSeek-R1-Distill template (tokenizer_config.json of the six distills, current version):
 # the last system message goes raw after BOS, reasoning up to `</think>` is dropped from assistant
@@ -310,14 +310,14 @@ class Tokenizer:
         # transformers 5 reads chat_template.jinja before the config: keep the two in step.
         jinja = out / "chat_template.jinja"
         if self.chat_template is not None:
-            _write_atomic(jinja, self.chat_template.encode())
+            write_atomic(jinja, self.chat_template.encode())
         elif jinja.is_file():
             jinja.unlink()
         if self._sp_model is not None:
-            _write_atomic(out / "tokenizer.model", self._sp_model)
-        _write_atomic(out / "tokenizer.json", self.backend.to_str(pretty=True).encode())
-        _write_atomic(out / "special_tokens_map.json", _json_bytes(special))
-        _write_atomic(out / "tokenizer_config.json", _json_bytes(config))
+            write_atomic(out / "tokenizer.model", self._sp_model)
+        write_atomic(out / "tokenizer.json", self.backend.to_str(pretty=True).encode())
+        write_atomic(out / "special_tokens_map.json", _json_bytes(special))
+        write_atomic(out / "tokenizer_config.json", _json_bytes(config))
 
 
 # --------------------------------------------------------------------- HF directory helpers
@@ -364,13 +364,6 @@ def _guarded(path: Path, fn, *args):
 
 def _json_bytes(obj) -> bytes:
     return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename, so a crash never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------- SentencePiece

@@ -273,13 +273,17 @@ class CausalLM(nnx.Module):
     def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
         """Full-sequence forward -> float32 logits [B, T, V]. segment_ids (0 = padding) keep
         packed documents apart."""
+        return self.logits(self.hidden(tokens_bt, positions_bt, segment_ids_bt))
+
+    def hidden(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
+        """`__call__` up to the output head: final-normed hidden states [B, T, D], for losses that
+        apply `logits` chunk by chunk."""
         b, t = tokens_bt.shape
         slots_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         positions_bt = slots_bt if positions_bt is None else positions_bt
         valid_bs = jnp.ones((b, t), bool) if segment_ids_bt is None else segment_ids_bt != 0
         mask = attention_mask(slots_bt, slots_bt, valid_bs, segment_ids_bt, segment_ids_bt)
-        hidden, _ = self._run(tokens_bt, positions_bt, mask, None, None)
-        return self.logits(hidden)
+        return self._run(tokens_bt, positions_bt, mask, None, None)[0]
 
     def forward_cached(self, tokens_bt, positions_bt, cache, cache_index, kv_valid_bs):
         """Run T new tokens that occupy cache slots [cache_index, cache_index + T).

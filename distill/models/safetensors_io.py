@@ -20,6 +20,7 @@ import ml_dtypes
 import numpy as np
 
 from distill.errors import DistillError
+from distill.fsutil import write_atomic
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
@@ -147,18 +148,18 @@ def write_file(path: Path, specs: Sequence[TensorSpec], produce: Callable[[str],
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # align the data section to 8 bytes
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for name, shape, dtype in specs:
-            arr = np.ascontiguousarray(produce(name), dtype=dtype)
-            if arr.shape != tuple(shape):
-                raise ValueError(f"{name}: produced shape {arr.shape}, planned {tuple(shape)}")
-            f.write(arr.tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for name, shape, dtype in specs:
+                arr = np.ascontiguousarray(produce(name), dtype=dtype)
+                if arr.shape != tuple(shape):
+                    raise ValueError(f"{name}: produced shape {arr.shape}, planned {tuple(shape)}")
+                f.write(arr.tobytes())
+
+    write_atomic(path, write)
 
 
 def write_checkpoint(directory: Path, specs: Sequence[TensorSpec], produce: Callable[[str], np.ndarray],

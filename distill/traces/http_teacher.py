@@ -1,0 +1,362 @@
+"""The OpenAI-compatible teacher: samples from any `/v1/chat/completions` server (vLLM, SGLang, the
+DeepSeek API, `distill serve`).
+
+One request per (prompt, sample) with `n=1` and its own seed, because many servers ignore `n`;
+up to `concurrency` requests in flight. Rate limits, server errors, timeouts and dropped
+connections are retried with exponential backoff and full jitter (honouring `Retry-After`);
+a rejected request (400, 401, 403, 404, 422) fails at once with the server's message. The API key
+is read from an environment variable and only ever sent in the Authorization header: it is never
+part of the config, the teacher's identity, a log line or an error.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import json
+import logging
+import random
+import re
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+from pydantic import Field
+
+from distill.config import Frozen, read_api_key
+from distill.errors import DistillError
+from distill.sampling import SamplingParams
+from distill.traces.records import PromptRecord, Sample
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_MAX_S = 600.0  # a longer Retry-After is honoured only this far
+_NOT_RETRIED_5XX = {501, 505}  # "not implemented" and "HTTP version not supported" will not change
+
+
+class HttpTeacherConfig(Frozen):
+    """A teacher behind an OpenAI-compatible endpoint.
+
+    base_url: the API root, e.g. "http://127.0.0.1:8000/v1" or "https://api.deepseek.com" (a URL
+    without a path gets "/v1"); requests go to base_url + "/chat/completions". api_key_env: the
+    name of the environment variable holding the key (None: no key). extra_body: fields added to
+    every request as they are, e.g. {"chat_template_kwargs": {"thinking": true}}.
+    """
+
+    base_url: str
+    model: str
+    api_key_env: str | None = None
+    concurrency: int = Field(8, ge=1)
+    timeout_s: float = Field(600.0, gt=0)
+    max_retries: int = Field(8, ge=0)
+    backoff_initial_s: float = Field(1.0, ge=0)
+    backoff_max_s: float = Field(60.0, ge=0)
+    extra_body: dict[str, Any] = {}
+
+
+def chat_url(base_url: str) -> str:
+    """The chat completions URL of an API root."""
+    try:
+        url = httpx.URL(base_url)
+    except httpx.InvalidURL as e:
+        raise DistillError(f"{base_url}: not a valid URL ({e})") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise DistillError(f"{base_url}: not an http(s) URL")
+    path = url.path.rstrip("/") or "/v1"
+    return str(url.copy_with(path=f"{path}/chat/completions"))
+
+
+def sample_seed(seed: int, prompt_id: str, index: int) -> int:
+    """The seed of one request: a function of the run seed, the prompt id and the sample index
+    only, so a resumed run asks for what an uninterrupted one did."""
+    digest = hashlib.sha256(f"{seed}:{prompt_id}:{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _retryable(status: int) -> bool:
+    return status in (408, 429) or (status >= 500 and status not in _NOT_RETRIED_5XX)
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = re.sub(r"\s+", " ", text).strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def server_message(response: httpx.Response) -> str:
+    """The error message in a server's answer: OpenAI's {"error": {"message"}}, FastAPI's
+    {"detail"}, {"message"}, or the body's text."""
+    try:
+        data = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return _one_line(response.text) or response.reason_phrase
+    if isinstance(data, dict):
+        error = data.get("error", data)
+        if isinstance(error, dict):
+            error = error.get("message") or error.get("detail") or error
+        return _one_line(error if isinstance(error, str) else json.dumps(error))
+    return _one_line(json.dumps(data))
+
+
+def _describe(e: httpx.TransportError, timeout_s: float) -> str:
+    if isinstance(e, httpx.ConnectTimeout):
+        return f"could not connect within {timeout_s:g} s"
+    if isinstance(e, httpx.TimeoutException):
+        return f"no answer within {timeout_s:g} s"
+    text = str(e) or type(e).__name__
+    if isinstance(e, httpx.ConnectError):
+        return "connection refused" if "refused" in text.lower() else f"cannot connect ({text})"
+    if isinstance(e, httpx.RemoteProtocolError):
+        return f"connection dropped ({text})"
+    return f"connection lost ({text})"
+
+
+def _token_id(token) -> int | None:
+    """The id in a "token_id:N" logprob token (vLLM's return_tokens_as_token_ids), else None."""
+    if isinstance(token, str) and token.startswith("token_id:"):
+        try:
+            return int(token[len("token_id:"):])
+        except ValueError:
+            return None
+    return None
+
+
+class _Cancelled(Exception):
+    """Another request of the same call failed; this one stops quietly."""
+
+
+class HttpTeacher:
+    """Samples completions from an OpenAI-compatible chat completions server.
+
+    `transport` and `sleep` are for tests (an httpx transport, and a function that receives each
+    backoff delay in seconds instead of waiting it).
+    """
+
+    def __init__(self, cfg: HttpTeacherConfig, *, transport: httpx.BaseTransport | None = None,
+                 sleep: Callable[[float], None] | None = None):
+        self.cfg = cfg
+        self.url = chat_url(cfg.base_url)
+        headers = {}
+        if cfg.api_key_env:
+            key = read_api_key(cfg.api_key_env, f"for {cfg.base_url}")
+            headers["Authorization"] = f"Bearer {key}"
+        limits = httpx.Limits(max_connections=cfg.concurrency,
+                              max_keepalive_connections=cfg.concurrency)
+        self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(cfg.timeout_s),
+                                    limits=limits, transport=transport)
+        self._sleep = sleep
+        self._rng = random.Random()
+        self._warned_ids = False
+        self.tokenizer_identity = None  # the server's tokenizer is not known
+
+    @property
+    def identity(self) -> dict:
+        """What the traces record as their teacher (no key)."""
+        return {"kind": "openai", "base_url": self.cfg.base_url, "model": self.cfg.model}
+
+    def __repr__(self) -> str:
+        return f"HttpTeacher(url={self.url!r}, model={self.cfg.model!r})"
+
+    def close(self) -> None:
+        self._client.close()
+
+    # -- sampling
+
+    def complete(self, prompts: list[PromptRecord], params: SamplingParams,
+                 system: str | None = None,
+                 on_sample: Callable[[Sample], None] | None = None) -> list[list[Sample]]:
+        """`params.n` samples for each prompt, in order. `on_sample` sees each sample as it
+        arrives (from worker threads, one at a time). The first failure ends the call."""
+        out: list[list[Sample | None]] = [[None] * params.n for _ in prompts]
+        stop, lock = threading.Event(), threading.Lock()
+
+        def one(i: int, s: int) -> None:
+            sample = self.sample(prompts[i], s, params, system, stop)
+            out[i][s] = sample
+            if on_sample is not None and not stop.is_set():  # the call has not failed meanwhile
+                with lock:
+                    on_sample(sample)
+
+        tasks = [(i, s) for i in range(len(prompts)) for s in range(params.n)]
+        if not tasks:
+            return []
+        pool = ThreadPoolExecutor(min(self.cfg.concurrency, len(tasks)), "distill-http")
+        futures = [pool.submit(one, i, s) for i, s in tasks]
+        try:
+            for future in as_completed(futures):
+                future.result()
+        except BaseException:
+            stop.set()  # the others end at their next retry wait; queued ones never start
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
+        return out  # type: ignore[return-value]
+
+    def request_body(self, prompt: PromptRecord, index: int, params: SamplingParams,
+                     system: str | None = None) -> dict:
+        """The JSON body asking for sample `index` of `prompt`."""
+        body: dict[str, Any] = {
+            "model": self.cfg.model, "messages": prompt.messages(system),
+            "max_tokens": params.max_new_tokens, "temperature": params.temperature,
+            "top_p": params.top_p, "n": 1, "seed": sample_seed(params.seed, prompt.id, index)}
+        if params.top_k:
+            body["top_k"] = params.top_k
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if params.logprobs:
+            # vLLM's return_tokens_as_token_ids names each token by its id; others ignore it
+            body.update(logprobs=True, top_logprobs=params.logprobs,
+                        return_tokens_as_token_ids=True)
+        return {**body, **self.cfg.extra_body}
+
+    def sample(self, prompt: PromptRecord, index: int, params: SamplingParams,
+               system: str | None = None, stop: threading.Event | None = None) -> Sample:
+        """One sample (a request, retried as needed)."""
+        data = self._post(self.request_body(prompt, index, params, system),
+                          stop or threading.Event())
+        return self.parse_sample(data, index, want_logprobs=params.logprobs > 0)
+
+    # -- one request
+
+    def _post(self, body: dict, stop: threading.Event) -> dict:
+        attempts = self.cfg.max_retries + 1
+        for attempt in range(attempts):
+            if stop.is_set():
+                raise _Cancelled
+            wait, unreachable = None, False
+            try:
+                response = self._client.post(self.url, json=body)
+            except httpx.TransportError as e:  # timeouts included
+                last, unreachable = _describe(e, self.cfg.timeout_s), isinstance(e, httpx.ConnectError)
+            else:
+                if response.status_code == 200:
+                    return self._json(response)
+                last = f"HTTP {response.status_code}: {server_message(response)}"
+                if not _retryable(response.status_code):
+                    raise DistillError(f"{self.url}: {last}")
+                wait = retry_after_s(response.headers.get("retry-after"))
+            if attempt + 1 < attempts:
+                self._backoff(attempt, wait, last, stop)
+        if unreachable:
+            raise DistillError(f"cannot reach {self.url} after {attempts} attempts: {last}")
+        raise DistillError(f"{self.url}: no answer after {attempts} attempts; last: {last}")
+
+    def _backoff(self, attempt: int, retry_after: float | None, error: str,
+                 stop: threading.Event) -> None:
+        """Wait before retry `attempt + 1`: Retry-After when the server sent one, else a full-jitter
+        exponential backoff capped at backoff_max_s."""
+        if retry_after is not None:
+            delay = min(retry_after, RETRY_AFTER_MAX_S)
+        else:
+            cap = min(self.cfg.backoff_max_s, self.cfg.backoff_initial_s * 2**attempt)
+            delay = self._rng.uniform(0, cap)
+        log.warning("%s: %s; retry %d of %d in %.2f s", self.url, error, attempt + 1,
+                    self.cfg.max_retries, delay)
+        if self._sleep is not None:
+            self._sleep(delay)
+        else:
+            stop.wait(delay)
+
+    def _json(self, response: httpx.Response) -> dict:
+        try:
+            data = response.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise DistillError(f"{self.url}: the answer is not JSON: "
+                               f"{_one_line(response.text, 120)!r}") from None
+        if not isinstance(data, dict):
+            raise DistillError(f"{self.url}: the answer is not a JSON object")
+        return data
+
+    # -- answer -> Sample
+
+    def parse_sample(self, data: dict, index: int, want_logprobs: bool = False) -> Sample:
+        """A Sample from a chat completion answer.
+
+        When the server split the reasoning out (`reasoning_content`, or vLLM's newer
+        `reasoning`), `completion` is rebuilt as "<think>\\n{reasoning}\\n</think>\\n\\n{content}"
+        (just "<think>\\n{reasoning}" when content is null: the think block never closed).
+        """
+        try:
+            choice = data["choices"][0]
+            message = choice["message"]
+            content, finish = message.get("content"), choice.get("finish_reason")
+            reasoning = message.get("reasoning_content") or message.get("reasoning")
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise DistillError(f"{self.url}: unexpected answer (no choices[0].message): "
+                               f"{_one_line(json.dumps(data), 120)}") from None
+        if not isinstance(content, str | None) or not isinstance(reasoning, str | None):
+            raise DistillError(f"{self.url}: unexpected answer (message content is not text)")
+        if reasoning:
+            completion = f"<think>\n{reasoning}" + (
+                "" if content is None else f"\n</think>\n\n{content}")
+        else:
+            completion, reasoning = content or "", None
+        usage = data.get("usage") or {}
+        top_ids, top_logprobs = self._logprobs(choice) if want_logprobs else (None, None)
+        return Sample(sample_index=index, completion=completion,
+                      finish_reason="length" if finish == "length" else "stop",
+                      prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                      completion_tokens=int(usage.get("completion_tokens") or 0),
+                      reasoning=reasoning, top_ids=top_ids, top_logprobs=top_logprobs)
+
+    def _logprobs(self, choice: dict) -> tuple[list | None, list | None]:
+        """Per completion token, the top-k ids (None unless the server named tokens by id) and
+        log-probabilities."""
+        entries = (choice.get("logprobs") or {}).get("content")
+        if entries is None:
+            raise DistillError(f"{self.url}: asked for logprobs but the answer has none")
+        try:
+            tops = [entry.get("top_logprobs") or [] for entry in entries]
+            top_logprobs = [[float(t["logprob"]) for t in row] for row in tops]
+            top_ids = [[_token_id(t.get("token")) for t in row] for row in tops]
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise DistillError(f"{self.url}: malformed logprobs in the answer") from None
+        if any(i is None for row in top_ids for i in row):
+            if not self._warned_ids:
+                log.warning("%s: logprob tokens are not 'token_id:N' (the server ignores "
+                            "return_tokens_as_token_ids): top_ids are not stored", self.url)
+                self._warned_ids = True
+            top_ids = None
+        return top_ids, top_logprobs
+
+
+def bench_http(base_url: str, model: str, *, requests: int = 64, concurrency: int = 8,
+               max_new_tokens: int = 32, temperature: float = 0.0,
+               api_key_env: str | None = None) -> dict:
+    """Completed requests per second of HttpTeacher against a server (e.g. `distill serve`): the
+    number `distill bench` reports. Prompts are distinct short arithmetic questions."""
+    teacher = HttpTeacher(HttpTeacherConfig(base_url=base_url, model=model, api_key_env=api_key_env,
+                                            concurrency=concurrency, max_retries=2))
+    prompts = [PromptRecord(f"bench-{i}", f"Start with {i}. Add 3, then multiply by 2. "
+                            "What is the result?") for i in range(requests)]
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
+    start = time.perf_counter()
+    try:
+        samples = teacher.complete(prompts, params)
+    finally:
+        teacher.close()
+    seconds = time.perf_counter() - start
+    tokens = sum(s.completion_tokens for group in samples for s in group)
+    return {"requests": requests, "concurrency": concurrency, "max_new_tokens": max_new_tokens,
+            "seconds": seconds, "requests_per_s": requests / seconds,
+            "completion_tokens_per_s": tokens / seconds}

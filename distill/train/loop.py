@@ -1,0 +1,275 @@
+"""`distill train`: the training loop around the compiled step.
+
+students/<run>/
+  config.yaml        the resolved training config
+  model.json         the student's model config (distill's schema)
+  tokenizer/         the student's tokenizer (Hugging Face files, chat template included)
+  checkpoints/<step> orbax: TrainState + {data position, seed}
+  metrics.jsonl      one JSON object per logged step (process 0 only)
+  tensorboard/       the same as TensorBoard events
+
+Rerunning the same command resumes from the latest checkpoint: parameters, optimizer state, step
+and data position, so the result equals an uninterrupted run. SIGTERM / SIGINT save a checkpoint
+before exiting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from flax import nnx
+
+from distill.config import load_config
+from distill.errors import DistillError
+from distill.parallel import make_mesh, parse_mesh
+from distill.train import losses
+from distill.train.checkpoint import Checkpoints, abstract_with_shardings
+from distill.train.config import LossConfig, TrainConfig
+from distill.train.data import DataState, TrainData
+from distill.train.optim import make_optimizer, schedule
+from distill.train.step import TrainState, batch_sharding, compile_step, make_step, state_sharding
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    losses: list[float]  # the logged training losses of this session, in order
+    stopped: bool  # ended by a signal before the last step
+
+
+def make_loss_fn(cfg: LossConfig):
+    """(model, batch) -> (loss summed over target tokens, metric sums incl. tokens)."""
+    alpha = 0.0 if cfg.kind == "sft" else cfg.alpha
+
+    def loss_fn(model, batch):
+        hidden = model.hidden(batch["tokens_bt"], batch["positions_bt"], batch["segment_ids_bt"])
+        teacher = None
+        if "top_ids_btk" in batch and cfg.kind != "sft":
+            teacher = losses.TeacherTopK(batch["top_ids_btk"], batch["top_logprobs_btk"])
+        loss, m = losses.chunked_loss(hidden, model.logits, batch["targets_bt"],
+                                      batch["loss_mask_bt"], teacher, kind=cfg.kind, alpha=alpha,
+                                      beta=cfg.beta, temperature=cfg.temperature, chunk=cfg.chunk)
+        t = m["tokens"]
+        sums = {"tokens": t, "ce": m["ce"] * t, "accuracy": m["accuracy"] * t}
+        if "kd" in m:
+            sums["kd"] = m["kd"] * t
+        return loss * t, sums
+
+    return loss_fn
+
+
+def init_distributed(cfg) -> None:
+    """jax.distributed.initialize from the config, else from DISTILL_* variables, else JAX's own
+    cluster detection when a cluster is present (a single process needs nothing)."""
+    env = os.environ
+    addr = (cfg and cfg.coordinator_address) or env.get("DISTILL_COORDINATOR")
+    if addr is None:
+        return
+    num = (cfg and cfg.num_processes) or int(env.get("DISTILL_NUM_PROCESSES", "0")) or None
+    pid = cfg.process_id if cfg and cfg.process_id is not None else env.get("DISTILL_PROCESS_ID")
+    if jax.distributed.is_initialized():
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU only; GPU/TPU ignore it
+    jax.distributed.initialize(addr, num, None if pid is None else int(pid))
+
+
+def load_student(cfg: TrainConfig, mesh):
+    """(model, tokenizer) placed sharded on `mesh`."""
+    from distill.pretrained import load_pretrained
+    from distill.tokenizer import Tokenizer
+
+    s = cfg.student
+    model, tokenizer = load_pretrained(s.init, param_dtype=s.param_dtype, dtype=s.dtype, mesh=mesh,
+                                       seed=cfg.train.seed)
+    if s.tokenizer:
+        tokenizer = Tokenizer.from_pretrained(s.tokenizer)
+    if tokenizer is None:
+        raise DistillError(f"{s.init}: no tokenizer with this model; set student.tokenizer")
+    if s.remat is not None:
+        model.config = model.config.model_copy(update={"remat": s.remat})
+    return model, tokenizer
+
+
+class MetricsLog:
+    """metrics.jsonl and TensorBoard events (written by process 0 only)."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self.jsonl = open(run_dir / "metrics.jsonl", "a")
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        for key, value in metrics.items():
+            if isinstance(value, int | float):
+                self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()
+
+
+class StopFlag:
+    """SIGTERM / SIGINT: finish the current step, checkpoint, exit (a second signal is default)."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = {}
+
+    def __enter__(self) -> StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame) -> None:
+        self.signal = signum
+        signal.signal(signum, self._old[signum])
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def write_run_files(run_dir: Path, cfg: TrainConfig, model, tokenizer) -> None:
+    """The resolved config, the model config and the tokenizer, beside the checkpoints."""
+    from distill.fsutil import write_atomic
+
+    write_atomic(run_dir / "config.yaml", yaml.safe_dump(json.loads(cfg.model_dump_json()),
+                                                         sort_keys=False).encode())
+    write_atomic(run_dir / "model.json", model.config.model_dump_json(indent=2).encode())
+    tokenizer.save_pretrained(run_dir / "tokenizer")
+
+
+def _device_batch(batch: dict, sharding) -> dict:
+    """This process's rows -> global arrays sharded over the mesh's batch axes."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in batch.items()}
+
+
+def run_train(config_path: str | Path, overrides=(), *, progress: bool = True,
+              stop_after: int | None = None, devices=None) -> TrainResult:
+    """Train (or resume) the run a config describes. `stop_after`: end this session after that
+    many steps (the checkpoint logic is a preemption's); `devices`: the devices of the mesh
+    (default: all)."""
+    config_path = Path(config_path)
+    cfg = load_config(TrainConfig, config_path, overrides)
+    init_distributed(cfg.distributed)
+    run_dir = Path(cfg.output_root) / (cfg.name or config_path.stem)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    devices = list(devices if devices is not None else jax.devices())
+    mesh = make_mesh(parse_mesh(cfg.mesh) if cfg.mesh else {"fsdp": len(devices)}, devices)
+    lead = jax.process_index() == 0
+
+    model, tokenizer = load_student(cfg, mesh)
+    data = TrainData.from_config(cfg.data, tokenizer, jax.process_index(), jax.process_count())
+    heldout = _heldout_data(cfg, tokenizer)
+    total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * data.steps_per_epoch(0)))
+    tx = make_optimizer(cfg.optim, total)
+    sched = schedule(cfg.optim, total)
+    graphdef, params = nnx.split(model)
+    state_sh = state_sharding(graphdef, tx, params, mesh)
+    state = TrainState(params, jax.jit(tx.init, out_shardings=state_sh.opt_state)(params),
+                       jax.device_put(jnp.zeros((), jnp.int32), state_sh.step))
+    loss_fn = make_loss_fn(cfg.loss)
+    step_fn = compile_step(make_step(graphdef, tx, loss_fn, sched, cfg.train.grad_accum),
+                           state_sh, mesh)
+    eval_fn = jax.jit(lambda p, b: loss_fn(nnx.merge(graphdef, p), b))
+
+    ckpts = Checkpoints(run_dir / "checkpoints", cfg.train.keep_checkpoints,
+                        cfg.train.async_checkpoints)
+    data_state = DataState()
+    if ckpts.latest() is not None:
+        state, extra = ckpts.restore(abstract_with_shardings(state, state_sh))
+        data_state = DataState.from_dict(extra["data"])
+    elif lead:
+        write_run_files(run_dir, cfg, model, tokenizer)
+    model_cfg = model.config
+    del model, params
+
+    log = MetricsLog(run_dir, lead)
+    b_sh = batch_sharding(mesh)
+    start = int(state.step)
+    flops_tok = _flops_per_token(model_cfg, cfg.data.seq_len)
+    stats = data.pack_stats(0)
+    from distill.train.progress import TrainProgress
+
+    logged, stopped = [], False
+    batches = data.batches(data_state)
+    t_last, tokens_since = time.perf_counter(), 0
+    with StopFlag() as flag, TrainProgress(total, start, enabled=progress and lead) as bar:
+        for step in range(start, total):
+            batch, data_state = next(batches)
+            state, metrics = step_fn(state, _device_batch(batch, b_sh))
+            tokens_since += int((batch["segment_ids_bt"] > 0).sum()) * jax.process_count()
+            done = step + 1
+            if done % cfg.train.log_every == 0 or done == total:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                dt = time.perf_counter() - t_last
+                m["tokens_per_s"] = tokens_since / dt
+                m["flops_per_s"] = flops_tok * tokens_since / dt
+                m["packing_efficiency"] = stats.efficiency
+                t_last, tokens_since = time.perf_counter(), 0
+                logged.append(m["loss"])
+                log.write(done, m)
+                bar.update(done, m)
+            if heldout is not None and (done % cfg.train.eval_every == 0 or done == total):
+                ev = _heldout_loss(eval_fn, state.params, heldout, cfg.train.eval_batches, b_sh)
+                log.write(done, {"heldout_loss": ev})
+                bar.note(f"step {done}: held-out loss {ev:.4f}")
+            extra = {"data": data_state.to_dict(), "seed": cfg.train.seed}
+            halt = flag.signal is not None or (stop_after is not None and done - start >= stop_after)
+            if done % cfg.train.checkpoint_every == 0 or done == total or halt:
+                ckpts.save(done, state, extra, force=True)
+            if halt:
+                stopped = flag.signal is not None
+                break
+    ckpts.close()
+    log.close()
+    return TrainResult(run_dir, int(state.step), logged, stopped)
+
+
+def _flops_per_token(model_cfg, seq_len: int) -> float:
+    """Analytic training FLOPs per token (dense students; 0 where not counted)."""
+    from distill.config import DenseConfig
+    from distill.train.flops import dense_flops_per_token
+
+    return dense_flops_per_token(model_cfg, seq_len) if isinstance(model_cfg, DenseConfig) else 0.0
+
+
+def _heldout_data(cfg: TrainConfig, tokenizer) -> TrainData | None:
+    if cfg.data.heldout_fraction <= 0:
+        return None
+    try:
+        return TrainData.from_config(cfg.data, tokenizer, jax.process_index(),
+                                     jax.process_count(), split="heldout")
+    except DistillError as e:  # too few prompts to hold any out: train without the eval loss
+        print(f"warning: no held-out traces ({e}); the held-out loss is not computed")
+        return None
+
+
+def _heldout_loss(eval_fn, params, data: TrainData, batches: int, sharding) -> float:
+    """Mean loss per target token over the first `batches` held-out batches (a fixed set)."""
+    total = tokens = 0.0
+    for i in range(min(batches, data.steps_per_epoch(0))):
+        loss_sum, sums = eval_fn(params, _device_batch(data.batch(0, i), sharding))
+        total += float(loss_sum)
+        tokens += float(sums["tokens"])
+    return total / max(tokens, 1.0)

@@ -1,0 +1,226 @@
+"""`distill generate` end to end: in-process and HTTP teachers, crash safety, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+import pytest
+import yaml
+
+import distill
+from distill.traces import store as st
+from distill.traces.generate import run_generate
+from distill.traces.records import TRACE_SCHEMA
+
+from . import toy
+
+REPO = Path(__file__).resolve().parents[1]
+KEEP_ALL = {"keep": "all", "reject_truncated": False, "require_think": False,
+            "reject_empty_answer": False, "max_foreign_script": None, "dedup": "none"}
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    return toy.deepseek_dir(tmp_path_factory.mktemp("teacher"))
+
+
+def write_config(path: Path, root: Path, teacher: dict, **sections) -> Path:
+    cfg = {
+        "prompts": {"source": "synthetic", "synthetic": {"n": 10, "seed": 3},
+                    "template": "{prompt} Put the answer in \\boxed{}."},
+        "teacher": teacher,
+        "sampling": {"n": 2, "temperature": 1.0, "top_p": 0.95, "max_new_tokens": 24,
+                     "seed": 7, "logprobs": 3},
+        "filters": KEEP_ALL,
+        "output": {"root": str(root), "prompts_per_shard": 2},
+    }
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def records(run_dir: Path) -> list[dict]:
+    return st.read_table(run_dir).to_pylist()
+
+
+def check_complete(run_dir: Path, prompts: int, n: int) -> list[dict]:
+    rows = records(run_dir)
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)) == prompts * n
+    assert {(r["prompt_id"], r["sample_index"]) for r in rows} == {
+        (p, k) for p in {r["prompt_id"] for r in rows} for k in range(n)}
+    manifest = st.read_manifest(run_dir)
+    assert manifest["complete"] and manifest["totals"]["records"] == prompts * n
+    return rows
+
+
+def test_in_process_teacher_writes_a_dataset_that_datasets_loads(tmp_path, teacher_dir):
+    cfg = write_config(tmp_path / "run.yaml", tmp_path / "out",
+                       {"kind": "jax", "model": str(teacher_dir), "batch_size": 2})
+    summary = run_generate(cfg, progress=False)
+    assert (summary.prompts, summary.samples, summary.records) == (10, 20, 20)
+    rows = check_complete(summary.run_dir, 10, 2)
+    ds = datasets.load_dataset("parquet", data_dir=str(summary.run_dir / "data"), split="train")
+    assert len(ds) == 20 and set(ds.column_names) == set(TRACE_SCHEMA.names)
+    for r in rows:
+        assert r["id"] == f"{r['prompt_id']}#{r['sample_index']}"
+        assert r["prompt"].endswith("Put the answer in \\boxed{}.") and r["reference"].isdigit()
+        assert r["teacher"].startswith("jax:") and r["sampling"]["seed"] == 7
+        assert r["finish_reason"] in ("stop", "length")
+        assert 1 <= r["completion_tokens"] <= 24 and r["prompt_tokens"] > 10
+        # top-3 log-probabilities for every completion token, best first
+        assert len(r["top_ids"]) == r["completion_tokens"]
+        assert all(len(t) == 3 and t[0] >= t[1] >= t[2] for t in r["top_logprobs"])
+    manifest = st.read_manifest(summary.run_dir)
+    assert manifest["teacher"]["kind"] == "jax" and manifest["config"]["sampling"]["n"] == 2
+    assert "datasets.load_dataset" in (summary.run_dir / "README.md").read_text()
+
+    # rerunning the finished run regenerates nothing; a changed field is named
+    again = run_generate(cfg, progress=False)
+    assert again.resumed_shards == 5 and records(summary.run_dir) == rows
+    from distill.errors import DistillError
+
+    with pytest.raises(DistillError, match=r"sampling\.temperature"):
+        run_generate(cfg, ["sampling.temperature=0.5"], progress=False)
+
+
+def _cli(cfg: Path, *extra: str, env=None) -> subprocess.Popen:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "DISTILL_CACHE": str(cfg.parent / "cache"),
+           **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "distill.cli", "generate", str(cfg), "--quiet",
+                             *extra], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_kill_9_at_three_points_then_resume_equals_an_uninterrupted_run(tmp_path, teacher_dir):
+    teacher = {"kind": "jax", "model": str(teacher_dir), "batch_size": 2}
+    reference = run_generate(write_config(tmp_path / "ref.yaml", tmp_path / "ref", teacher),
+                             progress=False)
+    cfg = write_config(tmp_path / "run.yaml", tmp_path / "out", teacher)
+    run_dir = tmp_path / "out" / "run"
+    rng = random.Random(0)
+    stored = []
+    for _ in range(3):
+        proc = _cli(cfg)
+        before = len(st.read_manifest(run_dir)["shards"]) if (run_dir / "manifest.json").exists() else 0
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:  # until it stores a new shard
+            if (run_dir / "manifest.json").exists() and len(
+                    st.read_manifest(run_dir)["shards"]) > before:
+                break
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.4))  # then at a random point in the next shard
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        stored.append(len(st.read_manifest(run_dir)["shards"]))
+        st.read_table(run_dir)  # every listed shard's checksum is valid after each kill
+    assert stored[-1] < 5, "the run finished before the third kill; the test proves nothing"
+    proc = _cli(cfg)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    rows = check_complete(run_dir, 10, 2)
+    assert rows == records(reference.run_dir)
+
+
+@pytest.mark.parametrize("content, columns, expected", [
+    ('{"prompt": "1+1?", "answer": "2"}\n{"prompt": "2+2?", "answer": \n', {}, "bad.jsonl:2"),
+    ('{"prompt": "1+1?", "answer": "2"}\n', {"prompt": "question"}, "question"),
+    ("", {}, "bad.jsonl"),
+], ids=["malformed-line", "missing-column", "empty-file"])
+def test_bad_prompts_fail_in_one_line_and_leave_nothing(tmp_path, teacher_dir, content, columns,
+                                                        expected):
+    (tmp_path / "bad.jsonl").write_text(content)
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "out",
+                       {"kind": "jax", "model": str(teacher_dir)})
+    data = yaml.safe_load(cfg.read_text())
+    data["prompts"] = {"source": str(tmp_path / "bad.jsonl"), "columns": columns}
+    cfg.write_text(yaml.safe_dump(data))
+    proc = _cli(cfg)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and expected in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out" / "c").exists()
+
+
+@pytest.fixture(scope="module")
+def server(teacher_dir):
+    """`distill serve` over the toy teacher on 127.0.0.1: 30% of requests fail (429 with
+    Retry-After, 500, a hang past the client's timeout, a dropped connection); key required."""
+    from distill.serve import FaultConfig, ServerThread, build_app
+
+    model, tok = distill.load_pretrained(teacher_dir)
+    app = build_app(model, tok, "toy-r1", api_key="sk-test-123",
+                    faults=FaultConfig(rate=0.3, seed=1, retry_after_s=0))
+    with ServerThread(app) as url:
+        yield url, app
+
+
+def http_teacher(url: str, **kw) -> dict:
+    return {"kind": "openai", "base_url": f"{url}/v1", "model": "toy-r1",
+            "api_key_env": "DISTILL_TEST_KEY", "timeout_s": 3.0, "backoff_initial_s": 0.05,
+            "backoff_max_s": 0.2, "max_retries": 20, "concurrency": 4, **kw}
+
+
+def test_http_teacher_against_distill_serve_survives_faults(tmp_path, server, monkeypatch):
+    url, app = server
+    monkeypatch.setenv("DISTILL_TEST_KEY", "sk-test-123")
+    cfg = write_config(tmp_path / "http.yaml", tmp_path / "out", http_teacher(url),
+                       sampling={"logprobs": 0})
+    t0 = time.perf_counter()
+    summary = run_generate(cfg, progress=False)
+    seconds = time.perf_counter() - t0
+    rows = check_complete(summary.run_dir, 10, 2)
+    print(f"HTTP backend: {len(rows) / seconds:.1f} completed requests/s with 30% faults")
+    assert set(app.state.faults) == {"429", "500", "hang", "drop"}
+    ds = datasets.load_dataset("parquet", data_dir=str(summary.run_dir / "data"), split="train")
+    assert len(ds) == 20 and set(ds.column_names) == set(TRACE_SCHEMA.names)
+    assert all(r["teacher"] == "openai:toy-r1" for r in rows)
+    text = json.dumps(st.read_manifest(summary.run_dir)) + (summary.run_dir / "README.md").read_text()
+    assert "sk-test-123" not in text and "DISTILL_TEST_KEY" not in text
+
+
+def test_http_errors_fail_in_one_line(tmp_path, server):
+    url, _ = server
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    dead = f"http://127.0.0.1:{free.getsockname()[1]}"
+    free.close()
+    cases = {"wrong-key": (http_teacher(url), "sk-wrong", "HTTP 401"),
+             "unreachable": (http_teacher(dead, max_retries=2), "sk-test-123", "cannot reach")}
+    for name, (teacher, key, expected) in cases.items():
+        cfg = write_config(tmp_path / f"{name}.yaml", tmp_path / "out", teacher)
+        proc = _cli(cfg, env={"DISTILL_TEST_KEY": key})
+        _, err = proc.communicate(timeout=120)
+        # retries are logged as they happen; the failure itself is one line
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and len(errors) == 1 and expected in errors[0], err
+        assert "Traceback" not in err and "sk-" not in err
+        assert not st.read_manifest(tmp_path / "out" / name)["complete"]
+
+
+def test_example_run_configs_validate():
+    from distill.config import load_config
+    from distill.traces.generate import GenerateConfig
+
+    for path in sorted((REPO / "configs" / "runs").glob("r1-*-math.yaml")):
+        cfg = load_config(GenerateConfig, path)
+        assert cfg.sampling.temperature == 0.6 and cfg.sampling.top_p == 0.95
+
+
+def test_record_schema_is_documented():
+    readme = (REPO / "teacher_traces" / "README.md").read_text()
+    for name in TRACE_SCHEMA.names:
+        assert f"`{name}`" in readme, name
+    assert isinstance(TRACE_SCHEMA, pa.Schema)
+    json.dumps(TRACE_SCHEMA.names)

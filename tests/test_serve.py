@@ -1,0 +1,357 @@
+"""`distill serve`: the OpenAI-compatible app over a toy R1-style model, run for real on a loopback
+port (answers equal the sampling engine's, reasoning split out, streaming, logprobs, batching of
+concurrent requests, faults, 4xx answers), and generate's streaming hook."""
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from starlette.testclient import TestClient
+
+import distill
+from distill import sampling
+from distill.sampling import SamplingParams, generate
+from distill.serve import (
+    FaultConfig,
+    ServerThread,
+    StreamText,
+    build_app,
+    split_reasoning,
+    visible_text,
+)
+from distill.textgen import prompt_ids, stop_ids
+from tests import toy
+
+QUESTION = "Start with 7. Add 3, then multiply by 2. What is the result?"
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    return distill.load_pretrained(toy.qwen2_dir(tmp_path_factory.mktemp("serve") / "toy"))
+
+
+@pytest.fixture(scope="module")
+def server(loaded):
+    app = build_app(*loaded, "toy", max_batch=16)
+    with ServerThread(app) as base_url:
+        with httpx.Client(base_url=base_url, timeout=120) as client:
+            yield app, client
+
+
+def chat(client, **body):
+    body.setdefault("messages", [{"role": "user", "content": QUESTION}])
+    body.setdefault("max_tokens", 16)
+    return client.post("/v1/chat/completions", json=body)
+
+
+def engine_text(loaded, params: SamplingParams):
+    model, tok = loaded
+    [c] = generate(model, [prompt_ids(tok, QUESTION)], params, stop_ids(model, tok), tok,
+                   pad_id=tok.pad_token_id or 0)
+    return c
+
+
+# ------------------------------------------------------------------ reasoning split (no model)
+
+
+@pytest.mark.parametrize("text, opened, expected", [
+    ("7 + 3 = 10\n</think>\n\nThe answer is 20.", True, ("7 + 3 = 10", "The answer is 20.")),
+    ("still thinking", True, ("still thinking", None)),
+    ("<think>\nr\n</think>\n\na", False, ("r", "a")),
+    ("\n<think>r</think>a", False, ("r", "a")),
+    ("just an answer", False, (None, "just an answer")),
+    ("</think>a", True, ("", "a")),
+])
+def test_split_reasoning(text, opened, expected):
+    assert split_reasoning(text, opened) == expected
+
+
+@pytest.mark.parametrize("text, opened, stops", [
+    ("7 + 3 = 10\n</think>\n\nThe answer is 20. STOP here", True, ("STOP",)),
+    ("<think>\nhm\n</think>\n\nok", False, ()),
+    ("plain answer, no think</ block", False, ("</b",)),
+    ("unclosed reasoning \n\n", True, ()),
+])
+def test_streamed_deltas_add_up_to_the_final_split(text, opened, stops):
+    final = visible_text(text, stops) if any(s in text for s in stops) else text
+    stream, got = StreamText(opened, stops), {"reasoning_content": "", "content": ""}
+    for end in range(len(text) + 1):  # every prefix, as a token-by-token stream would show
+        for key, part in stream.update(text[:end]).items():
+            got[key] += part
+    for key, part in stream.update(final, final=True).items():
+        got[key] += part
+    reasoning, content = split_reasoning(final, opened)
+    assert got == {"reasoning_content": reasoning or "", "content": content or ""}
+
+
+def test_visible_text_holds_back_partial_stops_and_characters():
+    assert visible_text("abc ST", ("STOP",)) == "abc "
+    assert visible_text("abc STOP more", ("STOP",)) == "abc "
+    assert visible_text("caf\ufffd", ()) == "caf"
+
+
+# ------------------------------------------------------------------ the endpoints
+
+
+def test_models_lists_the_model(server):
+    _, client = server
+    data = client.get("/v1/models").json()
+    assert [m["id"] for m in data["data"]] == ["toy"] and data["object"] == "list"
+
+
+def test_completion_shape_and_usage(server):
+    _, client = server
+    r = chat(client, model="toy", temperature=0, logprobs=True)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert data["object"] == "chat.completion" and data["model"] == "toy"
+    assert data["id"].startswith("chatcmpl-")
+    [choice] = data["choices"]
+    assert choice["index"] == 0 and choice["message"]["role"] == "assistant"
+    assert choice["finish_reason"] in ("stop", "length")
+    usage = data["usage"]
+    assert usage["prompt_tokens"] > 0 and 0 < usage["completion_tokens"] <= 16
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+@pytest.mark.parametrize("temperature, seed", [(0.0, None), (1.0, 5)])
+def test_answer_equals_the_sampling_engine(server, loaded, temperature, seed):
+    """A request served alone draws what generate draws (greedy, and sampled with its seed)."""
+    _, client = server
+    body = dict(temperature=temperature, max_tokens=16, logprobs=True,
+                return_tokens_as_token_ids=True)
+    if seed is not None:
+        body["seed"] = seed
+    data = chat(client, **body).json()
+    want = engine_text(loaded, SamplingParams(max_new_tokens=16, temperature=temperature,
+                                              seed=seed or 0, logprobs=1))
+    [choice] = data["choices"]
+    ids = [int(e["token"].removeprefix("token_id:")) for e in choice["logprobs"]["content"]]
+    assert ids == want.token_ids
+    reasoning, content = split_reasoning(want.text, opened=True)
+    assert (choice["message"]["reasoning_content"], choice["message"]["content"]) == (
+        reasoning, content)
+    assert choice["finish_reason"] == want.finish_reason
+    assert data["usage"]["completion_tokens"] == len(want.token_ids)
+    assert data["usage"]["prompt_tokens"] == len(prompt_ids(loaded[1], QUESTION))
+
+
+def test_reasoning_is_split_only_when_the_template_opens_a_think_block(loaded):
+    """The R1 template opens <think> in the prompt: the (unclosed) text is reasoning. A template
+    without one gives plain content and no reasoning."""
+    model, tok = loaded
+    plain_tok = copy.copy(tok)
+    plain_tok.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 64,
+            "temperature": 1.0, "seed": 3}
+    answers = {}
+    for name, t in (("r1", tok), ("plain", plain_tok)):
+        with TestClient(build_app(model, t, name)) as client:
+            answers[name] = client.post("/v1/chat/completions", json=body).json()
+    r1 = answers["r1"]["choices"][0]["message"]
+    plain = answers["plain"]["choices"][0]["message"]
+    assert r1["reasoning_content"] and r1["content"] is None  # the block stays open
+    assert plain["reasoning_content"] is None and plain["content"]
+
+
+def sse(client, **body):
+    events = []
+    with client.stream("POST", "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": QUESTION}], "stream": True, **body}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line:
+                assert line.startswith("data: ")
+                events.append(line[len("data: "):])
+    return events
+
+
+def test_streamed_deltas_equal_the_plain_answer(server):
+    _, client = server
+    body = dict(max_tokens=64, temperature=1.0, seed=11)  # 64 tokens: two decode chunks
+    plain = chat(client, **body).json()
+    events = sse(client, **body, stream_options={"include_usage": True})
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    text = {key: "".join(d.get(key) or "" for d in deltas) for key in ("reasoning_content", "content")}
+    message = plain["choices"][0]["message"]
+    assert text == {k: message[k] or "" for k in text}
+    assert sum(1 for d in deltas if d.get("reasoning_content")) >= 2  # it streamed, in pieces
+    finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert finish[-1] == plain["choices"][0]["finish_reason"] and not any(finish[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == plain["usage"]
+
+
+def test_logprobs_name_tokens_by_id(server):
+    _, client = server
+    data = chat(client, temperature=0, max_tokens=8, logprobs=True, top_logprobs=3,
+                return_tokens_as_token_ids=True).json()
+    entries = data["choices"][0]["logprobs"]["content"]
+    assert len(entries) == data["usage"]["completion_tokens"]
+    for e in entries:
+        top = e["top_logprobs"]
+        assert len(top) == 3 and all(t["token"].startswith("token_id:") for t in top)
+        assert [t["logprob"] for t in top] == sorted((t["logprob"] for t in top), reverse=True)
+        assert e["token"] == top[0]["token"] and e["logprob"] == top[0]["logprob"]  # greedy
+    plain = chat(client, temperature=0, max_tokens=8, logprobs=True).json()
+    entry = plain["choices"][0]["logprobs"]["content"][0]
+    assert entry["top_logprobs"] == [] and not entry["token"].startswith("token_id:")
+
+
+def test_n_choices(server):
+    _, client = server
+    data = chat(client, n=2, temperature=1.0, seed=1, max_tokens=64).json()
+    assert [c["index"] for c in data["choices"]] == [0, 1]
+    texts = [c["message"]["reasoning_content"] for c in data["choices"]]
+    assert texts[0] != texts[1]
+    assert 0 < data["usage"]["completion_tokens"] <= 2 * 64
+
+
+def test_concurrent_requests_share_generate_calls(server):
+    app, client = server
+    engine = app.state.engine
+    before, answers = engine.generate_calls, [None] * 8
+
+    def ask(i):
+        answers[i] = chat(client, max_tokens=4 + i, temperature=0,
+                          messages=[{"role": "user", "content": f"question {i}"}])
+
+    with engine.paused():
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        while engine.pending < 8:
+            time.sleep(0.01)
+    for t in threads:
+        t.join()
+    assert engine.generate_calls == before + 1
+    for i, r in enumerate(answers):
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 4 + i
+
+
+@pytest.mark.parametrize("body, needle", [
+    ({"messages": []}, "messages"),
+    ({"max_tokens": 4}, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4096}, "context"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 25}, "top_logprobs"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "role"),
+    ({"messages": "hi"}, "messages"),
+])
+def test_bad_requests_get_400(server, body, needle):
+    _, client = server
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert needle in error["message"] and error["code"] == 400
+
+
+def test_bad_json_unknown_model_and_route(server):
+    _, client = server
+    r = client.post("/v1/chat/completions", content=b"{not json")
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = chat(client, model="gpt-4")
+    assert r.status_code == 404 and "gpt-4" in r.json()["error"]["message"]
+    r = client.get("/v1/nothing")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_api_key(loaded):
+    with TestClient(build_app(*loaded, "toy", api_key="sekrit")) as client:
+        assert client.get("/v1/models").status_code == 401
+        r = client.get("/v1/models", headers={"Authorization": "Bearer nope"})
+        assert r.status_code == 401 and "sekrit" not in r.text
+        assert client.post("/v1/chat/completions", json={}).status_code == 401
+        assert client.get("/v1/models", headers={"Authorization": "Bearer sekrit"}).status_code == 200
+
+
+# ------------------------------------------------------------------ faults
+
+
+def faulty(loaded, kind, **kw):
+    return ServerThread(build_app(*loaded, "toy", faults=FaultConfig(rate=1.0, kinds=(kind,), **kw)))
+
+
+def test_fault_kinds(loaded):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 16, "temperature": 0,
+            "logprobs": True}
+    with faulty(loaded, "429", retry_after_s=3) as url:
+        r = httpx.post(f"{url}/v1/chat/completions", json=body)
+        assert r.status_code == 429 and r.headers["retry-after"] == "3"
+    with faulty(loaded, "500") as url:
+        assert httpx.post(f"{url}/v1/chat/completions", json=body).status_code == 500
+    with faulty(loaded, "drop") as url, pytest.raises(httpx.RemoteProtocolError):
+        httpx.post(f"{url}/v1/chat/completions", json=body)
+    with faulty(loaded, "hang") as url, pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/chat/completions", json=body, timeout=0.5)
+    with faulty(loaded, "hang", hang_s=0.2) as url:  # a bounded hang, then the answer
+        assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code == 200
+
+
+# ------------------------------------------------------------------ generate's streaming hook
+
+
+def test_generate_on_chunk_reports_every_token_once(loaded):
+    model, tok = loaded
+    ids = prompt_ids(tok, QUESTION)
+    params = SamplingParams(max_new_tokens=64, temperature=1.0, n=2, seed=4)
+    calls = []
+    got = generate(model, [ids], params, stop_ids(model, tok), tok, on_chunk=calls.append)
+    plain = generate(model, [ids], params, stop_ids(model, tok), tok)
+    assert [c.token_ids for c in got] == [c.token_ids for c in plain]
+    assert len(calls) == 2 and all(len(rows) == 2 for rows in calls)  # 64 tokens: two chunks
+    eos = set(stop_ids(model, tok))
+    for j, c in enumerate(got):
+        streamed = [t for rows in calls for t in rows[j]]
+        assert [t for t in streamed if t not in eos] == c.token_ids
+
+
+def test_a_new_seed_does_not_compile_again(loaded):
+    model, tok = loaded
+    ids = prompt_ids(tok, QUESTION)
+    generate(model, [ids], SamplingParams(max_new_tokens=64, temperature=1.0, seed=1))
+    size = sampling._decode_chunk._cache_size()
+    a = generate(model, [ids], SamplingParams(max_new_tokens=64, temperature=1.0, seed=2))
+    b = generate(model, [ids], SamplingParams(max_new_tokens=64, temperature=1.0, seed=3))
+    assert sampling._decode_chunk._cache_size() == size
+    assert not np.array_equal(a[0].token_ids, b[0].token_ids)
+
+
+# ------------------------------------------------------------------ the command line
+
+
+def run_cli(*args, env=None):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "distill.cli", *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_cli_help():
+    proc = run_cli("serve", "--help")
+    assert proc.returncode == 0
+    for needle in ("/v1/chat/completions", "--host", "--port", "--max-batch", "--api-key-env"):
+        assert needle in proc.stdout
+    assert "--fault-rate" not in proc.stdout  # drills only
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = run_cli("serve", tmp_path, "--port", port)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
+    proc = run_cli("serve", tmp_path, "--api-key-env", "DISTILL_TEST_NO_SUCH_KEY")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "DISTILL_TEST_NO_SUCH_KEY is not set" in proc.stderr

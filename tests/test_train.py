@@ -1,0 +1,216 @@
+"""`distill train`: learning, sharding, accumulation, exact resume, multi-host, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import yaml
+
+import distill
+from distill.errors import DistillError
+from distill.sampling import SamplingParams, generate
+from distill.textgen import stop_ids
+from distill.traces.prompts import PromptsConfig, load_prompts
+from distill.traces.reference import write_reference_traces
+from distill.traces.verify import extract_answer
+from distill.train.loop import run_train
+
+from . import toy
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = dict(source="synthetic", synthetic={"n": 2000, "style": "compact", "min_steps": 2,
+                                              "max_steps": 2}, heldout_fraction=0.05)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A toy tokenizer and reference traces of 2-step arithmetic chains (held-out prompts out)."""
+    root = tmp_path_factory.mktemp("train")
+    tok = toy.write_tokenizer(root / "tok")
+    traces = write_reference_traces(PromptsConfig(**PROMPTS, split="train"), root / "traces")
+    return {"root": root, "tok": tok, "traces": traces}
+
+
+def config(world, path: Path, **sections) -> Path:
+    cfg = {"student": {"init": str(REPO / "configs/students/tiny-qwen2.yaml"),
+                       "tokenizer": str(world["tok"])},
+           "data": {"traces": [str(world["traces"])], "seq_len": 128, "batch_size": 8},
+           "optim": {"lr": 3e-3, "warmup_steps": 10, "weight_decay": 0.01},
+           "train": {"steps": 5, "log_every": 1, "checkpoint_every": 1000,
+                     "async_checkpoints": False},
+           "output_root": str(path.parent / "students")}
+    for key, value in sections.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(cfg.get(key), dict) else value
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def greedy_accuracy(model_path, n=60) -> float:
+    model, tok = distill.load_pretrained(model_path)
+    held = load_prompts(PromptsConfig(**PROMPTS, split="heldout"))[:n]
+    ids = [tok.encode(tok.apply_chat_template(p.messages(), add_generation_prompt=True))
+           for p in held]
+    outs = generate(model, ids, SamplingParams(max_new_tokens=32), stop_ids(model, tok), tok,
+                    pad_id=tok.pad_token_id or 0)
+    return float(np.mean([extract_answer(o.text) == p.reference for o, p in zip(outs, held, strict=True)]))
+
+
+def test_student_learns_the_task_from_traces(world, tmp_path):
+    cfg = config(world, tmp_path / "learn.yaml", data={"seq_len": 256, "batch_size": 16},
+                 train={"steps": 200, "log_every": 20, "checkpoint_every": 200})
+    untrained = config(world, tmp_path / "untrained.yaml", train={"steps": 1},
+                       optim={"lr": 1e-9, "warmup_steps": 0})
+    run_train(untrained, progress=False)
+    result = run_train(cfg, progress=False)
+    assert result.losses[-1] < 0.3 * result.losses[0]
+    before = greedy_accuracy(tmp_path / "students" / "untrained")
+    after = greedy_accuracy(result.run_dir)
+    print(f"held-out greedy accuracy: untrained {before:.2f}, trained {after:.2f}")
+    assert before <= 0.05 and after >= 0.3
+
+
+def test_sharded_training_equals_unsharded_and_accumulation_equals_batch(world, tmp_path):
+    runs = {  # name: (sections, devices)
+        "one": (dict(mesh="data=1,fsdp=1,tensor=1"), 1),
+        "sharded": (dict(mesh="data=1,fsdp=4,tensor=2"), 8),
+        "accum": (dict(mesh="data=1,fsdp=2,tensor=1", train={"grad_accum": 4}), 2),
+    }
+    losses = {}
+    for name, (sections, devices) in runs.items():
+        run_train(config(world, tmp_path / f"{name}.yaml", **sections), progress=False,
+                  devices=jax.devices()[:devices])
+        losses[name] = np.array([m["loss"] for m in metrics(tmp_path / "students" / name)])
+    assert len(losses["one"]) == 5
+    np.testing.assert_allclose(losses["sharded"], losses["one"], rtol=1e-5)
+    np.testing.assert_allclose(losses["accum"], losses["one"], rtol=1e-5)
+
+
+def _train_cli(cfg: Path, env_extra=None) -> subprocess.Popen:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "DISTILL_CACHE": str(cfg.parent / "cache"),
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2", **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "distill.cli", "train", str(cfg), "--quiet"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _committed(run_dir: Path) -> list[int]:
+    ck = run_dir / "checkpoints"
+    if not ck.is_dir():
+        return []
+    return sorted(int(p.name) for p in ck.iterdir()
+                  if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists())
+
+
+def _params(run_dir: Path) -> list[np.ndarray]:
+    model, _ = distill.load_pretrained(run_dir)
+    from flax import nnx
+
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model))]
+
+
+def _wait_for(pred, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_sigterm_and_kill_9_then_resume_equal_an_uninterrupted_run_bitwise(world, tmp_path):
+    common = dict(train={"steps": 24, "checkpoint_every": 4, "log_every": 4})
+    ref = config(world, tmp_path / "ref.yaml", **common)
+    proc = _train_cli(ref)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+
+    cfg = config(world, tmp_path / "run.yaml", **common)
+    run_dir = tmp_path / "students" / "run"
+    # SIGTERM: the run saves a checkpoint at the step it is on and exits 143
+    proc = _train_cli(cfg)
+    assert _wait_for(lambda: _committed(run_dir)), proc.stderr.read() if proc.poll() else ""
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143, proc.stderr.read()
+    after_term = _committed(run_dir)[-1]
+    assert 0 < after_term < 24
+    # kill -9 after a later checkpoint landed
+    proc = _train_cli(cfg)
+    assert _wait_for(lambda: _committed(run_dir)[-1] > after_term)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _committed(run_dir)[-1] < 24
+    proc = _train_cli(cfg)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    assert _committed(run_dir)[-1] == 24
+    for a, b in zip(_params(run_dir), _params(tmp_path / "students" / "ref"), strict=True):
+        assert np.array_equal(a, b)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(world, tmp_path):
+    one = config(world, tmp_path / "one.yaml", mesh="data=1,fsdp=2,tensor=1")
+    proc = _train_cli(one)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    two = config(world, tmp_path / "two.yaml", mesh="data=1,fsdp=2,tensor=1")
+    port = _free_port()
+    procs = [_train_cli(two, {"XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+                              "DISTILL_COORDINATOR": f"127.0.0.1:{port}",
+                              "DISTILL_NUM_PROCESSES": "2", "DISTILL_PROCESS_ID": str(i)})
+             for i in range(2)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()
+    a = [m["loss"] for m in metrics(tmp_path / "students" / "one")]
+    b = [m["loss"] for m in metrics(tmp_path / "students" / "two")]
+    assert len(b) == 5
+    np.testing.assert_allclose(b, a, rtol=1e-5)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (dict(loss={"kind": "kl"}), "loss.kind"),
+    (dict(mesh="data=1,fsdp=3,tensor=1"), "needs 3 devices"),
+    (dict(data={"seq_len": 8}), "seq_len"),
+    (dict(train={"grad_accum": 3}), "grad_accum"),
+], ids=["unknown-loss", "mesh", "short-seq", "accum"])
+def test_bad_config_fails_in_one_line(world, tmp_path, edit, message):
+    cfg = config(world, tmp_path / "bad.yaml", **edit)
+    with pytest.raises(DistillError, match=message):
+        run_train(cfg, progress=False)
+
+
+def test_bad_traces_fail_in_one_line(world, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DistillError, match="empty trace dataset"):
+        run_train(config(world, tmp_path / "a.yaml", data={"traces": [str(empty)]}),
+                  progress=False)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from distill.traces import store
+
+    rows = store.read_table(world["traces"]).slice(0, 5).to_pylist()
+    for row in rows:
+        row["reasoning"] = row["answer"] = ""
+    blank = tmp_path / "blank.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=store.TRACE_SCHEMA), blank)
+    with pytest.raises(DistillError, match="assistant text"):
+        run_train(config(world, tmp_path / "b.yaml", data={"traces": [str(blank)]}),
+                  progress=False)
