@@ -113,8 +113,8 @@ def bench_generate(gguf: Path, prompts: int = 16, n: int = 4, new_tokens: int = 
     return rows
 
 
-def report(decode: list[dict], moe: list[dict], out: Path | None, generate: list[dict] = ()
-           ) -> str:
+def report(decode: list[dict], moe: list[dict], out: Path | None, generate: list[dict] = (),
+           train: list[dict] = ()) -> str:
     """Markdown tables of the rows (and one JSON file when `out` is given)."""
     lines = ["| benchmark | batch | distill tok/s | transformers tok/s | ratio |", "|---|---|---|---|---|"]
     for r in decode:
@@ -133,12 +133,19 @@ def report(decode: list[dict], moe: list[dict], out: Path | None, generate: list
                      f"{r['requests_per_s']:.1f} requests/s, {r['completion_tokens_per_s']:.1f} "
                      f"tok/s (concurrency {r['concurrency']})")
             lines.append(f"| {r['benchmark']} | {r['model']} | {value} |")
+    if train:
+        from distill.bench_train import train_table
+
+        lines += ["", *train_table(train)]
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(decode + moe + list(generate), indent=2) + "\n")
+        out.write_text(json.dumps(decode + moe + list(generate) + list(train), indent=2) + "\n")
     return "\n".join(lines)
 
 
 def main(gguf: Path, out: Path | None) -> str:
     """Run every benchmark that exists and return the tables."""
-    return report(bench_decode(gguf), bench_moe_experts(), out, bench_generate(gguf))
+    from distill.bench_train import bench_train, bench_train_gpu_preset
+
+    return report(bench_decode(gguf), bench_moe_experts(), out, bench_generate(gguf),
+                  bench_train() + bench_train_gpu_preset())

@@ -13,7 +13,8 @@ import click
 
 from distill.errors import DistillError
 
-MODEL_HELP = "a Hugging Face model directory, a GGUF file, or a model preset YAML (random weights)"
+MODEL_HELP = ("a Hugging Face model directory, a GGUF file, a students/<run> training directory "
+              "(its latest checkpoint), or a model preset YAML (random weights)")
 
 
 def _configure_jax() -> None:
@@ -99,9 +100,28 @@ def train(config, overrides, quiet):
 @cli.command(name="eval")
 @click.argument("config", type=click.Path())
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field.")
-def eval_(config, overrides):
-    """Evaluate students against the teacher on held-out prompts."""
-    _not_built("eval", "evaluation lands with the eval/export issue")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def eval_(config, overrides, quiet):
+    """Evaluate students against the teacher on held-out prompts.
+
+    \b
+    CONFIG is an eval config with sections:
+      prompts         the held-out prompts (as in generate; usually split: heldout)
+      models          a list: name, role (student|teacher), kind jax (model: MODEL path) or
+                      openai (base_url, model), metrics (metrics.jsonl for the loss plot)
+      protocol        k, temperature, top_p, max_new_tokens, seed, greedy (R1's by default)
+      answer_pattern  regex for answers without \\boxed{}
+      kl              traces: teacher_traces/<run> for per-token KL and top-1 agreement
+      output          report directory (default students/eval/<name>)
+    Prints the Markdown table, then the report directory (eval.json, eval.md, samples.jsonl,
+    plots/).
+    """
+    from distill.evaluate import run_eval
+    from distill.evaluation.report import markdown
+
+    report = run_eval(config, overrides, progress=not quiet)
+    click.echo(markdown(report))
+    click.echo(report["output"])
 
 
 @cli.command(help="Write CHECKPOINT as a Hugging Face directory that transformers loads as it is.\n\n"
@@ -111,11 +131,12 @@ def eval_(config, overrides):
 @click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16",
               show_default=True, help="Weight dtype of the exported safetensors.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def export(checkpoint, out_dir, dtype, force):
-    from distill.pretrained import load_pretrained, save_pretrained
+@click.option("--eval", "eval_report", type=click.Path(), default=None,
+              help="An eval.json from `distill eval` to quote in the model card.")
+def export(checkpoint, out_dir, dtype, force, eval_report):
+    from distill.export import export as run_export
 
-    model, tokenizer = load_pretrained(checkpoint)
-    out = save_pretrained(model, tokenizer, out_dir, dtype=dtype, overwrite=force)
+    out = run_export(checkpoint, out_dir, dtype=dtype, force=force, eval_report=eval_report)
     click.echo(f"exported {checkpoint} -> {out} ({dtype})")
 
 
@@ -193,10 +214,36 @@ def serve(model_path, host, port, model_name, max_batch, batch_wait_ms, default_
 @cli.command()
 @click.argument("config", type=click.Path())
 @click.option("--mesh", required=True, help="e.g. data=1,fsdp=16,tensor=4")
-@click.option("--seq-len", type=int, default=None)
-def plan(config, mesh, seq_len):
-    """Memory and FLOPs per device for CONFIG on MESH, without allocating."""
-    _not_built("plan", "planning lands with the train/plan issue")
+@click.option("--seq-len", type=int, default=None, help="Tokens per row (default: the config's).")
+@click.option("--batch", type=int, default=None,
+              help="Global rows per step (default: the config's, else one per data x fsdp shard).")
+@click.option("--mode", type=click.Choice(["train", "generate"]), default="train", show_default=True)
+@click.option("--device-memory", default="80GB", show_default=True, help="Memory of one device.")
+@click.option("--verdict", type=click.Choice(["larger", "analytic", "compiler"]), default="larger",
+              show_default=True,
+              help="Which per-device total decides whether it fits (larger: the larger of the two).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field.")
+def plan(config, mesh, seq_len, batch, mode, device_memory, verdict, overrides):
+    """Memory and FLOPs per device for CONFIG on MESH, without allocating.
+
+    \b
+    CONFIG is a training config (student: ...) or a model preset (configs/students/*.yaml,
+    configs/teachers/*.yaml). The real step (train) or one decode step against a KV cache of
+    --seq-len slots (generate) is compiled ahead of time on fake CPU devices; the table shows the
+    analytic count (exact parameter / optimizer / gradient bytes from the shardings, activations
+    from the shapes) beside XLA's CPU memory analysis.
+    """
+    import math
+
+    from distill.parallel import parse_mesh
+    from distill.plan import ensure_devices, run_plan
+
+    ensure_devices(math.prod(parse_mesh(mesh).values()), sys.argv[1:])
+    report = run_plan(config, mesh, seq_len=seq_len, batch=batch, mode=mode,
+                      device_memory=device_memory, overrides=overrides, verdict=verdict)
+    click.echo(report.table())
+    if not report.fits:
+        sys.exit(1)
 
 
 @cli.command()
@@ -219,15 +266,26 @@ def bench(compare, gguf_path, out_path):
 
 
 @cli.command()
-@click.option("--gguf", "gguf_path", type=click.Path(), default=None,
-              help="SmolLM2 GGUF file (default: the one `make models` fetched).")
-@click.option("--out", "out_dir", type=click.Path(), default="students/demo-smollm2-export",
-              show_default=True)
-def demo(gguf_path, out_dir):
-    """Run what exists of the pipeline at toy scale on CPU."""
+@click.option("--work-dir", type=click.Path(), default="students/demo", show_default=True,
+              help="Where every stage writes (configs, traces, runs, eval, export).")
+@click.option("--quick", is_flag=True, help="A reduced budget (a minute or two; the test's demo).")
+@click.option("--fresh", is_flag=True, help="Delete the work directory first (the cached teacher "
+                                            "included).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def demo(work_dir, quick, fresh, quiet):
+    """The whole pipeline at toy scale on CPU, on data and models it makes itself.
+
+    \b
+    tokenizer  SentencePiece BPE on the task's corpus (teacher and students share it)
+    teacher    a tiny MoE trained on worked solutions of 3-step arithmetic (cached after a run)
+    traces     the teacher's checked solutions with top-k log-probabilities
+    students   a smaller dense student: SFT, SFT + logit KD, and answers only (the baseline)
+    eval       held-out accuracy with 95% intervals, every model
+    export     the best student to Hugging Face, reloaded with transformers
+    """
     from distill.demo import run_demo
 
-    run_demo(gguf_path, out_dir)
+    run_demo(work_dir, "quick" if quick else "full", fresh=fresh, progress=not quiet)
 
 
 def main() -> None:

@@ -68,6 +68,10 @@ class DenseConfig(Frozen):
     param_dtype: DTypeName = "float32"
     dtype: DTypeName = "float32"  # compute dtype
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    # Full-sequence attention: "dense" builds the [B, T, S] mask and float32 scores, "blockwise"
+    # attends block by block in O(T) memory (online softmax), "auto" = blockwise from 2048 tokens
+    # on. Decoding with the KV cache is always dense. distill-only: never written to config.json.
+    attention: Literal["auto", "dense", "blockwise"] = "auto"
 
     @field_validator("num_key_value_heads")
     @classmethod
@@ -136,6 +140,10 @@ class MoEConfig(Frozen):
     param_dtype: DTypeName = "float32"
     dtype: DTypeName = "float32"  # compute dtype
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    # Full-sequence attention: "dense" builds the [B, T, S] mask and float32 scores, "blockwise"
+    # attends block by block in O(T) memory (online softmax), "auto" = blockwise from 2048 tokens
+    # on. Decoding with the KV cache is always dense. distill-only: never written to config.json.
+    attention: Literal["auto", "dense", "blockwise"] = "auto"
     # Routed-expert dispatch: "capacity" (sorted [E, C, D] buffer, exact overflow rounds; forward
     # only: its while_loop has no reverse-mode derivative), "ragged" (jax.lax.ragged_dot grouped
     # matmul, differentiable), "auto" = ragged on GPU/TPU, capacity on CPU.

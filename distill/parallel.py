@@ -35,6 +35,13 @@ AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("q_lora", None),  # MLA query latent (q_lora_rank)
     ("kv_lora", None),  # MLA kv latent + shared rope key (kv_lora_rank + qk_rope_head_dim)
     ("routing", None),  # router outputs: every device scores every expert
+    # Activations (`constrain`). Between layers the residual stream [B, T, D] is split over the
+    # sequence on "tensor" (sequence parallelism): the tensor-parallel matmuls gather it and
+    # scatter their outputs back, and the per-layer activations kept for the backward pass shrink
+    # by the tensor size, which long sequences need.
+    ("act_batch", ("data", "fsdp")),
+    ("act_seq", "tensor"),
+    ("act_embed", None),
 )
 
 
@@ -81,6 +88,18 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
         used.update(chosen)
         spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
     return PartitionSpec(*spec)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Lay `x` out as its logical axis names say, on the mesh set with `jax.set_mesh(mesh)`.
+
+    Without such a mesh (inference, tests, a mesh lacking distill's axes, or inside `shard_map`)
+    `x` is returned unchanged, so models call this freely and still never name a mesh axis.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not mesh.are_all_axes_auto or not set(MESH_AXES) <= set(mesh.axis_names):
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh))
 
 
 def variable_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:

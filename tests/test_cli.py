@@ -35,8 +35,9 @@ def test_help_lists_every_command():
         assert f"  {cmd} " in proc.stdout
 
 
-def test_command_not_built_says_so():
-    assert_user_error(run("train", "configs/runs/x.yaml"), "not built yet")
+@pytest.mark.parametrize("cmd", ["train", "generate"])
+def test_missing_config_file_is_one_line(cmd):
+    assert_user_error(run(cmd, "configs/runs/x.yaml"), "configs/runs/x.yaml: config file not found")
 
 
 @pytest.fixture(scope="module")

@@ -70,8 +70,8 @@ def greedy_accuracy(model_path, n=60) -> float:
 
 
 def test_student_learns_the_task_from_traces(world, tmp_path):
-    cfg = config(world, tmp_path / "learn.yaml", data={"seq_len": 256, "batch_size": 16},
-                 train={"steps": 200, "log_every": 20, "checkpoint_every": 200})
+    cfg = config(world, tmp_path / "learn.yaml", data={"seq_len": 128, "batch_size": 32},
+                 train={"steps": 300, "log_every": 20, "checkpoint_every": 300})
     untrained = config(world, tmp_path / "untrained.yaml", train={"steps": 1},
                        optim={"lr": 1e-9, "warmup_steps": 0})
     run_train(untrained, progress=False)
@@ -188,7 +188,8 @@ def test_two_processes_train_like_one(world, tmp_path):
     (dict(mesh="data=1,fsdp=3,tensor=1"), "needs 3 devices"),
     (dict(data={"seq_len": 8}), "seq_len"),
     (dict(train={"grad_accum": 3}), "grad_accum"),
-], ids=["unknown-loss", "mesh", "short-seq", "accum"])
+    (dict(mesh="data=1,fsdp=8,tensor=1", data={"batch_size": 4}), "batch shards do not divide"),
+], ids=["unknown-loss", "mesh", "short-seq", "accum", "batch-vs-mesh"])
 def test_bad_config_fails_in_one_line(world, tmp_path, edit, message):
     cfg = config(world, tmp_path / "bad.yaml", **edit)
     with pytest.raises(DistillError, match=message):

@@ -43,7 +43,9 @@ class Attention(nnx.Module):
         self.scale = cfg.head_size**-0.5
 
     def __call__(self, x_btd, rope, mask_bts, kv=None, cache_index=None):
-        """One layer (called on per-layer slices inside the scan). kv: this layer's ([B,K,S,H]) x 2."""
+        """One layer (called on per-layer slices inside the scan). kv: this layer's ([B,K,S,H]) x 2.
+
+        mask_bts: dense [B, T, S] or a `layers.MaskInfo` (blockwise attention without a cache)."""
         dt = x_btd.dtype
         q = jnp.einsum("btd,dnh->btnh", x_btd, self.wq_dnh[...].astype(dt))
         k = jnp.einsum("btd,dkh->btkh", x_btd, self.wk_dkh[...].astype(dt))
@@ -55,7 +57,7 @@ class Attention(nnx.Module):
         cos, sin = rope
         q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
         if kv is None:
-            out_btnh = layers.dot_product_attention(q, k, v, mask_bts, self.scale)
+            out_btnh = layers.attention(q, k, v, mask_bts, self.scale)
         else:  # write this step's keys/values into the cache, attend over all of it
             k_cache, v_cache = kv
             k = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype),
@@ -63,8 +65,8 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype),
                                              (0, 0, cache_index, 0))
             kv = (k, v)
-            out_btnh = layers.dot_product_attention(q, k.astype(dt), v.astype(dt), mask_bts,
-                                                    self.scale, kv_layout="bksh")
+            out_btnh = layers.attention(q, k.astype(dt), v.astype(dt), mask_bts, self.scale,
+                                        kv_layout="bksh")
         return jnp.einsum("btnh,nhd->btd", out_btnh, self.wo_nhd[...].astype(dt)), kv
 
 

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from distill.parallel import constrain
 
 # ---------------------------------------------------------------------------------------------
 # Parameters
@@ -168,6 +172,206 @@ def dot_product_attention(
 
 
 # ---------------------------------------------------------------------------------------------
+# Blockwise attention
+#
+# At long T the [B, T, S] mask and the float32 [B, N, T, S] scores of `dot_product_attention`
+# grow with T^2 (at T = 32768 one head's scores are 4 GiB per sequence), so long sequences
+# attend block by block with an online softmax and build neither.
+
+BLOCKWISE_MIN_TOKENS = 2048  # "auto" attends blockwise from this many query tokens on
+
+
+class MaskInfo(NamedTuple):
+    """What an attention mask is made of, O(T + S) instead of the [B, T, S] mask itself.
+
+    Key s is visible to query t when k_slots[s] <= q_slots[t] (causal by slot index), k_valid[s],
+    and (when segments are given) q_segments[t] == k_segments[s]. A pytree, so it passes through
+    `lax.scan` and `jax.jit` like the dense mask did.
+    """
+
+    q_slots: jax.Array  # [B, T] int32
+    k_slots: jax.Array  # [B, S] int32
+    k_valid: jax.Array  # [B, S] bool
+    q_segments: jax.Array | None = None  # [B, T] int, None = one document per row
+    k_segments: jax.Array | None = None  # [B, S]
+
+    def dense(self) -> jax.Array:
+        """The boolean [B, T, S] mask `dot_product_attention` takes."""
+        return attention_mask(*self)
+
+
+def attention(q_btnh: jax.Array, k: jax.Array, v: jax.Array, mask, scale: float,
+              kv_layout: str = "bskh") -> jax.Array:
+    """`blockwise_attention` when `mask` is a `MaskInfo` (and k, v are [B, S, K, H]), else
+    `dot_product_attention` with the dense mask. Returns [B, T, N, H_v]."""
+    if isinstance(mask, MaskInfo):
+        if kv_layout == "bskh":
+            return blockwise_attention(q_btnh, k, v, mask, scale)
+        mask = mask.dense()
+    return dot_product_attention(q_btnh, k, v, mask, scale, kv_layout)
+
+
+def blockwise_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask: MaskInfo,
+                        scale: float, block_q: int = 512, block_k: int = 512) -> jax.Array:
+    """Grouped-query attention block by block (flash-style online softmax in float32).
+
+    Equals `dot_product_attention(q, k, v, mask.dense(), scale)` on every query that sees at least
+    one key; a query that sees none gets zeros (the dense path gives an average of all values
+    there). Each [block_q, block_k] tile's mask comes from the slot indices, validity and
+    segments, and tiles no query of which sees any key are skipped (half the tiles under a causal
+    mask). The backward pass recomputes the tiles, so what it keeps per call is O(T * N * H): the
+    inputs, the output and one log-sum-exp per query and head. v may have its own head size
+    (MLA). T and S need not be multiples of the block sizes. Returns [B, T, N, H_v] in v's dtype.
+    """
+    b, t, n, h = q_btnh.shape
+    s, kh = k_bskh.shape[1], k_bskh.shape[2]
+    bq, bk = min(block_q, t), min(block_k, s)
+    q_blocks = _to_blocks(q_btnh.reshape(b, t, kh, n // kh, h), bq)  # [nq, B, bq, K, G, H]
+    k_blocks, v_blocks = _to_blocks(k_bskh, bk), _to_blocks(v_bskh, bk)  # [nk, B, bk, K, H]
+    # padded query rows see nothing (lowest slot), padded keys are invalid
+    q_side = (_to_blocks(mask.q_slots, bq, jnp.iinfo(jnp.int32).min),
+              None if mask.q_segments is None else _to_blocks(mask.q_segments, bq))
+    k_side = (_to_blocks(mask.k_slots, bk), _to_blocks(mask.k_valid, bk, False),
+              None if mask.k_segments is None else _to_blocks(mask.k_segments, bk))
+    out = _flash(q_blocks, k_blocks, v_blocks, q_side, k_side, float(scale))
+    out = jnp.moveaxis(out, 0, 1).reshape(b, -1, n, v_bskh.shape[-1])  # [B, T_padded, N, H_v]
+    return out[:, :t]
+
+
+def _to_blocks(x: jax.Array, size: int, pad_value=0) -> jax.Array:
+    """[B, T, ...] -> [ceil(T / size), B, size, ...], the tail padded with `pad_value`."""
+    pad = -x.shape[1] % size
+    if pad:
+        widths = [(0, 0)] * x.ndim
+        widths[1] = (0, pad)
+        x = jnp.pad(x, widths, constant_values=pad_value)
+    x = x.reshape(x.shape[0], x.shape[1] // size, size, *x.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
+
+
+def _tile_mask(q_side, k_side) -> jax.Array:
+    """Boolean [B, bq, bk] of one tile from its query and key blocks' mask pieces."""
+    (q_slots, q_seg), (k_slots, k_valid, k_seg) = q_side, k_side
+    return attention_mask(q_slots, k_slots, k_valid, q_seg, k_seg)
+
+
+def _scores(q_bqkgh, k_bskh, allowed_bqs, scale) -> jax.Array:
+    """float32 [B, K, G, bq, bk] scores, -inf where the key is hidden."""
+    s = jnp.einsum("bqkgh,bskh->bkgqs", q_bqkgh, k_bskh, preferred_element_type=jnp.float32)
+    return jnp.where(allowed_bqs[:, None, None], s * scale, -jnp.inf)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q_blocks, k_blocks, v_blocks, q_side, k_side, scale):
+    """[nq, B, bq, K, G, H_v] attention output of blocked inputs (see `blockwise_attention`)."""
+    return _flash_forward(q_blocks, k_blocks, v_blocks, q_side, k_side, scale)[0]
+
+
+def _flash_forward(q_blocks, k_blocks, v_blocks, q_side, k_side, scale):
+    """Output blocks and the float32 log-sum-exp [nq, B, K, G, bq] of every query row."""
+    # One barrier over all inputs: whenever q, k or v are unknown to partial evaluation, so are
+    # the mask pieces (see the note above `_flash.defvjp`).
+    q_blocks, k_blocks, v_blocks, q_side, k_side = jax.lax.optimization_barrier(
+        (q_blocks, k_blocks, v_blocks, q_side, k_side))
+    _, b, bq, kh, g, _ = q_blocks.shape
+    hv = v_blocks.shape[-1]
+
+    def one_q_block(_, q_in):
+        q, q_mask = q_in[0], q_in[1:]
+
+        def kv_step(carry, kv_in):
+            k, v, k_mask = kv_in[0], kv_in[1], kv_in[2:]
+            allowed = _tile_mask(q_mask, k_mask)
+
+            def update(carry):
+                m, l, acc = carry  # running max, normaliser [B, K, G, bq]; acc [B, K, G, bq, H_v]
+                s = _scores(q, k, allowed, scale)
+                m_new = jnp.maximum(m, s.max(-1))
+                m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)  # rows that saw no key yet
+                p = jnp.exp(s - m_safe[..., None])
+                rescale = jnp.exp(m - m_safe)
+                pv = jnp.einsum("bkgqs,bskh->bkgqh", p.astype(v.dtype), v,
+                                preferred_element_type=jnp.float32)
+                return m_new, l * rescale + p.sum(-1), acc * rescale[..., None] + pv
+
+            return jax.lax.cond(jnp.any(allowed), update, lambda c: c, carry), None
+
+        init = (jnp.full((b, kh, g, bq), -jnp.inf, jnp.float32),
+                jnp.zeros((b, kh, g, bq), jnp.float32), jnp.zeros((b, kh, g, bq, hv), jnp.float32))
+        (m, l, acc), _ = jax.lax.scan(kv_step, init, (k_blocks, v_blocks, *k_side))
+        seen = l > 0
+        out = acc / jnp.where(seen, l, 1.0)[..., None]  # zeros where no key was visible
+        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
+        return None, (jnp.einsum("bkgqh->bqkgh", out).astype(v_blocks.dtype), lse)
+
+    _, (out, lse) = jax.lax.scan(one_q_block, None, (q_blocks, *q_side))
+    return out, lse
+
+
+def _flash_fwd(q_blocks, k_blocks, v_blocks, q_side, k_side, scale):
+    out, lse = _flash_forward(q_blocks, k_blocks, v_blocks, q_side, k_side, scale)
+    return out, (q_blocks, k_blocks, v_blocks, q_side, k_side, out, lse)
+
+
+def _flash_bwd(scale, residuals, d_out):
+    """FlashAttention-2's backward: per key block, recompute each tile's probabilities from the
+    saved log-sum-exp; dK, dV accumulate over query blocks, dQ over key blocks (float32)."""
+    q_blocks, k_blocks, v_blocks, q_side, k_side, out, lse = residuals
+    # rowsum(dO * O) [nq, B, K, G, bq]: the softmax Jacobian's correction term
+    delta = jnp.einsum("nbqkgh,nbqkgh->nbkgq", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    _, b, bk, kh, h = k_blocks.shape
+    hv = v_blocks.shape[-1]
+
+    def one_kv_block(dq_sum, kv_in):
+        k, v, k_mask = kv_in[0], kv_in[1], kv_in[2:]
+
+        def q_step(carry, q_in):
+            q, do, lse_q, delta_q, q_mask = q_in[0], q_in[1], q_in[2], q_in[3], q_in[4:]
+            allowed = _tile_mask(q_mask, k_mask)
+
+            def grads(_):
+                p = jnp.exp(_scores(q, k, allowed, scale) - lse_q[..., None])  # [B, K, G, bq, bk]
+                dv = jnp.einsum("bkgqs,bqkgh->bskh", p.astype(do.dtype), do,
+                                preferred_element_type=jnp.float32)
+                dp = jnp.einsum("bqkgh,bskh->bkgqs", do, v, preferred_element_type=jnp.float32)
+                ds = p * (dp - delta_q[..., None]) * scale
+                dq = jnp.einsum("bkgqs,bskh->bqkgh", ds.astype(k.dtype), k,
+                                preferred_element_type=jnp.float32)
+                dk = jnp.einsum("bkgqs,bqkgh->bskh", ds.astype(q.dtype), q,
+                                preferred_element_type=jnp.float32)
+                return dk, dv, dq
+
+            def skip(_):
+                return (jnp.zeros((b, bk, kh, h), jnp.float32),
+                        jnp.zeros((b, bk, kh, hv), jnp.float32),
+                        jnp.zeros(q.shape, jnp.float32))
+
+            dk, dv, dq = jax.lax.cond(jnp.any(allowed), grads, skip, None)
+            return (carry[0] + dk, carry[1] + dv), dq
+
+        init = (jnp.zeros((b, bk, kh, h), jnp.float32), jnp.zeros((b, bk, kh, hv), jnp.float32))
+        (dk, dv), dq = jax.lax.scan(q_step, init, (q_blocks, d_out, lse, delta, *q_side))
+        return dq_sum + dq, (dk, dv)
+
+    dq, (dk, dv) = jax.lax.scan(one_kv_block, jnp.zeros(q_blocks.shape, jnp.float32),
+                                (k_blocks, v_blocks, *k_side))
+    return (dq.astype(q_blocks.dtype), dk.astype(k_blocks.dtype), dv.astype(v_blocks.dtype),
+            None, None)
+
+
+# Two things would keep O(T * S) memory if partial evaluation could see into the tiles: a layer
+# remat policy that saves matmul outputs ("dots") would keep every tile's scores, and when the
+# layer scan is differentiated JAX hoists the work that depends on loop invariants alone (the
+# mask pieces, the same in every layer) out of the loop, stacking each tile's share of it (its
+# mask, its -inf fill, its float32 scores select) as [nq, nk, B, K, G, bq, bk] residuals.
+# optimize_remat makes the differentiated forward one opaque step. But under a layer remat
+# ("full", "dots") the forward pass needs only the output, so JAX swaps that step for the plain
+# `_flash` body, which is open again: the optimization barrier in `_flash_forward` makes the mask
+# pieces as unknown as q, k and v there, so nothing per tile is hoisted or saved.
+_flash.defvjp(_flash_fwd, _flash_bwd, optimize_remat=True)
+
+
+# ---------------------------------------------------------------------------------------------
 # Gated MLP
 
 
@@ -204,9 +408,16 @@ def remat(fn: Callable, policy: str) -> Callable:
 # Decoder plumbing shared by the dense and MoE models
 
 
+RESIDUAL = ("act_batch", "act_seq", "act_embed")  # logical names of the residual stream [B, T, D]
+
+
 def scan_blocks(blocks: nnx.Module, x_btd, rope, mask_bts, kv, cache_index, policy: str,
                 slot_axis: int = 1):
     """Run stacked blocks (params on a leading L axis) under `lax.scan`.
+
+    mask_bts: the dense boolean [B, T, S] mask, or a `MaskInfo` (blockwise attention). Under a
+    mesh set with `jax.set_mesh`, the residual stream is constrained to `RESIDUAL`'s layout (split
+    over the sequence) as it enters and leaves every layer.
 
     kv: None, or a tuple of caches stacked on L whose per-layer slices hold the cache slots on
     `slot_axis` (1 for [B, S, ...], 2 for heads-major [B, K, S, H]). Each layer reads its cache
@@ -215,18 +426,22 @@ def scan_blocks(blocks: nnx.Module, x_btd, rope, mask_bts, kv, cache_index, poli
     Returns the hidden state and the updated caches (None without a cache).
     """
     graphdef, stacked = nnx.split(blocks)
+    x_btd = constrain(x_btd, RESIDUAL)
     if kv is None:
         def plain(x_btd, state):
-            return nnx.merge(graphdef, state)(x_btd, rope, mask_bts, None, None)[0], None
+            x_btd = constrain(x_btd, RESIDUAL)
+            x_btd = nnx.merge(graphdef, state)(x_btd, rope, mask_bts, None, None)[0]
+            return constrain(x_btd, RESIDUAL), None
 
         return jax.lax.scan(remat(plain, policy), x_btd, stacked)[0], None
     t = x_btd.shape[1]
 
     def body(x_btd, layer):
         state, kv_i = layer
+        x_btd = constrain(x_btd, RESIDUAL)
         x_btd, kv_i = nnx.merge(graphdef, state)(x_btd, rope, mask_bts, kv_i, cache_index)
         new = tuple(jax.lax.dynamic_slice_in_dim(u, cache_index, t, axis=slot_axis) for u in kv_i)
-        return x_btd, new
+        return constrain(x_btd, RESIDUAL), new
 
     x_btd, new = jax.lax.scan(remat(body, policy), x_btd, (stacked, tuple(kv)))
     start = tuple(cache_index if a == slot_axis + 1 else 0 for a in range(kv[0].ndim))
@@ -259,7 +474,8 @@ class CausalLM(nnx.Module):
 
     Subclasses set `config`, `embed` (with `attend`), `lm_head_dv` unless embeddings are tied, and
     define `_run(tokens_bt, positions_bt, mask_bts, cache, cache_index) -> (hidden_btd, cache)` and
-    `init_cache(batch, length)`.
+    `init_cache(batch, length)`. `_run`'s mask is a dense [B, T, S] array or a `MaskInfo`; the
+    attention modules hand it to `attention`, which picks the path from its type.
     """
 
     def _init_head(self, cfg, rngs: nnx.Rngs) -> None:
@@ -282,8 +498,16 @@ class CausalLM(nnx.Module):
         slots_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         positions_bt = slots_bt if positions_bt is None else positions_bt
         valid_bs = jnp.ones((b, t), bool) if segment_ids_bt is None else segment_ids_bt != 0
-        mask = attention_mask(slots_bt, slots_bt, valid_bs, segment_ids_bt, segment_ids_bt)
+        mask = MaskInfo(slots_bt, slots_bt, valid_bs, segment_ids_bt, segment_ids_bt)
+        if not self.attends_blockwise(t):
+            mask = mask.dense()
         return self._run(tokens_bt, positions_bt, mask, None, None)[0]
+
+    def attends_blockwise(self, t: int) -> bool:
+        """Whether a full-sequence forward of `t` tokens uses `blockwise_attention` (config field
+        `attention`: "auto" = from `BLOCKWISE_MIN_TOKENS` tokens on). Decoding is always dense."""
+        mode = getattr(self.config, "attention", "auto")
+        return mode == "blockwise" or (mode == "auto" and t >= BLOCKWISE_MIN_TOKENS)
 
     def forward_cached(self, tokens_bt, positions_bt, cache, cache_index, kv_valid_bs):
         """Run T new tokens that occupy cache slots [cache_index, cache_index + T).

@@ -77,7 +77,8 @@ class MLAttention(nnx.Module):
         self.scale = softmax_scale(cfg)
 
     def __call__(self, x_btd, rope, mask_bts, cache=None, cache_index=None):
-        """One layer. cache: this layer's (latent [B, S, C], k_rope [B, S, R]) or None.
+        """One layer. cache: this layer's (latent [B, S, C], k_rope [B, S, R]) or None; mask_bts:
+        dense [B, T, S] or a `layers.MaskInfo` (blockwise attention without a cache).
 
         Returns [B, T, D] and the updated cache.
         """
@@ -102,7 +103,10 @@ class MLAttention(nnx.Module):
             cache = (latent_btc, k_rope_btr)
             latent_btc, k_rope_btr = latent_btc.astype(dt), k_rope_btr.astype(dt)
         t, s = q_btnh.shape[1], latent_btc.shape[1]
-        attend = self._absorbed if _absorb_is_cheaper(t, s, C, P, R, Hv) else self._expanded
+        # a MaskInfo asks for blockwise attention, which needs per-head keys; the absorbed path
+        # would build the [B, N, T, S] float32 scores that blockwise attention is there to avoid
+        absorb = not isinstance(mask_bts, layers.MaskInfo) and _absorb_is_cheaper(t, s, C, P, R, Hv)
+        attend = self._absorbed if absorb else self._expanded
         out_btnh = attend(q_nope, q_rope, latent_btc, k_rope_btr, mask_bts)
         out = jnp.einsum("btnh,nhd->btd", out_btnh, self.wo_nhd[...].astype(dt))
         if self.bias:
@@ -130,7 +134,7 @@ class MLAttention(nnx.Module):
         k_rope = jnp.broadcast_to(k_rope_bsr[:, :, None, :], (*k_nope.shape[:3], k_rope_bsr.shape[-1]))
         q = jnp.concatenate([q_nope, q_rope], axis=-1)
         k = jnp.concatenate([k_nope, k_rope], axis=-1)
-        return layers.dot_product_attention(q, k, v_bsnh, mask_bts, self.scale)
+        return layers.attention(q, k, v_bsnh, mask_bts, self.scale)
 
     def _absorbed(self, q_nope, q_rope, latent_bsc, k_rope_bsr, mask_bts):
         """Attend in latent space: the key/value up-projections fold into the query and the

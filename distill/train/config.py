@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -20,6 +20,10 @@ class StudentConfig(Frozen):
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights and optimizer state
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute (bfloat16 on TPU / GPU)
     remat: Literal["none", "full", "dots", "dots_no_batch"] | None = None  # None: the model's own
+    # config fields changed on the loaded model that leave its weights' shapes alone, e.g. the
+    # R1-Distill students' longer context: {max_position_embeddings: 131072}
+    config_overrides: dict[Literal["max_position_embeddings", "rope_theta", "bos_token_id",
+                                   "eos_token_id"], Any] = {}
 
 
 class LossConfig(Frozen):

@@ -96,8 +96,20 @@ def load_student(cfg: TrainConfig, mesh):
         tokenizer = Tokenizer.from_pretrained(s.tokenizer)
     if tokenizer is None:
         raise DistillError(f"{s.init}: no tokenizer with this model; set student.tokenizer")
+    update = dict(s.config_overrides)
     if s.remat is not None:
-        model.config = model.config.model_copy(update={"remat": s.remat})
+        update["remat"] = s.remat
+    if getattr(model.config, "moe_dispatch", None) in ("auto", "capacity"):
+        # the capacity dispatch's round loop (a while_loop) has no reverse-mode gradient
+        from distill.models.experts import resolve_dispatch
+
+        if resolve_dispatch(model.config.moe_dispatch) == "capacity":
+            update["moe_dispatch"] = "ragged"
+    if update:  # validated again: a bad value names the field
+        from distill.config import validate
+
+        cfg = model.config
+        model.config = validate(type(cfg), {**cfg.model_dump(), **update}, "student.config_overrides")
     return model, tokenizer
 
 
@@ -177,6 +189,12 @@ def run_train(config_path: str | Path, overrides=(), *, progress: bool = True,
     devices = list(devices if devices is not None else jax.devices())
     mesh = make_mesh(parse_mesh(cfg.mesh) if cfg.mesh else {"fsdp": len(devices)}, devices)
     lead = jax.process_index() == 0
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = cfg.data.batch_size // cfg.train.grad_accum
+    if micro % shards:
+        raise DistillError(f"data.batch_size {cfg.data.batch_size} / train.grad_accum "
+                           f"{cfg.train.grad_accum} = {micro} rows per micro-batch, which the mesh's "
+                           f"data x fsdp = {shards} batch shards do not divide")
 
     model, tokenizer = load_student(cfg, mesh)
     data = TrainData.from_config(cfg.data, tokenizer, jax.process_index(), jax.process_count())
@@ -214,7 +232,9 @@ def run_train(config_path: str | Path, overrides=(), *, progress: bool = True,
     logged, stopped = [], False
     batches = data.batches(data_state)
     t_last, tokens_since = time.perf_counter(), 0
-    with StopFlag() as flag, TrainProgress(total, start, enabled=progress and lead) as bar:
+    # under the mesh, the model's activation constraints (sequence over `tensor`) take effect
+    with jax.set_mesh(mesh), StopFlag() as flag, \
+            TrainProgress(total, start, enabled=progress and lead) as bar:
         for step in range(start, total):
             batch, data_state = next(batches)
             state, metrics = step_fn(state, _device_batch(batch, b_sh))

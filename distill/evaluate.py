@@ -1,0 +1,269 @@
+"""`distill eval`: students and the teacher side by side on the same held-out prompts.
+
+Every model (in process or over HTTP) samples `protocol.k` completions per prompt (and one greedy
+completion), each is checked against the reference answer, and the report gives per model: pass@1
+with a 95% interval, cons@k, greedy accuracy, format compliance (a closed think block), response
+lengths, generated tokens/s, accuracy by difficulty, and, for students sharing the teacher's
+tokenizer, per-token KL and top-1 agreement on the teacher's traces (see
+`distill.evaluation.metrics` and `distill.evaluation.agreement` for the definitions).
+
+Generated tokens/s is over a model's whole sampling time (greedy pass included; for a model in
+process, JIT compilation too).
+
+Reproducible: sampling is seeded (per batch of prompts in process, per request over HTTP), so the
+same config and seed give the same report; wall-clock numbers live apart, under "timing".
+
+Outputs (in `output`, default students/eval/<name>/), written into a temporary folder and moved
+into place at the end, so a report directory is never half-written:
+eval.json, eval.md, samples.jsonl (one line per model, prompt and sample) and plots/*.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import re
+import time
+from pathlib import Path
+
+from distill.config import apply_overrides, parse_overrides, read_yaml, validate
+from distill.errors import DistillError
+from distill.evaluation.config import EvalConfig, model_name, resolve
+from distill.sampling import SamplingParams
+from distill.traces.records import PromptRecord, Sample
+from distill.traces.verify import answers_match, extract_answer, split_think
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EvalConfig", "load_eval_config", "run_eval"]
+
+
+@dataclasses.dataclass
+class Outcome:
+    """One completion, checked."""
+
+    sample_index: int
+    completion: str
+    predicted: str | None
+    correct: bool
+    think_closed: bool
+    tokens: int
+    finish_reason: str
+
+
+@dataclasses.dataclass
+class ModelRun:
+    """Everything one model produced: samples [P][k], greedy [P] (or None), sampling wall time,
+    teacher agreement (or None) and notes on what was skipped."""
+
+    entry: object
+    name: str
+    samples: list[list[Outcome]]
+    greedy: list[Outcome] | None
+    seconds: float
+    agreement: dict | None
+    notes: list[str]
+
+
+def load_eval_config(path: str | Path, overrides=()) -> EvalConfig:
+    """The validated config; errors name the file and the dotted key (models.N.key)."""
+    data = apply_overrides(read_yaml(path), parse_overrides(overrides))
+    try:
+        return validate(EvalConfig, data, str(path))
+    except DistillError as e:  # drop the union tag pydantic puts in the location
+        raise DistillError(re.sub(r"(models\.\d+)\.(jax|openai)\b", r"\1", str(e))) from None
+
+
+def run_eval(config_path: str | Path, overrides=(), *, progress: bool = True) -> dict:
+    """Evaluate the models a config lists and write the report; returns the eval.json content."""
+    from distill.evaluation.report import build_report, write_outputs
+    from distill.traces.prompts import load_prompts
+
+    config_path = Path(config_path)
+    cfg = load_eval_config(config_path, overrides)
+    base_dir = config_path.parent
+    name = cfg.name or config_path.stem
+    out_dir = Path(cfg.output) if cfg.output else Path("students") / "eval" / name
+    prompts = load_prompts(cfg.prompts, base_dir)
+    _check_references(prompts, config_path)
+    _check_models(cfg, base_dir)
+    kl = _prepare_kl(cfg, prompts, base_dir)
+    curves = _loss_curves(cfg, base_dir)
+    runs = []
+    with _Progress(progress) as bar:
+        for entry in cfg.models:
+            runs.append(evaluate_model(entry, prompts, cfg, base_dir, kl, bar))
+            gc.collect()  # free one model's buffers before the next one loads
+    report = build_report(name, out_dir, cfg, prompts, runs)
+    write_outputs(out_dir, report, runs, prompts, curves)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks before anything is sampled
+
+
+def _check_references(prompts: list[PromptRecord], config_path: Path) -> None:
+    missing = next((p.id for p in prompts if p.reference is None), None)
+    if missing is not None:
+        raise DistillError(f"{config_path}: prompt {missing!r} has no reference answer; every "
+                           "evaluated prompt needs one (see prompts.columns.reference)")
+
+
+def _check_models(cfg: EvalConfig, base_dir: Path) -> None:
+    """A missing model path fails here, in one line, before any model is sampled."""
+    from distill.pretrained import model_kind
+
+    for entry in cfg.models:
+        if entry.kind == "jax":
+            model_kind(resolve(entry.model, base_dir))
+
+
+@dataclasses.dataclass
+class _KL:
+    traces: list
+    fingerprint: str | None  # the teacher tokenizer's; None when unknown
+    note: str | None
+
+
+def _prepare_kl(cfg: EvalConfig, prompts: list[PromptRecord], base_dir: Path) -> _KL | None:
+    if cfg.kl is None:
+        return None
+    from distill.evaluation.agreement import (
+        load_kl_traces,
+        teacher_tokenizer,
+        tokenizer_fingerprint,
+    )
+
+    traces = load_kl_traces(cfg.kl, {p.id for p in prompts}, base_dir)
+    teacher = next((m for m in cfg.models if m.role == "teacher"), None)
+    tokenizer, note = teacher_tokenizer(cfg.kl, teacher, base_dir)
+    if tokenizer is None and note is None:
+        note = "the teacher model carries no tokenizer (set kl.tokenizer)"
+    return _KL(traces, tokenizer_fingerprint(tokenizer) if tokenizer else None, note)
+
+
+# ---------------------------------------------------------------------------------------------
+# One model
+
+
+def evaluate_model(entry, prompts: list[PromptRecord], cfg: EvalConfig, base_dir: Path,
+                   kl: _KL | None, bar=None) -> ModelRun:
+    """Sample, check and (when it applies) score one model."""
+    from distill.traces.generate import make_teacher
+
+    name = model_name(entry)
+    p = cfg.protocol
+    params = SamplingParams(max_new_tokens=p.max_new_tokens, temperature=p.temperature,
+                            top_p=p.top_p, top_k=p.top_k, n=p.k, seed=p.seed)
+    greedy_params = SamplingParams(max_new_tokens=p.max_new_tokens, temperature=0.0, n=1,
+                                   seed=p.seed)
+    backend = make_teacher(entry, base_dir)
+    try:
+        on_sample = bar.model(name, len(prompts) * (p.k + p.greedy)) if bar else None
+        t0 = time.perf_counter()
+        samples = backend.complete(prompts, params, p.system, on_sample=on_sample)
+        greedy = (backend.complete(prompts, greedy_params, p.system, on_sample=on_sample)
+                  if p.greedy else None)
+        seconds = time.perf_counter() - t0
+        scores, notes = _agreement(entry, backend, kl)
+    finally:
+        if hasattr(backend, "close"):
+            backend.close()
+        del backend
+    judged = [[_judge(s, prompt, cfg.answer_pattern) for s in _in_order(group, p.k, prompt)]
+              for prompt, group in zip(prompts, samples, strict=True)]
+    greedy_judged = None if greedy is None else [
+        _judge(_in_order(g, 1, prompt)[0], prompt, cfg.answer_pattern)
+        for prompt, g in zip(prompts, greedy, strict=True)]
+    return ModelRun(entry, name, judged, greedy_judged, seconds, scores, notes)
+
+
+def _in_order(group: list[Sample], n: int, prompt: PromptRecord) -> list[Sample]:
+    if len(group) != n:
+        raise DistillError(f"prompt {prompt.id}: the model returned {len(group)} samples, "
+                           f"expected {n}")
+    return sorted(group, key=lambda s: s.sample_index)
+
+
+def _judge(sample: Sample, prompt: PromptRecord, pattern: str | None) -> Outcome:
+    """The final answer is read from the text after `</think>` (the whole text without tags),
+    as trace generation reads it."""
+    split = split_think(sample.completion)
+    predicted = extract_answer(split.answer, pattern)
+    correct = predicted is not None and answers_match(predicted, prompt.reference)
+    return Outcome(sample.sample_index, sample.completion, predicted, correct, split.closed,
+                   sample.completion_tokens, sample.finish_reason)
+
+
+def _agreement(entry, backend, kl: _KL | None) -> tuple[dict | None, list[str]]:
+    """The KL / top-1 agreement of a student that shares the teacher's tokenizer, else a note."""
+    if kl is None:
+        return None, []
+    if entry.role == "teacher":
+        return None, ["KL: not computed for the teacher itself"]
+    if entry.kind != "jax":
+        return None, ["KL: needs the model in process (an HTTP model gives no logits)"]
+    if kl.fingerprint is None:
+        return None, [f"KL: {kl.note}"]
+    from distill.evaluation.agreement import agreement, tokenizer_fingerprint
+
+    if tokenizer_fingerprint(backend.tokenizer) != kl.fingerprint:
+        return None, ["KL: the tokenizer differs from the teacher's, so the stored teacher "
+                      "token ids mean nothing to this model"]
+    scores = agreement(backend.model, backend.tokenizer, kl.traces)
+    notes = [f"KL: {scores['skipped']} trace(s) skipped (top-k rows do not line up with the "
+             "rendered completion)"] if scores["skipped"] else []
+    return scores, notes
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss curves and progress
+
+
+def _loss_curves(cfg: EvalConfig, base_dir: Path) -> dict[str, Path]:
+    """{model name: metrics.jsonl} for the models that have one (given, or in their run dir)."""
+    curves = {}
+    for entry in cfg.models:
+        path = resolve(entry.metrics, base_dir) if entry.metrics else None
+        if path is None and entry.kind == "jax":
+            run = resolve(entry.model, base_dir)
+            path = run / "metrics.jsonl" if (run / "model.json").is_file() else None
+        if path is not None and entry.metrics and not path.is_file():
+            raise DistillError(f"{path}: metrics file not found (models: {model_name(entry)})")
+        if path is not None and path.is_file():
+            curves[model_name(entry)] = path
+    return curves
+
+
+class _Progress:
+    """A rich progress bar per model: samples done of all (k per prompt, plus greedy)."""
+
+    def __init__(self, enabled: bool):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        self.bar = Progress(TextColumn("[bold]eval {task.description}"), BarColumn(),
+                            MofNCompleteColumn(), TextColumn("samples · {task.fields[tps]:.1f} tok/s"),
+                            console=Console(stderr=True), disable=not enabled)
+
+    def __enter__(self) -> _Progress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+    def model(self, name: str, total: int):
+        """The on_sample callback of one model's sampling."""
+        task = self.bar.add_task(name, total=total, tps=0.0)
+        t0, tokens = time.perf_counter(), [0]
+
+        def on_sample(sample: Sample) -> None:
+            tokens[0] += sample.completion_tokens
+            tps = tokens[0] / max(time.perf_counter() - t0, 1e-9)
+            self.bar.update(task, advance=1, tps=tps)
+
+        return on_sample
+

@@ -1,0 +1,155 @@
+"""Per-token agreement of a student with the teacher on the teacher's own traces.
+
+Each trace is rendered for the student exactly as training renders it
+(`distill.train.data.render_example`: chat-templated prompt, then
+`{reasoning}\\n</think>\\n\\n{answer}` and EOS), and the student runs one forward pass over it.
+At completion token j the teacher's stored top-k (ids and log-probabilities) meets the student's
+next-token distribution p at the position before it:
+
+- kl: sum_k q_k (log q_k - log p(id_k)), q the teacher's top-k renormalised over its k entries,
+  p the student's softmax over the full vocabulary read at those ids (nats per token, >= 0). This
+  is the `forward_kl` distillation loss at temperature 1, so it is directly the quantity logit
+  distillation minimises; student mass outside the teacher's top-k counts against it.
+- top1_agreement: the student's argmax equals the teacher's most likely token.
+
+Both are token-level means over every scored completion token of every trace. Stored ids mean the
+teacher's token ids, so only a student whose vocabulary is the teacher's (same token -> id map) is
+scored; a trace whose top-k rows do not line up one to one with the student's completion tokens
+(rows == tokens, or one fewer when the teacher stopped before scoring EOS) is skipped and counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from distill.errors import DistillError
+from distill.evaluation.config import KLConfig, resolve
+
+_BUCKET = 64  # sequences are right-padded to a multiple of this (fewer recompiles)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of the token -> id map (added tokens included): equal iff ids mean the same."""
+    vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
+    text = json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of any MODEL path (HF directory, GGUF file, students/<run>, tokenizer
+    directory), or None when the path carries none (a preset YAML)."""
+    from distill.tokenizer import Tokenizer
+
+    p = Path(path)
+    if not p.exists():
+        raise DistillError(f"{p}: no such file or directory (the teacher's tokenizer)")
+    if p.is_dir() and (p / "model.json").is_file() and (p / "tokenizer").is_dir():
+        return Tokenizer.from_pretrained(p / "tokenizer")
+    if p.suffix in (".yaml", ".yml"):
+        return None
+    return Tokenizer.from_pretrained(p)
+
+
+def teacher_tokenizer(cfg: KLConfig, teacher_entry, base_dir: Path | None):
+    """(tokenizer, None) or (None, why not): kl.tokenizer, else the jax teacher entry's
+    tokenizer or model, else the model named by the traces' manifest (a jax teacher)."""
+    from distill.traces.store import read_manifest
+
+    if cfg.tokenizer:
+        return load_tokenizer(resolve(cfg.tokenizer, base_dir)), None
+    if teacher_entry is not None and teacher_entry.kind == "jax":
+        source = teacher_entry.tokenizer or teacher_entry.model
+        return load_tokenizer(resolve(source, base_dir)), None
+    teacher = read_manifest(resolve(cfg.traces, base_dir)).get("teacher") or {}
+    if teacher.get("kind") == "jax" and Path(teacher.get("model", "")).exists():
+        return load_tokenizer(teacher["model"]), None
+    return None, "the teacher's tokenizer is unknown (set kl.tokenizer)"
+
+
+def load_kl_traces(cfg: KLConfig, prompt_ids: set[str], base_dir: Path | None) -> list:
+    """The first `max_samples` traces (run order) that carry teacher top-k log-probabilities,
+    of the evaluated prompts only when `only_eval_prompts`."""
+    from distill.train.data import read_traces
+
+    path = resolve(cfg.traces, base_dir)
+    [traces] = read_traces([path], keep="all", with_teacher=True).datasets
+    kept = [t for t in traces if t.top_ids is not None and len(t.top_ids)
+            and (not cfg.only_eval_prompts or t.id.rsplit("#", 1)[0] in prompt_ids)]
+    if not kept:
+        where = " for the evaluated prompts (set kl.only_eval_prompts: false to use them all)" \
+            if cfg.only_eval_prompts else ""
+        raise DistillError(f"{path}: no trace with teacher top-k log-probabilities{where}")
+    return kept[:cfg.max_samples]
+
+
+def _prepare(trace, tokenizer) -> dict | None:
+    """Padded [1, T] arrays for one trace, or None when its top-k rows do not line up."""
+    from distill.train.data import render_example
+
+    try:
+        ids, mask = render_example(tokenizer, trace.prompt, trace.reasoning, trace.answer)
+    except DistillError:
+        return None
+    first = int(np.argmax(mask))  # the first completion token
+    rows = len(trace.top_ids)
+    if rows not in (len(ids) - first, len(ids) - first - 1):
+        return None
+    if int(trace.top_ids.max()) >= tokenizer.vocab_size:
+        return None
+    t = -(-len(ids) // _BUCKET) * _BUCKET
+    k = trace.top_ids.shape[1]
+    out = {"tokens": np.zeros((1, t), np.int32), "targets": np.zeros((1, t), np.int32),
+           "mask": np.zeros((1, t), bool), "top_ids": np.zeros((1, t, k), np.int32),
+           "top_lps": np.full((1, t, k), -np.inf, np.float32)}
+    out["tokens"][0, :len(ids)] = ids
+    # completion token j is predicted at position first + j - 1
+    span = slice(first - 1, first - 1 + rows)
+    best = np.argmax(trace.top_logprobs, axis=1)
+    out["targets"][0, span] = trace.top_ids[np.arange(rows), best]  # the teacher's top-1
+    out["mask"][0, span] = True
+    out["top_ids"][0, span] = trace.top_ids
+    out["top_lps"][0, span] = trace.top_logprobs
+    return out
+
+
+def _score_fn():
+    import jax
+    from flax import nnx
+
+    from distill.train.losses import TeacherTopK, chunked_loss
+
+    @partial(jax.jit, static_argnums=0)
+    def score(graphdef, state, tokens, targets, mask, top_ids, top_lps):
+        model = nnx.merge(graphdef, state)
+        _, m = chunked_loss(model.hidden(tokens), model.logits, targets, mask,
+                            TeacherTopK(top_ids, top_lps), kind="forward_kl", alpha=1.0)
+        # sums, so traces add up to token-level means
+        return m["kd"] * m["kd_tokens"], m["kd_tokens"], m["accuracy"] * m["tokens"], m["tokens"]
+
+    return score
+
+
+def agreement(model, tokenizer, traces: list) -> dict:
+    """{"traces", "skipped", "tokens", "kl", "top1_agreement"} of a student on `traces`."""
+    from flax import nnx
+
+    score = _score_fn()
+    graphdef, state = nnx.split(model)
+    kl_sum = kl_tokens = hits = tokens = 0.0
+    used = 0
+    for trace in traces:
+        batch = _prepare(trace, tokenizer)
+        if batch is None:
+            continue
+        a, b, c, d = score(graphdef, state, **batch)
+        kl_sum, kl_tokens = kl_sum + float(a), kl_tokens + float(b)
+        hits, tokens = hits + float(c), tokens + float(d)
+        used += 1
+    return {"traces": used, "skipped": len(traces) - used, "tokens": int(tokens),
+            "kl": kl_sum / kl_tokens if kl_tokens else None,
+            "top1_agreement": hits / tokens if tokens else None}

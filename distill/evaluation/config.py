@@ -1,0 +1,141 @@
+"""The `distill eval` config: held-out prompts, the models to compare, the sampling protocol.
+
+```yaml
+name: qwen-1.5b-vs-r1            # default: the config file's stem
+prompts: {source: synthetic, split: heldout, heldout_fraction: 0.2}
+models:
+  - {name: student, model: students/qwen-1.5b}            # kind jax (default): in process
+  - {name: r1, role: teacher, kind: openai, base_url: http://127.0.0.1:8000/v1, model: r1}
+protocol: {k: 4, temperature: 0.6, top_p: 0.95, max_new_tokens: 4096, seed: 0, greedy: true}
+answer_pattern: null             # regex with one group, used when there is no \\boxed{}
+kl: {traces: teacher_traces/r1-math, max_samples: 64}
+output: null                     # default: students/eval/<name>
+```
+
+A model entry is a `distill generate` teacher config (`kind: jax` with any MODEL path, or
+`kind: openai`) plus `name` (default: the model path's last part), `role` (student | teacher; at
+most one teacher) and `metrics` (a metrics.jsonl for the loss-curve plot; a students/<run> model
+uses its own).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
+
+from distill.config import Frozen
+from distill.traces.generate import OpenAITeacherConfig
+from distill.traces.jax_teacher import JaxTeacherConfig
+from distill.traces.prompts import PromptsConfig
+
+
+class EntryFields(Frozen):
+    """What an evaluated model adds to a teacher config."""
+
+    name: str | None = None
+    role: Literal["student", "teacher"] = "student"
+    metrics: str | None = None  # metrics.jsonl of the model's training run (loss-curve plot)
+
+
+class JaxModelConfig(JaxTeacherConfig, EntryFields):
+    """A model sampled in process (any MODEL path, a students/<run> directory included)."""
+
+
+class OpenAIModelConfig(OpenAITeacherConfig, EntryFields):
+    """A model behind an OpenAI-compatible chat completions endpoint."""
+
+
+def _kind(value) -> str | None:
+    """The union tag: `kind`, "jax" when left out."""
+    if isinstance(value, dict):
+        return value.get("kind", "jax")
+    return getattr(value, "kind", None)
+
+
+ModelEntry = Annotated[
+    Annotated[JaxModelConfig, Tag("jax")] | Annotated[OpenAIModelConfig, Tag("openai")],
+    Discriminator(_kind, custom_error_type="invalid_kind",
+                  custom_error_message="kind must be jax (in process) or openai (an "
+                                       "OpenAI-compatible server)")]
+
+
+class ProtocolConfig(Frozen):
+    """How every model is sampled. Defaults: DeepSeek-R1's evaluation protocol (k samples per
+    prompt at temperature 0.6, top-p 0.95, pass@1 averaged over them), except the token budget:
+    R1 allowed 32768 tokens; 4096 keeps an in-process KV cache modest (raise it for long traces)."""
+
+    k: int = Field(4, ge=1)  # samples per prompt
+    temperature: float = Field(0.6, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    max_new_tokens: int = Field(4096, ge=1)
+    seed: int = 0
+    greedy: bool = True  # one extra greedy (temperature 0) sample per prompt
+    system: str | None = None  # R1 recommends none: all instructions in the user prompt
+
+
+class KLConfig(Frozen):
+    """Per-token agreement with the teacher on its stored traces (see `distill.evaluation.agreement`).
+
+    traces: a teacher_traces/<run> directory whose rows carry top-k log-probabilities.
+    tokenizer: where the teacher's tokenizer is (default: the teacher entry's model, else the
+    model the traces' manifest names). only_eval_prompts: use only traces of the evaluated prompts
+    (held out from training when the prompts are).
+    """
+
+    traces: str
+    max_samples: int = Field(64, ge=1)
+    tokenizer: str | None = None
+    only_eval_prompts: bool = True
+
+
+class EvalConfig(Frozen):
+    """A `distill eval` config (see the module docstring)."""
+
+    name: str | None = None
+    prompts: PromptsConfig
+    models: list[ModelEntry] = Field(min_length=1)
+    protocol: ProtocolConfig = ProtocolConfig()
+    answer_pattern: str | None = None
+    kl: KLConfig | None = None
+    output: str | None = None  # the report directory; default students/eval/<name>
+
+    @field_validator("answer_pattern")
+    @classmethod
+    def _one_group(cls, pattern: str | None) -> str | None:
+        if pattern is None:
+            return None
+        try:
+            groups = re.compile(pattern).groups
+        except re.error as e:
+            raise ValueError(f"not a valid regex: {e}") from None
+        if groups != 1:
+            raise ValueError(f"needs exactly one capture group (the answer), has {groups}")
+        return pattern
+
+    @model_validator(mode="after")
+    def _names_and_roles(self) -> EvalConfig:
+        names = [model_name(m) for m in self.models]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup is not None:
+            raise ValueError(f"two models are named {dup!r}; give each a distinct name")
+        if sum(m.role == "teacher" for m in self.models) > 1:
+            raise ValueError("more than one model has role: teacher (at most one)")
+        return self
+
+
+def model_name(entry) -> str:
+    """The entry's name, or the last part of its model path / served model name."""
+    return entry.name or Path(entry.model.rstrip("/")).name or entry.model
+
+
+def resolve(path: str, base_dir: Path | None) -> Path:
+    """A path relative to the config file's folder when it exists there, else as given (the rule
+    `distill generate` applies to model paths)."""
+    p = Path(path).expanduser()
+    if base_dir is not None and not p.is_absolute() and (Path(base_dir) / p).exists():
+        return Path(base_dir) / p
+    return p

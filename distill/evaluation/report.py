@@ -1,0 +1,174 @@
+"""The report of `distill eval`: eval.json, eval.md, samples.jsonl and plots, written together.
+
+eval.json holds, per model, only numbers the samples determine (so the same seed gives the same
+file), with wall-clock figures apart under "timing".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from distill.evaluation import metrics as M
+from distill.evaluation.config import EvalConfig
+from distill.fsutil import fsync_dir
+from distill.traces.records import PromptRecord
+
+
+def model_metrics(run, prompts: list[PromptRecord]) -> dict:
+    """One model's section of eval.json (see the module docstrings for the definitions)."""
+    correct = [[o.correct for o in group] for group in run.samples]
+    answers = [[o.predicted for o in group] for group in run.samples]
+    flat = [o for group in run.samples for o in group]
+    lo, hi = M.pass_at_1_ci(correct)
+    entry = run.entry
+    out = {
+        "name": run.name, "role": entry.role, "kind": entry.kind, "model": entry.model,
+        "pass@1": {"value": M.pass_at_1(correct), "ci95": [lo, hi]},
+        "cons@k": M.proportion(M.cons_correct(answers, correct)),
+        "greedy": None if run.greedy is None else M.proportion([o.correct for o in run.greedy]),
+        "format": sum(o.think_closed for o in flat) / len(flat),
+        "truncated": sum(o.finish_reason == "length" for o in flat) / len(flat),
+        "lengths": M.length_stats([o.tokens for o in flat]),
+        "by_difficulty": M.by_difficulty(correct, [p.meta.get("difficulty") for p in prompts]),
+        "agreement": run.agreement,
+        "notes": run.notes,
+    }
+    return out
+
+
+def timing(run) -> dict:
+    """Wall-clock figures: sampling seconds (greedy pass included), generated tokens, tokens/s."""
+    tokens = sum(o.tokens for group in run.samples for o in group)
+    tokens += sum(o.tokens for o in run.greedy or [])
+    return {"seconds": run.seconds, "generated_tokens": tokens,
+            "tokens_per_s": tokens / run.seconds if run.seconds > 0 else None}
+
+
+def build_report(name: str, out_dir: Path, cfg: EvalConfig, prompts: list[PromptRecord],
+                 runs: list) -> dict:
+    """eval.json's content."""
+    return {
+        "name": name,
+        "output": str(out_dir),
+        "prompts": {"count": len(prompts), "source": cfg.prompts.source,
+                    "split": cfg.prompts.split,
+                    "with_difficulty": sum("difficulty" in p.meta for p in prompts)},
+        "protocol": cfg.protocol.model_dump(),
+        "answer_pattern": cfg.answer_pattern,
+        "models": [model_metrics(run, prompts) for run in runs],
+        "timing": {run.name: timing(run) for run in runs},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def _with_ci(m: dict | None) -> str:
+    if m is None:
+        return "–"
+    lo, hi = m["ci95"]
+    return f"{_pct(m['value'])} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def _num(x, fmt: str = ".3f") -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def _rows(model: dict, timing_: dict, k: int) -> dict[str, str]:
+    a = model["agreement"] or {}
+    lengths = model["lengths"]
+    rows = {
+        f"pass@1 (k={k}) [95% CI]": _with_ci(model["pass@1"]),
+        f"cons@{k} [95% CI]": _with_ci(model["cons@k"]),
+        "greedy [95% CI]": _with_ci(model["greedy"]),
+        "format (think closed)": _pct(model["format"]),
+        "truncated": _pct(model["truncated"]),
+        "length mean / p50 / p90 (tokens)":
+            f"{lengths['mean']:.0f} / {lengths['p50']:.0f} / {lengths['p90']:.0f}",
+        "generated tokens/s": _num(timing_["tokens_per_s"], ".1f"),
+        "KL to teacher (nats/token)": _num(a.get("kl"), ".4f"),
+        "top-1 agreement": _pct(a.get("top1_agreement")),
+    }
+    for d, v in model["by_difficulty"].items():
+        rows[f"pass@1, difficulty {d}"] = f"{_pct(v['pass@1'])} (n={v['prompts']})"
+    return rows
+
+
+def markdown(report: dict) -> str:
+    """A table: a row per metric, a column per model, students first and the teacher last."""
+    models = sorted(report["models"], key=lambda m: m["role"] == "teacher")
+    k = report["protocol"]["k"]
+    cols = [_rows(m, report["timing"][m["name"]], k) for m in models]
+    names = [f"**{m['name']}** (teacher)" if m["role"] == "teacher" else m["name"] for m in models]
+    keys = list(dict.fromkeys(key for c in cols for key in c))
+    lines = [f"# eval: {report['name']}", "",
+             f"{report['prompts']['count']} prompts ({report['prompts']['source']}, split "
+             f"{report['prompts']['split']}); temperature {report['protocol']['temperature']}, "
+             f"top-p {report['protocol']['top_p']}, {k} samples per prompt, seed "
+             f"{report['protocol']['seed']}.", "",
+             "| metric | " + " | ".join(names) + " |",
+             "|---|" + "---|" * len(names)]
+    lines += [f"| {key} | " + " | ".join(c.get(key, "–") for c in cols) + " |" for key in keys]
+    notes = [f"- {m['name']}: {n}" for m in models for n in m["notes"]]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def sample_rows(runs: list, prompts: list[PromptRecord]):
+    """samples.jsonl rows: one per model, prompt and sample (greedy ones marked)."""
+    for run in runs:
+        for prompt, group, g in zip(prompts, run.samples, run.greedy or [None] * len(prompts),
+                                    strict=True):
+            for o, greedy in [(o, False) for o in group] + ([(g, True)] if g else []):
+                yield {"model": run.name, "prompt_id": prompt.id, "sample_index": o.sample_index,
+                       "greedy": greedy, "reference": prompt.reference,
+                       "predicted": o.predicted, "correct": o.correct,
+                       "think_closed": o.think_closed, "tokens": o.tokens,
+                       "finish_reason": o.finish_reason, "completion": o.completion}
+
+
+def write_outputs(out_dir: Path, report: dict, runs: list, prompts: list[PromptRecord],
+                  loss_curves: dict[str, Path]) -> None:
+    """Write every file into a temporary sibling folder, then swap it in for `out_dir`."""
+    from distill import plots
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        with open(tmp / "samples.jsonl", "w", encoding="utf-8") as f:
+            for row in sample_rows(runs, prompts):
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        (tmp / "eval.md").write_text(markdown(report), encoding="utf-8")
+        lengths = {run.name: [o.tokens for g in run.samples for o in g]
+                   for run in sorted(runs, key=lambda r: r.entry.role == "teacher")}
+        plots.write_all(tmp / "plots", report["models"], lengths, loss_curves)
+        (tmp / "eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n",
+                                       encoding="utf-8")
+        _swap_in(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Replace `target` by `new`; the old report is removed only once the new one is in place."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(new, target)
+    fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,105 @@
+"""`distill export`: any MODEL (a students/<run> checkpoint above all) to a Hugging Face directory
+that transformers, vLLM and SGLang load as they are: config.json, sharded safetensors with an index,
+generation_config.json with the R1-Distill sampling defaults, the tokenizer with its chat template,
+and a model card naming the teacher, the traces, the training config and the eval results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from distill.errors import DistillError
+from distill.fsutil import write_atomic
+
+# DeepSeek-R1's recommendation for its distilled students (model card "Usage Recommendations").
+R1_GENERATION = {"do_sample": True, "temperature": 0.6, "top_p": 0.95}
+
+
+def export(checkpoint: str | Path, out_dir: str | Path, *, dtype: str = "bfloat16",
+           force: bool = False, eval_report: str | Path | None = None) -> Path:
+    """Write the HF directory; returns its path. `eval_report`: an eval.json from `distill eval`
+    to quote in the model card (default: none)."""
+    from distill.pretrained import load_pretrained, model_kind, save_pretrained
+
+    checkpoint = Path(checkpoint)
+    kind = model_kind(checkpoint)
+    if kind == "preset":
+        raise DistillError(f"{checkpoint}: a preset has random weights; export a trained "
+                           "students/<run> directory or a model directory")
+    model, tokenizer = load_pretrained(checkpoint)
+    if tokenizer is None:
+        raise DistillError(f"{checkpoint}: no tokenizer to export with the model")
+    out = save_pretrained(model, tokenizer, out_dir, dtype=dtype, overwrite=force,
+                          generation_config=R1_GENERATION)
+    card = model_card(checkpoint if kind == "run" else None, str(checkpoint), model, eval_report)
+    write_atomic(out / "README.md", card.encode())
+    return out
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _training_facts(run_dir: Path) -> tuple[dict, list[str], dict | None]:
+    """(resolved training config, trace-set lines, last metrics) of a students/<run>."""
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (
+        run_dir / "config.yaml").is_file() else {}
+    traces = []
+    for path in (cfg.get("data") or {}).get("traces", []):
+        manifest = _read_json(Path(path) / "manifest.json") or {}
+        teacher = manifest.get("teacher") or {}
+        if teacher:
+            source = f"teacher `{teacher.get('model')}` ({teacher.get('kind')})"
+        elif (manifest.get("config") or {}).get("reference"):
+            source = "reference solutions"
+        else:
+            source = "an unknown source"
+        records = (manifest.get("totals") or {}).get("records", "?")
+        traces.append(f"`{path}`: {records} traces from {source}")
+    last = None
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+        losses = [r for r in rows if "loss" in r]
+        last = losses[-1] if losses else None
+    return cfg, traces, last
+
+
+def model_card(run_dir: Path | None, source: str, model, eval_report) -> str:
+    """The README.md of an exported student."""
+    from distill.models import hf
+
+    c = model.config
+    lines = ["---", "library_name: transformers", "tags: [distill, reasoning, distillation]", "---",
+             "", f"# {Path(source).name}", "",
+             f"A {hf.param_count(c) / 1e6:.1f}M-parameter {c.family} model "
+             f"({hf.config_to_hf(c)['architectures'][0]}), exported by `distill export` from "
+             f"`{source}`.", "",
+             "Its chat template opens the reasoning with `<think>`; sample with the R1-Distill "
+             "settings in generation_config.json (temperature 0.6, top-p 0.95).", ""]
+    if run_dir is not None:
+        cfg, traces, last = _training_facts(run_dir)
+        lines += ["## Training", ""]
+        lines += [f"- Trace data: {t}" for t in traces] or ["- Trace data: (unknown)"]
+        loss = cfg.get("loss", {})
+        lines += [f"- Loss: `{json.dumps(loss)}`",
+                  f"- Student init: `{(cfg.get('student') or {}).get('init')}`"]
+        if last:
+            lines.append(f"- Final logged training loss: {last['loss']:.4f} at step {last['step']}")
+        lines += ["", "<details><summary>training config</summary>", "", "```yaml",
+                  yaml.safe_dump(cfg, sort_keys=False).strip(), "```", "</details>", ""]
+    if eval_report is not None:
+        report = _read_json(Path(eval_report))
+        if report is None:
+            raise DistillError(f"{eval_report}: not a readable eval.json")
+        md = Path(eval_report).with_name("eval.md")
+        lines += ["## Evaluation", ""]
+        lines += [md.read_text().strip()] if md.is_file() else [
+            "```json", json.dumps(report, indent=2)[:4000], "```"]
+        lines.append("")
+    return "\n".join(lines) + "\n"

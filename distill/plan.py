@@ -1,0 +1,306 @@
+"""`distill plan`: will this model train (or generate) on this mesh? Answered before allocating.
+
+The real training step (or the teacher's decode step) is compiled ahead of time for abstract,
+sharded inputs on as many fake CPU devices as the mesh has; XLA's memory analysis gives the bytes
+per device for arguments and temporaries and its cost analysis the FLOPs. Beside it, an analytic
+count (parameters, optimizer state and gradients from the real shardings; activations from the
+shapes) is printed, because XLA's CPU analysis can overstate what a GPU or TPU holds (it upcasts
+bfloat16 matmuls and fuses less). The verdict says which figure it uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from distill.errors import DistillError
+
+GiB = 2**30
+_VERDICT_LABEL = {"larger": "the larger of the analytic and XLA totals",
+                  "analytic": "the analytic total", "compiler": "the XLA total"}
+
+
+@dataclasses.dataclass
+class PlanReport:
+    model: str
+    mode: str
+    mesh: dict
+    batch: int
+    seq_len: int
+    params: int
+    device_memory: float  # bytes
+    compiler: dict  # argument / output / alias / temp / total bytes per device, flops
+    analytic: dict  # params / optimizer / gradients / activations / total bytes per device
+    compile_s: float
+    fits: bool
+    verdict_source: str
+
+    def table(self) -> str:
+        c, a = self.compiler, self.analytic
+        rows = [("parameters", a["params"], c.get("argument")),
+                ("optimizer state", a.get("optimizer", 0), None),
+                ("gradients", a.get("gradients", 0), None),
+                ("activations / cache", a["activations"], None),
+                ("temporaries", None, c.get("temp")),
+                ("total per device", a["total"], c.get("total"))]
+        mesh = ",".join(f"{k}={v}" for k, v in self.mesh.items())
+        lines = [f"plan: {self.model}, mode {self.mode}, mesh {mesh} ({math.prod(self.mesh.values())} "
+                 f"devices), batch {self.batch} x {self.seq_len} tokens, "
+                 f"{self.params / 1e9:.2f}B parameters",
+                 "", "| per device | analytic | XLA (CPU) |", "|---|---|---|"]
+        for name, ana, comp in rows:
+            lines.append(f"| {name} | {_gib(ana)} | {_gib(comp)} |")
+        flops = c.get("flops")
+        lines += ["", f"FLOPs per step per device (XLA): {flops:.3e}" if flops else
+                  "FLOPs per step per device (XLA): n/a",
+                  f"compiled in {self.compile_s:.1f} s",
+                  f"verdict ({_VERDICT_LABEL[self.verdict_source]} vs "
+                  f"{_gib(self.device_memory)} per device): "
+                  + ("FITS" if self.fits else "DOES NOT FIT")]
+        return "\n".join(lines)
+
+
+def _gib(x) -> str:
+    return "-" if x is None else f"{x / GiB:.2f} GiB"
+
+
+def parse_bytes(text: str) -> float:
+    """'80GB' / '80GiB' / '96e9' -> bytes (GB and GiB both read as 2**30, as device specs mean)."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]i?B?)?\s*", text)
+    if not m:
+        raise DistillError(f"--device-memory {text!r}: expected e.g. 80GB")
+    scale = {None: 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[
+        m[2][0] if m[2] else None]
+    return float(m[1]) * scale
+
+
+# ---------------------------------------------------------------------------------------------
+# Running with enough fake devices
+
+
+def ensure_devices(n: int, argv: list[str]) -> bool:
+    """True when this process can use n CPU devices; otherwise re-run `argv` in a child process
+    started with n fake CPU devices (JAX fixes its device count when it first starts)."""
+    import jax
+
+    if len(jax.devices("cpu")) >= n:
+        return True
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "DISTILL_PLAN_CHILD": "1",
+           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
+                        f"--xla_force_host_platform_device_count={n}".strip()}
+    if os.environ.get("DISTILL_PLAN_CHILD"):
+        raise DistillError(f"could not start {n} fake CPU devices")
+    proc = subprocess.run([sys.executable, "-m", "distill.cli", *argv], env=env)
+    raise SystemExit(proc.returncode)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the abstract problem
+
+
+def _model_config(config_path: Path, overrides):
+    """The model config and the training config (None for a bare preset YAML)."""
+    from distill.config import load_model_config, read_yaml
+
+    data = read_yaml(config_path)
+    if "model" in data:
+        return load_model_config(config_path, overrides), None
+    if "student" in data:
+        from distill.config import load_config
+        from distill.train.config import TrainConfig
+
+        cfg = load_config(TrainConfig, config_path, overrides)
+        init = Path(cfg.student.init)
+        if init.suffix in (".yaml", ".yml"):
+            model = load_model_config(init, [f"model.param_dtype={cfg.student.param_dtype}",
+                                             f"model.dtype={cfg.student.dtype}"])
+        else:
+            from distill.models import hf
+            from distill.pretrained import read_hf_config
+
+            model = hf.config_from_hf(read_hf_config(init), str(init),
+                                      param_dtype=cfg.student.param_dtype, dtype=cfg.student.dtype)
+        update = dict(cfg.student.config_overrides)
+        if cfg.student.remat is not None:
+            update["remat"] = cfg.student.remat
+        return model.model_copy(update=update), cfg
+    raise DistillError(f"{config_path}: neither a model preset (model:) nor a training config "
+                       "(student:)")
+
+
+def _shard_bytes(abstract_tree, shardings_tree) -> int:
+    import jax
+
+    total = 0
+    for x, s in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(
+            shardings_tree, is_leaf=lambda v: isinstance(v, jax.sharding.Sharding)), strict=True):
+        total += math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+    return total
+
+
+def _compiler_figures(compiled) -> dict:
+    mem = compiled.memory_analysis()
+    out = {}
+    if mem is not None:
+        out = {"argument": mem.argument_size_in_bytes, "output": mem.output_size_in_bytes,
+               "alias": mem.alias_size_in_bytes, "temp": mem.temp_size_in_bytes}
+        out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    if cost and "flops" in cost:
+        out["flops"] = float(cost["flops"])
+    return out
+
+
+def plan_train(model_cfg, train_cfg, mesh, batch: int, seq_len: int):
+    """Compile the real training step for abstract sharded inputs; (compiled, analytic dict)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from distill.models import hf
+    from distill.train.config import LossConfig
+    from distill.train.loop import make_loss_fn
+    from distill.train.optim import OptimConfig, make_optimizer, schedule
+    from distill.train.step import TrainState, batch_sharding, make_step, state_sharding
+
+    optim = train_cfg.optim if train_cfg else OptimConfig()
+    loss = train_cfg.loss if train_cfg else LossConfig()
+    accum = train_cfg.train.grad_accum if train_cfg else 1
+    tx = make_optimizer(optim, 1000)
+    graphdef, params = nnx.split(hf.abstract_model(model_cfg))
+    state_sh = state_sharding(graphdef, tx, params, mesh)
+    opt = jax.eval_shape(tx.init, params)
+    step = jax.ShapeDtypeStruct((), jnp.int32)
+    state = TrainState(params, opt, step)
+    b_sh = batch_sharding(mesh)
+    batch_arrays = {k: jax.ShapeDtypeStruct((batch, seq_len), dt, sharding=b_sh) for k, dt in (
+        ("tokens_bt", jnp.int32), ("targets_bt", jnp.int32), ("loss_mask_bt", jnp.bool_),
+        ("segment_ids_bt", jnp.int32), ("positions_bt", jnp.int32))}
+    fn = make_step(graphdef, tx, make_loss_fn(loss), schedule(optim, 1000), accum)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    jitted = jax.jit(fn, in_shardings=(state_sh, b_sh), out_shardings=(state_sh, replicated),
+                     donate_argnums=(0,))
+    with _mesh_context(mesh):
+        compiled = jitted.lower(state, batch_arrays).compile()
+    p_bytes = _shard_bytes(params, state_sh.params)
+    o_bytes = _shard_bytes(opt, state_sh.opt_state)
+    analytic = {"params": p_bytes, "optimizer": o_bytes, "gradients": p_bytes,
+                "activations": _train_activation_bytes(model_cfg, mesh, batch // accum, seq_len,
+                                                       loss)}
+    analytic["total"] = sum(analytic.values())
+    return compiled, analytic
+
+
+def _train_activation_bytes(cfg, mesh, batch: int, seq_len: int, loss) -> int:
+    """Saved residual stream per layer (remat keeps only layer inputs), plus one layer's working
+    set recomputed in the backward pass, plus the chunked loss head; batch over data x fsdp, the
+    sequence over tensor (activations) and heads / MLP over tensor (inside a layer)."""
+    import numpy as np
+
+    shape = dict(mesh.shape)
+    rows = max(1, math.ceil(batch / (shape["data"] * shape["fsdp"])))
+    tp = shape["tensor"]
+    t_local = math.ceil(seq_len / tp)
+    act = np.dtype(cfg.dtype).itemsize
+    d, layers = cfg.hidden_size, cfg.num_hidden_layers
+    if hasattr(cfg, "head_size"):  # dense
+        n, k, h, f = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size, \
+            cfg.intermediate_size
+    else:  # MoE: the routed experts' working set is bounded by top-k x expert width
+        n, k, h = cfg.num_attention_heads, cfg.num_attention_heads, cfg.qk_head_dim
+        f = cfg.moe_intermediate_size * (cfg.num_experts_per_tok + cfg.n_shared_experts)
+    saved = layers * rows * t_local * d * act
+    working = rows * seq_len * ((n + 2 * k) * h / tp + 3 * f / tp + 4 * d / tp) * 4 * 2
+    head = rows * min(loss.chunk, seq_len) * math.ceil(cfg.vocab_size / tp) * 4 * 3
+    return int(saved + working + head)
+
+
+def plan_generate(model_cfg, mesh, batch: int, seq_len: int):
+    """Compile one decode step (one new token per row against a cache of `seq_len` slots)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from distill.models import hf
+    from distill.parallel import state_shardings
+
+    graphdef, params = nnx.split(hf.abstract_model(model_cfg))
+    p_sh = state_shardings(params, mesh)
+    model = hf.abstract_model(model_cfg)
+    cache = jax.eval_shape(lambda: model.init_cache(batch, seq_len))
+    rows = PartitionSpec(("data", "fsdp"))
+    c_sh = jax.tree.map(lambda x: NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"))),
+                        cache)
+
+    def decode(p, tokens, positions, cache, index, valid):
+        m = nnx.merge(graphdef, p)
+        return m.forward_cached(tokens, positions, cache, index, valid)
+
+    b = NamedSharding(mesh, rows)
+    args = (params, jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=b),
+            jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=b), cache,
+            jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((batch, seq_len), jnp.bool_,
+                                                                       sharding=b))
+    jitted = jax.jit(decode, in_shardings=(p_sh, b, b, c_sh, None, b),
+                     out_shardings=(b, c_sh), donate_argnums=(3,))
+    with _mesh_context(mesh):
+        compiled = jitted.lower(*args).compile()
+    p_bytes = _shard_bytes(params, p_sh)
+    c_bytes = _shard_bytes(cache, c_sh)
+    analytic = {"params": p_bytes, "activations": c_bytes}
+    analytic["total"] = p_bytes + c_bytes
+    return compiled, analytic
+
+
+def _mesh_context(mesh):
+    import jax
+
+    setter = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
+    return setter(mesh)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def run_plan(config_path: str | Path, mesh_text: str, *, seq_len: int | None = None,
+             batch: int | None = None, mode: str = "train", device_memory: str = "80GB",
+             overrides=(), verdict: str = "larger") -> PlanReport:
+    """Compile and measure; the caller must have enough CPU devices (see `ensure_devices`)."""
+    import jax
+
+    from distill.models import hf
+    from distill.parallel import make_mesh, parse_mesh
+
+    config_path = Path(config_path)
+    model_cfg, train_cfg = _model_config(config_path, overrides)
+    shape = parse_mesh(mesh_text)
+    n = math.prod(shape.values())
+    mesh = make_mesh(shape, jax.devices("cpu")[:n])
+    seq_len = seq_len or (train_cfg.data.seq_len if train_cfg else 4096)
+    rows = shape.get("data", 1) * shape.get("fsdp", 1)
+    batch = batch or (train_cfg.data.batch_size if train_cfg else rows)
+    t0 = time.perf_counter()
+    if mode == "train":
+        compiled, analytic = plan_train(model_cfg, train_cfg, mesh, batch, seq_len)
+    elif mode == "generate":
+        compiled, analytic = plan_generate(model_cfg, mesh, batch, seq_len)
+    else:
+        raise DistillError(f"--mode {mode!r}: choose train or generate")
+    compile_s = time.perf_counter() - t0
+    comp = _compiler_figures(compiled)
+    memory = parse_bytes(device_memory)
+    figures = {"analytic": analytic["total"], "compiler": comp.get("total", analytic["total"])}
+    figure = max(figures.values()) if verdict == "larger" else figures[verdict]
+    return PlanReport(config_path.stem, mode, {k: shape.get(k, 1) for k in ("data", "fsdp", "tensor",
+                                                                           "expert")},
+                      batch, seq_len, hf.param_count(model_cfg), memory, comp, analytic,
+                      compile_s, figure <= memory, verdict)

@@ -1,0 +1,70 @@
+"""`distill plan`: each student preset at 32k tokens fits some mesh of <= 64 devices of 80 GB;
+Llama-3.3-70B does not fit 8; nothing is allocated (the step is only compiled)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# preset -> a mesh (<= 64 devices) that holds its training step at 32768 tokens a row
+MESHES = {
+    "qwen2.5-math-1.5b": "data=1,fsdp=8,tensor=1",
+    "qwen2.5-math-7b": "data=1,fsdp=8,tensor=2",
+    "llama-3.1-8b": "data=1,fsdp=8,tensor=2",
+    "qwen2.5-14b": "data=1,fsdp=16,tensor=2",
+    "qwen2.5-32b": "data=1,fsdp=16,tensor=4",
+    "llama-3.3-70b-instruct": "data=1,fsdp=16,tensor=4",
+}
+
+
+def plan(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)  # the command starts as many fake devices as the mesh needs
+    return subprocess.run([sys.executable, "-m", "distill.cli", "plan", *args], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def total(stdout: str, column: int) -> float:
+    row = next(line for line in stdout.splitlines() if line.startswith("| total per device"))
+    return float(re.findall(r"([0-9.]+) GiB", row)[column])
+
+
+@pytest.mark.parametrize("preset", sorted(MESHES))
+def test_every_student_preset_fits_a_mesh_at_32k(preset):
+    proc = plan(f"configs/students/{preset}.yaml", "--mesh", MESHES[preset], "--seq-len", "32768",
+                "--set", "model.remat=full", "--set", "model.dtype=bfloat16")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "FITS" in proc.stdout and "DOES NOT FIT" not in proc.stdout
+    print(proc.stdout)
+    # both counts are printed; the compiler's and the analytic one agree within a factor of 2
+    analytic, compiler = total(proc.stdout, 0), total(proc.stdout, 1)
+    assert 0.5 < compiler / analytic < 2.0, proc.stdout
+
+
+def test_70b_does_not_fit_eight_devices():
+    proc = plan("configs/students/llama-3.3-70b-instruct.yaml", "--mesh", "data=1,fsdp=8,tensor=1",
+                "--seq-len", "32768", "--set", "model.remat=full")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "DOES NOT FIT" in proc.stdout
+    assert total(proc.stdout, 0) > 80  # parameters, AdamW moments and gradients alone
+
+
+def test_the_recipe_plans_and_generate_mode_plans_the_teacher():
+    proc = plan("configs/runs/r1-distill-qwen-7b.yaml", "--mesh", "data=1,fsdp=8,tensor=1")
+    assert proc.returncode == 0 and "FITS" in proc.stdout, proc.stdout + proc.stderr
+    proc = plan("configs/teachers/deepseek-r1.yaml", "--mesh", "data=1,fsdp=1,tensor=8,expert=8",
+                "--mode", "generate", "--seq-len", "4096", "--batch", "8",
+                "--device-memory", "141GB")
+    assert "671.03B parameters" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_bad_mesh_is_one_line():
+    proc = plan("configs/students/qwen2.5-math-1.5b.yaml", "--mesh", "data=1,fsdp=0")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: mesh"), proc.stderr

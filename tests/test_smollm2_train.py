@@ -1,0 +1,79 @@
+"""Real weights through the trainer: SmolLM2-135M-Instruct fine-tuned on synthetic traces, exported,
+and reloaded by transformers with the same logits and the chat format distill trained on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import distill
+from distill.traces.prompts import PromptsConfig
+from distill.traces.reference import write_reference_traces
+from distill.train.data import render_example
+from distill.train.loop import run_train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained(smollm2_gguf, tmp_path_factory):
+    root = tmp_path_factory.mktemp("smol")
+    traces = write_reference_traces(
+        PromptsConfig(source="synthetic", synthetic={"n": 48, "seed": 5}), root / "traces")
+    cfg = {"name": "smol", "student": {"init": str(smollm2_gguf)},
+           "data": {"traces": [str(traces)], "seq_len": 256, "batch_size": 4},
+           "optim": {"lr": 5e-5, "warmup_steps": 0, "schedule": "constant"},
+           "train": {"steps": 6, "log_every": 1, "checkpoint_every": 6,
+                     "async_checkpoints": False},
+           "mesh": "data=1,fsdp=1,tensor=1", "output_root": str(root / "students")}
+    (root / "smol.yaml").write_text(yaml.safe_dump(cfg))
+    # the same batch every step would prove little; 48 traces in rows of 256 give ~6 batches
+    result = run_train(root / "smol.yaml", progress=False, devices=jax.devices()[:1])
+    return root, result
+
+
+def test_fine_tuning_lowers_the_loss(trained):
+    _, result = trained
+    losses = result.losses
+    assert len(losses) == 6
+    assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.1, losses
+
+
+def test_export_reloads_in_transformers_with_the_trained_chat_format(trained):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root, result = trained
+    out = root / "hf"
+    proc = subprocess.run([sys.executable, "-m", "distill.cli", "export", str(result.run_dir),
+                           "--out", str(out), "--dtype", "float32"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    ours, tok = distill.load_pretrained(result.run_dir)
+    ref = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    card = (out / "README.md").read_text()
+    assert "reference solutions" in card and "Final logged training loss" in card
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert (gen["temperature"], gen["top_p"], gen["do_sample"]) == (0.6, 0.95, True)
+
+    messages = [{"role": "user", "content": "Mia has 7 marbles. She gets 3 more. How many?"}]
+    ids, mask = render_example(tok, messages, "7 + 3 = 10", "The answer is \\boxed{10}.")
+    # what transformers renders as the prompt is exactly the prompt distill trained on
+    hf_prompt = hf_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                           return_dict=False)
+    first = int(np.argmax(np.asarray(mask)))
+    assert list(ids[:first]) == list(hf_prompt)
+    with torch.no_grad():
+        theirs = ref(torch.tensor([list(ids)])).logits.numpy()
+    import jax.numpy as jnp
+
+    # 30 float32 layers: the pretrained weights already differ by ~1.2e-4 (tests/test_smollm2.py)
+    np.testing.assert_allclose(np.asarray(ours(jnp.asarray([list(ids)], jnp.int32))), theirs,
+                               atol=5e-4, rtol=0)
