@@ -64,6 +64,7 @@ class Budget:
     """Data sizes and steps of one demo run. A step is `batch_size` packed rows of `seq_len`
     tokens (a 3-step problem with its solution is about 45 tokens, so ~2.8 problems a row)."""
 
+    chain_steps: int  # operations per arithmetic chain (3 in the full demo)
     train_problems: int  # training prompts (the teacher learns their worked solutions)
     teacher_steps: int
     student_steps: int  # each student: SFT, SFT + KD, answers only
@@ -76,14 +77,16 @@ class Budget:
 
 
 BUDGETS = {
-    "full": Budget(train_problems=20000, teacher_steps=500, student_steps=400, batch_size=24,
-                   seq_len=128, lr=3e-3, trace_prompts=4000, eval_prompts=200, eval_k=4),
-    "quick": Budget(train_problems=4000, teacher_steps=150, student_steps=100, batch_size=24,
-                    seq_len=128, lr=3e-3, trace_prompts=600, eval_prompts=40, eval_k=2),
+    "full": Budget(chain_steps=3, train_problems=20000, teacher_steps=300, student_steps=300,
+                   batch_size=24, seq_len=128, lr=3e-3, trace_prompts=4096, eval_prompts=256,
+                   eval_k=4),
+    # the test suite's demo: 2-step chains, which a few dozen steps already teach
+    "quick": Budget(chain_steps=2, train_problems=1500, teacher_steps=100, student_steps=60,
+                    batch_size=16, seq_len=128, lr=3e-3, trace_prompts=512, eval_prompts=64,
+                    eval_k=2),
 }
 
-SYNTHETIC = {"seed": 0, "min_steps": 3, "max_steps": 3, "style": "compact"}
-EVAL_SEED = 1
+TRAIN_SEED, EVAL_SEED = 0, 1
 TOP_K = 8  # teacher log-probabilities stored per token, and used by the KD loss
 MAX_NEW_TOKENS = 48  # a 3-step solution is at most ~40 completion tokens
 TRACE_TEMPERATURE = 0.8
@@ -208,7 +211,13 @@ def run_demo(work_dir: str | Path = "students/demo", budget: str | Budget = "ful
 
 def _prompts(b: Budget, **extra) -> dict:
     """The training prompts' config (the synthetic chains, seed 0)."""
-    return {"source": "synthetic", "synthetic": {"n": b.train_problems, **SYNTHETIC}, **extra}
+    return {"source": "synthetic", "synthetic": {"n": b.train_problems, **_chains(b)}, **extra}
+
+
+def _chains(b: Budget, seed: int = TRAIN_SEED) -> dict:
+    """The synthetic problems' settings (`arithmetic_problems` keywords)."""
+    return {"seed": seed, "min_steps": b.chain_steps, "max_steps": b.chain_steps,
+            "style": "compact"}
 
 
 def _tokenizer(work: Path, b: Budget):
@@ -216,7 +225,7 @@ def _tokenizer(work: Path, b: Budget):
     from distill.demo_tokenizer import train_tokenizer
     from distill.traces.synthetic import arithmetic_problems, final_answer, solution_reasoning
 
-    problems = arithmetic_problems(min(b.train_problems, 2000), **SYNTHETIC)
+    problems = arithmetic_problems(min(b.train_problems, 2000), **_chains(b))
     corpus = [f"{p.question}\n{solution_reasoning(p)}\n</think>\n\n{final_answer(p)}"
               for p in problems]
     return train_tokenizer(corpus, work / "tokenizer")
@@ -305,6 +314,9 @@ def _traces(work: Path, b: Budget, teacher: Path, progress: bool) -> dict:
            "output": {"root": str(work), "prompts_per_shard": 1000}}
     summary = run_generate(_write_yaml(work / "configs" / "traces.yaml", cfg), overwrite=True,
                            progress=progress)
+    if summary.records == 0:
+        raise DistillError(f"{summary.run_dir}: the teacher solved none of {summary.samples} "
+                           "prompts; train it for more steps")
     return {"dir": summary.run_dir, "records": summary.records, "samples": summary.samples,
             "rejected": summary.rejected}
 
@@ -331,11 +343,13 @@ def _eval_prompts(work: Path, b: Budget) -> Path:
     has (a chain drawn twice would otherwise test memory, not reasoning)."""
     from distill.traces.synthetic import arithmetic_problems
 
-    seen = {p.question for p in arithmetic_problems(b.train_problems, **SYNTHETIC)}
-    fresh = (p for p in arithmetic_problems(4 * b.eval_prompts, **{**SYNTHETIC, "seed": EVAL_SEED})
-             if p.question not in seen)
-    rows = [{"id": p.id, "prompt": p.question, "answer": p.answer}
-            for p, _ in zip(fresh, range(b.eval_prompts), strict=False)]
+    seen = {p.question for p in arithmetic_problems(b.train_problems, **_chains(b))}
+    candidates = arithmetic_problems(10 * b.eval_prompts, **_chains(b, EVAL_SEED))
+    fresh = [p for p in candidates if p.question not in seen][:b.eval_prompts]
+    if len(fresh) < b.eval_prompts:
+        raise DistillError(f"only {len(fresh)} held-out problems of {b.chain_steps} steps are not "
+                           f"training problems; lower eval_prompts or train_problems")
+    rows = [{"id": p.id, "prompt": p.question, "answer": p.answer} for p in fresh]
     path = work / "data" / "eval-prompts.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

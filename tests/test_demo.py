@@ -41,8 +41,9 @@ def test_tokenizer_round_trips_solutions_exactly(tok_dir):
         ids = tok.encode(text)
         assert tok.decode(ids) == text
         assert tok.unk_token_id not in ids
-    # digits are never merged: a number is spelled digit by digit
-    assert [tok.id_to_token(i) for i in tok.encode("243")] == ["2", "4", "3"]
+    # digits are never merged (a number is spelled digit by digit); the answer opening is one piece
+    assert [tok.id_to_token(i) for i in tok.encode("\\boxed{243}")] == [
+        "\\boxed{", "2", "4", "3", "}"]
     assert len(tok) <= 64
 
 
