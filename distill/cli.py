@@ -38,10 +38,6 @@ def cli() -> None:
     _configure_jax()
 
 
-def _not_built(name: str, issue: str) -> None:
-    raise DistillError(f"`distill {name}` is not built yet ({issue}); see README.md for what works today")
-
-
 @cli.command()
 @click.argument("config", type=click.Path())
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field.")
@@ -266,26 +262,15 @@ def bench(compare, gguf_path, out_path):
 
 
 @cli.command()
-@click.option("--work-dir", type=click.Path(), default="students/demo", show_default=True,
-              help="Where every stage writes (configs, traces, runs, eval, export).")
-@click.option("--quick", is_flag=True, help="A reduced budget (a minute or two; the test's demo).")
-@click.option("--fresh", is_flag=True, help="Delete the work directory first (the cached teacher "
-                                            "included).")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-def demo(work_dir, quick, fresh, quiet):
-    """The whole pipeline at toy scale on CPU, on data and models it makes itself.
-
-    \b
-    tokenizer  SentencePiece BPE on the task's corpus (teacher and students share it)
-    teacher    a tiny MoE trained on worked solutions of 3-step arithmetic (cached after a run)
-    traces     the teacher's checked solutions with top-k log-probabilities
-    students   a smaller dense student: SFT, SFT + logit KD, and answers only (the baseline)
-    eval       held-out accuracy with 95% intervals, every model
-    export     the best student to Hugging Face, reloaded with transformers
-    """
+@click.option("--gguf", "gguf_path", type=click.Path(), default=None,
+              help="SmolLM2 GGUF file (default: the one `make models` fetched).")
+@click.option("--out", "out_dir", type=click.Path(), default="students/demo-smollm2-export",
+              show_default=True)
+def demo(gguf_path, out_dir):
+    """Run what exists of the pipeline at toy scale on CPU."""
     from distill.demo import run_demo
 
-    run_demo(work_dir, "quick" if quick else "full", fresh=fresh, progress=not quiet)
+    run_demo(gguf_path, out_dir)
 
 
 def main() -> None:

@@ -29,11 +29,11 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, dtype: str = "bfloat1
         raise DistillError(f"{checkpoint}: a preset has random weights; export a trained "
                            "students/<run> directory or a model directory")
     model, tokenizer = load_pretrained(checkpoint)
-    if tokenizer is None:
-        raise DistillError(f"{checkpoint}: no tokenizer to export with the model")
+    # without a tokenizer (a bare HF checkpoint) the weights are exported alone; the card says so
     out = save_pretrained(model, tokenizer, out_dir, dtype=dtype, overwrite=force,
                           generation_config=R1_GENERATION)
-    card = model_card(checkpoint if kind == "run" else None, str(checkpoint), model, eval_report)
+    card = model_card(checkpoint if kind == "run" else None, str(checkpoint), model, eval_report,
+                      tokenizer)
     write_atomic(out / "README.md", card.encode())
     return out
 
@@ -70,7 +70,7 @@ def _training_facts(run_dir: Path) -> tuple[dict, list[str], dict | None]:
     return cfg, traces, last
 
 
-def model_card(run_dir: Path | None, source: str, model, eval_report) -> str:
+def model_card(run_dir: Path | None, source: str, model, eval_report, tokenizer=None) -> str:
     """The README.md of an exported student."""
     from distill.models import hf
 
@@ -81,7 +81,8 @@ def model_card(run_dir: Path | None, source: str, model, eval_report) -> str:
              f"({hf.config_to_hf(c)['architectures'][0]}), exported by `distill export` from "
              f"`{source}`.", "",
              "Its chat template opens the reasoning with `<think>`; sample with the R1-Distill "
-             "settings in generation_config.json (temperature 0.6, top-p 0.95).", ""]
+             "settings in generation_config.json (temperature 0.6, top-p 0.95)." if tokenizer
+             else "Exported without a tokenizer (the source had none).", ""]
     if run_dir is not None:
         cfg, traces, last = _training_facts(run_dir)
         lines += ["## Training", ""]

@@ -168,7 +168,7 @@ def server(teacher_dir):
 
 def http_teacher(url: str, **kw) -> dict:
     return {"kind": "openai", "base_url": f"{url}/v1", "model": "toy-r1",
-            "api_key_env": "DISTILL_TEST_KEY", "timeout_s": 3.0, "backoff_initial_s": 0.05,
+            "api_key_env": "DISTILL_TEST_KEY", "timeout_s": 10.0, "backoff_initial_s": 0.05,
             "backoff_max_s": 0.2, "max_retries": 20, "concurrency": 4, **kw}
 
 
