@@ -148,4 +148,4 @@ def main(gguf: Path, out: Path | None) -> str:
     from distill.bench_train import bench_train, bench_train_gpu_preset
 
     return report(bench_decode(gguf), bench_moe_experts(), out, bench_generate(gguf),
-                  bench_train() + bench_train_gpu_preset())
+                  bench_train(batch=4) + bench_train_gpu_preset())
