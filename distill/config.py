@@ -144,9 +144,9 @@ class MoEConfig(Frozen):
     # attends block by block in O(T) memory (online softmax), "auto" = blockwise from 2048 tokens
     # on. Decoding with the KV cache is always dense. distill-only: never written to config.json.
     attention: Literal["auto", "dense", "blockwise"] = "auto"
-    # Routed-expert dispatch: "capacity" (sorted [E, C, D] buffer, exact overflow rounds; forward
-    # only: its while_loop has no reverse-mode derivative), "ragged" (jax.lax.ragged_dot grouped
-    # matmul, differentiable), "auto" = ragged on GPU/TPU, capacity on CPU.
+    # Routed-expert dispatch: "capacity" (sorted [E, C, D] buffer, exact overflow rounds; the
+    # gradient replays the rounds), "ragged" (jax.lax.ragged_dot grouped matmuls), "auto" = ragged
+    # on GPU/TPU, capacity on CPU (where ragged_dot is several times slower).
     moe_dispatch: Literal["auto", "capacity", "ragged"] = "auto"
     # rows per expert per capacity round: C = factor * tokens * top_k / E. Overflow takes another
     # round (never dropped); 2 makes one round the usual case under a routing imbalance up to 2x.

@@ -1,25 +1,50 @@
-"""`distill demo`: what exists of the pipeline, for real, at toy scale on CPU.
+"""`distill demo`: the whole pipeline at toy scale on a CPU, on data and models it makes itself.
 
-Today that is the model layer on real weights: load SmolLM2-135M-Instruct from its GGUF file,
-sample from it with the chat template, export it to Hugging Face format, and reload the export
-(with distill, and with transformers when it is installed) to check the logits survived.
+Stages (each through the same library call the matching `distill` command makes):
+
+1. tokenizer  a SentencePiece BPE trained on the task's corpus (`distill.demo_tokenizer`), shared
+              by the teacher and the students, so logit distillation is possible
+2. teacher    a tiny DeepSeek-V3-shaped MoE trained with distill's trainer on the worked solutions
+              of 3-step arithmetic chains (`distill.traces.synthetic`, compact style); cached: a
+              later run reuses it when its tokenizer, shape and training config are unchanged
+3. traces     `run_generate` with the teacher on training prompts: sampled completions, answers
+              checked, the correct ones kept with the teacher's top-k log-probabilities
+4. students   a smaller dense Qwen2-shaped student, three times with the same steps and batch:
+              SFT on the teacher's traces; SFT + forward-KL logit distillation on the same traces;
+              and the baseline: SFT on final answers only (the same prompts' reference answers,
+              no reasoning; `write_reference_traces(answers_only=True)`)
+5. eval       `run_eval` on held-out problems (a different seed, any question also in the training
+              set removed): pass@1 over k samples with a 95% interval, greedy accuracy, for the
+              teacher, the three students and the untrained student
+6. export     the best distilled student to a Hugging Face directory, reloaded with transformers
+              (AutoModelForCausalLM + AutoTokenizer): logits and the rendered chat template must
+              equal distill's
+
+Everything lives under the work directory (default students/demo): the stage configs are written to
+configs/ there, so each stage can be rerun by hand with the matching `distill` command.
+
+`smollm2_path` and `DEFAULT_GGUF` (the real-weights SmolLM2 GGUF that `make models` fetches) are
+kept here for `distill bench` and the tests; the demo itself needs no download.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
-from rich.table import Table
+import yaml
 
 from distill.errors import DistillError
 
 DEFAULT_GGUF = Path(".cache/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-PROMPT = "What is 17 * 23? Think step by step."
-# built as commands, not yet part of this demo (see README.md)
-NOT_BUILT = ("generate (teacher traces)", "train (SFT / logit distillation)", "eval")
+TARGET_RATIO = 0.8  # the student's held-out pass@1 over the teacher's, at least
 
 
 def smollm2_path(gguf_path: str | None) -> Path:
@@ -30,62 +55,504 @@ def smollm2_path(gguf_path: str | None) -> Path:
     return gguf
 
 
-def run_demo(gguf_path: str | None, out_dir: str) -> None:
-    """Load, sample, export and reload SmolLM2; print a summary table."""
+# ---------------------------------------------------------------------------------------------
+# What the demo trains, and for how long
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """How one model trains: `steps` of `batch_size` packed rows of `seq_len` tokens."""
+
+    steps: int
+    batch_size: int
+    seq_len: int
+    lr: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """Data sizes and training schedules of one demo run. A 3-step problem with its solution is
+    about 40 tokens: rows of 128 hold ~2.8 of them, rows of 48 one (at a third of the attention
+    cost per token, which is what a student step spends most on here)."""
+
+    chain_steps: int  # operations per arithmetic chain (3 in the full demo)
+    train_problems: int  # training prompts (the teacher learns their worked solutions)
+    teacher: Schedule
+    student: Schedule  # each student: SFT, SFT + KD, answers only
+    trace_prompts: int  # training prompts the teacher answers for the students
+    eval_prompts: int  # held-out prompts
+    eval_k: int  # samples per held-out prompt (plus one greedy)
+
+
+# Measured on a 2-core CPU (full budget, 3-step chains): a 3-layer student distilled for 300 steps
+# of 64 x 48 tokens reaches about the teacher's greedy accuracy; at 250 steps it stays near 45%.
+BUDGETS = {
+    "full": Budget(chain_steps=3, train_problems=20000,
+                   teacher=Schedule(steps=300, batch_size=24, seq_len=128, lr=3e-3),
+                   student=Schedule(steps=300, batch_size=64, seq_len=48, lr=2e-3),
+                   trace_prompts=4096, eval_prompts=200, eval_k=4),
+    # the test suite's demo: 2-step chains (about 32 tokens a problem), a fraction of the steps
+    "quick": Budget(chain_steps=2, train_problems=1500,
+                    teacher=Schedule(steps=100, batch_size=16, seq_len=128, lr=3e-3),
+                    student=Schedule(steps=60, batch_size=32, seq_len=48, lr=3e-3),
+                    trace_prompts=512, eval_prompts=64, eval_k=2),
+}
+
+TRAIN_SEED, EVAL_SEED = 0, 1
+TOP_K = 8  # teacher log-probabilities stored per token, and used by the KD loss
+MAX_NEW_TOKENS = 48  # a 3-step solution is at most ~40 completion tokens
+GREEDY_CHECK = 32  # tokens of greedy generation that distill and transformers must agree on
+TRACE_TEMPERATURE = 0.8
+
+# A DeepSeek-V3-shaped teacher: MLA attention, one dense layer, then MoE layers of 8 routed experts
+# (top-2) and one shared expert. The vocabulary and special ids are the demo tokenizer's.
+TEACHER = {
+    "family": "deepseek_v3", "hidden_size": 128, "intermediate_size": 384,
+    "moe_intermediate_size": 48, "num_hidden_layers": 4, "num_attention_heads": 4,
+    "q_lora_rank": None, "kv_lora_rank": 64, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16,
+    "v_head_dim": 32, "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2,
+    "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "routed_scaling_factor": 1.0,
+    "norm_topk_prob": True, "max_position_embeddings": 256, "rope_theta": 10000.0,
+    "rms_norm_eps": 1.0e-6, "tie_word_embeddings": False,
+    # rows per expert per dispatch round = tokens x top-k / experts: with training's roughly
+    # balanced routing an overflow round is cheaper than a buffer twice that size
+    "moe_capacity_factor": 1.0,
+}
+# The student: a smaller dense Qwen2 (q/k/v bias, GQA 2).
+STUDENT = {
+    "family": "qwen2", "hidden_size": 128, "intermediate_size": 192, "num_hidden_layers": 3,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+    "rope_theta": 10000.0, "rms_norm_eps": 1.0e-6, "tie_word_embeddings": False,
+    "attention_bias": True,
+}
+STUDENTS = {  # run name: (trace set, loss section, what the table calls it)
+    "student-sft": ("traces", {"kind": "sft"}, "student: SFT on traces"),
+    "student-kd": ("traces", {"kind": "forward_kl", "alpha": 0.5}, "student: SFT + logit KD"),
+    "student-answers": ("answers", {"kind": "sft"}, "student: answers only"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclasses.dataclass
+class Stage:
+    name: str
+    seconds: float
+    result: str
+
+
+class _Clock:
+    """Times each stage; the rows of the timing table."""
+
+    def __init__(self, console):
+        self.console = console
+        self.stages: list[Stage] = []
+
+    @contextlib.contextmanager
+    def stage(self, name: str, doing: str):
+        t0 = time.perf_counter()
+        row = Stage(name, 0.0, "")
+        self.console.print(f"[bold cyan]{name}[/]: {doing}")
+        yield row
+        row.seconds = time.perf_counter() - t0
+        self.stages.append(row)
+        self.console.print(f"  done in {row.seconds:.1f} s: {row.result}")
+
+
+def run_demo(work_dir: str | Path = "students/demo", budget: str | Budget = "full", *,
+             fresh: bool = False, progress: bool = True, console=None) -> dict:
+    """Run every stage (see the module doc) under `work_dir`, print the summary and return its
+    figures (also written to `work_dir`/summary.json). `budget`: "full", "quick" or a Budget;
+    `fresh` deletes `work_dir` first (the cached teacher included)."""
+    from rich.console import Console
+
+    if isinstance(budget, Budget):
+        b, budget = budget, "custom"
+    elif budget in BUDGETS:
+        b = BUDGETS[budget]
+    else:
+        raise DistillError(f"unknown demo budget {budget!r}; choose one of {', '.join(BUDGETS)}")
+    console = console or Console()
+    work = Path(work_dir)
+    if fresh and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    clock = _Clock(console)
+    t_start = time.perf_counter()
+
+    with clock.stage("tokenizer", "SentencePiece BPE on the task's corpus") as row:
+        tok = _tokenizer(work, b)
+        row.result = f"{len(tok)} tokens, R1 chat template"
+    presets = _write_presets(work, tok)
+    with clock.stage("teacher", "tiny MoE trained on worked solutions (cached after a run)") as row:
+        teacher, cached = _teacher(work, b, presets["teacher"], progress)
+        row.result = ("cached: " if cached else "trained: ") + str(teacher)
+    with clock.stage("traces", "the teacher solves training prompts; correct answers kept") as row:
+        traces = _traces(work, b, teacher, progress)
+        row.result = (f"{traces['records']} correct of {traces['samples']} samples "
+                      f"({traces['records'] / max(traces['samples'], 1):.0%}), top-{TOP_K} "
+                      "log-probs per token")
+    answers = _answers_only(work, b)
+    runs = {}
+    for name, (data, loss, label) in STUDENTS.items():
+        with clock.stage(name, label) as row:
+            runs[name] = _student(work, b, name, traces["dir"] if data == "traces" else answers,
+                                  loss, presets["student"], progress)
+            row.result = f"{b.student.steps} steps, final loss {runs[name]:.3f}"
+    with clock.stage("eval", f"{b.eval_prompts} held-out prompts x ({b.eval_k} samples + greedy), "
+                             "every model") as row:
+        report = _evaluate(work, b, teacher, presets["student"], progress)
+        row.result = f"report in {work / 'eval'}"
+    scores = _scores(report, work / "eval" / "samples.jsonl")
+    best = max(("student-sft", "student-kd"), key=lambda n: scores[n]["pass@1"])
+    with clock.stage("export", f"{best} to Hugging Face, reloaded with transformers") as row:
+        reload = _export_and_reload(work, best, b)
+        row.result = (f"max |logit diff| {reload['max_logit_diff']:.2g}, chat template "
+                      f"{'equal' if reload['template_equal'] else 'DIFFERENT'}, greedy "
+                      f"{reload['greedy_tokens']} tokens "
+                      f"{'equal' if reload['greedy_equal'] else 'DIFFERENT'}")
+    total = time.perf_counter() - t_start
+    summary = _summary(b, budget, clock.stages, scores, best, reload, traces, cached, total, work)
+    _print_summary(console, summary)
+    (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+
+
+def _prompts(b: Budget, **extra) -> dict:
+    """The training prompts' config (the synthetic chains, seed 0)."""
+    return {"source": "synthetic", "synthetic": {"n": b.train_problems, **_chains(b)}, **extra}
+
+
+def _chains(b: Budget, seed: int = TRAIN_SEED) -> dict:
+    """The synthetic problems' settings (`arithmetic_problems` keywords)."""
+    return {"seed": seed, "min_steps": b.chain_steps, "max_steps": b.chain_steps,
+            "style": "compact"}
+
+
+def _tokenizer(work: Path, b: Budget):
+    """Train the tokenizer on the training problems with their solutions."""
+    from distill.demo_tokenizer import train_tokenizer
+    from distill.traces.synthetic import arithmetic_problems, final_answer, solution_reasoning
+
+    problems = arithmetic_problems(min(b.train_problems, 2000), **_chains(b))
+    corpus = [f"{p.question}\n{solution_reasoning(p)}\n</think>\n\n{final_answer(p)}"
+              for p in problems]
+    return train_tokenizer(corpus, work / "tokenizer")
+
+
+def _write_presets(work: Path, tok) -> dict[str, Path]:
+    """Model preset YAMLs for the teacher and the student, sized to the tokenizer."""
+    ids = {"vocab_size": len(tok), "bos_token_id": tok.bos_token_id,
+           "eos_token_id": tok.eos_token_id}
+    out = {}
+    for name, shape in (("teacher", TEACHER), ("student", STUDENT)):
+        out[name] = _write_yaml(work / "presets" / f"{name}.yaml", {"model": {**shape, **ids}})
+    return out
+
+
+def _write_yaml(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _train_config(work: Path, name: str, init: Path, traces: Path, sched: Schedule, loss: dict,
+                  top_k: int = 0) -> Path:
+    cfg = {"name": name,
+           "student": {"init": str(init), "tokenizer": str(work / "tokenizer")},
+           "data": {"traces": [str(traces)], "seq_len": sched.seq_len,
+                    "batch_size": sched.batch_size, "top_k": top_k},
+           "loss": loss,
+           "optim": {"lr": sched.lr, "warmup_steps": max(1, sched.steps // 20), "weight_decay": 0.01},
+           "train": {"steps": sched.steps, "log_every": max(1, sched.steps // 10),
+                     "checkpoint_every": sched.steps,
+                     "async_checkpoints": False},
+           "output_root": str(work)}
+    return _write_yaml(work / "configs" / f"{name}.yaml", cfg)
+
+
+def _train(config: Path, progress: bool) -> float:
+    """Train a run from scratch on one device; returns the last logged loss."""
+    import jax
+
+    from distill.train.loop import run_train
+
+    cfg = yaml.safe_load(config.read_text())
+    run_dir = Path(cfg["output_root"]) / cfg["name"]
+    if run_dir.exists():  # the trainer would resume: start over
+        shutil.rmtree(run_dir)
+    result = run_train(config, progress=progress, devices=jax.devices()[:1])
+    return result.losses[-1]
+
+
+def _teacher(work: Path, b: Budget, preset: Path, progress: bool) -> tuple[Path, bool]:
+    """The trained teacher run dir, and whether it was reused from an earlier run."""
+    from distill.traces.prompts import PromptsConfig
+    from distill.traces.reference import write_reference_traces
+
+    run_dir = work / "teacher"
+    data = work / "data" / "reference"
+    cfg = _train_config(work, "teacher", preset, data, b.teacher, {"kind": "sft"})
+    key = _cache_key(cfg, preset, work / "tokenizer" / "tokenizer.json", _prompts(b))
+    stamp = run_dir / "demo-cache.json"
+    if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
+        return run_dir, True
+    write_reference_traces(PromptsConfig.model_validate(_prompts(b)), data)
+    _train(cfg, progress)
+    stamp.write_text(json.dumps({"key": key}) + "\n")
+    return run_dir, False
+
+
+def _cache_key(config: Path, preset: Path, tokenizer: Path, prompts: dict) -> str:
+    """What the teacher depends on: its training config, shape, tokenizer and training prompts."""
+    h = hashlib.sha256()
+    for part in (config.read_bytes(), preset.read_bytes(), tokenizer.read_bytes(),
+                 json.dumps(prompts, sort_keys=True).encode()):
+        h.update(hashlib.sha256(part).digest())
+    return h.hexdigest()
+
+
+def _traces(work: Path, b: Budget, teacher: Path, progress: bool) -> dict:
+    """Teacher traces of the first `trace_prompts` training prompts (one sample each)."""
+    from distill.traces.generate import run_generate
+
+    cfg = {"name": "traces", "prompts": _prompts(b, limit=b.trace_prompts),
+           "teacher": {"kind": "jax", "model": str(teacher), "batch_size": 256},
+           "sampling": {"n": 1, "temperature": TRACE_TEMPERATURE, "top_p": 1.0,
+                        "max_new_tokens": MAX_NEW_TOKENS, "seed": 0, "logprobs": TOP_K},
+           "filters": {"keep": "correct", "dedup": "exact"},
+           "output": {"root": str(work), "prompts_per_shard": 1000}}
+    summary = run_generate(_write_yaml(work / "configs" / "traces.yaml", cfg), overwrite=True,
+                           progress=progress)
+    if summary.records == 0:
+        raise DistillError(f"{summary.run_dir}: the teacher solved none of {summary.samples} "
+                           "prompts; train it for more steps")
+    return {"dir": summary.run_dir, "records": summary.records, "samples": summary.samples,
+            "rejected": summary.rejected}
+
+
+def _answers_only(work: Path, b: Budget) -> Path:
+    """The baseline's data: the same prompts as the traces, with the reference answer and no
+    reasoning."""
+    from distill.traces.prompts import PromptsConfig
+    from distill.traces.reference import write_reference_traces
+
+    prompts = PromptsConfig.model_validate(_prompts(b, limit=b.trace_prompts))
+    return write_reference_traces(prompts, work / "data" / "answers-only", answers_only=True)
+
+
+def _student(work: Path, b: Budget, name: str, traces: Path, loss: dict, preset: Path,
+             progress: bool) -> float:
+    top_k = TOP_K if loss["kind"] != "sft" else 0
+    cfg = _train_config(work, name, preset, traces, b.student, loss, top_k)
+    return _train(cfg, progress)
+
+
+def _eval_prompts(work: Path, b: Budget) -> Path:
+    """Held-out problems as a JSONL file: seed EVAL_SEED, minus any question the training set
+    has (a chain drawn twice would otherwise test memory, not reasoning), each question once."""
+    from distill.traces.synthetic import arithmetic_problems
+
+    seen = {p.question for p in arithmetic_problems(b.train_problems, **_chains(b))}
+    fresh = []
+    for p in arithmetic_problems(10 * b.eval_prompts, **_chains(b, EVAL_SEED)):
+        if p.question not in seen and len(fresh) < b.eval_prompts:
+            fresh.append(p)
+            seen.add(p.question)  # each held-out question once
+    if len(fresh) < b.eval_prompts:
+        raise DistillError(f"only {len(fresh)} held-out problems of {b.chain_steps} steps are not "
+                           f"training problems; lower eval_prompts or train_problems")
+    rows = [{"id": p.id, "prompt": p.question, "answer": p.answer} for p in fresh]
+    path = work / "data" / "eval-prompts.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _evaluate(work: Path, b: Budget, teacher: Path, student_preset: Path, progress: bool) -> dict:
+    from distill.evaluate import run_eval
+
+    models = [{"name": "teacher", "model": str(teacher), "role": "teacher", "batch_size": 256}]
+    models += [{"name": n, "model": str(work / n), "batch_size": 256} for n in STUDENTS]
+    models.append({"name": "student-untrained", "model": str(student_preset),
+                   "tokenizer": str(work / "tokenizer"), "batch_size": 256})
+    cfg = {"name": "demo", "prompts": {"source": str(_eval_prompts(work, b))}, "models": models,
+           "protocol": {"k": b.eval_k, "temperature": 0.6, "top_p": 0.95,
+                        "max_new_tokens": MAX_NEW_TOKENS, "seed": 0, "greedy": True},
+           "output": str(work / "eval")}
+    return run_eval(_write_yaml(work / "configs" / "eval.yaml", cfg), progress=progress)
+
+
+def _scores(report: dict, samples: Path) -> dict:
+    """Per model: pass@1 and its interval, greedy accuracy, and per-prompt accuracies (for
+    paired differences between models)."""
+    per_prompt: dict[str, dict[str, list[bool]]] = {}
+    for line in samples.read_text().splitlines():
+        row = json.loads(line)
+        if not row["greedy"]:
+            per_prompt.setdefault(row["model"], {}).setdefault(row["prompt_id"], []).append(
+                row["correct"])
+    out = {}
+    for m in report["models"]:
+        prompts = per_prompt.get(m["name"], {})
+        out[m["name"]] = {"pass@1": m["pass@1"]["value"], "ci95": m["pass@1"]["ci95"],
+                          "greedy": m["greedy"]["value"] if m["greedy"] else None,
+                          "format": m["format"],
+                          "per_prompt": {k: float(np.mean(v)) for k, v in prompts.items()}}
+    return out
+
+
+def paired_difference(a: dict[str, float], b: dict[str, float]) -> tuple[float, float]:
+    """Mean of per-prompt accuracy differences a - b over the prompts both have, and the
+    half-width of its 95% interval (normal approximation; the pairing removes prompt difficulty
+    from the noise)."""
+    keys = sorted(set(a) & set(b))
+    d = np.array([a[k] - b[k] for k in keys])
+    if len(d) < 2:
+        return float(d.mean()) if len(d) else 0.0, math.inf
+    return float(d.mean()), float(1.96 * d.std(ddof=1) / math.sqrt(len(d)))
+
+
+def _export_and_reload(work: Path, best: str, b: Budget) -> dict:
+    """Export `best` (float32), reload it with transformers and compare with distill's model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     import distill
-    from distill.models.hf import param_count
+    from distill.export import export
     from distill.sampling import SamplingParams, generate
-    from distill.textgen import prompt_ids, stop_ids
 
-    console = Console()
-    gguf = smollm2_path(gguf_path)
-    rows = []
-
-    t = time.perf_counter()
-    with console.status("loading SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32)"):
-        model, tok = distill.load_pretrained(gguf)
-    rows.append(("load GGUF", f"{param_count(model.config):,} parameters", time.perf_counter() - t))
-
-    t = time.perf_counter()
-    ids = prompt_ids(tok, PROMPT)
-    with console.status("sampling 64 tokens greedily (compiled prefill + decode loop)"):
-        [out] = generate(model, [ids], SamplingParams(max_new_tokens=64), stop_ids(model, tok), tok)
-    rows.append(("sample", f"{len(out.token_ids)} tokens, finish={out.finish_reason}",
-                 time.perf_counter() - t))
-    console.print(f"[bold]user:[/] {PROMPT}\n[bold]SmolLM2:[/] {out.text.strip()}\n")
-
-    t = time.perf_counter()
-    with console.status(f"exporting to {out_dir} (Hugging Face, bfloat16)"):
-        export = distill.save_pretrained(model, tok, out_dir, dtype="bfloat16", overwrite=True)
-    rows.append(("export", str(export), time.perf_counter() - t))
-
-    t = time.perf_counter()
+    out = export(work / best, work / "export", dtype="float32", force=True,
+                 eval_report=work / "eval" / "eval.json")
+    ours, tok = distill.load_pretrained(work / best)
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    question = json.loads((work / "data" / "eval-prompts.jsonl").read_text().splitlines()[0])
+    messages = [{"role": "user", "content": question["prompt"]}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True)
+    hf_text = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tok.encode(text)
     probe = np.asarray([ids], np.int32)
-    reloaded, _ = distill.load_pretrained(export)
-    diff = float(np.abs(np.asarray(reloaded(probe)) - np.asarray(model(probe))).max())
-    rows.append(("reload (distill)", f"max |logit diff| {diff:.3g} (bfloat16 rounding)",
-                 time.perf_counter() - t))
-    rows.append(_reload_transformers(export, probe, np.asarray(reloaded(probe))))
+    # greedy, past the end-of-sequence token too, so every one of the GREEDY_CHECK tokens counts
+    [mine] = generate(ours, [ids], SamplingParams(max_new_tokens=GREEDY_CHECK))
+    theirs.generation_config.eos_token_id = None  # no stop: all GREEDY_CHECK tokens
+    with torch.no_grad():
+        hf_logits = theirs(torch.tensor(probe, dtype=torch.long)).logits.numpy()
+        generated = theirs.generate(torch.tensor(probe, dtype=torch.long), do_sample=False,
+                                    max_new_tokens=GREEDY_CHECK, pad_token_id=tok.pad_token_id)
+    hf_ids = generated[0, len(ids):].tolist()
+    answer = hf_ids[:hf_ids.index(tok.eos_token_id)] if tok.eos_token_id in hf_ids else hf_ids
+    diff = float(np.abs(hf_logits - np.asarray(ours(probe))).max())
+    return {"dir": str(out), "max_logit_diff": diff, "template_equal": text == hf_text,
+            "hf_ids_equal": hf_tok.encode(text, add_special_tokens=False) == ids,
+            "greedy_equal": mine.token_ids == hf_ids, "greedy_tokens": len(hf_ids),
+            "question": question["prompt"], "reference": question["answer"],
+            "transformers_completion": hf_tok.decode(answer, skip_special_tokens=True)}
 
-    table = Table(title="distill demo (SmolLM2-135M-Instruct, CPU)")
-    for col in ("stage", "result", "seconds"):
-        table.add_column(col)
-    for stage, result, seconds in rows:
-        table.add_row(stage, result, "-" if seconds is None else f"{seconds:.1f}")
-    for stage in NOT_BUILT:
-        table.add_row(stage, "[yellow]not in the demo yet[/]", "-")
+
+# ---------------------------------------------------------------------------------------------
+# Summary
+
+
+def active_params(cfg) -> tuple[int, int]:
+    """(total, active per token) parameters of a model config: a MoE layer uses its shared
+    experts and `num_experts_per_tok` of its routed experts per token."""
+    from distill.config import MoEConfig
+    from distill.models.hf import param_count
+
+    total = param_count(cfg)
+    if not isinstance(cfg, MoEConfig):
+        return total, total
+    moe_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace
+    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size  # gate, up, down
+    idle = moe_layers * (cfg.n_routed_experts - cfg.num_experts_per_tok) * per_expert
+    return total, total - idle
+
+
+def _model_params(work: Path) -> dict[str, tuple[int, int]]:
+    from distill.config import load_model_config
+
+    return {name: active_params(load_model_config(work / "presets" / f"{name}.yaml"))
+            for name in ("teacher", "student")}
+
+
+def _summary(b: Budget, budget: str, stages: list[Stage], scores: dict, best: str, reload: dict,
+             traces: dict, cached: bool, total: float, work: Path) -> dict:
+    params = _model_params(work)
+    teacher = scores["teacher"]["pass@1"]
+    verdicts = {}
+    for name in ("student-sft", "student-kd"):
+        verdicts[f"{name}/teacher"] = scores[name]["pass@1"] / teacher if teacher else 0.0
+    pp = {n: s["per_prompt"] for n, s in scores.items()}
+    for key, a, b_ in (("traces_vs_answers", "student-sft", "student-answers"),
+                       ("logit_loss", "student-kd", "student-sft"),
+                       ("sft_vs_untrained", "student-sft", "student-untrained")):
+        verdicts[key] = list(paired_difference(pp[a], pp[b_]))  # a list, as JSON reads it back
+    models = {}
+    for name, s in scores.items():
+        total_p, active_p = params["teacher" if name == "teacher" else "student"]
+        models[name] = {k: v for k, v in s.items() if k != "per_prompt"}
+        models[name].update(total_params=total_p, active_params=active_p)
+    return {"budget": budget, "settings": dataclasses.asdict(b), "teacher_cached": cached,
+            "stages": [dataclasses.asdict(s) for s in stages], "total_seconds": total,
+            "models": models, "best_student": best, "verdicts": verdicts, "export": reload,
+            "traces": {k: v for k, v in traces.items() if k != "dir"}}
+
+
+def _print_summary(console, s: dict) -> None:
+    from rich.table import Table
+
+    k = s["settings"]["eval_k"]
+    table = Table(title=f"distill demo ({s['budget']} budget): held-out accuracy, "
+                        f"{s['settings']['eval_prompts']} prompts")
+    for col in ("model", f"pass@1 (k={k}) [95% CI]", "greedy", "params (active)"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    labels = {"teacher": "teacher (MoE, worked solutions)",
+              **{n: label for n, (_, _, label) in STUDENTS.items()},
+              "student-untrained": "student: untrained"}
+    for name, m in s["models"].items():
+        lo, hi = m["ci95"]
+        params = f"{m['total_params'] / 1e6:.2f}M ({m['active_params'] / 1e6:.2f}M)"
+        table.add_row(labels.get(name, name), f"{m['pass@1']:.1%} [{lo:.1%}, {hi:.1%}]",
+                      "-" if m["greedy"] is None else f"{m['greedy']:.1%}", params)
     console.print(table)
 
+    stages = Table(title=f"time per stage (total {s['total_seconds']:.0f} s)")
+    for col in ("stage", "seconds", "result"):
+        stages.add_column(col, justify="right" if col == "seconds" else "left")
+    for st in s["stages"]:
+        stages.add_row(st["name"], f"{st['seconds']:.1f}", st["result"])
+    console.print(stages)
+    for line in verdict_lines(s):
+        console.print(line)
 
-def _reload_transformers(export: Path, probe: np.ndarray, ours: np.ndarray):
-    t = time.perf_counter()
-    try:
-        import torch
-        from transformers import AutoModelForCausalLM
-    except ImportError:
-        return ("reload (transformers)", "transformers not installed: skipped", None)
-    model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
-    with torch.no_grad():
-        theirs = model(torch.tensor(probe)).logits.numpy()
-    diff = float(np.abs(theirs - ours).max())
-    return ("reload (transformers)", f"max |logit diff| vs distill {diff:.2g}", time.perf_counter() - t)
+
+def verdict_lines(s: dict) -> list[str]:
+    """The summary's conclusions, one line each."""
+    v = s["verdicts"]
+    best = s["best_student"]
+    ratio = v[f"{best}/teacher"]
+    ok = "[green]met[/]" if ratio >= TARGET_RATIO else "[red]not met[/]"
+    lines = [f"student/teacher ({best}, pass@1) = {ratio:.0%} (target >= "
+             f"{TARGET_RATIO:.0%}): {ok}"]
+    d, h = v["traces_vs_answers"]
+    lines.append(f"traces vs answers-only (same student, steps and batch): {100 * d:+.1f} points "
+                 f"(95% CI +/- {100 * h:.1f})" + (" [green]clearly above[/]" if d - h > 0 else ""))
+    d, h = v["logit_loss"]
+    helped = "helped" if d - h > 0 else "hurt" if d + h < 0 else (
+        "made no clear difference (within noise)")
+    lines.append(f"logit loss added to SFT: {helped}, {100 * d:+.1f} points "
+                 f"(95% CI +/- {100 * h:.1f})")
+    e = s["export"]
+    lines.append(f"export: {e['dir']} reloaded with transformers: max |logit diff| "
+                 f"{e['max_logit_diff']:.2g}, chat template "
+                 f"{'equal' if e['template_equal'] else 'DIFFERENT'}, greedy {e['greedy_tokens']} "
+                 f"tokens {'equal' if e['greedy_equal'] else 'DIFFERENT'}; on "
+                 f"{e['question']!r}: {e['transformers_completion']!r} (reference {e['reference']})")
+    return lines

@@ -77,3 +77,13 @@ def test_export_reloads_in_transformers_with_the_trained_chat_format(trained):
     # 30 float32 layers: the pretrained weights already differ by ~1.2e-4 (tests/test_smollm2.py)
     np.testing.assert_allclose(np.asarray(ours(jnp.asarray([list(ids)], jnp.int32))), theirs,
                                atol=5e-4, rtol=0)
+    # greedy decoding: 32 tokens equal (past an end-of-sequence token too)
+    from distill.sampling import SamplingParams, generate
+
+    prompt = list(ids[:first])
+    [mine] = generate(ours, [prompt], SamplingParams(max_new_tokens=32))
+    ref.generation_config.eos_token_id = None  # no stop: all 32 tokens compared
+    with torch.no_grad():
+        out_ids = ref.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=32,
+                               pad_token_id=tok.eos_token_id)
+    assert mine.token_ids == out_ids[0, len(prompt):].tolist()

@@ -12,13 +12,14 @@ Dispatch never computes every expert for every token:
   gather    few tokens (M * K < E, e.g. decode): read only the chosen experts' weights;
   capacity  sort assignments by expert into an [E, C, D] buffer and run one batched einsum per
             round; C ~ capacity_factor * A / E, and extra rounds take whatever overflowed, so
-            nothing is ever dropped (the round count follows the busiest expert);
-  ragged    `jax.lax.ragged_dot` grouped matmuls over the sorted assignments (GPU/TPU kernels;
-            differentiable, unlike the capacity rounds' while_loop).
+            nothing is ever dropped (the round count follows the busiest expert); its gradient
+            replays the rounds (a custom VJP), so training on CPU uses it too;
+  ragged    `jax.lax.ragged_dot` grouped matmuls over the sorted assignments (GPU/TPU kernels).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -100,27 +101,72 @@ def _sort_by_expert(idx_mk, e):
 
 def _capacity(x_md, w_mk, idx_mk, w_gate_edf, w_up_edf, w_down_efd, capacity_factor):
     """Rounds of [E, C, D] buffers over the expert-sorted assignments until all are done."""
-    (m, d), k, e = x_md.shape, idx_mk.shape[1], w_gate_edf.shape[0]
-    c = max(1, math.ceil(capacity_factor * m * k / e))
+    return _capacity_vjp(capacity_factor, x_md, w_mk, idx_mk, w_gate_edf, w_up_edf, w_down_efd)
+
+
+def _capacity_plan(idx_mk, e, capacity_factor):
+    """(C, assignment ids sorted by expert [A], assignments per expert [E], first sorted slot of
+    each expert [E], number of rounds)."""
+    c = max(1, math.ceil(capacity_factor * idx_mk.size / e))
     order_a, counts_e = _sort_by_expert(idx_mk, e)
-    starts_e = jnp.cumsum(counts_e) - counts_e
-    w_a = w_mk.reshape(-1)
-    rounds = (jnp.max(counts_e) + c - 1) // c
+    return c, order_a, counts_e, jnp.cumsum(counts_e) - counts_e, (jnp.max(counts_e) + c - 1) // c
+
+
+def _capacity_round(r, plan, x_md, w_mk, w_gate_edf, w_up_edf, w_down_efd):
+    """Round r's contribution [M, D] (float32): rows r*C .. r*C + C - 1 of every expert."""
+    c, order_a, counts_e, starts_e, _ = plan
+    (m, d), k = x_md.shape, w_mk.shape[1]
+    pos_c = r * c + jnp.arange(c)
+    valid_ec = pos_c[None, :] < counts_e[:, None]
+    a_ec = order_a[jnp.where(valid_ec, starts_e[:, None] + pos_c[None, :], 0)]
+    tok_ec = a_ec // k
+    out_ecd = _swiglu_batched(x_md[tok_ec], w_gate_edf, w_up_edf, w_down_efd)
+    scale_ec = jnp.where(valid_ec, w_mk.reshape(-1)[a_ec].astype(jnp.float32), 0.0)
+    contrib = (out_ecd.astype(jnp.float32) * scale_ec[..., None]).reshape(-1, d)
+    return jnp.zeros((m, d), jnp.float32).at[tok_ec.reshape(-1)].add(contrib)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _capacity_vjp(capacity_factor, x_md, w_mk, idx_mk, w_gate_edf, w_up_edf, w_down_efd):
+    e = w_gate_edf.shape[0]
+    plan = _capacity_plan(idx_mk, e, capacity_factor)
+    ws = (w_gate_edf, w_up_edf, w_down_efd)
 
     def one_round(carry):
         r, y_md = carry
-        pos_c = r * c + jnp.arange(c)
-        valid_ec = pos_c[None, :] < counts_e[:, None]
-        a_ec = order_a[jnp.where(valid_ec, starts_e[:, None] + pos_c[None, :], 0)]
-        tok_ec = a_ec // k
-        out_ecd = _swiglu_batched(x_md[tok_ec], w_gate_edf, w_up_edf, w_down_efd)
-        scale_ec = jnp.where(valid_ec, w_a[a_ec], 0.0)
-        y_md = y_md.at[tok_ec.reshape(-1)].add((out_ecd * scale_ec[..., None]).reshape(-1, d))
-        return r + 1, y_md
+        return r + 1, y_md + _capacity_round(r, plan, x_md, w_mk, *ws)
 
-    _, y = jax.lax.while_loop(lambda carry: carry[0] < rounds, one_round,
-                              (jnp.int32(0), jnp.zeros((m, d), jnp.float32)))
+    _, y = jax.lax.while_loop(lambda carry: carry[0] < plan[-1], one_round,
+                              (jnp.int32(0), jnp.zeros(x_md.shape, jnp.float32)))
     return y.astype(x_md.dtype)
+
+
+def _capacity_fwd(capacity_factor, x_md, w_mk, idx_mk, *ws):
+    y = _capacity_vjp(capacity_factor, x_md, w_mk, idx_mk, *ws)
+    return y, (x_md, w_mk, idx_mk, ws)
+
+
+def _capacity_bwd(capacity_factor, res, dy_md):
+    """The same rounds again, each one's VJP applied to the output's cotangent and summed: the
+    round loop's trip count depends on the routing, so reverse mode cannot differentiate the
+    while_loop itself; every round is recomputed (as under remat) instead of stored."""
+    x_md, w_mk, idx_mk, ws = res
+    plan = _capacity_plan(idx_mk, ws[0].shape[0], capacity_factor)
+    dy_md = dy_md.astype(jnp.float32)
+    diff = (x_md, w_mk, *ws)
+
+    def one_round(carry):
+        r, grads = carry
+        _, vjp = jax.vjp(lambda *a: _capacity_round(r, plan, a[0], a[1], *a[2:]), *diff)
+        return r + 1, jax.tree.map(jnp.add, grads, vjp(dy_md))
+
+    _, grads = jax.lax.while_loop(lambda carry: carry[0] < plan[-1], one_round,
+                                  (jnp.int32(0), jax.tree.map(jnp.zeros_like, diff)))
+    dx, dw, *dws = grads
+    return (dx, dw, None, *dws)
+
+
+_capacity_vjp.defvjp(_capacity_fwd, _capacity_bwd)
 
 
 def _ragged(x_md, w_mk, idx_mk, w_gate_edf, w_up_edf, w_down_efd):

@@ -99,12 +99,6 @@ def load_student(cfg: TrainConfig, mesh):
     update = dict(s.config_overrides)
     if s.remat is not None:
         update["remat"] = s.remat
-    if getattr(model.config, "moe_dispatch", None) in ("auto", "capacity"):
-        # the capacity dispatch's round loop (a while_loop) has no reverse-mode gradient
-        from distill.models.experts import resolve_dispatch
-
-        if resolve_dispatch(model.config.moe_dispatch) == "capacity":
-            update["moe_dispatch"] = "ragged"
     if update:  # validated again: a bad value names the field
         from distill.config import validate
 

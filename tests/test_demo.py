@@ -1,0 +1,192 @@
+"""`distill demo`: its tokenizer (exact round trip, the R1 chat template, transformers agrees) and
+the reduced demo end to end: every stage writes its outputs, the distilled student beats the
+untrained one, the export reloads in transformers, and a second run reuses the cached teacher."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import transformers
+from rich.console import Console
+
+from distill.demo import BUDGETS, STUDENTS, _teacher, active_params, paired_difference, run_demo
+from distill.demo_tokenizer import BOS, EOS, train_tokenizer
+from distill.errors import DistillError
+from distill.traces.synthetic import arithmetic_problems, final_answer, solution_reasoning
+
+SYNTH = {"min_steps": 3, "max_steps": 3, "style": "compact"}
+
+
+def solutions(n: int, seed: int) -> list[str]:
+    return [f"{p.question}\n{solution_reasoning(p)}\n</think>\n\n{final_answer(p)}"
+            for p in arithmetic_problems(n, seed=seed, **SYNTH)]
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("demo-tok")
+    train_tokenizer(solutions(500, seed=0), path)
+    return path
+
+
+def test_tokenizer_round_trips_solutions_exactly(tok_dir):
+    from distill.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(tok_dir)
+    unseen = solutions(200, seed=7) + ["12  +3\n\n\n *2 -0", "\\boxed{243}"]
+    for text in unseen:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert tok.unk_token_id not in ids
+    # digits are never merged (a number is spelled digit by digit); the answer opening is one piece
+    assert [tok.id_to_token(i) for i in tok.encode("\\boxed{243}")] == [
+        "\\boxed{", "2", "4", "3", "}"]
+    assert len(tok) <= 64
+
+
+def test_tokenizer_chat_template_and_special_tokens(tok_dir):
+    from distill.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(tok_dir)
+    text = tok.apply_chat_template([{"role": "user", "content": "7 +3 *2"}],
+                                   add_generation_prompt=True)
+    assert text == "<｜begin▁of▁sentence｜><｜User｜>7 +3 *2<｜Assistant｜><think>\n"
+    ids = tok.encode(text)
+    assert ids[0] == tok.bos_token_id and tok.bos_token == BOS and tok.eos_token == EOS
+    assert [tok.id_to_token(i) for i in ids[1:2] + ids[-3:]] == [
+        "<｜User｜>", "<｜Assistant｜>", "<think>", "\n"]
+    assert tok.encode(EOS) == [tok.eos_token_id]
+    assert tok.encode("x", add_special_tokens=True) == tok.encode("x")  # BOS comes from the template
+
+
+def test_tokenizer_loads_in_transformers_with_the_same_ids(tok_dir):
+    from distill.tokenizer import Tokenizer
+
+    ours = Tokenizer.from_pretrained(tok_dir)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
+    messages = [{"role": "user", "content": "4 -1 *3 +9"}]
+    text = ours.apply_chat_template(messages, add_generation_prompt=True)
+    assert theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == text
+    for sample in [text, *solutions(20, seed=3)]:
+        assert theirs.encode(sample, add_special_tokens=False) == ours.encode(sample)
+
+
+def test_tokenizer_on_an_empty_corpus_is_one_clear_error(tmp_path):
+    with pytest.raises(DistillError, match="demo tokenizer"):
+        train_tokenizer([], tmp_path / "tok")
+
+
+def test_paired_difference():
+    a = {"p1": 1.0, "p2": 0.5, "p3": 1.0, "p4": 0.0}
+    b = {"p1": 0.0, "p2": 0.5, "p3": 0.5, "p4": 0.0, "only-b": 1.0}
+    d, half = paired_difference(a, b)
+    diffs = np.array([1.0, 0.0, 0.5, 0.0])
+    assert d == pytest.approx(diffs.mean())
+    assert half == pytest.approx(1.96 * diffs.std(ddof=1) / 2)
+
+
+def test_active_params_of_the_moe_teacher(tmp_path):
+    from distill.config import load_model_config
+    from distill.demo import _write_presets
+    from distill.models.hf import param_count
+    from distill.tokenizer import Tokenizer
+
+    tok = train_tokenizer(solutions(100, seed=0), tmp_path / "tok")
+    presets = _write_presets(tmp_path, tok)
+    teacher = load_model_config(presets["teacher"])
+    student = load_model_config(presets["student"])
+    total, active = active_params(teacher)
+    moe_layers = teacher.num_hidden_layers - teacher.first_k_dense_replace
+    idle_experts = teacher.n_routed_experts - teacher.num_experts_per_tok
+    assert total == param_count(teacher)
+    assert total - active == moe_layers * idle_experts * 3 * teacher.hidden_size * (
+        teacher.moe_intermediate_size)
+    assert active_params(student) == (param_count(student),) * 2
+    assert param_count(student) < active < total  # a smaller dense student
+    assert teacher.vocab_size == student.vocab_size == len(Tokenizer.from_pretrained(
+        tmp_path / "tok"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The reduced demo, end to end
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    work = tmp_path_factory.mktemp("demo") / "work"
+    out = io.StringIO()
+    summary = run_demo(work, "quick", progress=False, console=Console(file=out, width=160))
+    return {"work": work, "summary": summary, "printed": out.getvalue()}
+
+
+@pytest.mark.slow
+def test_quick_demo_student_beats_the_untrained_student(quick):
+    models = quick["summary"]["models"]
+    sft, untrained = models["student-sft"], models["student-untrained"]
+    print({name: (m["pass@1"], m["greedy"]) for name, m in models.items()})
+    assert sft["pass@1"] > untrained["pass@1"] and sft["greedy"] > untrained["greedy"]
+    assert models["teacher"]["pass@1"] > untrained["pass@1"]
+
+
+@pytest.mark.slow
+def test_quick_demo_stages_write_their_outputs(quick):
+    work, s = quick["work"], quick["summary"]
+    assert [st["name"] for st in s["stages"]] == [
+        "tokenizer", "teacher", "traces", *STUDENTS, "eval", "export"]
+    assert not s["teacher_cached"]
+    assert (work / "tokenizer" / "tokenizer.json").is_file()
+    assert (work / "teacher" / "checkpoints" / str(BUDGETS["quick"].teacher.steps)).is_dir()
+    manifest = json.loads((work / "traces" / "manifest.json").read_text())
+    assert manifest["totals"]["records"] == s["traces"]["records"] > 0
+    from distill.traces.store import read_table
+
+    rows = read_table(work / "traces").to_pylist()
+    assert all(r["correct"] for r in rows)
+    assert len(rows[0]["top_ids"]) == rows[0]["completion_tokens"]
+    assert len(rows[0]["top_ids"][0]) == 8
+    for name in STUDENTS:
+        assert (work / name / "checkpoints" / str(BUDGETS["quick"].student.steps)).is_dir()
+    report = json.loads((work / "eval" / "eval.json").read_text())
+    assert {m["name"] for m in report["models"]} == {"teacher", *STUDENTS, "student-untrained"}
+    assert report["prompts"]["count"] == BUDGETS["quick"].eval_prompts
+    assert json.loads((work / "summary.json").read_text()) == s
+    printed = quick["printed"]
+    assert "student/teacher" in printed and "logit loss added to SFT" in printed
+    assert "traces vs answers-only" in printed
+
+
+@pytest.mark.slow
+def test_quick_demo_eval_prompts_are_not_training_prompts(quick):
+    prompts = [json.loads(x) for x in (quick["work"] / "data" / "eval-prompts.jsonl").read_text()
+               .splitlines()]
+    train = {p.question for p in arithmetic_problems(BUDGETS["quick"].train_problems, seed=0,
+                                                     **SYNTH)}
+    assert len(prompts) == BUDGETS["quick"].eval_prompts
+    assert not {p["prompt"] for p in prompts} & train
+
+
+@pytest.mark.slow
+def test_quick_demo_export_reloads_in_transformers(quick):
+    e = quick["summary"]["export"]
+    assert e["max_logit_diff"] < 1e-4 and e["template_equal"] and e["hf_ids_equal"]
+    assert e["greedy_equal"] and e["greedy_tokens"] == 32
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(e["dir"])
+    assert theirs.config.model_type == "qwen2"
+    assert (quick["work"] / "export" / "README.md").is_file()
+
+
+@pytest.mark.slow
+def test_quick_demo_reuses_the_cached_teacher(quick):
+    from distill.demo import _write_presets
+    from distill.tokenizer import Tokenizer
+
+    work = quick["work"]
+    ckpt = work / "teacher" / "checkpoints"
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in ckpt.iterdir())
+    presets = _write_presets(work, Tokenizer.from_pretrained(work / "tokenizer"))
+    run_dir, cached = _teacher(work, BUDGETS["quick"], presets["teacher"], progress=False)
+    assert cached and run_dir == work / "teacher"
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in ckpt.iterdir()) == before
