@@ -264,7 +264,8 @@ def bench(compare, gguf_path, out_path):
 @cli.command()
 @click.option("--work-dir", type=click.Path(), default="students/demo", show_default=True,
               help="Where every stage writes (configs, traces, runs, eval, export).")
-@click.option("--quick", is_flag=True, help="A reduced budget (a minute or two; the test's demo).")
+@click.option("--quick", is_flag=True,
+              help="A reduced budget (about 3.5 minutes on 2 cores; the test suite runs it).")
 @click.option("--fresh", is_flag=True, help="Delete the work directory first (the cached teacher "
                                             "included).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")

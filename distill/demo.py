@@ -9,7 +9,7 @@ Stages (each through the same library call the matching `distill` command makes)
               later run reuses it when its tokenizer, shape and training config are unchanged
 3. traces     `run_generate` with the teacher on training prompts: sampled completions, answers
               checked, the correct ones kept with the teacher's top-k log-probabilities
-4. students   a smaller dense Qwen2-shaped student, three times with the same steps and batch:
+4. students   a smaller dense Llama-shaped student, three times with the same steps and batch:
               SFT on the teacher's traces; SFT + forward-KL logit distillation on the same traces;
               and the baseline: SFT on final answers only (the same prompts' reference answers,
               no reasoning; `write_reference_traces(answers_only=True)`)
@@ -118,12 +118,12 @@ TEACHER = {
     # balanced routing an overflow round is cheaper than a buffer twice that size
     "moe_capacity_factor": 1.0,
 }
-# The student: a smaller dense Qwen2 (q/k/v bias, GQA 2).
+# The student: a smaller dense Llama (GQA 2). Not Qwen2: transformers 5 always loads a qwen2
+# model's tokenizer as its byte-level Qwen2Tokenizer, which cannot read the demo's SentencePiece one.
 STUDENT = {
-    "family": "qwen2", "hidden_size": 128, "intermediate_size": 192, "num_hidden_layers": 3,
+    "family": "llama", "hidden_size": 128, "intermediate_size": 192, "num_hidden_layers": 3,
     "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
     "rope_theta": 10000.0, "rms_norm_eps": 1.0e-6, "tie_word_embeddings": False,
-    "attention_bias": True,
 }
 STUDENTS = {  # run name: (trace set, loss section, what the table calls it)
     "student-sft": ("traces", {"kind": "sft"}, "student: SFT on traces"),

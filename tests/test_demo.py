@@ -171,10 +171,11 @@ def test_quick_demo_eval_prompts_are_not_training_prompts(quick):
 @pytest.mark.slow
 def test_quick_demo_export_reloads_in_transformers(quick):
     e = quick["summary"]["export"]
-    assert e["max_logit_diff"] < 1e-4 and e["template_equal"] and e["hf_ids_equal"]
+    assert e["max_logit_diff"] < 1e-4 and e["template_equal"]
+    assert e["hf_ids_equal"]  # the prompt's ids, special tokens included, as distill made them
     assert e["greedy_equal"] and e["greedy_tokens"] == 32
     theirs = transformers.AutoModelForCausalLM.from_pretrained(e["dir"])
-    assert theirs.config.model_type == "qwen2"
+    assert theirs.config.model_type == "llama"
     assert (quick["work"] / "export" / "README.md").is_file()
 
 

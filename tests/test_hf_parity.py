@@ -54,6 +54,16 @@ def test_export_reloads_in_transformers_bit_exact(tmp_path, name):
     assert type(back) is type(ref)
     ids = _ids(ref.config.vocab_size, t=40)
     np.testing.assert_allclose(hf_logits(back, ids), hf_logits(ref, ids), atol=1e-5, rtol=0)
+    # greedy generation: distill and transformers agree on 32 new tokens (no end-of-sequence stop)
+    from distill.sampling import SamplingParams, generate
+
+    prompt = [int(i) for i in ids[0, :12]]
+    [ours] = generate(model, [prompt], SamplingParams(max_new_tokens=32))
+    back.generation_config.eos_token_id = None
+    with torch.no_grad():
+        theirs = back.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=32,
+                               pad_token_id=0)
+    assert ours.token_ids == theirs[0, len(prompt):].tolist()
 
 
 def test_sharded_checkpoint_with_index_round_trips(tmp_path):
