@@ -82,6 +82,7 @@ class Budget:
     trace_prompts: int  # training prompts the teacher answers for the students
     eval_prompts: int  # held-out prompts
     eval_k: int  # samples per held-out prompt (plus one greedy)
+    eval_untrained: bool  # also evaluate the untrained student (the suite's baseline)
 
 
 # Measured on a 2-core CPU (full budget, 3-step chains): a 3-layer student distilled for 300 steps
@@ -90,12 +91,12 @@ BUDGETS = {
     "full": Budget(chain_steps=3, train_problems=20000,
                    teacher=Schedule(steps=300, batch_size=24, seq_len=128, lr=3e-3),
                    student=Schedule(steps=300, batch_size=64, seq_len=48, lr=2e-3),
-                   trace_prompts=4096, eval_prompts=200, eval_k=4),
+                   trace_prompts=4096, eval_prompts=200, eval_k=3, eval_untrained=False),
     # the test suite's demo: 2-step chains (about 32 tokens a problem), a fraction of the steps
     "quick": Budget(chain_steps=2, train_problems=1500,
                     teacher=Schedule(steps=100, batch_size=16, seq_len=128, lr=3e-3),
                     student=Schedule(steps=60, batch_size=32, seq_len=48, lr=3e-3),
-                    trace_prompts=512, eval_prompts=64, eval_k=2),
+                    trace_prompts=512, eval_prompts=64, eval_k=2, eval_untrained=True),
 }
 
 TRAIN_SEED, EVAL_SEED = 0, 1
@@ -380,8 +381,9 @@ def _evaluate(work: Path, b: Budget, teacher: Path, student_preset: Path, progre
 
     models = [{"name": "teacher", "model": str(teacher), "role": "teacher", "batch_size": 256}]
     models += [{"name": n, "model": str(work / n), "batch_size": 256} for n in STUDENTS]
-    models.append({"name": "student-untrained", "model": str(student_preset),
-                   "tokenizer": str(work / "tokenizer"), "batch_size": 256})
+    if b.eval_untrained:
+        models.append({"name": "student-untrained", "model": str(student_preset),
+                       "tokenizer": str(work / "tokenizer"), "batch_size": 256})
     cfg = {"name": "demo", "prompts": {"source": str(_eval_prompts(work, b))}, "models": models,
            "protocol": {"k": b.eval_k, "temperature": 0.6, "top_p": 0.95,
                         "max_new_tokens": MAX_NEW_TOKENS, "seed": 0, "greedy": True},
@@ -493,7 +495,8 @@ def _summary(b: Budget, budget: str, stages: list[Stage], scores: dict, best: st
     for key, a, b_ in (("traces_vs_answers", "student-sft", "student-answers"),
                        ("logit_loss", "student-kd", "student-sft"),
                        ("sft_vs_untrained", "student-sft", "student-untrained")):
-        verdicts[key] = list(paired_difference(pp[a], pp[b_]))  # a list, as JSON reads it back
+        if b_ in pp:  # a list, as JSON reads it back
+            verdicts[key] = list(paired_difference(pp[a], pp[b_]))
     models = {}
     for name, s in scores.items():
         total_p, active_p = params["teacher" if name == "teacher" else "student"]
