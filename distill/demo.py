@@ -15,10 +15,10 @@ Stages (each through the same library call the matching `distill` command makes)
               no reasoning; `write_reference_traces(answers_only=True)`)
 5. eval       `run_eval` on held-out problems (a different seed, any question also in the training
               set removed): pass@1 over k samples with a 95% interval, greedy accuracy, for the
-              teacher, the three students and the untrained student
+              teacher and the three students (and the untrained student in the quick budget)
 6. export     the best distilled student to a Hugging Face directory, reloaded with transformers
-              (AutoModelForCausalLM + AutoTokenizer): logits and the rendered chat template must
-              equal distill's
+              (AutoModelForCausalLM + AutoTokenizer): logits, the rendered chat template, its
+              token ids and 32 greedy tokens are compared with distill's
 
 Everything lives under the work directory (default students/demo): the stage configs are written to
 configs/ there, so each stage can be rerun by hand with the matching `distill` command.
