@@ -112,10 +112,10 @@ def _capacity_plan(idx_mk, e, capacity_factor):
     return c, order_a, counts_e, jnp.cumsum(counts_e) - counts_e, (jnp.max(counts_e) + c - 1) // c
 
 
-def _capacity_round(r, plan, x_md, w_mk, w_gate_edf, w_up_edf, w_down_efd):
-    """Round r's contribution [M, D] (float32): rows r*C .. r*C + C - 1 of every expert."""
+def _capacity_round(r, plan, y_md, x_md, w_mk, w_gate_edf, w_up_edf, w_down_efd):
+    """y [M, D] (float32) plus round r's contribution: rows r*C .. r*C + C - 1 of every expert."""
     c, order_a, counts_e, starts_e, _ = plan
-    (m, d), k = x_md.shape, w_mk.shape[1]
+    d, k = x_md.shape[1], w_mk.shape[1]
     pos_c = r * c + jnp.arange(c)
     valid_ec = pos_c[None, :] < counts_e[:, None]
     a_ec = order_a[jnp.where(valid_ec, starts_e[:, None] + pos_c[None, :], 0)]
@@ -123,7 +123,7 @@ def _capacity_round(r, plan, x_md, w_mk, w_gate_edf, w_up_edf, w_down_efd):
     out_ecd = _swiglu_batched(x_md[tok_ec], w_gate_edf, w_up_edf, w_down_efd)
     scale_ec = jnp.where(valid_ec, w_mk.reshape(-1)[a_ec].astype(jnp.float32), 0.0)
     contrib = (out_ecd.astype(jnp.float32) * scale_ec[..., None]).reshape(-1, d)
-    return jnp.zeros((m, d), jnp.float32).at[tok_ec.reshape(-1)].add(contrib)
+    return y_md.at[tok_ec.reshape(-1)].add(contrib)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -134,7 +134,7 @@ def _capacity_vjp(capacity_factor, x_md, w_mk, idx_mk, w_gate_edf, w_up_edf, w_d
 
     def one_round(carry):
         r, y_md = carry
-        return r + 1, y_md + _capacity_round(r, plan, x_md, w_mk, *ws)
+        return r + 1, _capacity_round(r, plan, y_md, x_md, w_mk, *ws)
 
     _, y = jax.lax.while_loop(lambda carry: carry[0] < plan[-1], one_round,
                               (jnp.int32(0), jnp.zeros(x_md.shape, jnp.float32)))
@@ -154,10 +154,11 @@ def _capacity_bwd(capacity_factor, res, dy_md):
     plan = _capacity_plan(idx_mk, ws[0].shape[0], capacity_factor)
     dy_md = dy_md.astype(jnp.float32)
     diff = (x_md, w_mk, *ws)
+    zeros_md = jnp.zeros(x_md.shape, jnp.float32)
 
     def one_round(carry):
         r, grads = carry
-        _, vjp = jax.vjp(lambda *a: _capacity_round(r, plan, a[0], a[1], *a[2:]), *diff)
+        _, vjp = jax.vjp(lambda *a: _capacity_round(r, plan, zeros_md, *a), *diff)
         return r + 1, jax.tree.map(jnp.add, grads, vjp(dy_md))
 
     _, grads = jax.lax.while_loop(lambda carry: carry[0] < plan[-1], one_round,
