@@ -8,7 +8,7 @@ tokenizer) it runs in chunks of STOP_CHECK_EVERY tokens, between which the host 
 text and ends those that contain a stop string.
 
 Any model with `init_cache(batch, length)` and `forward_cached(tokens, positions, cache,
-cache_index, kv_valid)` can be sampled from.
+cache_index, kv_valid, last_only)` can be sampled from.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from distill.models import layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +63,40 @@ class Completion:
     top_logprobs: list[list[float]] | None = None
 
 
+def unrolled_layers() -> bool:
+    """Whether sampling runs the layers unrolled on per-layer copies of the weights and caches
+    (`distill.models.layers.Unstacked`): on the CPU, where it halves the cost of the scan's slicing
+    at long contexts. Accelerators keep the scanned layers (no second copy of the weights). The
+    environment variable DISTILL_UNROLL_DECODE=0/1 overrides the choice."""
+    import os
+
+    choice = os.environ.get("DISTILL_UNROLL_DECODE")
+    if choice is not None:
+        return choice == "1"
+    return jax.default_backend() == "cpu"
+
+
+@partial(jax.jit, static_argnums=(0,))
+def _unstack(paths, tree):
+    return layers.unstack_layers(tree, paths)
+
+
+_LAST_UNSTACKED: list = []  # [(state leaves, their unstacked state)] of the last model sampled
+
+
+def _unstacked_state(model, state):
+    """The model's state with its layer stacks split (`layers.unstack_layers`), reused while the
+    model's arrays are the same objects (repeated `generate` calls, e.g. an eval's batches)."""
+    leaves = jax.tree.leaves(state)
+    if _LAST_UNSTACKED:
+        old, unstacked = _LAST_UNSTACKED[0]
+        if len(old) == len(leaves) and all(a is b for a, b in zip(old, leaves, strict=True)):
+            return unstacked
+    unstacked = _unstack(tuple(layers.layer_stack_paths(model)), state)
+    _LAST_UNSTACKED[:] = [(leaves, unstacked)]
+    return unstacked
+
+
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
@@ -92,7 +128,8 @@ def sample_token(logits_bv, key, params: SamplingParams) -> jax.Array:
 @partial(jax.jit, static_argnums=(0,), donate_argnums=(5,))
 def _prefill(graphdef, state, tokens_bp, positions_bp, kv_valid_bs, cache):
     model = nnx.merge(graphdef, state)
-    logits, cache = model.forward_cached(tokens_bp, positions_bp, cache, 0, kv_valid_bs)
+    logits, cache = model.forward_cached(tokens_bp, positions_bp, cache, 0, kv_valid_bs,
+                                         last_only=True)
     return logits[:, -1], cache
 
 
@@ -206,6 +243,9 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams,
     cache = model.init_cache(b, s_len)
     first, cache = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(positions),
                             jnp.asarray(kv_valid), cache)
+    if unrolled_layers():  # the prefill is compute-bound and keeps the scan; decoding is not
+        state = _unstacked_state(model, state)
+        cache = _unstack(None, cache)
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
     key = jax.random.PRNGKey(params.seed)
     # the compiled steps never read seed, n or stop: leave them out of the static argument so a new

@@ -250,8 +250,11 @@ def test_experts_sharded_over_expert_and_tensor_axes(base):
     np.testing.assert_allclose(our_logits(sharded, ids), our_logits(plain, ids), atol=1e-5, rtol=0)
 
 
-def test_greedy_generate_matches_transformers(base):
-    """MLA-latent KV cache: prefill then 31 cached decode steps, on a left-padded batch."""
+@pytest.mark.parametrize("unrolled", ["0", "1"])
+def test_greedy_generate_matches_transformers(base, unrolled, monkeypatch):
+    """MLA-latent KV cache: prefill then 31 cached decode steps, on a left-padded batch; with the
+    layers scanned over the stacked weights and caches, and unrolled over per-layer copies."""
+    monkeypatch.setenv("DISTILL_UNROLL_DECODE", unrolled)
     ref, _, model = base
     rng = np.random.RandomState(0)
     prompts = [rng.randint(3, 96, n).tolist() for n in (5, 21)]

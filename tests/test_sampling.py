@@ -119,3 +119,44 @@ def test_stop_string_ends_the_row_early_and_cuts_text_and_tokens(pair):
         assert outs[1].token_ids == free[1].token_ids and outs[1].finish_reason == "length"
     else:
         assert outs[1].text == free[1].text[:other] and outs[1].finish_reason == "stop"
+
+
+def test_unrolled_decoding_equals_the_scanned_layers(pair, monkeypatch):
+    """The CPU decode path (layers unrolled over per-layer copies of the weights and caches)
+    computes what the scan over the stacked arrays computes: tokens and log-probabilities."""
+    _, model = pair
+    prompts = [[4, 5, 6], list(range(3, 40))]
+    params = SamplingParams(max_new_tokens=24, temperature=0.8, n=2, seed=3, logprobs=3)
+    runs = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("DISTILL_UNROLL_DECODE", mode)
+        runs[mode] = generate(model, prompts, params)
+    for a, b in zip(runs["0"], runs["1"], strict=True):
+        assert a.token_ids == b.token_ids and a.top_ids == b.top_ids
+        np.testing.assert_allclose(a.top_logprobs, b.top_logprobs, atol=1e-5)
+
+
+def test_unstacked_layers_are_per_layer_arrays_and_a_stacked_cache_stays_stacked(pair):
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from distill.models import layers
+
+    _, model = pair
+    graphdef, state = nnx.split(model)
+    unstacked = layers.unstack_layers(state, layers.layer_stack_paths(model))
+    wq = unstacked["blocks"]["attn"]["wq_dnh"].get_value()
+    stacked = state["blocks"]["attn"]["wq_dnh"].get_value()
+    assert isinstance(wq, layers.Unstacked) and len(wq) == stacked.shape[0]
+    np.testing.assert_array_equal(wq[1], stacked[1])
+    assert not isinstance(unstacked["embed"]["embedding_vd"].get_value(), layers.Unstacked)
+    # unstacked weights with a stacked cache: the cache comes back stacked, entries written
+    cache = model.init_cache(1, 8)
+    tokens = jnp.asarray([[5, 6, 7]])
+    valid = jnp.zeros((1, 8), bool).at[:, :3].set(True)
+    want, want_cache = model.forward_cached(tokens, jnp.arange(3)[None], cache, 0, valid)
+    got, got_cache = nnx.merge(graphdef, unstacked).forward_cached(
+        tokens, jnp.arange(3)[None], cache, 0, valid)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert got_cache.k.shape == cache.k.shape
+    np.testing.assert_allclose(got_cache.k, want_cache.k, atol=1e-6)

@@ -411,6 +411,48 @@ def remat(fn: Callable, policy: str) -> Callable:
 RESIDUAL = ("act_batch", "act_seq", "act_embed")  # logical names of the residual stream [B, T, D]
 
 
+class Unstacked(tuple):
+    """The L per-layer arrays of one stacked [L, ...] parameter or cache, as separate arrays.
+
+    On the CPU, `lax.scan` copies every layer's slice of the stacked weights and KV cache out of
+    the stacked arrays before using it (XLA:CPU's matmul and attention kernels do not read a
+    dynamic slice in place); for decoding, where each step reads every weight and the whole cache
+    once, those copies cost as much as the reads. `unstack_layers` splits the stacks once, before
+    sampling, and `scan_blocks` then runs the layers unrolled on the separate arrays, updating
+    each layer's cache in place. (Measured on SmolLM2-135M, batch 16, one decode step on 2 CPU
+    cores: ~140 vs ~180 ms with 112 cache slots; ~0.45 vs ~0.9 s with 1024.)
+    """
+
+
+jax.tree_util.register_pytree_node(Unstacked, lambda u: (tuple(u), None),
+                                   lambda _, xs: Unstacked(xs))
+
+
+def _is_unstacked(x) -> bool:
+    return isinstance(x, Unstacked)
+
+
+def unstack_layers(tree, stacked_paths=None):
+    """Replace the stacked [L, ...] arrays of `tree` by `Unstacked` tuples of per-layer arrays.
+
+    tree: a KV cache (every leaf is stacked), or a model's `nnx.State` with `stacked_paths`, the
+    path prefixes of its `PreNormBlocks` (see `layer_stack_paths`); other leaves are kept.
+    """
+    def split(path, a):
+        if stacked_paths is not None and not any(path[: len(p)] == p for p in stacked_paths):
+            return a
+        return Unstacked(a[i] for i in range(a.shape[0]))
+
+    return jax.tree_util.tree_map_with_path(
+        lambda path, a: split(tuple(getattr(k, "key", getattr(k, "name", k)) for k in path), a),
+        tree)
+
+
+def layer_stack_paths(model: nnx.Module) -> list[tuple]:
+    """The paths (as tuples of attribute names) of the model's stacked decoder blocks."""
+    return [tuple(path) for path, m in nnx.iter_graph(model) if isinstance(m, PreNormBlocks)]
+
+
 def scan_blocks(blocks: nnx.Module, x_btd, rope, mask_bts, kv, cache_index, policy: str,
                 slot_axis: int = 1):
     """Run stacked blocks (params on a leading L axis) under `lax.scan`.
@@ -427,6 +469,10 @@ def scan_blocks(blocks: nnx.Module, x_btd, rope, mask_bts, kv, cache_index, poli
     """
     graphdef, stacked = nnx.split(blocks)
     x_btd = constrain(x_btd, RESIDUAL)
+    unstacked = [u for u in jax.tree.leaves(stacked, is_leaf=_is_unstacked) if _is_unstacked(u)]
+    if unstacked:
+        return _unrolled_blocks(graphdef, stacked, len(unstacked[0]), x_btd, rope, mask_bts, kv,
+                                cache_index)
     if kv is None:
         def plain(x_btd, state):
             x_btd = constrain(x_btd, RESIDUAL)
@@ -447,6 +493,24 @@ def scan_blocks(blocks: nnx.Module, x_btd, rope, mask_bts, kv, cache_index, poli
     start = tuple(cache_index if a == slot_axis + 1 else 0 for a in range(kv[0].ndim))
     return x_btd, tuple(jax.lax.dynamic_update_slice(c, u, start)
                         for c, u in zip(kv, new, strict=True))
+
+
+def _unrolled_blocks(graphdef, state, n: int, x_btd, rope, mask_bts, kv, cache_index):
+    """`scan_blocks` on `Unstacked` parameters (and caches): layer by layer, unrolled."""
+    layer_kv = [None] * n if kv is None else [tuple(c[i] for c in kv) for i in range(n)]
+    new_kv = []
+    for i in range(n):
+        state_i = jax.tree.map(lambda u, i=i: u[i], state, is_leaf=_is_unstacked)
+        x_btd = constrain(x_btd, RESIDUAL)
+        x_btd, kv_i = nnx.merge(graphdef, state_i)(x_btd, rope, mask_bts, layer_kv[i], cache_index)
+        new_kv.append(kv_i)
+    x_btd = constrain(x_btd, RESIDUAL)
+    if kv is None:
+        return x_btd, None
+    # each layer wrote its new entries into its own cache (updated in place inside a loop); a
+    # stacked cache goes back stacked
+    return x_btd, tuple(Unstacked(layer[j] for layer in new_kv) if _is_unstacked(c)
+                        else jnp.stack([layer[j] for layer in new_kv]) for j, c in enumerate(kv))
 
 
 class PreNormBlocks(nnx.Module):
@@ -509,11 +573,13 @@ class CausalLM(nnx.Module):
         mode = getattr(self.config, "attention", "auto")
         return mode == "blockwise" or (mode == "auto" and t >= BLOCKWISE_MIN_TOKENS)
 
-    def forward_cached(self, tokens_bt, positions_bt, cache, cache_index, kv_valid_bs):
+    def forward_cached(self, tokens_bt, positions_bt, cache, cache_index, kv_valid_bs,
+                       last_only: bool = False):
         """Run T new tokens that occupy cache slots [cache_index, cache_index + T).
 
         kv_valid_bs [B, S] marks the cache slots that hold real tokens (left padding is False).
-        Returns float32 logits [B, T, V] and the updated cache.
+        Returns float32 logits [B, T, V] ([B, 1, V] for the last token only with `last_only`, as
+        a prefill needs: the output head is then not applied to the other T - 1) and the cache.
         """
         b, t = tokens_bt.shape
         s = kv_valid_bs.shape[1]
@@ -521,7 +587,7 @@ class CausalLM(nnx.Module):
         k_slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         mask = attention_mask(q_slots, k_slots, kv_valid_bs)
         hidden, cache = self._run(tokens_bt, positions_bt, mask, cache, cache_index)
-        return self.logits(hidden), cache
+        return self.logits(hidden[:, -1:] if last_only else hidden), cache
 
     def logits(self, hidden_btd):
         """Final projection to float32 logits [B, T, V]."""
