@@ -24,8 +24,41 @@ def _best_of(fn, repeats: int) -> float:
     return min(times)
 
 
+def decode_matmul_ms(cfg, batch: int, repeats: int = 3) -> float:
+    """Milliseconds of the matrix products of one decode step of a dense model alone, on XLA:
+    `batch` rows through every layer's q, k, v, o, gate, up and down projections (separate
+    per-layer weights, as the CPU decode path holds them) and the output head. It is a floor
+    for a decode step on this machine, whatever the rest of the engine does."""
+    import jax
+    import jax.numpy as jnp
+
+    D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    NH, KH = cfg.num_attention_heads * cfg.head_size, cfg.num_key_value_heads * cfg.head_size
+    shapes = [(D, NH), (D, KH), (D, KH), (NH, D), (D, F), (D, F), (F, D)]
+    keys = iter(jax.random.split(jax.random.key(0), len(shapes) * cfg.num_hidden_layers + 1))
+    weights = [[0.02 * jax.random.normal(next(keys), s) for s in shapes]
+               for _ in range(cfg.num_hidden_layers)]
+    head_vd = 0.02 * jax.random.normal(next(keys), (V, D))
+
+    @jax.jit
+    def step(x_bd, weights, head_vd):
+        for wq, wk, wv, wo, wg, wu, wd in weights:
+            q = x_bd @ wq
+            x_bd = x_bd + (q + jnp.tile(x_bd @ wk + x_bd @ wv, NH // KH)) @ wo
+            x_bd = x_bd + (jax.nn.silu(x_bd @ wg) * (x_bd @ wu)) @ wd
+        return x_bd @ head_vd.T
+
+    x = jnp.ones((batch, D))
+    return 1e3 * _best_of(lambda: jax.block_until_ready(step(x, weights, head_vd)), repeats)
+
+
 def bench_decode(gguf: Path, batch_sizes=(1, 16), new_tokens: int = 64, repeats: int = 2) -> list[dict]:
-    """Greedy decode tokens/s of distill vs transformers `generate` on the same SmolLM2 weights."""
+    """Greedy decode tokens/s of distill vs transformers `generate` on the same SmolLM2 weights.
+
+    Both are timed end to end (prefill included), and with one new token, which gives each
+    side's prefill and its time per decode step. `matmul_floor_ms` is `decode_matmul_ms`: what
+    the step's matrix products alone take here, so `best_ratio` is the largest end-to-end ratio
+    reachable with these matrix products (our prefill plus that floor per step)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -37,25 +70,33 @@ def bench_decode(gguf: Path, batch_sizes=(1, 16), new_tokens: int = 64, repeats:
     ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                dtype=torch.float32).eval()
     ids = prompt_ids(tok, PROMPT)
-    params = SamplingParams(max_new_tokens=new_tokens)
     rows = []
     for b in batch_sizes:
-        def ours(b=b):
-            out = generate(model, [ids] * b, params)  # no EOS: always new_tokens tokens
-            assert all(len(o.token_ids) == new_tokens for o in out)
+        def ours(n, b=b):
+            out = generate(model, [ids] * b, SamplingParams(max_new_tokens=n))  # no EOS ids
+            assert all(len(o.token_ids) == n for o in out)
 
-        def theirs(b=b):
+        def theirs(n, b=b):
             with torch.no_grad():
-                ref.generate(torch.tensor([ids] * b), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False,
+                ref.generate(torch.tensor([ids] * b), attention_mask=torch.ones(b, len(ids)),
+                             max_new_tokens=n, min_new_tokens=n, do_sample=False,
                              pad_token_id=tok.pad_token_id)
 
-        t_ours, t_theirs = _best_of(ours, repeats), _best_of(theirs, repeats)
+        t = {(side, n): _best_of(lambda f=f, n=n: f(n), repeats)
+             for n in (new_tokens, 1) for side, f in (("ours", ours), ("theirs", theirs))}
+        step = {side: (t[side, new_tokens] - t[side, 1]) / (new_tokens - 1) for side in ("ours", "theirs")}
+        floor = decode_matmul_ms(model.config, b) / 1e3
         rows.append({"benchmark": "decode", "model": "SmolLM2-135M-Instruct", "batch": b,
                      "prompt_tokens": len(ids), "new_tokens": new_tokens,
-                     "distill_tokens_per_s": b * new_tokens / t_ours,
-                     "transformers_tokens_per_s": b * new_tokens / t_theirs,
-                     "speedup": t_theirs / t_ours})
+                     "distill_tokens_per_s": b * new_tokens / t["ours", new_tokens],
+                     "transformers_tokens_per_s": b * new_tokens / t["theirs", new_tokens],
+                     "speedup": t["theirs", new_tokens] / t["ours", new_tokens],
+                     "distill_prefill_ms": 1e3 * t["ours", 1],
+                     "transformers_prefill_ms": 1e3 * t["theirs", 1],
+                     "distill_step_ms": 1e3 * step["ours"],
+                     "transformers_step_ms": 1e3 * step["theirs"],
+                     "matmul_floor_ms": 1e3 * floor,
+                     "best_ratio": t["theirs", new_tokens] / (t["ours", 1] + (new_tokens - 1) * floor)})
     return rows
 
 
@@ -116,10 +157,15 @@ def bench_generate(gguf: Path, prompts: int = 16, n: int = 4, new_tokens: int = 
 def report(decode: list[dict], moe: list[dict], out: Path | None, generate: list[dict] = (),
            train: list[dict] = ()) -> str:
     """Markdown tables of the rows (and one JSON file when `out` is given)."""
-    lines = ["| benchmark | batch | distill tok/s | transformers tok/s | ratio |", "|---|---|---|---|---|"]
+    lines = ["| benchmark | batch | distill tok/s | transformers tok/s | ratio | prefill ms "
+             "(distill / transformers) | step ms (distill / transformers / matmuls alone) | "
+             "ratio reachable with these matmuls |", "|---|---|---|---|---|---|---|---|"]
     for r in decode:
         lines.append(f"| {r['benchmark']} | {r['batch']} | {r['distill_tokens_per_s']:.1f} | "
-                     f"{r['transformers_tokens_per_s']:.1f} | {r['speedup']:.2f}x |")
+                     f"{r['transformers_tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
+                     f"{r['distill_prefill_ms']:.0f} / {r['transformers_prefill_ms']:.0f} | "
+                     f"{r['distill_step_ms']:.1f} / {r['transformers_step_ms']:.1f} / "
+                     f"{r['matmul_floor_ms']:.1f} | {r['best_ratio']:.2f}x |")
     lines += ["", "| MoE layer | tokens | dispatch | experts | us/token | vs 8 experts |",
               "|---|---|---|---|---|---|"]
     for r in moe:
