@@ -239,10 +239,20 @@ def test_fused_expert_tensors_load(tmp_path, base):
 # Expert parallelism and generation
 
 
-def test_experts_sharded_over_expert_and_tensor_axes(base):
+def test_experts_sharded_over_expert_and_tensor_axes(base, monkeypatch):
     ref, src, plain = base
     mesh = make_mesh({"expert": 4, "tensor": 2})
+    # the loader hands the devices one checkpoint tensor at a time, never a stacked parameter
+    sent = []
+    device_put, write_slice = jax.device_put, hf._write_slice
+    monkeypatch.setattr(jax, "device_put", lambda x, *a, **k: sent.append(np.asarray(x).nbytes)
+                        or device_put(x, *a, **k))
+    monkeypatch.setattr(hf, "_write_slice", lambda sharding: lambda stacked, value, index: (
+        sent.append(value.nbytes), write_slice(sharding)(stacked, value, index))[1])
     sharded, _ = distill.load_pretrained(src, mesh=mesh)
+    monkeypatch.undo()
+    largest = max(a.astype(np.float32).nbytes for _, a in safetensors_io.iter_checkpoint(src))
+    assert len(sent) > 50 and max(sent) <= largest
     w = sharded.moe_blocks.mlp.w_gate_edf[...]
     assert w.sharding.spec == jax.sharding.PartitionSpec(None, "expert", None, "tensor")
     assert w.addressable_shards[0].data.shape == (2, 2, 64, 16)  # [L, E/4, D, F/2]
