@@ -71,14 +71,15 @@ def _training_facts(run_dir: Path) -> tuple[dict, list[str], dict | None]:
 
 
 def model_card(run_dir: Path | None, source: str, model, eval_report, tokenizer=None) -> str:
-    """The README.md of an exported student."""
+    """The README.md of an exported model (a student, or a DeepSeek-V3 teacher)."""
     from distill.models import hf
+    from distill.pretrained import hf_config
 
     c = model.config
     lines = ["---", "library_name: transformers", "tags: [distill, reasoning, distillation]", "---",
              "", f"# {Path(source).name}", "",
              f"A {hf.param_count(c) / 1e6:.1f}M-parameter {c.family} model "
-             f"({hf.config_to_hf(c)['architectures'][0]}), exported by `distill export` from "
+             f"({hf_config(c)['architectures'][0]}), exported by `distill export` from "
              f"`{source}`.", "",
              "Its chat template opens the reasoning with `<think>`; sample with the R1-Distill "
              "settings in generation_config.json (temperature 0.6, top-p 0.95)." if tokenizer

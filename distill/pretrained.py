@@ -19,7 +19,6 @@ from jax.sharding import Mesh
 from distill.config import DenseConfig, MoEConfig, load_model_config
 from distill.errors import DistillError
 from distill.models import hf, hf_moe, safetensors_io
-from distill.models.dense import DenseDecoder
 
 
 def model_kind(path: str | Path) -> str:
@@ -107,28 +106,38 @@ def load_pretrained(path: str | Path, *, param_dtype: str = "float32", dtype: st
     return model, Tokenizer.from_pretrained(path) if has_tokenizer else None
 
 
-def save_pretrained(model: DenseDecoder, tokenizer, out_dir: str | Path, *, dtype: str = "float32",
+def hf_config(cfg: DenseConfig | MoEConfig, dtype: str | None = None) -> dict:
+    """The config.json of a model as `save_pretrained` writes it."""
+    if isinstance(cfg, MoEConfig):  # no multi-token-prediction weights are carried
+        return {**hf_moe.config_to_hf(cfg, dtype), "num_nextn_predict_layers": 0}
+    return hf.config_to_hf(cfg, dtype)
+
+
+def save_pretrained(model, tokenizer, out_dir: str | Path, *, dtype: str = "float32",
                     max_shard_bytes: int = 5 * 10**9, overwrite: bool = False,
                     generation_config: dict | None = None) -> Path:
-    """Write a Hugging Face model directory (config.json, safetensors, tokenizer files).
+    """Write a Hugging Face model directory (config.json, safetensors, tokenizer files) of a
+    dense student (LlamaForCausalLM / Qwen2ForCausalLM) or a DeepSeek-V3 MoE
+    (DeepseekV3ForCausalLM).
 
     Everything is written into a temporary sibling directory that is renamed into place at the
     end, so an interrupted save never leaves a directory that looks complete.
     """
     out = Path(out_dir)
-    if isinstance(model.config, MoEConfig):
-        raise DistillError("saving DeepSeek-V3 (MoE) models in HF format is not supported yet")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise DistillError(f"{out}: already exists and is not empty (pass overwrite/--force)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         cfg = model.config
-        (tmp / "config.json").write_text(json.dumps(hf.config_to_hf(cfg, dtype), indent=2) + "\n")
-        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": hf.config_to_hf(cfg)["eos_token_id"]}
+        config = hf_config(cfg, dtype)
+        # a DeepseekV3 model's experts are written one tensor each, as DeepSeek publishes them
+        table = hf_moe.weight_table(cfg) if isinstance(cfg, MoEConfig) else hf.DENSE
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": config["eos_token_id"]}
         gen.update(generation_config or {})
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        hf.save_weights(model, tmp, dtype, max_shard_bytes)
+        hf.save_weights(model, tmp, dtype, max_shard_bytes, table)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if out.exists():

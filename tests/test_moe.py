@@ -278,6 +278,34 @@ def test_greedy_generate_matches_transformers(base, unrolled, monkeypatch):
         assert out.token_ids == want
 
 
+def test_export_to_hf_loads_in_transformers(tmp_path, base):
+    """`save_pretrained` of a DeepSeek-V3 model: transformers loads it as it is (same logits,
+    same 32 greedy tokens), experts are one tensor each, and distill reads it back bit-exact."""
+    from transformers import AutoModelForCausalLM
+
+    from distill.pretrained import save_pretrained
+
+    ref, _, model = base
+    out = save_pretrained(model, None, tmp_path / "export", dtype="float32")
+    names = set(load_file(str(next(out.glob("*.safetensors")))))
+    assert "model.layers.1.mlp.experts.3.gate_proj.weight" in names
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["DeepseekV3ForCausalLM"]
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = _ids(ref.config.vocab_size, b=2, t=24, seed=5)
+    np.testing.assert_allclose(hf_logits(theirs, ids), our_logits(model, ids), atol=1e-4, rtol=0)
+    prompt = ids[0, :9].tolist()
+    [ours] = generate(model, [prompt], SamplingParams(max_new_tokens=32))
+    with torch.no_grad():
+        want = theirs.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+                               pad_token_id=0, eos_token_id=None)[0, len(prompt):].tolist()
+    assert ours.token_ids == want
+    back, _ = distill.load_pretrained(out)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model, nnx.Param)),
+                                 nnx.to_flat_state(nnx.state(back, nnx.Param)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
+
+
 # ---------------------------------------------------------------------------------------------
 # Presets
 
