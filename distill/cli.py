@@ -132,7 +132,8 @@ def eval_(config, overrides, quiet):
 def export(checkpoint, out_dir, dtype, force, eval_report):
     from distill.export import export as run_export
 
-    out = run_export(checkpoint, out_dir, dtype=dtype, force=force, eval_report=eval_report)
+    out = run_export(checkpoint, out_dir, dtype=dtype, force=force, eval_report=eval_report,
+                     on_warning=lambda m: click.echo(f"warning: {m}", err=True))
     click.echo(f"exported {checkpoint} -> {out} ({dtype})")
 
 

@@ -6,6 +6,8 @@ and a model card naming the teacher, the traces, the training config and the eva
 from __future__ import annotations
 
 import json
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -18,9 +20,11 @@ R1_GENERATION = {"do_sample": True, "temperature": 0.6, "top_p": 0.95}
 
 
 def export(checkpoint: str | Path, out_dir: str | Path, *, dtype: str = "bfloat16",
-           force: bool = False, eval_report: str | Path | None = None) -> Path:
+           force: bool = False, eval_report: str | Path | None = None,
+           on_warning: Callable[[str], None] | None = None) -> Path:
     """Write the HF directory; returns its path. `eval_report`: an eval.json from `distill eval`
-    to quote in the model card (default: none)."""
+    to quote in the model card (default: none). Caveats about how other tools will read the
+    export go to `on_warning` (default: `warnings.warn`)."""
     from distill.pretrained import load_pretrained, model_kind, save_pretrained
 
     checkpoint = Path(checkpoint)
@@ -29,6 +33,8 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, dtype: str = "bfloat1
         raise DistillError(f"{checkpoint}: a preset has random weights; export a trained "
                            "students/<run> directory or a model directory")
     model, tokenizer = load_pretrained(checkpoint)
+    for caveat in tokenizer_caveats(model.config, tokenizer):
+        (on_warning or warnings.warn)(caveat)
     # without a tokenizer (a bare HF checkpoint) the weights are exported alone; the card says so
     out = save_pretrained(model, tokenizer, out_dir, dtype=dtype, overwrite=force,
                           generation_config=R1_GENERATION)
@@ -36,6 +42,23 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, dtype: str = "bfloat1
                       tokenizer)
     write_atomic(out / "README.md", card.encode())
     return out
+
+
+def tokenizer_caveats(cfg, tokenizer) -> list[str]:
+    """Ways in which transformers would not read the exported tokenizer as distill does.
+
+    transformers 5 loads the tokenizer of every `qwen2` model as its byte-level Qwen2Tokenizer,
+    whatever tokenizer_config.json names (qwen2 is in its MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS),
+    so a Qwen2 student with any other kind of tokenizer gets other token ids there.
+    """
+    if tokenizer is None or getattr(cfg, "family", None) != "qwen2":
+        return []
+    pre = json.loads(tokenizer.backend.to_str()).get("pre_tokenizer") or {}
+    if "ByteLevel" in json.dumps(pre):
+        return []
+    return ["this qwen2 model's tokenizer is not byte-level BPE, but transformers loads every qwen2 "
+            "tokenizer as Qwen2Tokenizer (byte-level): there its special tokens and ids will differ "
+            "from distill's. Use a Llama student for such a tokenizer, or Qwen's own tokenizer."]
 
 
 def _read_json(path: Path):

@@ -363,3 +363,30 @@ def test_corrupt_file_raises_one_line(tmp_path, name):
     with pytest.raises(DistillError) as info:
         Tokenizer.from_pretrained(tmp_path)
     assert str(tmp_path) in str(info.value) and "\n" not in str(info.value)
+
+
+def _as_qwen2_in_transformers(tok: Tokenizer, directory: Path):
+    tok.save_pretrained(directory)
+    (directory / "config.json").write_text(json.dumps(
+        {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}))
+    return transformers.AutoTokenizer.from_pretrained(str(directory))
+
+
+def test_export_warns_when_transformers_would_read_a_qwen2_tokenizer_differently(
+        sp_model, smol, tmp_path):
+    """transformers 5 reads every qwen2 tokenizer as byte-level Qwen2Tokenizer: a SentencePiece
+    one then encodes differently there, and `distill export` says so; a byte-level one does not."""
+    from distill.config import DenseConfig
+    from distill.export import tokenizer_caveats
+
+    qwen2 = DenseConfig.model_construct(family="qwen2")
+    llama = DenseConfig.model_construct(family="llama")
+    text = "<think> so the answer is 42 </think> The answer is 42."
+    sp = Tokenizer.from_pretrained(sp_model)
+    assert _as_qwen2_in_transformers(sp, tmp_path / "sp").encode(
+        text, add_special_tokens=False) != sp.encode(text)
+    assert len(tokenizer_caveats(qwen2, sp)) == 1 and tokenizer_caveats(llama, sp) == []
+    byte_level = smol[0]
+    assert _as_qwen2_in_transformers(byte_level, tmp_path / "bl").encode(
+        text, add_special_tokens=False) == byte_level.encode(text)
+    assert tokenizer_caveats(qwen2, byte_level) == []
