@@ -14,6 +14,7 @@ cache_index, kv_valid, last_only)` can be sampled from.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, NamedTuple
@@ -64,12 +65,10 @@ class Completion:
 
 
 def unrolled_layers() -> bool:
-    """Whether sampling runs the layers unrolled on per-layer copies of the weights and caches
-    (`distill.models.layers.Unstacked`): on the CPU, where it halves the cost of the scan's slicing
-    at long contexts. Accelerators keep the scanned layers (no second copy of the weights). The
-    environment variable DISTILL_UNROLL_DECODE=0/1 overrides the choice."""
-    import os
-
+    """Whether decoding runs the layers unrolled on per-layer copies of the weights and caches
+    (`distill.models.layers.Unstacked`): on the CPU, where the scan's slice copies cost as much as
+    the step's reads. Accelerators keep the scanned layers (and no second copy of the weights).
+    The environment variable DISTILL_UNROLL_DECODE=0/1 overrides the choice."""
     choice = os.environ.get("DISTILL_UNROLL_DECODE")
     if choice is not None:
         return choice == "1"
