@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from distill.errors import DistillError
 from distill.models import layers
 
 
@@ -70,9 +71,9 @@ def unrolled_layers() -> bool:
     the step's reads. Accelerators keep the scanned layers (and no second copy of the weights).
     The environment variable DISTILL_UNROLL_DECODE=0/1 overrides the choice."""
     choice = os.environ.get("DISTILL_UNROLL_DECODE")
-    if choice is not None:
-        return choice == "1"
-    return jax.default_backend() == "cpu"
+    if choice not in (None, "0", "1"):
+        raise DistillError(f"DISTILL_UNROLL_DECODE={choice!r}: use 0 or 1")
+    return choice == "1" if choice is not None else jax.default_backend() == "cpu"
 
 
 @partial(jax.jit, static_argnums=(0,))

@@ -160,3 +160,11 @@ def test_unstacked_layers_are_per_layer_arrays_and_a_stacked_cache_stays_stacked
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert got_cache.k.shape == cache.k.shape
     np.testing.assert_allclose(got_cache.k, want_cache.k, atol=1e-6)
+
+
+def test_a_bad_unroll_override_is_one_clear_error(pair, monkeypatch):
+    from distill.errors import DistillError
+
+    monkeypatch.setenv("DISTILL_UNROLL_DECODE", "yes")
+    with pytest.raises(DistillError, match="DISTILL_UNROLL_DECODE='yes': use 0 or 1"):
+        generate(pair[1], [[4, 5, 6]], SamplingParams(max_new_tokens=2))

@@ -281,7 +281,8 @@ def build_from_tensors(cfg, tensors: Iterable[tuple[str, np.ndarray]], source: s
             done[ent.key] = jax.device_put(value, sharding)
             continue
         if ent.key not in stacked:
-            stacked[ent.key] = _zeros(var.shape, np.dtype(var.dtype), sharding)
+            # made where it lives (each device its shard), never as one host buffer
+            stacked[ent.key] = jnp.zeros(var.shape, var.dtype, device=sharding)
         stacked[ent.key] = _write_slice(sharding)(stacked[ent.key], value, index)
         if not todo:
             done[ent.key] = stacked.pop(ent.key)
@@ -292,12 +293,6 @@ def build_from_tensors(cfg, tensors: Iterable[tuple[str, np.ndarray]], source: s
     for key, var in abstract.items():
         var.set_value(done[key])
     return nnx.merge(graphdef, nnx.from_flat_state(abstract))
-
-
-def _zeros(shape: tuple[int, ...], dtype: np.dtype, sharding) -> jax.Array:
-    """Zeros made where they live (each device its shard), never as one host buffer."""
-    placed = {} if sharding is None else {"out_shardings": sharding}
-    return jax.jit(lambda: jnp.zeros(shape, dtype), **placed)()
 
 
 @functools.cache
