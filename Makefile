@@ -16,7 +16,8 @@ setup: $(STAMP)  ## create .venv and install distill with its dev extra (no-op w
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	# (setuptools' notice about editable installs is not for our users: silenced)
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
 models: $(SMOLLM2)  ## fetch the SmolLM2 GGUF used by the real-weights tests and the demo

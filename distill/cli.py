@@ -18,12 +18,13 @@ MODEL_HELP = ("a Hugging Face model directory, a GGUF file, a students/<run> tra
 
 
 def _configure_jax() -> None:
-    """The only place distill configures JAX: a persistent compilation cache for repeat runs."""
-    import jax
+    """The only place distill configures JAX: a persistent compilation cache for repeat runs.
 
+    Set through JAX's environment variables (read when a command first imports JAX), so the
+    command line itself never imports JAX: `--help` stays fast. A user's own settings win."""
     cache = Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill")) / "jax"
-    jax.config.update("jax_compilation_cache_dir", str(cache))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1.0")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -211,9 +212,11 @@ def serve(model_path, host, port, model_name, max_batch, batch_wait_ms, default_
 @cli.command()
 @click.argument("config", type=click.Path())
 @click.option("--mesh", required=True, help="e.g. data=1,fsdp=16,tensor=4")
-@click.option("--seq-len", type=int, default=None, help="Tokens per row (default: the config's).")
-@click.option("--batch", type=int, default=None,
-              help="Global rows per step (default: the config's, else one per data x fsdp shard).")
+@click.option("--seq-len", type=click.IntRange(2), default=None,
+              help="Tokens per row: data.seq_len (default: the config's).")
+@click.option("--batch", type=click.IntRange(1), default=None,
+              help="Global rows per step: data.batch_size (default: the config's, else one per "
+                   "data x fsdp shard).")
 @click.option("--mode", type=click.Choice(["train", "generate"]), default="train", show_default=True)
 @click.option("--device-memory", default="80GB", show_default=True, help="Memory of one device.")
 @click.option("--verdict", type=click.Choice(["larger", "analytic", "compiler"]), default="larger",
@@ -228,7 +231,10 @@ def plan(config, mesh, seq_len, batch, mode, device_memory, verdict, overrides):
     configs/teachers/*.yaml). The real step (train) or one decode step against a KV cache of
     --seq-len slots (generate) is compiled ahead of time on fake CPU devices; the table shows the
     analytic count (exact parameter / optimizer / gradient bytes from the shardings, activations
-    from the shapes) beside XLA's CPU memory analysis.
+    from the shapes) beside XLA's CPU memory analysis. A training config is checked exactly as
+    `distill train` checks it (--mesh, --batch and --seq-len standing in for its mesh,
+    data.batch_size and data.seq_len); a plan that does not fit names its largest part. Exit
+    code 0: fits, 1: does not fit, 2: a config train would refuse.
     """
     import math
 
