@@ -1,16 +1,33 @@
 """Configs: YAML files -> validated, frozen pydantic objects, with `--set a.b=c` overrides.
 
 Every config error becomes a `DistillError` whose one line names the file and the dotted key.
+
+Paths follow one rule (`resolve_path`): a relative path in a config file, in `--set` or on the
+command line is relative to the current working directory, and `~` is the home directory. Path
+fields are typed `InputPath` (read: must exist when a stage runs) or `OutputPath` (written) and are
+made absolute when the config is validated, so a loaded config, and every config distill writes
+from one, means the same from any directory.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from distill.errors import DistillError
 
@@ -21,6 +38,37 @@ class Frozen(BaseModel):
     """Base of every config object: unknown keys are errors, instances are immutable and hashable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths: the one rule
+
+PATH_MISSING = "path_missing"  # the pydantic error type of a missing input path
+CHECK_PATHS = "check_paths"  # validation-context key: input paths must exist
+
+
+def resolve_path(path: str | os.PathLike) -> str:
+    """The one rule for a path in a config: `~` expanded, then a relative path joined to the
+    current working directory (as for every path on the command line), normalised."""
+    return os.path.abspath(os.path.expanduser(os.fspath(path)))
+
+
+def check_input(path: str, info: ValidationInfo | None) -> str:
+    """`path` (resolved), or a validation error naming it when the context asks for existing
+    input paths (a stage about to run) and there is nothing there."""
+    if info is not None and (info.context or {}).get(CHECK_PATHS) and not os.path.exists(path):
+        raise PydanticCustomError(PATH_MISSING, "not found: {path}", {"path": path})
+    return path
+
+
+def _input_path(value: str, info: ValidationInfo) -> str:
+    return check_input(resolve_path(value), info)
+
+
+# A file or folder a stage reads (must exist when the stage runs; `distill plan` does not ask).
+InputPath = Annotated[str, AfterValidator(_input_path)]
+# A file or folder a stage writes (created when needed).
+OutputPath = Annotated[str, AfterValidator(resolve_path)]
 
 
 class RopeScaling(Frozen):
@@ -189,7 +237,8 @@ class MoEConfig(Frozen):
 
 # Any model config; the `family` field picks the schema.
 ModelConfig = Annotated[DenseConfig | MoEConfig, Field(discriminator="family")]
-_FAMILIES = ("llama", "qwen2", "deepseek_v3")  # union tags, left out of error locations
+# union tags (model families, teacher / model kinds), left out of error locations
+_UNION_TAGS = ("llama", "qwen2", "deepseek_v3", "jax", "openai")
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -241,28 +290,45 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def validate(schema: type[T], data: dict, source: str) -> T:
-    """Validate `data` into `schema`; the first error names the dotted key and `source`."""
+def validate(schema: type[T], data: dict, source: str, *, check_paths: bool = False) -> T:
+    """Validate `data` into `schema`; the first error names the dotted key and `source`.
+    `check_paths`: every `InputPath` must exist (a missing one is an error naming its key)."""
     try:
-        return schema.model_validate(data)
+        return schema.model_validate(data, context={CHECK_PATHS: check_paths})
     except ValidationError as e:
         # an unknown key first: a typo shows up as both "unknown" and "missing", and names itself
         err = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")[0]
-        key = ".".join(str(p) for p in err["loc"] if p not in _FAMILIES) or "(top level)"
+        key = ".".join(str(p) for p in err["loc"] if p not in _UNION_TAGS) or "(top level)"
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         elif err["type"] == "missing":
             msg = "missing required key"
+        elif err["type"] == PATH_MISSING:
+            msg = err["msg"]
         else:
             msg = f"{err['msg']} (got {err.get('input')!r})"
         more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
         raise DistillError(f"{source}: {key}: {msg}{more}") from None
 
 
-def load_config(schema: type[T], path: str | Path, overrides=()) -> T:
-    """YAML file + `--set` overrides -> frozen, validated `schema` instance."""
+def load_config(schema: type[T], path: str | Path, overrides=(), *,
+                check_paths: bool = False) -> T:
+    """YAML file + `--set` overrides -> frozen, validated `schema` instance (paths resolved by
+    `resolve_path`; `check_paths`: every input path must exist)."""
     data = apply_overrides(read_yaml(path), parse_overrides(overrides))
-    return validate(schema, data, str(path))
+    return validate(schema, data, str(path), check_paths=check_paths)
+
+
+def save_config(cfg: BaseModel, path: str | Path) -> Path:
+    """Write a validated config as YAML, every field included and every path absolute, so it
+    means the same when read back from any directory (atomically: a crash leaves the old file)."""
+    from distill.fsutil import write_atomic
+
+    data = cfg.model_dump(mode="json")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True).encode())
+    return path
 
 
 class ModelFile(Frozen):

@@ -16,12 +16,14 @@ Stages (each through the same library call the matching `distill` command makes)
 5. eval       `run_eval` on held-out problems (a different seed, any question also in the training
               set removed): pass@1 over k samples with a 95% interval, greedy accuracy, for the
               teacher and the three students (and the untrained student in the quick budget)
-6. export     the best distilled student to a Hugging Face directory, reloaded with transformers
-              (AutoModelForCausalLM + AutoTokenizer): logits, the rendered chat template, its
-              token ids and 32 greedy tokens are compared with distill's
+6. export     the best distilled student to a Hugging Face directory, read back by distill and,
+              where transformers is installed, reloaded with transformers (AutoModelForCausalLM +
+              AutoTokenizer): logits, the rendered chat template, its token ids and 32 greedy
+              tokens are compared with distill's (`distill.demo_export`)
 
-Everything lives under the work directory (default students/demo): the stage configs are written to
-configs/ there, so each stage can be rerun by hand with the matching `distill` command.
+Everything lives under the work directory (default students/demo, relative to the working
+directory): the stage configs are written to configs/ there, every path in them absolute, so each
+stage can be rerun by hand with the matching `distill` command from any directory.
 
 `smollm2_path` and `DEFAULT_GGUF` (the real-weights SmolLM2 GGUF that `make models` fetches) are
 kept here for `distill bench` and the tests; the demo itself needs no download.
@@ -41,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from distill.config import resolve_path, save_config, validate
 from distill.errors import DistillError
 
 DEFAULT_GGUF = Path(".cache/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -102,7 +105,6 @@ BUDGETS = {
 TRAIN_SEED, EVAL_SEED = 0, 1
 TOP_K = 8  # teacher log-probabilities stored per token, and used by the KD loss
 MAX_NEW_TOKENS = 48  # a 3-step solution is at most ~40 completion tokens
-GREEDY_CHECK = 32  # tokens of greedy generation that distill and transformers must agree on
 TRACE_TEMPERATURE = 0.8
 
 # A DeepSeek-V3-shaped teacher: MLA attention, one dense layer, then MoE layers of 8 routed experts
@@ -169,6 +171,8 @@ def run_demo(work_dir: str | Path = "students/demo", budget: str | Budget = "ful
     `fresh` deletes `work_dir` first (the cached teacher included)."""
     from rich.console import Console
 
+    from distill.demo_export import export_stage, stage_result
+
     if isinstance(budget, Budget):
         b, budget = budget, "custom"
     elif budget in BUDGETS:
@@ -176,7 +180,7 @@ def run_demo(work_dir: str | Path = "students/demo", budget: str | Budget = "ful
     else:
         raise DistillError(f"unknown demo budget {budget!r}; choose one of {', '.join(BUDGETS)}")
     console = console or Console()
-    work = Path(work_dir)
+    work = Path(resolve_path(work_dir))
     if fresh and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -208,16 +212,16 @@ def run_demo(work_dir: str | Path = "students/demo", budget: str | Budget = "ful
         row.result = f"report in {work / 'eval'}"
     scores = _scores(report, work / "eval" / "samples.jsonl")
     best = max(("student-sft", "student-kd"), key=lambda n: scores[n]["pass@1"])
-    with clock.stage("export", f"{best} to Hugging Face, reloaded with transformers") as row:
-        reload = _export_and_reload(work, best, b)
-        row.result = (f"max |logit diff| {reload['max_logit_diff']:.2g}, chat template "
-                      f"{'equal' if reload['template_equal'] else 'DIFFERENT'}, greedy "
-                      f"{reload['greedy_tokens']} tokens "
-                      f"{'equal' if reload['greedy_equal'] else 'DIFFERENT'}")
+    with clock.stage("export", f"{best} to Hugging Face, read back by distill and transformers"
+                     ) as row:
+        reload = export_stage(work, best, console)
+        row.result = stage_result(reload)
     total = time.perf_counter() - t_start
     summary = _summary(b, budget, clock.stages, scores, best, reload, traces, cached, total, work)
     _print_summary(console, summary)
     (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    console.print(f"every stage's config is in {work / 'configs'}; rerun one with its command "
+                  f"from any directory, e.g. distill eval {work / 'configs' / 'eval.yaml'}")
     return summary
 
 
@@ -263,6 +267,12 @@ def _write_yaml(path: Path, data: dict) -> Path:
     return path
 
 
+def _write_config(schema, path: Path, data: dict) -> Path:
+    """A stage's config, validated and saved with every path absolute (`save_config`), so
+    `distill <stage> path` reruns it from any directory."""
+    return save_config(validate(schema, data, str(path)), path)
+
+
 def _train_config(work: Path, name: str, init: Path, traces: Path, sched: Schedule, loss: dict,
                   top_k: int = 0) -> Path:
     cfg = {"name": name,
@@ -275,7 +285,9 @@ def _train_config(work: Path, name: str, init: Path, traces: Path, sched: Schedu
                      "checkpoint_every": sched.steps,
                      "async_checkpoints": False},
            "output_root": str(work)}
-    return _write_yaml(work / "configs" / f"{name}.yaml", cfg)
+    from distill.train.config import TrainConfig
+
+    return _write_config(TrainConfig, work / "configs" / f"{name}.yaml", cfg)
 
 
 def _train(config: Path, progress: bool) -> float:
@@ -321,7 +333,7 @@ def _cache_key(config: Path, preset: Path, tokenizer: Path, prompts: dict) -> st
 
 def _traces(work: Path, b: Budget, teacher: Path, progress: bool) -> dict:
     """Teacher traces of the first `trace_prompts` training prompts (one sample each)."""
-    from distill.traces.generate import run_generate
+    from distill.traces.generate import GenerateConfig, run_generate
 
     cfg = {"name": "traces", "prompts": _prompts(b, limit=b.trace_prompts),
            "teacher": {"kind": "jax", "model": str(teacher), "batch_size": 256},
@@ -329,8 +341,8 @@ def _traces(work: Path, b: Budget, teacher: Path, progress: bool) -> dict:
                         "max_new_tokens": MAX_NEW_TOKENS, "seed": 0, "logprobs": TOP_K},
            "filters": {"keep": "correct", "dedup": "exact"},
            "output": {"root": str(work), "prompts_per_shard": 1000}}
-    summary = run_generate(_write_yaml(work / "configs" / "traces.yaml", cfg), overwrite=True,
-                           progress=progress)
+    summary = run_generate(_write_config(GenerateConfig, work / "configs" / "traces.yaml", cfg),
+                           overwrite=True, progress=progress)
     if summary.records == 0:
         raise DistillError(f"{summary.run_dir}: the teacher solved none of {summary.samples} "
                            "prompts; train it for more steps")
@@ -377,7 +389,7 @@ def _eval_prompts(work: Path, b: Budget) -> Path:
 
 
 def _evaluate(work: Path, b: Budget, teacher: Path, student_preset: Path, progress: bool) -> dict:
-    from distill.evaluate import run_eval
+    from distill.evaluate import EvalConfig, run_eval
 
     models = [{"name": "teacher", "model": str(teacher), "role": "teacher", "batch_size": 256}]
     models += [{"name": n, "model": str(work / n), "batch_size": 256} for n in STUDENTS]
@@ -388,7 +400,8 @@ def _evaluate(work: Path, b: Budget, teacher: Path, student_preset: Path, progre
            "protocol": {"k": b.eval_k, "temperature": 0.6, "top_p": 0.95,
                         "max_new_tokens": MAX_NEW_TOKENS, "seed": 0, "greedy": True},
            "output": str(work / "eval")}
-    return run_eval(_write_yaml(work / "configs" / "eval.yaml", cfg), progress=progress)
+    return run_eval(_write_config(EvalConfig, work / "configs" / "eval.yaml", cfg),
+                    progress=progress)
 
 
 def _scores(report: dict, samples: Path) -> dict:
@@ -419,43 +432,6 @@ def paired_difference(a: dict[str, float], b: dict[str, float]) -> tuple[float, 
     if len(d) < 2:
         return float(d.mean()) if len(d) else 0.0, math.inf
     return float(d.mean()), float(1.96 * d.std(ddof=1) / math.sqrt(len(d)))
-
-
-def _export_and_reload(work: Path, best: str, b: Budget) -> dict:
-    """Export `best` (float32), reload it with transformers and compare with distill's model."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import distill
-    from distill.export import export
-    from distill.sampling import SamplingParams, generate
-
-    out = export(work / best, work / "export", dtype="float32", force=True,
-                 eval_report=work / "eval" / "eval.json")
-    ours, tok = distill.load_pretrained(work / best)
-    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    hf_tok = AutoTokenizer.from_pretrained(out)
-    question = json.loads((work / "data" / "eval-prompts.jsonl").read_text().splitlines()[0])
-    messages = [{"role": "user", "content": question["prompt"]}]
-    text = tok.apply_chat_template(messages, add_generation_prompt=True)
-    hf_text = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    ids = tok.encode(text)
-    probe = np.asarray([ids], np.int32)
-    # greedy, past the end-of-sequence token too, so every one of the GREEDY_CHECK tokens counts
-    [mine] = generate(ours, [ids], SamplingParams(max_new_tokens=GREEDY_CHECK))
-    theirs.generation_config.eos_token_id = None  # no stop: all GREEDY_CHECK tokens
-    with torch.no_grad():
-        hf_logits = theirs(torch.tensor(probe, dtype=torch.long)).logits.numpy()
-        generated = theirs.generate(torch.tensor(probe, dtype=torch.long), do_sample=False,
-                                    max_new_tokens=GREEDY_CHECK, pad_token_id=tok.pad_token_id)
-    hf_ids = generated[0, len(ids):].tolist()
-    answer = hf_ids[:hf_ids.index(tok.eos_token_id)] if tok.eos_token_id in hf_ids else hf_ids
-    diff = float(np.abs(hf_logits - np.asarray(ours(probe))).max())
-    return {"dir": str(out), "max_logit_diff": diff, "template_equal": text == hf_text,
-            "hf_ids_equal": hf_tok.encode(text, add_special_tokens=False) == ids,
-            "greedy_equal": mine.token_ids == hf_ids, "greedy_tokens": len(hf_ids),
-            "question": question["prompt"], "reference": question["answer"],
-            "transformers_completion": hf_tok.decode(answer, skip_special_tokens=True)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -552,10 +528,9 @@ def verdict_lines(s: dict) -> list[str]:
         "made no clear difference (within noise)")
     lines.append(f"logit loss added to SFT: {helped}, {100 * d:+.1f} points "
                  f"(95% CI +/- {100 * h:.1f})")
-    e = s["export"]
-    lines.append(f"export: {e['dir']} reloaded with transformers: max |logit diff| "
-                 f"{e['max_logit_diff']:.2g}, chat template "
-                 f"{'equal' if e['template_equal'] else 'DIFFERENT'}, greedy {e['greedy_tokens']} "
-                 f"tokens {'equal' if e['greedy_equal'] else 'DIFFERENT'}; on "
-                 f"{e['question']!r}: {e['transformers_completion']!r} (reference {e['reference']})")
+    from rich.markup import escape
+
+    from distill.demo_export import summary_line
+
+    lines.append(escape(summary_line(s["export"])))  # plain text: "[hf]" is not a style
     return lines

@@ -23,13 +23,12 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
-import re
 import time
 from pathlib import Path
 
-from distill.config import apply_overrides, parse_overrides, read_yaml, validate
+from distill.config import load_config, resolve_path
 from distill.errors import DistillError
-from distill.evaluation.config import EvalConfig, model_name, resolve
+from distill.evaluation.config import EvalConfig, model_name
 from distill.sampling import SamplingParams
 from distill.traces.records import PromptRecord, Sample
 from distill.traces.verify import answers_match, extract_answer, split_think
@@ -66,13 +65,10 @@ class ModelRun:
     notes: list[str]
 
 
-def load_eval_config(path: str | Path, overrides=()) -> EvalConfig:
-    """The validated config; errors name the file and the dotted key (models.N.key)."""
-    data = apply_overrides(read_yaml(path), parse_overrides(overrides))
-    try:
-        return validate(EvalConfig, data, str(path))
-    except DistillError as e:  # drop the union tag pydantic puts in the location
-        raise DistillError(re.sub(r"(models\.\d+)\.(jax|openai)\b", r"\1", str(e))) from None
+def load_eval_config(path: str | Path, overrides=(), *, check_paths: bool = False) -> EvalConfig:
+    """The validated config; errors name the file and the dotted key (models.N.key).
+    `check_paths`: every input path (models, prompts, traces, metrics) must exist."""
+    return load_config(EvalConfig, path, overrides, check_paths=check_paths)
 
 
 def run_eval(config_path: str | Path, overrides=(), *, progress: bool = True) -> dict:
@@ -81,19 +77,18 @@ def run_eval(config_path: str | Path, overrides=(), *, progress: bool = True) ->
     from distill.traces.prompts import load_prompts
 
     config_path = Path(config_path)
-    cfg = load_eval_config(config_path, overrides)
-    base_dir = config_path.parent
+    cfg = load_eval_config(config_path, overrides, check_paths=True)
     name = cfg.name or config_path.stem
-    out_dir = Path(cfg.output) if cfg.output else Path("students") / "eval" / name
-    prompts = load_prompts(cfg.prompts, base_dir)
+    out_dir = Path(cfg.output or resolve_path(Path("students") / "eval" / name))
+    prompts = load_prompts(cfg.prompts)
     _check_references(prompts, config_path)
-    _check_models(cfg, base_dir)
-    kl = _prepare_kl(cfg, prompts, base_dir)
-    curves = _loss_curves(cfg, base_dir)
+    _check_models(cfg)
+    kl = _prepare_kl(cfg, prompts)
+    curves = _loss_curves(cfg)
     runs = []
     with _Progress(progress) as bar:
         for entry in cfg.models:
-            runs.append(evaluate_model(entry, prompts, cfg, base_dir, kl, bar))
+            runs.append(evaluate_model(entry, prompts, cfg, kl, bar))
             gc.collect()  # free one model's buffers before the next one loads
     report = build_report(name, out_dir, cfg, prompts, runs)
     write_outputs(out_dir, report, runs, prompts, curves)
@@ -111,13 +106,13 @@ def _check_references(prompts: list[PromptRecord], config_path: Path) -> None:
                            "evaluated prompt needs one (see prompts.columns.reference)")
 
 
-def _check_models(cfg: EvalConfig, base_dir: Path) -> None:
-    """A missing model path fails here, in one line, before any model is sampled."""
+def _check_models(cfg: EvalConfig) -> None:
+    """A model path that is not a model fails here, in one line, before any model is sampled."""
     from distill.pretrained import model_kind
 
     for entry in cfg.models:
         if entry.kind == "jax":
-            model_kind(resolve(entry.model, base_dir))
+            model_kind(entry.model)
 
 
 @dataclasses.dataclass
@@ -127,7 +122,7 @@ class _KL:
     note: str | None
 
 
-def _prepare_kl(cfg: EvalConfig, prompts: list[PromptRecord], base_dir: Path) -> _KL | None:
+def _prepare_kl(cfg: EvalConfig, prompts: list[PromptRecord]) -> _KL | None:
     if cfg.kl is None:
         return None
     from distill.evaluation.agreement import (
@@ -136,9 +131,9 @@ def _prepare_kl(cfg: EvalConfig, prompts: list[PromptRecord], base_dir: Path) ->
         tokenizer_fingerprint,
     )
 
-    traces = load_kl_traces(cfg.kl, {p.id for p in prompts}, base_dir)
+    traces = load_kl_traces(cfg.kl, {p.id for p in prompts})
     teacher = next((m for m in cfg.models if m.role == "teacher"), None)
-    tokenizer, note = teacher_tokenizer(cfg.kl, teacher, base_dir)
+    tokenizer, note = teacher_tokenizer(cfg.kl, teacher)
     if tokenizer is None and note is None:
         note = "the teacher model carries no tokenizer (set kl.tokenizer)"
     return _KL(traces, tokenizer_fingerprint(tokenizer) if tokenizer else None, note)
@@ -148,8 +143,8 @@ def _prepare_kl(cfg: EvalConfig, prompts: list[PromptRecord], base_dir: Path) ->
 # One model
 
 
-def evaluate_model(entry, prompts: list[PromptRecord], cfg: EvalConfig, base_dir: Path,
-                   kl: _KL | None, bar=None) -> ModelRun:
+def evaluate_model(entry, prompts: list[PromptRecord], cfg: EvalConfig, kl: _KL | None,
+                   bar=None) -> ModelRun:
     """Sample, check and (when it applies) score one model."""
     from distill.traces.generate import make_teacher
 
@@ -159,7 +154,7 @@ def evaluate_model(entry, prompts: list[PromptRecord], cfg: EvalConfig, base_dir
                             top_p=p.top_p, top_k=p.top_k, n=p.k, seed=p.seed)
     greedy_params = SamplingParams(max_new_tokens=p.max_new_tokens, temperature=0.0, n=1,
                                    seed=p.seed)
-    backend = make_teacher(entry, base_dir)
+    backend = make_teacher(entry)
     try:
         on_sample = bar.model(name, len(prompts) * (p.k + p.greedy)) if bar else None
         t0 = time.perf_counter()
@@ -222,13 +217,13 @@ def _agreement(entry, backend, kl: _KL | None) -> tuple[dict | None, list[str]]:
 # Loss curves and progress
 
 
-def _loss_curves(cfg: EvalConfig, base_dir: Path) -> dict[str, Path]:
+def _loss_curves(cfg: EvalConfig) -> dict[str, Path]:
     """{model name: metrics.jsonl} for the models that have one (given, or in their run dir)."""
     curves = {}
     for entry in cfg.models:
-        path = resolve(entry.metrics, base_dir) if entry.metrics else None
+        path = Path(entry.metrics) if entry.metrics else None
         if path is None and entry.kind == "jax":
-            run = resolve(entry.model, base_dir)
+            run = Path(entry.model)
             path = run / "metrics.jsonl" if (run / "model.json").is_file() else None
         if path is not None and entry.metrics and not path.is_file():
             raise DistillError(f"{path}: metrics file not found (models: {model_name(entry)})")

@@ -63,7 +63,41 @@ class PlanReport:
                   f"verdict ({_VERDICT_LABEL[self.verdict_source]} vs "
                   f"{_gib(self.device_memory)} per device): "
                   + ("FITS" if self.fits else "DOES NOT FIT")]
+        if not self.fits:
+            lines.append(self.largest_part())
         return "\n".join(lines)
+
+    def largest_part(self) -> str:
+        """One line on a plan that does not fit: what is too big, and what shrinks it."""
+        c, a = self.compiler, self.analytic
+        state = {"parameters": a["params"], "optimizer state": a.get("optimizer", 0),
+                 "gradients": a.get("gradients", 0)}
+        if sum(state.values()) > self.device_memory:  # no batch or sequence change can help
+            parts = ", ".join(f"{k} {_gib(v)}" for k, v in state.items() if v)
+            return (f"largest part: the {'training state' if self.mode == 'train' else 'weights'} "
+                    f"alone ({parts}) needs {_gib(sum(state.values()))} per device, above "
+                    f"{_gib(self.device_memory)}: spread it over more devices (a larger fsdp or "
+                    "tensor axis)")
+        use_compiler = "total" in c and (self.verdict_source == "compiler" or (
+            self.verdict_source == "larger" and c["total"] > a["total"]))
+        if use_compiler:
+            source, total = "XLA", c["total"]
+            parts = {"arguments (parameters, optimizer state, batch)": c["argument"],
+                     "temporaries (activations, gradients)": c["temp"],
+                     "outputs": c["output"] - c["alias"]}
+        else:
+            source, total = "analytic", a["total"]
+            parts = {**state, "activations / cache": a["activations"]}
+        name, size = max(parts.items(), key=lambda kv: kv[1])
+        if not name.startswith(("activations", "temporaries")):
+            hint = "spread it over more devices (a larger fsdp or tensor axis)"
+        elif self.mode == "train":
+            hint = ("lower --batch or --seq-len, raise train.grad_accum, or set student.remat: "
+                    "full (keeps only each layer's input)")
+        else:
+            hint = "lower --batch or --seq-len (the KV cache), or add tensor devices"
+        return (f"largest part ({source}): {name}, {_gib(size)} of {_gib(total)} per device "
+                f"({size / max(total, 1):.0%}); {hint}")
 
 
 def _gib(x) -> str:
@@ -104,34 +138,40 @@ def ensure_devices(n: int, argv: list[str]) -> bool:
 # Building the abstract problem
 
 
-def _model_config(config_path: Path, overrides):
-    """The model config and the training config (None for a bare preset YAML)."""
+def _configs(config_path: Path, overrides, mesh_text: str, batch: int | None,
+             seq_len: int | None):
+    """(model config, training config or None for a bare preset YAML). For a training config,
+    --mesh / --batch / --seq-len become its `mesh` / `data.batch_size` / `data.seq_len`, validated
+    as `distill train` validates them."""
     from distill.config import load_model_config, read_yaml
 
     data = read_yaml(config_path)
     if "model" in data:
         return load_model_config(config_path, overrides), None
-    if "student" in data:
-        from distill.config import load_config
-        from distill.train.config import TrainConfig
+    if "student" not in data:
+        raise DistillError(f"{config_path}: neither a model preset (model:) nor a training config "
+                           "(student:)")
+    from distill.config import load_config
+    from distill.train.config import TrainConfig
 
-        cfg = load_config(TrainConfig, config_path, overrides)
-        init = Path(cfg.student.init)
-        if init.suffix in (".yaml", ".yml"):
-            model = load_model_config(init, [f"model.param_dtype={cfg.student.param_dtype}",
-                                             f"model.dtype={cfg.student.dtype}"])
-        else:
-            from distill.models import hf
-            from distill.pretrained import read_hf_config
+    planned = [f"mesh={mesh_text}"]
+    planned += [f"data.batch_size={batch}"] if batch is not None else []
+    planned += [f"data.seq_len={seq_len}"] if seq_len is not None else []
+    cfg = load_config(TrainConfig, config_path, [*overrides, *planned])
+    init = Path(cfg.student.init)
+    if init.suffix in (".yaml", ".yml"):
+        model = load_model_config(init, [f"model.param_dtype={cfg.student.param_dtype}",
+                                         f"model.dtype={cfg.student.dtype}"])
+    else:
+        from distill.models import hf
+        from distill.pretrained import read_hf_config
 
-            model = hf.config_from_hf(read_hf_config(init), str(init),
-                                      param_dtype=cfg.student.param_dtype, dtype=cfg.student.dtype)
-        update = dict(cfg.student.config_overrides)
-        if cfg.student.remat is not None:
-            update["remat"] = cfg.student.remat
-        return model.model_copy(update=update), cfg
-    raise DistillError(f"{config_path}: neither a model preset (model:) nor a training config "
-                       "(student:)")
+        model = hf.config_from_hf(read_hf_config(init), str(init),
+                                  param_dtype=cfg.student.param_dtype, dtype=cfg.student.dtype)
+    update = dict(cfg.student.config_overrides)
+    if cfg.student.remat is not None:
+        update["remat"] = cfg.student.remat
+    return model.model_copy(update=update), cfg
 
 
 def _shard_bytes(abstract_tree, shardings_tree) -> int:
@@ -279,17 +319,21 @@ def run_plan(config_path: str | Path, mesh_text: str, *, seq_len: int | None = N
 
     from distill.models import hf
     from distill.parallel import make_mesh, parse_mesh
+    from distill.train.config import check_layout, check_seq_len
 
     config_path = Path(config_path)
-    model_cfg, train_cfg = _model_config(config_path, overrides)
     shape = parse_mesh(mesh_text)
+    model_cfg, train_cfg = _configs(config_path, overrides, mesh_text, batch, seq_len)
     n = math.prod(shape.values())
     mesh = make_mesh(shape, jax.devices("cpu")[:n])
-    seq_len = seq_len or (train_cfg.data.seq_len if train_cfg else 4096)
+    seq_len = train_cfg.data.seq_len if train_cfg else seq_len or 4096
     rows = shape.get("data", 1) * shape.get("fsdp", 1)
-    batch = batch or (train_cfg.data.batch_size if train_cfg else rows)
+    batch = train_cfg.data.batch_size if train_cfg else batch or rows
     t0 = time.perf_counter()
-    if mode == "train":
+    if mode == "train":  # exactly what `distill train` refuses, plan refuses
+        check_layout(batch, train_cfg.train.grad_accum if train_cfg else 1, shape,
+                     str(config_path))
+        check_seq_len(seq_len, model_cfg, str(config_path))
         compiled, analytic = plan_train(model_cfg, train_cfg, mesh, batch, seq_len)
     elif mode == "generate":
         compiled, analytic = plan_generate(model_cfg, mesh, batch, seq_len)

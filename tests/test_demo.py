@@ -1,18 +1,23 @@
 """`distill demo`: its tokenizer (exact round trip, the R1 chat template, transformers agrees) and
-the reduced demo end to end: every stage writes its outputs, the distilled student beats the
-untrained one, the export reloads in transformers, and a second run reuses the cached teacher."""
+the reduced demo end to end, run from a fresh copy of the repository with its defaults: every stage
+writes its outputs, the distilled student beats the untrained one, the export reloads in
+transformers (and without transformers the last stage skips that check in one line), the
+configs it wrote rerun from another directory, and a second run reuses the cached teacher."""
 
 from __future__ import annotations
 
-import io
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import transformers
-from rich.console import Console
 
-from distill.demo import BUDGETS, STUDENTS, _teacher, active_params, paired_difference, run_demo
+from distill.demo import BUDGETS, STUDENTS, _teacher, active_params, paired_difference
 from distill.demo_tokenizer import BOS, EOS, train_tokenizer
 from distill.errors import DistillError
 from distill.traces.synthetic import arithmetic_problems, final_answer, solution_reasoning
@@ -111,15 +116,91 @@ def test_active_params_of_the_moe_teacher(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The reduced demo, end to end
+# The reduced demo, end to end, run as a newcomer runs it: `distill demo` from the root of a fresh
+# copy of the repository, with the default (relative) work directory students/demo.
+
+REPO = Path(__file__).resolve().parents[1]
+DISTILL = Path(sys.executable).with_name("distill")  # the console script `make setup` installed
+
+
+def fresh_clone(dest: Path) -> Path:
+    """The repository's files as a clean clone has them (tracked and not ignored), artifacts and
+    caches left out."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                           cwd=REPO, capture_output=True, text=True, check=True).stdout
+    for name in filter(None, files.split("\0")):
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    return dest
+
+
+def distill_cli(*args: str, cwd: Path, env: dict, timeout: int = 1200,
+                python_args: tuple[str, ...] | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, *python_args] if python_args else [str(DISTILL), *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    work = tmp_path_factory.mktemp("demo") / "work"
-    out = io.StringIO()
-    summary = run_demo(work, "quick", progress=False, console=Console(file=out, width=160))
-    return {"work": work, "summary": summary, "printed": out.getvalue()}
+    root = fresh_clone(tmp_path_factory.mktemp("clone"))
+    # a newcomer's shell: no fake devices, a cold compilation cache of its own
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", DISTILL_CACHE=str(tmp_path_factory.mktemp("cache")),
+               COLUMNS="160")
+    proc = distill_cli("demo", "--quick", "--quiet", cwd=root, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    work = root / "students" / "demo"
+    summary = json.loads((work / "summary.json").read_text())
+    return {"root": root, "work": work, "env": env, "summary": summary, "printed": proc.stdout}
+
+
+@pytest.mark.slow
+def test_quick_demo_configs_rerun_from_another_directory(quick, tmp_path):
+    """Each config the demo wrote means the same from anywhere: eval gives the same report, the
+    finished trace run and training run resume as complete, and nothing lands in the cwd."""
+    configs = quick["work"] / "configs"
+    before = json.loads((quick["work"] / "eval" / "eval.json").read_text())
+    for command, config in (("eval", "eval.yaml"), ("generate", "traces.yaml"),
+                            ("train", "student-sft.yaml")):
+        proc = distill_cli(command, str(configs / config), "--quiet", cwd=tmp_path,
+                           env=quick["env"])
+        assert proc.returncode == 0, (command, proc.stdout[-2000:], proc.stderr[-3000:])
+    after = json.loads((quick["work"] / "eval" / "eval.json").read_text())
+    before.pop("timing"), after.pop("timing")
+    assert after == before
+    assert proc.stdout.strip() == str(quick["work"] / "student-sft")
+    assert not list(tmp_path.iterdir())  # every output went where the configs say
+
+
+@pytest.mark.slow
+def test_quick_demo_last_stage_without_transformers(quick):
+    """On a plain install (no torch, no transformers) every module but the benchmarks imports,
+    and the demo's last stage exports, checks with distill, and says in one line what it skipped."""
+    script = f"""
+import importlib, pkgutil, sys
+sys.path.insert(0, {str(REPO / "tests")!r})
+import hidden_modules
+hidden_modules.hide("torch", "transformers")
+import distill
+for info in pkgutil.walk_packages(distill.__path__, "distill."):
+    if not info.name.split(".")[1].startswith("bench"):
+        importlib.import_module(info.name)
+assert not {{"torch", "transformers"}} & set(sys.modules), "torch / transformers imported"
+from pathlib import Path
+from rich.console import Console
+from distill.demo_export import export_stage, summary_line
+e = export_stage(Path("students/demo"), {quick["summary"]["best_student"]!r}, Console(width=300))
+print(summary_line(e))
+print("diff", e["distill_logit_diff"])
+"""
+    proc = distill_cli(cwd=quick["root"], env=quick["env"], python_args=("-c", script))
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    skipped = [line for line in proc.stdout.splitlines() if "skipped the transformers" in line]
+    assert skipped == ["  skipped the transformers reload check: torch and transformers not "
+                       "installed; pip install 'distill[hf]' to run it"], proc.stdout
+    assert float(proc.stdout.split("diff ")[-1]) < 1e-5  # distill reads its export back
 
 
 @pytest.mark.slow
@@ -152,7 +233,6 @@ def test_quick_demo_stages_write_their_outputs(quick):
     report = json.loads((work / "eval" / "eval.json").read_text())
     assert {m["name"] for m in report["models"]} == {"teacher", *STUDENTS, "student-untrained"}
     assert report["prompts"]["count"] == BUDGETS["quick"].eval_prompts
-    assert json.loads((work / "summary.json").read_text()) == s
     printed = quick["printed"]
     assert "student/teacher" in printed and "logit loss added to SFT" in printed
     assert "traces vs answers-only" in printed

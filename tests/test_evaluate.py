@@ -179,11 +179,12 @@ def write_traces(run_dir: Path, prompts, teacher_dir: Path) -> dict:
 
 def write_config(path: Path, student: Path, teacher: Path, url: str, out: Path, **extra) -> Path:
     cfg = {"prompts": PROMPTS,
-           "models": [{"name": "student", "model": str(student), "metrics": "metrics.jsonl"},
+           "models": [{"name": "student", "model": str(student),
+                       "metrics": str(path.parent / "metrics.jsonl")},
                       {"name": "oracle", "kind": "openai", "base_url": url, "model": "oracle"},
                       {"name": "teacher", "model": str(teacher), "role": "teacher"}],
            "protocol": {"k": K, "max_new_tokens": 16, "seed": SEED},
-           "kl": {"traces": "traces", "max_samples": 64},
+           "kl": {"traces": str(path.parent / "traces"), "max_samples": 64},
            "output": str(out), **extra}
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -328,16 +329,23 @@ def test_no_prompts_in_common_is_one_line_and_exit_2(tmp_path, dirs):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"models": [{"model": "no/such/model"}]}, "no/such/model: no such file or directory"),
+    ({"models": [{"model": "no/such/model"}]}, "models.0.model: not found: {tmp}/no/such/model"),
     ({"models": [{"kind": "vllm", "model": "x"}]}, "models.0: kind must be jax"),
     ({"models": [{"model": "m", "colour": 1}]}, "models.0.colour: unknown key"),
     ({"models": [{"model": "a/m"}, {"model": "b/m"}]}, "two models are named 'm'"),
     ({"protocol": {"k": 0}}, "protocol.k"),
-    ({"models": [{"model": "student", "metrics": "nope.jsonl"}]}, "nope.jsonl: metrics file not found"),
+    ({"models": [{"model": "student", "metrics": "nope.jsonl"}]},
+     "models.0.metrics: not found: {tmp}/nope.jsonl"),
+    ({"kl": {"traces": "no-traces"}}, "kl.traces: not found: {tmp}/no-traces"),
+    ({"prompts": {"source": "nope.jsonl"}}, "prompts.source: not found: {tmp}/nope.jsonl"),
     ({"prompts": {"source": "p.jsonl", "columns": {"reference": None}}}, "has no reference answer"),
 ])
-def test_bad_config_is_one_clear_error(tmp_path, dirs, change, message):
+def test_bad_config_is_one_clear_error(tmp_path, dirs, change, message, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    message = message.format(tmp=tmp_path)
     (tmp_path / "student").symlink_to(dirs[0])
+    for same_name in ("a/m", "b/m"):
+        (tmp_path / same_name).mkdir(parents=True)
     cfg = {"prompts": {**PROMPTS, "format": "synthetic"}, "models": [{"model": "student"}],
            "output": str(tmp_path / "out"), **change}
     path = tmp_path / "eval.yaml"
@@ -350,6 +358,7 @@ def test_bad_config_is_one_clear_error(tmp_path, dirs, change, message):
 
 def test_kl_traces_without_top_k_are_refused(tmp_path, dirs, prompts):
     write_traces(tmp_path / "traces", prompts, dirs[1])
+    (tmp_path / "metrics.jsonl").write_text("")
     path = write_config(tmp_path / "eval.yaml", *dirs, "http://127.0.0.1:9", tmp_path / "out")
     with pytest.raises(DistillError, match="no trace with teacher top-k log-probabilities for "
                                            "the evaluated prompts"):

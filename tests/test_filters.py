@@ -167,8 +167,9 @@ def eval_file(tmp_path):
     return path
 
 
-def test_decontamination_catches_an_8gram_not_a_7gram(eval_file):
-    judge = Judge(FiltersConfig(decontaminate=("evals/aime.jsonl",)), base_dir=eval_file.parents[1])
+def test_decontamination_catches_an_8gram_not_a_7gram(eval_file, monkeypatch):
+    monkeypatch.chdir(eval_file.parents[1])  # a relative path is relative to the working directory
+    judge = Judge(FiltersConfig(decontaminate=("evals/aime.jsonl",)))
     # "of ordered pairs of positive integers whose product" is 8 words of EVAL.
     leaked = PromptRecord("a", "Please count: of ordered pairs of positive integers whose product, ok")
     clean = PromptRecord("b", "Please count: of ordered pairs of positive integers whose sum, ok")
@@ -191,11 +192,12 @@ def test_decontamination_matches_short_prompts_whole(tmp_path):
     ("nofield.jsonl", '{"text": "hi"}\n', r"nofield.jsonl:1: needs a text 'prompt'"),
     ("evals.csv", "a,b\n", "must be .jsonl or .txt"),
 ])
-def test_decontamination_file_errors(tmp_path, name, content, message):
+def test_decontamination_file_errors(tmp_path, name, content, message, monkeypatch):
     if content is not None:
         (tmp_path / name).write_text(content)
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(DistillError, match=message):
-        Judge(FiltersConfig(decontaminate=(name,)), base_dir=tmp_path)
+        Judge(FiltersConfig(decontaminate=(name,)))
 
 
 # --- language mixing ---------------------------------------------------------------------------

@@ -39,7 +39,8 @@ def total(stdout: str, column: int) -> float:
 @pytest.mark.parametrize("preset", sorted(MESHES))
 def test_every_student_preset_fits_a_mesh_at_32k(preset):
     proc = plan(f"configs/students/{preset}.yaml", "--mesh", MESHES[preset], "--seq-len", "32768",
-                "--set", "model.remat=full", "--set", "model.dtype=bfloat16")
+                "--set", "model.remat=full", "--set", "model.dtype=bfloat16",
+                "--set", "model.max_position_embeddings=131072")  # as the R1-Distill students
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "FITS" in proc.stdout and "DOES NOT FIT" not in proc.stdout
     print(proc.stdout)
@@ -54,6 +55,28 @@ def test_70b_does_not_fit_eight_devices():
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "DOES NOT FIT" in proc.stdout
     assert total(proc.stdout, 0) > 80  # parameters, AdamW moments and gradients alone
+    # the verdict names the largest part: 70B float32 AdamW moments over 8 devices, 2 x 35 GB
+    [why] = [line for line in proc.stdout.splitlines() if line.startswith("largest part")]
+    assert "optimizer state" in why and "more devices" in why, proc.stdout
+
+
+def test_plan_refuses_what_train_refuses_in_one_line():
+    """The R1 recipe with a 70B student at --batch 16: grad_accum 4 leaves 4 rows a micro-batch
+    for 16 batch shards, which `distill train` refuses, so plan does too (exit 2, before any
+    compilation); with grad_accum 1 the same plan goes ahead."""
+    args = ("configs/runs/r1-distill-qwen-7b.yaml", "--mesh", "data=1,fsdp=16,tensor=4",
+            "--batch", "16", "--set", "student.init=configs/students/llama-3.3-70b-instruct.yaml")
+    proc = plan(*args)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert line == ("error: configs/runs/r1-distill-qwen-7b.yaml: data.batch_size 16 / "
+                    "train.grad_accum 4 = 4 rows per micro-batch, which the mesh's data x fsdp = "
+                    "16 batch shards do not divide (set train.grad_accum to 1)")
+    proc = plan(*args, "--set", "train.grad_accum=1", "--seq-len", "4096")
+    assert proc.returncode == 0 and "FITS" in proc.stdout, proc.stdout + proc.stderr
+    # and a row longer than the student's positions is refused as train refuses it
+    proc = plan("configs/students/qwen2.5-math-1.5b.yaml", "--mesh", "fsdp=8", "--seq-len", "8192")
+    assert proc.returncode == 2 and "max_position_embeddings 4096" in proc.stderr, proc.stderr
 
 
 def test_the_recipe_plans_and_generate_mode_plans_the_teacher():

@@ -70,14 +70,14 @@ def triples(records):
     return [(r.id, r.prompt, r.reference) for r in records]
 
 
-def load(source, base_dir=None, **kw):
+def load(source, **kw):
     return load_prompts(PromptsConfig(source=str(source), columns=kw.pop("columns", {"id": "id"}),
-                                      **kw), base_dir)
+                                      **kw))
 
 
-def error_line(source, base_dir=None, **kw) -> str:
+def error_line(source, **kw) -> str:
     with pytest.raises(DistillError) as e:
-        load(source, base_dir, **kw)
+        load(source, **kw)
     assert "\n" not in str(e.value), "errors are one line"
     return str(e.value)
 
@@ -86,10 +86,10 @@ def error_line(source, base_dir=None, **kw) -> str:
 
 
 @pytest.mark.parametrize("name", list(WRITERS))
-def test_every_format_gives_the_same_records(tmp_path, name):
+def test_every_format_gives_the_same_records(tmp_path, name, monkeypatch):
     WRITERS[name](tmp_path / name, ROWS)
-    # auto-detected, from a path relative to the config's folder
-    assert triples(load(name, base_dir=tmp_path)) == EXPECTED
+    monkeypatch.chdir(tmp_path)  # auto-detected, from a path relative to the working directory
+    assert triples(load(name)) == EXPECTED
     fmt = {"data.jsonl": "jsonl", "data.csv": "csv", "data.parquet": "parquet"}.get(name, "hf_disk")
     assert triples(load(tmp_path / name, format=fmt)) == EXPECTED
 
@@ -281,10 +281,11 @@ def test_synthetic_config_checks_the_step_range():
 # --- bad input ------------------------------------------------------------------------------
 
 
-def test_missing_files_and_unknown_sources(tmp_path):
+def test_missing_files_and_unknown_sources(tmp_path, monkeypatch):
     assert "not found" in error_line(tmp_path / "nope.jsonl") and "nope.jsonl" in error_line(
         tmp_path / "nope.jsonl")
-    assert "not found" in error_line("./nope", base_dir=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert f"not found: {tmp_path / 'nope'}" in error_line("./nope")
     assert "not found" in error_line(tmp_path / "nope", format="parquet")
     (tmp_path / "p.txt").write_text("hello\n")
     assert "cannot tell the format" in error_line(tmp_path / "p.txt")

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from distill.errors import DistillError
-from distill.evaluation.config import KLConfig, resolve
+from distill.evaluation.config import KLConfig
 
 _BUCKET = 64  # sequences are right-padded to a multiple of this (fewer recompiles)
 
@@ -55,28 +55,27 @@ def load_tokenizer(path: str | Path):
     return Tokenizer.from_pretrained(p)
 
 
-def teacher_tokenizer(cfg: KLConfig, teacher_entry, base_dir: Path | None):
+def teacher_tokenizer(cfg: KLConfig, teacher_entry):
     """(tokenizer, None) or (None, why not): kl.tokenizer, else the jax teacher entry's
     tokenizer or model, else the model named by the traces' manifest (a jax teacher)."""
     from distill.traces.store import read_manifest
 
     if cfg.tokenizer:
-        return load_tokenizer(resolve(cfg.tokenizer, base_dir)), None
+        return load_tokenizer(cfg.tokenizer), None
     if teacher_entry is not None and teacher_entry.kind == "jax":
-        source = teacher_entry.tokenizer or teacher_entry.model
-        return load_tokenizer(resolve(source, base_dir)), None
-    teacher = read_manifest(resolve(cfg.traces, base_dir)).get("teacher") or {}
+        return load_tokenizer(teacher_entry.tokenizer or teacher_entry.model), None
+    teacher = read_manifest(Path(cfg.traces)).get("teacher") or {}
     if teacher.get("kind") == "jax" and Path(teacher.get("model", "")).exists():
         return load_tokenizer(teacher["model"]), None
     return None, "the teacher's tokenizer is unknown (set kl.tokenizer)"
 
 
-def load_kl_traces(cfg: KLConfig, prompt_ids: set[str], base_dir: Path | None) -> list:
+def load_kl_traces(cfg: KLConfig, prompt_ids: set[str]) -> list:
     """The first `max_samples` traces (run order) that carry teacher top-k log-probabilities,
     of the evaluated prompts only when `only_eval_prompts`."""
     from distill.train.data import read_traces
 
-    path = resolve(cfg.traces, base_dir)
+    path = Path(cfg.traces)
     [traces] = read_traces([path], keep="all", with_teacher=True).datasets
     kept = [t for t in traces if t.top_ids is not None and len(t.top_ids)
             and (not cfg.only_eval_prompts or t.id.rsplit("#", 1)[0] in prompt_ids)]

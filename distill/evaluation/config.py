@@ -26,7 +26,7 @@ from typing import Annotated, Literal
 
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
-from distill.config import Frozen
+from distill.config import Frozen, InputPath, OutputPath
 from distill.traces.generate import OpenAITeacherConfig
 from distill.traces.jax_teacher import JaxTeacherConfig
 from distill.traces.prompts import PromptsConfig
@@ -37,7 +37,7 @@ class EntryFields(Frozen):
 
     name: str | None = None
     role: Literal["student", "teacher"] = "student"
-    metrics: str | None = None  # metrics.jsonl of the model's training run (loss-curve plot)
+    metrics: InputPath | None = None  # metrics.jsonl of the model's training run (loss-curve plot)
 
 
 class JaxModelConfig(JaxTeacherConfig, EntryFields):
@@ -86,9 +86,9 @@ class KLConfig(Frozen):
     (held out from training when the prompts are).
     """
 
-    traces: str
+    traces: InputPath
     max_samples: int = Field(64, ge=1)
-    tokenizer: str | None = None
+    tokenizer: InputPath | None = None
     only_eval_prompts: bool = True
 
 
@@ -101,7 +101,7 @@ class EvalConfig(Frozen):
     protocol: ProtocolConfig = ProtocolConfig()
     answer_pattern: str | None = None
     kl: KLConfig | None = None
-    output: str | None = None  # the report directory; default students/eval/<name>
+    output: OutputPath | None = None  # the report directory; default students/eval/<name>
 
     @field_validator("answer_pattern")
     @classmethod
@@ -131,11 +131,3 @@ def model_name(entry) -> str:
     """The entry's name, or the last part of its model path / served model name."""
     return entry.name or Path(entry.model.rstrip("/")).name or entry.model
 
-
-def resolve(path: str, base_dir: Path | None) -> Path:
-    """A path relative to the config file's folder when it exists there, else as given (the rule
-    `distill generate` applies to model paths)."""
-    p = Path(path).expanduser()
-    if base_dir is not None and not p.is_absolute() and (Path(base_dir) / p).exists():
-        return Path(base_dir) / p
-    return p

@@ -43,7 +43,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from distill.config import Frozen
+from distill.config import Frozen, InputPath
 from distill.errors import DistillError
 from distill.traces.records import PromptRecord, Sample
 from distill.traces.verify import answers_match, extract_answer, split_think
@@ -68,7 +68,7 @@ class FiltersConfig(Frozen):
     max_completion_tokens: int | None = Field(None, gt=0)
     dedup: Literal["none", "exact", "near"] = "near"
     near_dup_threshold: float = Field(0.9, gt=0.0, le=1.0)
-    decontaminate: tuple[str, ...] = ()  # evaluation prompt files (.jsonl or .txt); YAML list
+    decontaminate: tuple[InputPath, ...] = ()  # evaluation prompt files (.jsonl or .txt); a list
     decontam_ngram: int = Field(8, gt=0)
 
     @field_validator("answer_pattern")
@@ -198,26 +198,22 @@ def _ngram_hash(gram: tuple[str, ...]) -> int:
 class Judge:
     """Applies FiltersConfig to samples, counting every verdict by reason.
 
-    `base_dir` resolves relative `decontaminate` paths (the config file's directory). Calls are
-    thread-safe: dedup state and counts are updated under a lock.
+    Calls are thread-safe: dedup state and counts are updated under a lock.
     """
 
-    def __init__(self, cfg: FiltersConfig, base_dir: Path | None = None):
+    def __init__(self, cfg: FiltersConfig):
         self.cfg = cfg
         self.counts: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
         self._exact: set[tuple[str, bytes]] = set()  # (prompt id, digest of the normalised text)
         # prompt id -> shingle-hash arrays of its accepted samples (sorted, unique int64)
         self._shingles: collections.OrderedDict[str, list[np.ndarray]] = collections.OrderedDict()
-        self._eval_grams = self._load_decontamination(base_dir)
+        self._eval_grams = self._load_decontamination()
 
-    def _load_decontamination(self, base_dir: Path | None) -> set[int]:
+    def _load_decontamination(self) -> set[int]:
         grams: set[int] = set()
         for name in self.cfg.decontaminate:
-            path = Path(name).expanduser()
-            if base_dir is not None and not path.is_absolute():
-                path = base_dir / path
-            for text in _load_eval_prompts(path):
+            for text in _load_eval_prompts(Path(name)):
                 grams.update(_ngram_hash(g) for g in _ngrams(_words(text), self.cfg.decontam_ngram))
         return grams
 

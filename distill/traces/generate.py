@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from distill.config import Frozen, load_config
+from distill.config import Frozen, OutputPath, load_config
 from distill.errors import DistillError
 from distill.sampling import SamplingParams
 from distill.traces.filters import FiltersConfig, Judge
@@ -58,7 +58,7 @@ class SamplingConfig(Frozen):
 
 
 class OutputConfig(Frozen):
-    root: str = "teacher_traces"
+    root: OutputPath = Field("teacher_traces", validate_default=True)  # runs go to root/<name>
     prompts_per_shard: int = Field(64, ge=1)
 
 
@@ -70,7 +70,7 @@ class GenerateConfig(Frozen):
     teacher: TeacherConfig
     sampling: SamplingConfig = SamplingConfig()
     filters: FiltersConfig = FiltersConfig()
-    output: OutputConfig = OutputConfig()
+    output: OutputConfig = Field(default_factory=OutputConfig)  # made at load: root resolved then
 
 
 # Fields that change how fast or how robustly a run goes, not what it produces: they may differ
@@ -100,11 +100,11 @@ class Summary:
     resumed_shards: int
 
 
-def make_teacher(cfg, base_dir: Path | None):
+def make_teacher(cfg):
     if cfg.kind == "jax":
         from distill.traces.jax_teacher import JaxTeacher
 
-        return JaxTeacher(cfg, base_dir)
+        return JaxTeacher(cfg)
     from distill.traces.http_teacher import HttpTeacher
 
     return HttpTeacher(cfg)
@@ -158,10 +158,9 @@ def run_generate(config_path: str | Path, overrides=(), *, overwrite: bool = Fal
                  progress: bool = True) -> Summary:
     """Run (or resume) the generation a run config describes."""
     config_path = Path(config_path)
-    cfg = load_config(GenerateConfig, config_path, overrides)
-    base_dir = config_path.parent
+    cfg = load_config(GenerateConfig, config_path, overrides, check_paths=True)
     name = cfg.name or config_path.stem
-    prompts = load_prompts(cfg.prompts, base_dir)
+    prompts = load_prompts(cfg.prompts)
     run_dir = Path(cfg.output.root) / name
     store = TraceStore.open(run_dir, identity_config(cfg), overwrite=overwrite)
     pps = cfg.output.prompts_per_shard
@@ -172,8 +171,8 @@ def run_generate(config_path: str | Path, overrides=(), *, overwrite: bool = Fal
     if todo:
         # dedup is per prompt and a prompt's samples share a shard, so a resumed run needs no
         # state from the stored shards to judge exactly as an uninterrupted one
-        judge = Judge(cfg.filters, base_dir)
-        teacher = make_teacher(cfg.teacher, base_dir)
+        judge = Judge(cfg.filters)
+        teacher = make_teacher(cfg.teacher)
         teacher_name = _teacher_name(teacher.identity)
         store.set_info(teacher=teacher.identity, prompt_count=len(prompts),
                        tokenizer=getattr(teacher, "tokenizer_identity", None))

@@ -8,7 +8,7 @@ import hashlib
 from collections.abc import Callable
 from typing import Literal
 
-from distill.config import Frozen
+from distill.config import Frozen, InputPath
 from distill.errors import DistillError
 from distill.sampling import SamplingParams, generate
 from distill.traces.records import PromptRecord, Sample
@@ -19,8 +19,8 @@ class JaxTeacherConfig(Frozen):
     run); `tokenizer` overrides where the tokenizer is read from (needed for presets)."""
 
     kind: Literal["jax"] = "jax"
-    model: str
-    tokenizer: str | None = None
+    model: InputPath
+    tokenizer: InputPath | None = None
     dtype: Literal["float32", "bfloat16"] = "float32"
     batch_size: int = 16  # prompts per compiled generate call (each with n samples)
     mesh: str | None = None  # e.g. "data=1,fsdp=1,tensor=2,expert=4"; None: one device
@@ -36,17 +36,16 @@ def batch_seed(seed: int, first_prompt_id: str) -> int:
 class JaxTeacher:
     """Samples completions from a model loaded in this process."""
 
-    def __init__(self, cfg: JaxTeacherConfig, base_dir=None):
+    def __init__(self, cfg: JaxTeacherConfig):
         from distill.parallel import make_mesh, parse_mesh
         from distill.pretrained import load_pretrained
         from distill.tokenizer import Tokenizer
 
         self.cfg = cfg
-        path = _resolve(cfg.model, base_dir)
         mesh = make_mesh(parse_mesh(cfg.mesh)) if cfg.mesh else None
-        self.model, tokenizer = load_pretrained(path, param_dtype=cfg.dtype, mesh=mesh)
+        self.model, tokenizer = load_pretrained(cfg.model, param_dtype=cfg.dtype, mesh=mesh)
         if cfg.tokenizer:
-            tokenizer = Tokenizer.from_pretrained(_resolve(cfg.tokenizer, base_dir))
+            tokenizer = Tokenizer.from_pretrained(cfg.tokenizer)
         if tokenizer is None:
             raise DistillError(f"{cfg.model}: no tokenizer next to the model; set teacher.tokenizer")
         if not tokenizer.chat_template:
@@ -87,11 +86,3 @@ class JaxTeacher:
             out += rows
         return out
 
-
-def _resolve(path: str, base_dir) -> str:
-    """A path relative to the config file's folder when it exists there, else as given."""
-    from pathlib import Path
-
-    if base_dir is not None and not Path(path).is_absolute() and (Path(base_dir) / path).exists():
-        return str(Path(base_dir) / path)
-    return path

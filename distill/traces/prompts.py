@@ -25,13 +25,14 @@ import csv
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from distill.config import Frozen
+from distill.config import Frozen, check_input, resolve_path
 from distill.errors import DistillError
 from distill.traces.records import PromptRecord
 from distill.traces.synthetic import arithmetic_problems
@@ -72,10 +73,17 @@ class SyntheticConfig(Frozen):
 
 
 class PromptsConfig(Frozen):
-    """Where prompts come from and which of them to use (see the module doc for formats)."""
+    """Where prompts come from and which of them to use (see the module doc for formats).
 
-    source: str  # "synthetic", a file or folder path, or a hub dataset name
+    `source` is "synthetic", a hub dataset name, or a file or folder path, which is resolved by
+    distill's one path rule (`distill.config.resolve_path`: relative to the working directory).
+    With `format: auto` a source is a path when something exists there or it looks like one
+    (it starts with ".", "/" or "~", or ends in a known suffix), else a hub dataset name.
+    """
+
+    # (format comes first: the source's validator reads it)
     format: Literal["auto", "jsonl", "parquet", "csv", "hf_disk", "hub", "synthetic"] = "auto"
+    source: str  # "synthetic", a file or folder path, or a hub dataset name
     columns: ColumnMap = ColumnMap()
     hub_split: str = "train"  # the split of a hub dataset or of a saved DatasetDict
     template: str | None = None  # applied to text prompts; "{prompt}" marks the text
@@ -85,6 +93,17 @@ class PromptsConfig(Frozen):
     on_bad_row: Literal["fail", "skip"] = "fail"
     synthetic: SyntheticConfig = SyntheticConfig()
 
+    @field_validator("source")
+    @classmethod
+    def _source_path(cls, source: str, info: ValidationInfo) -> str:
+        fmt = info.data.get("format", "auto")
+        if fmt in ("hub", "synthetic") or (fmt == "auto" and source == "synthetic"):
+            return source
+        path = resolve_path(source)
+        if fmt == "auto" and not os.path.exists(path) and not _looks_like_path(source):
+            return source  # a hub dataset name
+        return check_input(path, info)
+
     @field_validator("template")
     @classmethod
     def _template_has_prompt(cls, template: str | None) -> str | None:
@@ -93,10 +112,10 @@ class PromptsConfig(Frozen):
         return template
 
 
-def load_prompts(cfg: PromptsConfig, base_dir: Path | None = None) -> list[PromptRecord]:
-    """The prompts `cfg` selects, in source order. Relative paths are resolved against `base_dir`
-    (the config file's folder). Bad input raises DistillError with one line naming the place."""
-    fmt, where = _resolve(cfg, base_dir)
+def load_prompts(cfg: PromptsConfig) -> list[PromptRecord]:
+    """The prompts `cfg` selects, in source order. Bad input raises DistillError with one line
+    naming the place."""
+    fmt, where = _resolve(cfg)
     if fmt == "synthetic":
         records, bad = _synthetic(cfg), _BadRows(cfg.on_bad_row, where)
     else:
@@ -138,15 +157,21 @@ def apply_template(template: str | None, prompt: str | list[dict[str, str]]):
 # Source resolution
 
 
-def _resolve(cfg: PromptsConfig, base_dir: Path | None) -> tuple[str, Any]:
-    """(format, location): a Path for local sources, the name for hub/synthetic sources."""
+def _looks_like_path(source: str) -> bool:
+    """Whether a source that does not exist was meant as a local path, not a hub name."""
+    return source.startswith((".", "/", "~")) or Path(source).suffix.lower() in _SUFFIX_FORMATS
+
+
+def _resolve(cfg: PromptsConfig) -> tuple[str, Any]:
+    """(format, location): a Path for local sources (absolute: the config resolved it), the name
+    for hub/synthetic sources."""
     if cfg.format == "synthetic" or (cfg.format == "auto" and cfg.source == "synthetic"):
         return "synthetic", "synthetic"
     if cfg.format == "hub":
         return "hub", cfg.source
-    path = Path(cfg.source).expanduser()
-    if base_dir is not None and not path.is_absolute():
-        path = Path(base_dir) / path
+    if not os.path.isabs(cfg.source):  # kept as a name by the config: a hub dataset
+        return "hub", cfg.source
+    path = Path(cfg.source)
     if cfg.format != "auto":
         if not path.exists():
             raise DistillError(f"prompt source not found: {path}")
@@ -162,9 +187,7 @@ def _resolve(cfg: PromptsConfig, base_dir: Path | None) -> tuple[str, Any]:
             raise DistillError(f"{path}: cannot tell the format from the suffix {path.suffix!r} "
                                f"(known: {', '.join(_SUFFIX_FORMATS)}); set prompts.format")
         return fmt, path
-    if fmt is not None or cfg.source.startswith((".", "/", "~")):
-        raise DistillError(f"prompt source not found: {path}")
-    return "hub", cfg.source
+    raise DistillError(f"prompt source not found: {path}")
 
 
 def _rows(fmt: str, where: Any, cfg: PromptsConfig) -> Iterator[tuple[str, Any]]:

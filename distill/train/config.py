@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator
 
-from distill.config import Frozen
+from distill.config import Frozen, InputPath, OutputPath
+from distill.errors import DistillError
 from distill.train.data import DataConfig
 from distill.train.optim import OptimConfig
 
@@ -15,8 +17,8 @@ class StudentConfig(Frozen):
     """Where the student starts: any MODEL path (HF directory, GGUF, students/<run>) or a preset
     YAML (random init); `tokenizer` is required with a preset."""
 
-    init: str
-    tokenizer: str | None = None
+    init: InputPath
+    tokenizer: InputPath | None = None
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights and optimizer state
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute (bfloat16 on TPU / GPU)
     remat: Literal["none", "full", "dots", "dots_no_batch"] | None = None  # None: the model's own
@@ -68,11 +70,48 @@ class TrainConfig(Frozen):
     train: LoopConfig = LoopConfig()
     mesh: str | None = None  # "data=1,fsdp=8,tensor=1"; None: every device on fsdp
     distributed: DistributedConfig | None = None
-    output_root: str = "students"
+    output_root: OutputPath = Field("students", validate_default=True)  # runs: output_root/<name>
 
-    @model_validator(mode="after")
-    def _accum_divides(self) -> TrainConfig:
-        if self.data.batch_size % self.train.grad_accum:
-            raise ValueError(f"train.grad_accum {self.train.grad_accum} must divide "
-                             f"data.batch_size {self.data.batch_size}")
-        return self
+    @field_validator("mesh")
+    @classmethod
+    def _mesh_parses(cls, mesh: str | None) -> str | None:
+        if mesh is not None:
+            from distill.parallel import parse_mesh
+
+            try:
+                parse_mesh(mesh)
+            except DistillError as e:
+                raise ValueError(str(e)) from None
+        return mesh
+
+
+# What `distill train` checks of a step's shape before it allocates anything; `distill plan`
+# applies exactly the same checks, so a plan never passes a config that train refuses.
+
+
+def check_layout(batch_size: int, grad_accum: int, mesh: Mapping[str, int], source: str) -> int:
+    """Every micro-batch (`batch_size / grad_accum` rows) splits evenly over the mesh's batch
+    shards (data x fsdp). Returns the rows of one micro-batch; errors start with `source`."""
+    if batch_size % grad_accum:
+        raise DistillError(f"{source}: train.grad_accum {grad_accum} must divide "
+                           f"data.batch_size {batch_size}")
+    shards = mesh.get("data", 1) * mesh.get("fsdp", 1)
+    micro = batch_size // grad_accum
+    if micro % shards:
+        fits = [a for a in range(1, grad_accum + 1) if batch_size % a == 0
+                and (batch_size // a) % shards == 0]
+        hint = (f"set train.grad_accum to {max(fits)}" if fits else
+                f"use a data.batch_size that is a multiple of {shards * grad_accum}")
+        raise DistillError(f"{source}: data.batch_size {batch_size} / train.grad_accum "
+                           f"{grad_accum} = {micro} rows per micro-batch, which the mesh's "
+                           f"data x fsdp = {shards} batch shards do not divide ({hint})")
+    return micro
+
+
+def check_seq_len(seq_len: int, model_cfg, source: str) -> None:
+    """A row of `seq_len` slots fits the student's positions (errors start with `source`)."""
+    limit = model_cfg.max_position_embeddings
+    if seq_len > limit:
+        raise DistillError(f"{source}: data.seq_len {seq_len} is above the student's "
+                           f"max_position_embeddings {limit} (raise it with "
+                           "student.config_overrides.max_position_embeddings, or lower seq_len)")

@@ -46,7 +46,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from distill.config import Frozen
+from distill.config import Frozen, InputPath
 from distill.errors import DistillError
 from distill.traces.prompts import is_heldout
 
@@ -60,7 +60,7 @@ _TEACHER_COLUMNS = ("top_ids", "top_logprobs")
 class DataConfig(Frozen):
     """The `data:` table of a training config."""
 
-    traces: list[str] = Field(min_length=1)  # teacher_traces/<run> directories or .parquet files
+    traces: list[InputPath] = Field(min_length=1)  # teacher_traces/<run> dirs or .parquet files
     weights: list[float] | None = None  # mixture weights, one per dataset (default: their sizes)
     keep: Literal["correct", "complete", "all"] = "correct"
     seq_len: int = Field(4096, ge=2)  # slots per packed row

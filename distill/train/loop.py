@@ -26,7 +26,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 from flax import nnx
 
 from distill.config import load_config
@@ -34,7 +33,7 @@ from distill.errors import DistillError
 from distill.parallel import make_mesh, parse_mesh
 from distill.train import losses
 from distill.train.checkpoint import Checkpoints, abstract_with_shardings
-from distill.train.config import LossConfig, TrainConfig
+from distill.train.config import LossConfig, TrainConfig, check_layout, check_seq_len
 from distill.train.data import DataState, TrainData
 from distill.train.optim import make_optimizer, schedule
 from distill.train.step import TrainState, batch_sharding, compile_step, make_step, state_sharding
@@ -156,10 +155,10 @@ class StopFlag:
 
 def write_run_files(run_dir: Path, cfg: TrainConfig, model, tokenizer) -> None:
     """The resolved config, the model config and the tokenizer, beside the checkpoints."""
+    from distill.config import save_config
     from distill.fsutil import write_atomic
 
-    write_atomic(run_dir / "config.yaml", yaml.safe_dump(json.loads(cfg.model_dump_json()),
-                                                         sort_keys=False).encode())
+    save_config(cfg, run_dir / "config.yaml")  # `distill train` reruns it from any directory
     write_atomic(run_dir / "model.json", model.config.model_dump_json(indent=2).encode())
     tokenizer.save_pretrained(run_dir / "tokenizer")
 
@@ -176,21 +175,19 @@ def run_train(config_path: str | Path, overrides=(), *, progress: bool = True,
     many steps (the checkpoint logic is a preemption's); `devices`: the devices of the mesh
     (default: all)."""
     config_path = Path(config_path)
-    cfg = load_config(TrainConfig, config_path, overrides)
+    cfg = load_config(TrainConfig, config_path, overrides, check_paths=True)
+    if cfg.name is None:  # the run's name is the config's stem: the resolved config keeps it
+        cfg = cfg.model_copy(update={"name": config_path.stem})
     init_distributed(cfg.distributed)
-    run_dir = Path(cfg.output_root) / (cfg.name or config_path.stem)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(cfg.output_root) / cfg.name
     devices = list(devices if devices is not None else jax.devices())
     mesh = make_mesh(parse_mesh(cfg.mesh) if cfg.mesh else {"fsdp": len(devices)}, devices)
+    check_layout(cfg.data.batch_size, cfg.train.grad_accum, dict(mesh.shape), str(config_path))
     lead = jax.process_index() == 0
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    micro = cfg.data.batch_size // cfg.train.grad_accum
-    if micro % shards:
-        raise DistillError(f"data.batch_size {cfg.data.batch_size} / train.grad_accum "
-                           f"{cfg.train.grad_accum} = {micro} rows per micro-batch, which the mesh's "
-                           f"data x fsdp = {shards} batch shards do not divide")
+    run_dir.mkdir(parents=True, exist_ok=True)
 
     model, tokenizer = load_student(cfg, mesh)
+    check_seq_len(cfg.data.seq_len, model.config, str(config_path))
     data = TrainData.from_config(cfg.data, tokenizer, jax.process_index(), jax.process_count())
     heldout = _heldout_data(cfg, tokenizer)
     total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * data.steps_per_epoch(0)))
