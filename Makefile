@@ -34,7 +34,7 @@ demo: setup  ## the pipeline at toy scale on CPU (no download; the teacher is ca
 	$(BIN)/distill demo
 
 test: setup models  ## the full test suite (CPU, 8 fake devices)
-	DISTILL_SMOLLM2_GGUF=$(SMOLLM2) $(PYTEST) -q
+	DISTILL_SMOLLM2_GGUF=$(SMOLLM2) $(PYTEST) -q --durations=10  # and where the time went
 
 test-fast: setup models  ## the suite without the slow tests
 	DISTILL_SMOLLM2_GGUF=$(SMOLLM2) $(PYTEST) -q -m "not slow"
