@@ -13,10 +13,10 @@ PYTEST  := $(BIN)/python -m pytest
 
 setup: $(STAMP)  ## create .venv and install distill with its dev extra (no-op when up to date)
 
+# (PYTHONWARNINGS: setuptools' notice about editable installs is not for our users)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# (setuptools' notice about editable installs is not for our users: silenced)
 	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
@@ -33,8 +33,8 @@ $(SMOLLM2): | $(STAMP)
 demo: setup  ## the pipeline at toy scale on CPU (no download; the teacher is cached after a run)
 	$(BIN)/distill demo
 
-test: setup models  ## the full test suite (CPU, 8 fake devices)
-	DISTILL_SMOLLM2_GGUF=$(SMOLLM2) $(PYTEST) -q --durations=10  # and where the time went
+test: setup models  ## the full test suite (CPU, 8 fake devices), then its ten slowest tests
+	DISTILL_SMOLLM2_GGUF=$(SMOLLM2) $(PYTEST) -q --durations=10
 
 test-fast: setup models  ## the suite without the slow tests
 	DISTILL_SMOLLM2_GGUF=$(SMOLLM2) $(PYTEST) -q -m "not slow"
