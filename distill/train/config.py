@@ -113,5 +113,5 @@ def check_seq_len(seq_len: int, model_cfg, source: str) -> None:
     limit = model_cfg.max_position_embeddings
     if seq_len > limit:
         raise DistillError(f"{source}: data.seq_len {seq_len} is above the student's "
-                           f"max_position_embeddings {limit} (raise it with "
-                           "student.config_overrides.max_position_embeddings, or lower seq_len)")
+                           f"max_position_embeddings {limit} (raise that, in a training config "
+                           "with student.config_overrides, or lower seq_len)")
