@@ -44,6 +44,7 @@ bench: setup models  ## side-by-side benchmarks
 
 lint: setup
 	$(BIN)/ruff check distill tests
+	$(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

@@ -113,8 +113,8 @@ def eval_(config, overrides, quiet):
     Prints the Markdown table, then the report directory (eval.json, eval.md, samples.jsonl,
     plots/).
     """
-    from distill.evaluate import run_eval
-    from distill.evaluation.report import markdown
+    from distill.eval.evaluate import run_eval
+    from distill.eval.report import markdown
 
     report = run_eval(config, overrides, progress=not quiet)
     click.echo(markdown(report))
@@ -156,8 +156,8 @@ def export(checkpoint, out_dir, dtype, force, eval_report):
               help="Override a field of a preset YAML MODEL, e.g. model.num_hidden_layers=4.")
 def sample(model_path, prompt, system, raw, max_new_tokens, temperature, top_p, top_k, seed, dtype,
            overrides):
+    from distill.backends.jax import sample_text
     from distill.sampling import SamplingParams
-    from distill.textgen import sample_text
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                             top_k=top_k, seed=seed)
@@ -193,8 +193,8 @@ def sample(model_path, prompt, system, raw, max_new_tokens, temperature, top_p, 
               help="Hang this long before answering (default: until the client gives up).")
 def serve(model_path, host, port, model_name, max_batch, batch_wait_ms, default_max_tokens,
           api_key_env, dtype, fault_rate, fault_seed, fault_kinds, fault_retry_after, fault_hang_s):
-    from distill.serve import FaultConfig
-    from distill.serve import serve as run_server
+    from distill.serve.app import FaultConfig
+    from distill.serve.app import serve as run_server
 
     faults = None
     if fault_rate > 0:
@@ -262,8 +262,8 @@ def bench(compare, gguf_path, out_path):
     Today: greedy decode tokens/s on SmolLM2-135M at batch 1 and 16, and the MoE layer's time per
     token with 8 vs 64 routed experts.
     """
-    from distill.bench import main as run_bench
-    from distill.demo import smollm2_path
+    from distill.bench import smollm2_path
+    from distill.bench.decode import main as run_bench
 
     click.echo(run_bench(smollm2_path(gguf_path), Path(out_path)))
 
@@ -287,7 +287,7 @@ def demo(work_dir, quick, fresh, quiet):
     eval       held-out accuracy with 95% intervals, every model
     export     the best student to Hugging Face, reloaded with transformers
     """
-    from distill.demo import run_demo
+    from distill.demo.pipeline import run_demo
 
     run_demo(work_dir, "quick" if quick else "full", fresh=fresh, progress=not quiet)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from distill import runs
 from distill.errors import DistillError
 from distill.fsutil import write_atomic
 
@@ -70,8 +71,7 @@ def _read_json(path: Path):
 
 def _training_facts(run_dir: Path) -> tuple[dict, list[str], dict | None]:
     """(resolved training config, trace-set lines, last metrics) of a students/<run>."""
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (
-        run_dir / "config.yaml").is_file() else {}
+    cfg = runs.read_config(run_dir)
     traces = []
     for path in (cfg.get("data") or {}).get("traces", []):
         manifest = _read_json(Path(path) / "manifest.json") or {}
@@ -85,7 +85,7 @@ def _training_facts(run_dir: Path) -> tuple[dict, list[str], dict | None]:
         records = (manifest.get("totals") or {}).get("records", "?")
         traces.append(f"`{path}`: {records} traces from {source}")
     last = None
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir / runs.METRICS
     if metrics.is_file():
         rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
         losses = [r for r in rows if "loss" in r]

@@ -207,7 +207,7 @@ def plan_train(model_cfg, train_cfg, mesh, batch: int, seq_len: int):
 
     from distill.models import hf
     from distill.train.config import LossConfig
-    from distill.train.loop import make_loss_fn
+    from distill.train.losses import make_loss_fn
     from distill.train.optim import OptimConfig, make_optimizer, schedule
     from distill.train.step import TrainState, batch_sharding, make_step, state_sharding
 

@@ -1,8 +1,8 @@
 """`load_pretrained` / `save_pretrained`: every kind of model path, one entry point.
 
-A MODEL path is a Hugging Face model directory (config.json + safetensors), a GGUF file, or a model
-preset YAML (random initialisation, for tests and planning). Training-run directories join when
-training lands.
+A MODEL path is a Hugging Face model directory (config.json + safetensors), a GGUF file, a
+students/<run> training directory (`distill.runs`), or a model preset YAML (random initialisation,
+for tests and planning).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 from distill.config import DenseConfig, MoEConfig, load_model_config
 from distill.errors import DistillError
 from distill.models import hf, hf_moe, safetensors_io
+from distill.runs import is_run, load_run
 
 
 def model_kind(path: str | Path) -> str:
@@ -30,7 +31,7 @@ def model_kind(path: str | Path) -> str:
     if p.is_dir():
         if (p / "config.json").is_file():
             return "hf"
-        if (p / "model.json").is_file() and (p / "checkpoints").is_dir():
+        if is_run(p):
             return "run"
         raise DistillError(f"{p}: not a model directory (no config.json, and not a "
                            "students/<run> directory with model.json and checkpoints/)")
@@ -84,8 +85,6 @@ def load_pretrained(path: str | Path, *, param_dtype: str = "float32", dtype: st
         cfg = load_model_config(path, [*overrides, *(f"model.{k}={v}" for k, v in runtime.items())])
         return init_model(cfg, seed, mesh), None
     if kind == "run":
-        from distill.train.checkpoint import load_run
-
         return load_run(path, mesh=mesh, **runtime)
     if kind == "gguf":
         from distill.models import gguf

@@ -215,6 +215,14 @@ def _report_chunk(carry: _DecodeState, reported: np.ndarray, on_chunk) -> np.nda
     return count.astype(np.int64)
 
 
+def stop_ids(model, tokenizer) -> list[int]:
+    """End-of-sequence ids: the config's, plus the tokenizer's EOS."""
+    ids = list(model.config.eos_ids)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted(set(ids))
+
+
 def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams,
              eos_ids: Sequence[int] = (), tokenizer=None, pad_id: int = 0,
              on_chunk: Callable[[list[list[int]]], None] | None = None) -> list[Completion]:

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-import distill.bench_train as bt
-from distill.bench_train import SMOLLM2_135M, bench_train, train_table
+import distill.bench.train as bt
+from distill.bench.train import SMOLLM2_135M, bench_train, train_table
 from distill.config import load_model_config
 from distill.errors import DistillError
 from distill.models.hf import param_count

@@ -13,22 +13,16 @@ import pyarrow.parquet as pq
 import pytest
 from flax import nnx
 
+from distill.chat import prompt_ids
 from distill.config import load_model_config
+from distill.data.packing import Documents, build_rows, pack
+from distill.data.records import TRACE_SCHEMA
+from distill.data.render import render_example
+from distill.data.traces import read_traces
 from distill.errors import DistillError
 from distill.pretrained import init_model
-from distill.textgen import prompt_ids
 from distill.tokenizer import Tokenizer
-from distill.traces.records import TRACE_SCHEMA
-from distill.train.data import (
-    DataConfig,
-    DataState,
-    Documents,
-    TrainData,
-    build_rows,
-    pack,
-    read_traces,
-    render_example,
-)
+from distill.train.data import DataConfig, DataState, TrainData
 
 from . import toy
 

@@ -13,14 +13,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import transformers
 
-from distill.demo import BUDGETS, STUDENTS, _teacher, active_params, paired_difference
-from distill.demo_tokenizer import BOS, EOS, train_tokenizer
+from distill.data.synthetic import arithmetic_problems, final_answer, solution_reasoning
+from distill.demo.pipeline import BUDGETS, STUDENTS, _teacher
+from distill.demo.tokenizer import BOS, EOS, train_tokenizer
 from distill.errors import DistillError
-from distill.traces.synthetic import arithmetic_problems, final_answer, solution_reasoning
+from distill.models.hf import active_params
 
 SYNTH = {"min_steps": 3, "max_steps": 3, "style": "compact"}
 
@@ -84,18 +84,9 @@ def test_tokenizer_on_an_empty_corpus_is_one_clear_error(tmp_path):
         train_tokenizer([], tmp_path / "tok")
 
 
-def test_paired_difference():
-    a = {"p1": 1.0, "p2": 0.5, "p3": 1.0, "p4": 0.0}
-    b = {"p1": 0.0, "p2": 0.5, "p3": 0.5, "p4": 0.0, "only-b": 1.0}
-    d, half = paired_difference(a, b)
-    diffs = np.array([1.0, 0.0, 0.5, 0.0])
-    assert d == pytest.approx(diffs.mean())
-    assert half == pytest.approx(1.96 * diffs.std(ddof=1) / 2)
-
-
 def test_active_params_of_the_moe_teacher(tmp_path):
     from distill.config import load_model_config
-    from distill.demo import _write_presets
+    from distill.demo.pipeline import _write_presets
     from distill.models.hf import param_count
     from distill.tokenizer import Tokenizer
 
@@ -185,12 +176,12 @@ import hidden_modules
 hidden_modules.hide("torch", "transformers")
 import distill
 for info in pkgutil.walk_packages(distill.__path__, "distill."):
-    if not info.name.split(".")[1].startswith("bench"):
+    if info.name.split(".")[1] != "bench":
         importlib.import_module(info.name)
 assert not {{"torch", "transformers"}} & set(sys.modules), "torch / transformers imported"
 from pathlib import Path
 from rich.console import Console
-from distill.demo_export import export_stage, summary_line
+from distill.demo.export_check import export_stage, summary_line
 e = export_stage(Path("students/demo"), {quick["summary"]["best_student"]!r}, Console(width=300))
 print(summary_line(e))
 print("diff", e["distill_logit_diff"])
@@ -222,7 +213,7 @@ def test_quick_demo_stages_write_their_outputs(quick):
     assert (work / "teacher" / "checkpoints" / str(BUDGETS["quick"].teacher.steps)).is_dir()
     manifest = json.loads((work / "traces" / "manifest.json").read_text())
     assert manifest["totals"]["records"] == s["traces"]["records"] > 0
-    from distill.traces.store import read_table
+    from distill.data.store import read_table
 
     rows = read_table(work / "traces").to_pylist()
     assert all(r["correct"] for r in rows)
@@ -261,7 +252,7 @@ def test_quick_demo_export_reloads_in_transformers(quick):
 
 @pytest.mark.slow
 def test_quick_demo_reuses_the_cached_teacher(quick):
-    from distill.demo import _write_presets
+    from distill.demo.pipeline import _write_presets
     from distill.tokenizer import Tokenizer
 
     work = quick["work"]

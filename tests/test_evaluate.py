@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import yaml
 
+from distill.backends.http import sample_seed
+from distill.data.prompts import PromptsConfig, load_prompts
 from distill.errors import DistillError
-from distill.evaluate import run_eval
-from distill.evaluation import metrics as M
-from distill.evaluation.agreement import tokenizer_fingerprint
-from distill.traces.http_teacher import sample_seed
-from distill.traces.prompts import PromptsConfig, load_prompts
+from distill.eval import metrics as M
+from distill.eval.agreement import tokenizer_fingerprint
+from distill.eval.evaluate import run_eval
 
 from . import toy
 
@@ -146,9 +146,9 @@ def top_k_rows(rng, rows: int, k: int = 3):
 def write_traces(run_dir: Path, prompts, teacher_dir: Path) -> dict:
     """One trace per prompt with top-3 log-probabilities lined up with the rendered completion
     (as many rows as completion tokens, or one fewer), plus one that does not line up."""
+    from distill.data.render import render_example
     from distill.tokenizer import Tokenizer
     from distill.traces.store import TraceStore
-    from distill.train.data import render_example
 
     tok = Tokenizer.from_pretrained(teacher_dir)
     rng = np.random.default_rng(3)
@@ -193,7 +193,7 @@ def write_config(path: Path, student: Path, teacher: Path, url: str, out: Path, 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory, dirs, prompts):
     """Two runs of the same config (and seed), with the oracle served over HTTP."""
-    from distill.serve import ServerThread
+    from distill.serve.app import ServerThread
 
     student, teacher = dirs
     work = tmp_path_factory.mktemp("eval")
@@ -288,8 +288,8 @@ def test_kl_and_top1_agreement_match_transformers(evaluated):
 
 
 def test_a_different_tokenizer_is_not_scored(tmp_path):
-    from distill.evaluate import _KL, _agreement
-    from distill.evaluation.config import JaxModelConfig
+    from distill.eval.config import JaxModelConfig
+    from distill.eval.evaluate import _KL, _agreement
     from distill.tokenizer import Tokenizer
 
     same = [Tokenizer.from_pretrained(toy.write_tokenizer(tmp_path / n)) for n in ("a", "b")]
@@ -363,3 +363,12 @@ def test_kl_traces_without_top_k_are_refused(tmp_path, dirs, prompts):
     with pytest.raises(DistillError, match="no trace with teacher top-k log-probabilities for "
                                            "the evaluated prompts"):
         run_eval(path, ["prompts.synthetic.seed=99"], progress=False)
+
+
+def test_paired_difference():
+    a = {"p1": 1.0, "p2": 0.5, "p3": 1.0, "p4": 0.0}
+    b = {"p1": 0.0, "p2": 0.5, "p3": 0.5, "p4": 0.0, "only-b": 1.0}
+    d, half = M.paired_difference(a, b)
+    diffs = np.array([1.0, 0.0, 0.5, 0.0])
+    assert d == pytest.approx(diffs.mean())
+    assert half == pytest.approx(M.z_value(0.95) * diffs.std(ddof=1) / 2)  # z = 1.95996

@@ -5,9 +5,9 @@ import json
 import pytest
 from pydantic import ValidationError
 
+from distill.data.records import PromptRecord, Sample
 from distill.errors import DistillError
 from distill.traces.filters import FiltersConfig, Judge, foreign_script_fraction
-from distill.traces.records import PromptRecord, Sample
 
 PROMPT = PromptRecord("p1", "What is 6 times 7?", reference="42")
 

@@ -18,9 +18,9 @@ import pytest
 import yaml
 
 import distill
-from distill.traces import store as st
+from distill.data import store as data_store
+from distill.data.records import TRACE_SCHEMA
 from distill.traces.generate import run_generate
-from distill.traces.records import TRACE_SCHEMA
 
 from . import toy
 
@@ -51,7 +51,7 @@ def write_config(path: Path, root: Path, teacher: dict, **sections) -> Path:
 
 
 def records(run_dir: Path) -> list[dict]:
-    return st.read_table(run_dir).to_pylist()
+    return data_store.read_table(run_dir).to_pylist()
 
 
 def check_complete(run_dir: Path, prompts: int, n: int) -> list[dict]:
@@ -60,7 +60,7 @@ def check_complete(run_dir: Path, prompts: int, n: int) -> list[dict]:
     assert len(ids) == len(set(ids)) == prompts * n
     assert {(r["prompt_id"], r["sample_index"]) for r in rows} == {
         (p, k) for p in {r["prompt_id"] for r in rows} for k in range(n)}
-    manifest = st.read_manifest(run_dir)
+    manifest = data_store.read_manifest(run_dir)
     assert manifest["complete"] and manifest["totals"]["records"] == prompts * n
     return rows
 
@@ -82,7 +82,7 @@ def test_in_process_teacher_writes_a_dataset_that_datasets_loads(tmp_path, teach
         # top-3 log-probabilities for every completion token, best first
         assert len(r["top_ids"]) == r["completion_tokens"]
         assert all(len(t) == 3 and t[0] >= t[1] >= t[2] for t in r["top_logprobs"])
-    manifest = st.read_manifest(summary.run_dir)
+    manifest = data_store.read_manifest(summary.run_dir)
     assert manifest["teacher"]["kind"] == "jax" and manifest["config"]["sampling"]["n"] == 2
     assert "datasets.load_dataset" in (summary.run_dir / "README.md").read_text()
 
@@ -113,18 +113,18 @@ def test_kill_9_at_three_points_then_resume_equals_an_uninterrupted_run(tmp_path
     stored = []
     for _ in range(3):
         proc = _cli(cfg)
-        before = len(st.read_manifest(run_dir)["shards"]) if (run_dir / "manifest.json").exists() else 0
+        before = len(data_store.read_manifest(run_dir)["shards"]) if (run_dir / "manifest.json").exists() else 0
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:  # until it stores a new shard
             if (run_dir / "manifest.json").exists() and len(
-                    st.read_manifest(run_dir)["shards"]) > before:
+                    data_store.read_manifest(run_dir)["shards"]) > before:
                 break
             time.sleep(0.02)
         time.sleep(rng.uniform(0.0, 0.4))  # then at a random point in the next shard
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        stored.append(len(st.read_manifest(run_dir)["shards"]))
-        st.read_table(run_dir)  # every listed shard's checksum is valid after each kill
+        stored.append(len(data_store.read_manifest(run_dir)["shards"]))
+        data_store.read_table(run_dir)  # every listed shard's checksum is valid after each kill
     assert stored[-1] < 5, "the run finished before the third kill; the test proves nothing"
     proc = _cli(cfg)
     out, err = proc.communicate(timeout=300)
@@ -157,7 +157,7 @@ def test_bad_prompts_fail_in_one_line_and_leave_nothing(tmp_path, teacher_dir, c
 def server(teacher_dir):
     """`distill serve` over the toy teacher on 127.0.0.1: 30% of requests fail (429 with
     Retry-After, 500, a hang past the client's timeout, a dropped connection); key required."""
-    from distill.serve import FaultConfig, ServerThread, build_app
+    from distill.serve.app import FaultConfig, ServerThread, build_app
 
     model, tok = distill.load_pretrained(teacher_dir)
     app = build_app(model, tok, "toy-r1", api_key="sk-test-123",
@@ -186,7 +186,7 @@ def test_http_teacher_against_distill_serve_survives_faults(tmp_path, server, mo
     ds = datasets.load_dataset("parquet", data_dir=str(summary.run_dir / "data"), split="train")
     assert len(ds) == 20 and set(ds.column_names) == set(TRACE_SCHEMA.names)
     assert all(r["teacher"] == "openai:toy-r1" for r in rows)
-    text = json.dumps(st.read_manifest(summary.run_dir)) + (summary.run_dir / "README.md").read_text()
+    text = json.dumps(data_store.read_manifest(summary.run_dir)) + (summary.run_dir / "README.md").read_text()
     assert "sk-test-123" not in text and "DISTILL_TEST_KEY" not in text
 
 
@@ -206,7 +206,7 @@ def test_http_errors_fail_in_one_line(tmp_path, server):
         errors = [line for line in err.splitlines() if line.startswith("error:")]
         assert proc.returncode == 2 and len(errors) == 1 and expected in errors[0], err
         assert "Traceback" not in err and "sk-" not in err
-        assert not st.read_manifest(tmp_path / "out" / name)["complete"]
+        assert not data_store.read_manifest(tmp_path / "out" / name)["complete"]
 
 
 def test_example_run_configs_validate():

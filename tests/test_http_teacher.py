@@ -12,18 +12,18 @@ import httpx
 import pytest
 
 import distill
-from distill.errors import DistillError
-from distill.sampling import SamplingParams, generate
-from distill.serve import FaultConfig, ServerThread, build_app
-from distill.textgen import prompt_ids, stop_ids
-from distill.traces.http_teacher import (
+from distill.backends.http import (
     HttpTeacher,
     HttpTeacherConfig,
     bench_http,
     chat_url,
     retry_after_s,
 )
-from distill.traces.records import PromptRecord
+from distill.chat import prompt_ids
+from distill.data.records import PromptRecord
+from distill.errors import DistillError
+from distill.sampling import SamplingParams, generate, stop_ids
+from distill.serve.app import FaultConfig, ServerThread, build_app
 from tests import toy
 
 PROMPTS = [PromptRecord(f"p{i}", f"Start with {i}. Add 3. What is the result?") for i in range(5)]

@@ -13,8 +13,7 @@ from flax import nnx
 
 from distill.config import load_model_config
 from distill.errors import DistillError
-from distill.pretrained import init_model
-from distill.train.losses import (
+from distill.losses import (
     LOSSES,
     TeacherTopK,
     chunked_loss,
@@ -23,6 +22,7 @@ from distill.train.losses import (
     get_loss,
     kd_loss,
 )
+from distill.pretrained import init_model
 
 ROOT = Path(__file__).resolve().parents[1]
 B, T, V, K, D = 2, 7, 13, 4, 5

@@ -15,7 +15,7 @@ from pydantic import AfterValidator, BaseModel
 
 from distill.config import _input_path, load_config, resolve_path, save_config
 from distill.errors import DistillError
-from distill.evaluation.config import EvalConfig
+from distill.eval.config import EvalConfig
 from distill.traces.generate import GenerateConfig
 from distill.train.config import TrainConfig
 

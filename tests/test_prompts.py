@@ -11,21 +11,21 @@ import pyarrow.parquet as pq
 import pytest
 
 from distill.config import validate
-from distill.errors import DistillError
-from distill.traces.prompts import (
+from distill.data.prompts import (
     PromptsConfig,
     SyntheticConfig,
     is_heldout,
     load_prompts,
     prompt_hash_id,
 )
-from distill.traces.synthetic import (
+from distill.data.synthetic import (
     BOXED_INSTRUCTION,
     arithmetic_problems,
     check,
     final_answer,
     solution_reasoning,
 )
+from distill.errors import DistillError
 
 ROWS = [
     {"id": "q1", "prompt": "What is 2 + 3?", "answer": "5"},
@@ -335,7 +335,7 @@ def test_malformed_jsonl_fails_with_its_line_number(tmp_path):
 
 def test_skip_mode_skips_bad_rows_and_keeps_the_rest(tmp_path, caplog):
     path = broken_jsonl(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="distill.traces.prompts"):
+    with caplog.at_level(logging.WARNING, logger="distill.data.prompts"):
         records = load(path, on_bad_row="skip")
     assert triples(records) == [EXPECTED[0], EXPECTED[2], EXPECTED[3]]
     text = caplog.text

@@ -18,8 +18,9 @@ from starlette.testclient import TestClient
 
 import distill
 from distill import sampling
-from distill.sampling import SamplingParams, generate
-from distill.serve import (
+from distill.chat import prompt_ids
+from distill.sampling import SamplingParams, generate, stop_ids
+from distill.serve.app import (
     FaultConfig,
     ServerThread,
     StreamText,
@@ -27,7 +28,6 @@ from distill.serve import (
     split_reasoning,
     visible_text,
 )
-from distill.textgen import prompt_ids, stop_ids
 from tests import toy
 
 QUESTION = "Start with 7. Add 3, then multiply by 2. What is the result?"

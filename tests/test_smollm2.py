@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import distill
-from distill.sampling import SamplingParams, generate
-from distill.textgen import prompt_ids, stop_ids
+from distill.chat import prompt_ids
+from distill.sampling import SamplingParams, generate, stop_ids
 
 PROMPT = "Explain in one sentence why the sky is blue."
 

@@ -15,9 +15,9 @@ import torch
 import yaml
 
 import distill
-from distill.traces.prompts import PromptsConfig
+from distill.data.prompts import PromptsConfig
+from distill.data.render import render_example
 from distill.traces.reference import write_reference_traces
-from distill.train.data import render_example
 from distill.train.loop import run_train
 
 REPO = Path(__file__).resolve().parents[1]

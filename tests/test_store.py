@@ -7,9 +7,10 @@ import json
 import datasets
 import pytest
 
+from distill.data import store as data_store
+from distill.data.records import TRACE_SCHEMA, record_id
 from distill.errors import DistillError
 from distill.traces import store as st
-from distill.traces.records import TRACE_SCHEMA, record_id
 
 
 def _row(pid: str, k: int, correct=True) -> dict:
@@ -41,7 +42,7 @@ def test_shards_load_with_datasets_and_our_reader(tmp_path):
     ds = datasets.load_dataset("parquet", data_dir=str(run / "data"), split="train")
     assert sorted(ds["id"]) == ["a#0", "a#1", "b#0", "c#1"]
     assert ds.features["top_logprobs"] is not None
-    ours = st.read_table(run)
+    ours = data_store.read_table(run)
     assert ours.schema.equals(TRACE_SCHEMA)
     assert ours.column("id").to_pylist() == ["a#0", "a#1", "b#0", "c#1"]
     assert ours.column("top_ids").to_pylist()[0] == [[1, 2]] * 9
@@ -59,10 +60,10 @@ def test_tampered_or_missing_shard_is_detected(tmp_path):
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(DistillError, match="checksum mismatch"):
-        list(st.iter_records(run))
+        list(data_store.iter_records(run))
     path.unlink()
     with pytest.raises(DistillError, match="missing"):
-        st.read_table(run)
+        data_store.read_table(run)
 
 
 def test_resume_keeps_listed_shards_and_drops_unlisted_files(tmp_path):
@@ -94,4 +95,4 @@ def test_not_a_run_directory(tmp_path):
     with pytest.raises(DistillError, match="no manifest.json"):
         st.TraceStore.open(tmp_path / "x", CONFIG)
     with pytest.raises(DistillError, match="not a trace directory"):
-        st.read_manifest(tmp_path / "nothing")
+        data_store.read_manifest(tmp_path / "nothing")

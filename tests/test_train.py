@@ -17,13 +17,12 @@ import pytest
 import yaml
 
 import distill
+from distill.data.prompts import PromptsConfig, load_prompts
 from distill.errors import DistillError
-from distill.sampling import SamplingParams, generate
-from distill.textgen import stop_ids
-from distill.traces.prompts import PromptsConfig, load_prompts
+from distill.sampling import SamplingParams, generate, stop_ids
 from distill.traces.reference import write_reference_traces
-from distill.traces.verify import extract_answer
 from distill.train.loop import run_train
+from distill.verify import extract_answer
 
 from . import toy
 
@@ -205,7 +204,7 @@ def test_bad_traces_fail_in_one_line(world, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from distill.traces import store
+    from distill.data import store
 
     rows = store.read_table(world["traces"]).slice(0, 5).to_pylist()
     for row in rows:

@@ -5,7 +5,7 @@ import threading
 import pytest
 
 from distill.errors import DistillError
-from distill.traces.verify import answers_match, extract_answer, split_think
+from distill.verify import answers_match, extract_answer, split_think
 
 # (predicted, reference, expected)
 PAIRS = [

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from distill.config import DenseConfig, RopeScaling
+from distill.config import DenseConfig, MoEConfig, RopeScaling
 from distill.errors import DistillError
 from distill.models import safetensors_io
 from distill.models.dense import DenseDecoder
@@ -220,8 +220,6 @@ def native_to_hf(x: np.ndarray, layout: str) -> np.ndarray:
 
 def model_class(cfg) -> type[nnx.Module]:
     """The decoder class a config describes (dense student or MoE teacher)."""
-    from distill.config import MoEConfig
-
     if isinstance(cfg, MoEConfig):
         from distill.models.moe import MoEDecoder
 
@@ -388,3 +386,15 @@ def save_weights(model: nnx.Module, out_dir: Path, dtype: str = "float32",
     plan = [(s[0], s[1], s[2]) for s in specs]
     return safetensors_io.write_checkpoint(
         out_dir, plan, lambda name: _hf_tensor(state, by_name[name]), max_shard_bytes)
+
+
+def active_params(cfg) -> tuple[int, int]:
+    """(total, active per token) parameters of a model config: a MoE layer uses its shared
+    experts and `num_experts_per_tok` of its routed experts per token."""
+    total = param_count(cfg)
+    if not isinstance(cfg, MoEConfig):
+        return total, total
+    moe_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace
+    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size  # gate, up, down
+    idle = moe_layers * (cfg.n_routed_experts - cfg.num_experts_per_tok) * per_expert
+    return total, total - idle

@@ -44,9 +44,9 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from distill.config import Frozen, InputPath
+from distill.data.records import PromptRecord, Sample
 from distill.errors import DistillError
-from distill.traces.records import PromptRecord, Sample
-from distill.traces.verify import answers_match, extract_answer, split_think
+from distill.verify import answers_match, extract_answer, split_think
 
 ACCEPTED = "accepted"
 _SHINGLE = 5  # words per shingle for near-duplicate detection

@@ -13,28 +13,17 @@ import json
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Literal
 
 from pydantic import Field
 
+from distill.backends import TeacherConfig, make_teacher
 from distill.config import Frozen, OutputPath, load_config
+from distill.data.prompts import PromptsConfig, load_prompts
+from distill.data.records import PromptRecord, Sample, record_id
 from distill.errors import DistillError
 from distill.sampling import SamplingParams
 from distill.traces.filters import FiltersConfig, Judge
-from distill.traces.http_teacher import HttpTeacherConfig
-from distill.traces.jax_teacher import JaxTeacherConfig
-from distill.traces.prompts import PromptsConfig, load_prompts
-from distill.traces.records import PromptRecord, Sample, record_id
 from distill.traces.store import TraceStore
-
-
-class OpenAITeacherConfig(HttpTeacherConfig):
-    """A teacher behind an OpenAI-compatible /v1/chat/completions endpoint."""
-
-    kind: Literal["openai"] = "openai"
-
-
-TeacherConfig = Annotated[JaxTeacherConfig | OpenAITeacherConfig, Field(discriminator="kind")]
 
 
 class SamplingConfig(Frozen):
@@ -98,16 +87,6 @@ class Summary:
     completion_tokens: int
     seconds: float
     resumed_shards: int
-
-
-def make_teacher(cfg):
-    if cfg.kind == "jax":
-        from distill.traces.jax_teacher import JaxTeacher
-
-        return JaxTeacher(cfg)
-    from distill.traces.http_teacher import HttpTeacher
-
-    return HttpTeacher(cfg)
 
 
 def trace_row(prompt: PromptRecord, sample: Sample, verdict, teacher: str,

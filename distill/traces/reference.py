@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from distill.data.prompts import PromptsConfig, load_prompts
+from distill.data.records import Sample
+from distill.data.synthetic import arithmetic_problems, final_answer, solution_reasoning
 from distill.traces.filters import Verdict
 from distill.traces.generate import SamplingConfig, trace_row
-from distill.traces.prompts import PromptsConfig, load_prompts
-from distill.traces.records import Sample
 from distill.traces.store import TraceStore
-from distill.traces.synthetic import arithmetic_problems, final_answer, solution_reasoning
 
 
 def write_reference_traces(prompts: PromptsConfig, run_dir: str | Path, *,

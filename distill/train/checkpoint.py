@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import jax
 import orbax.checkpoint as ocp
 
 from distill.errors import DistillError
 
 
 class Checkpoints:
-    """students/<run>/checkpoints/<step>/{state, extra}."""
+    """students/<run>/checkpoints/<step>/{state, extra} (the layout of `distill.runs`; a finished
+    run's parameters are read back by `distill.runs.load_run`)."""
 
     def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
         self.directory = Path(directory).absolute()
@@ -52,52 +52,3 @@ class Checkpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def abstract_with_shardings(state, shardings):
-    """ShapeDtypeStructs of `state` (concrete or abstract) carrying `shardings`."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        state, shardings)
-
-
-def load_run(run_dir: str | Path, *, param_dtype: str = "float32", dtype: str = "float32",
-             mesh=None, step: int | None = None):
-    """(model, tokenizer) from a students/<run> directory: its model config, the parameters of its
-    latest checkpoint (or `step`), placed sharded on `mesh` when given, and its tokenizer."""
-    import json
-
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from distill.config import ModelFile, validate
-    from distill.models import hf
-    from distill.parallel import state_shardings
-    from distill.tokenizer import Tokenizer
-
-    run_dir = Path(run_dir)
-    data = json.loads((run_dir / "model.json").read_text())
-    data.update(param_dtype=param_dtype, dtype=dtype)
-    cfg = validate(ModelFile, {"model": data}, str(run_dir / "model.json")).model
-    abstract = hf.abstract_model(cfg)
-    graphdef, params = nnx.split(abstract)
-    ckpts = Checkpoints(run_dir / "checkpoints", async_save=False)
-    step = ckpts.latest() if step is None else step
-    if step is None:
-        raise DistillError(f"{run_dir}: no checkpoint yet")
-    shardings = (state_shardings(params, mesh) if mesh is not None
-                 else jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
-                                   params))
-    target = abstract_with_shardings(params, shardings)
-    # checkpoints hold float32 master weights; restore as stored, then cast to param_dtype
-    stored = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding),
-                          target)
-    restored = ocp.PyTreeCheckpointer().restore(
-        ckpts.directory / str(step) / "state",
-        args=ocp.args.PyTreeRestore(item={"params": stored}, partial_restore=True,
-                                    restore_args=ocp.checkpoint_utils.construct_restore_args(
-                                        {"params": stored})))
-    params = jax.tree.map(lambda x, t: x.astype(t.dtype), restored["params"], target)
-    ckpts.close()
-    tokenizer = (Tokenizer.from_pretrained(run_dir / "tokenizer")
-                 if (run_dir / "tokenizer").is_dir() else None)
-    return nnx.merge(graphdef, params), tokenizer

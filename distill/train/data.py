@@ -1,21 +1,6 @@
-"""Training data: teacher traces -> chat-rendered samples -> packed fixed-length rows, in an order
-that is a pure function of (seed, epoch), resumable from a two-number `DataState`.
-
-Rendering (the R1-Distill way). A sample is the prompt rendered with the student's chat template and
-`add_generation_prompt=True` (exactly the ids the model sees at inference), then the completion
-`{reasoning}\\n</think>\\n\\n{answer}` and the EOS id. The R1 generation prompt already opens
-`<think>\\n`; for templates whose generation prompt does not (e.g. ChatML), the completion starts with
-`<think>\\n` itself. Prompt and completion are tokenised separately and concatenated, so the boundary
-is exact and the loss mask is 1 on the completion tokens (EOS included) and 0 on the prompt.
-(Rendering the whole conversation instead would lose the reasoning: the R1 template drops
-everything before `</think>` from assistant turns.)
-
-Packing. Each document of n tokens contributes n - 1 (input, target) slots: inputs ids[:-1],
-targets ids[1:], loss mask aligned with the targets, so no target crosses a document boundary.
-Documents are packed best-fit-decreasing within windows of `window` documents (at most `window`
-rows open at once) into rows of exactly `seq_len` slots with segment ids 1..n per row (0 = padding)
-and positions restarting at 0 per document. Over-long documents are dropped or truncated to
-`seq_len` slots by policy, and counted.
+"""`distill train`'s data stream: teacher traces (`distill.data.traces`) -> rendered samples
+(`distill.data.render`) -> packed rows (`distill.data.packing`), in an order that is a pure function
+of (seed, epoch), resumable from a two-number `DataState`.
 
 Order. An epoch is the mixture of the datasets (each dataset's share of the epoch is its weight;
 a dataset is drawn as fresh seeded permutations, repeated to up-sample or cut to down-sample),
@@ -38,23 +23,24 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
-from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
 from pydantic import Field
 
 from distill.config import Frozen, InputPath
+from distill.data.packing import (
+    OVERLONG,
+    Documents,
+    PackStats,
+    build_rows,
+    overlong_status,
+    plan_rows,
+)
+from distill.data.render import render_example
+from distill.data.traces import Mixture, Trace, read_traces
 from distill.errors import DistillError
-from distill.traces.prompts import is_heldout
-
-KEEP = ("correct", "complete", "all")
-OVERLONG = ("drop", "truncate")
-THINK_OPEN = "<think>\n"
-_TRACE_COLUMNS = ("id", "prompt", "messages", "reasoning", "answer", "correct", "finish_reason")
-_TEACHER_COLUMNS = ("top_ids", "top_logprobs")
 
 
 class DataConfig(Frozen):
@@ -71,339 +57,6 @@ class DataConfig(Frozen):
     top_k: int = Field(0, ge=0)  # teacher top-k entries per position for logit KD (0: none)
     # prompts held out (by a hash of the prompt id) for the held-out trace loss, never trained on
     heldout_fraction: float = Field(0.0, ge=0, lt=1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Traces
-
-
-@dataclasses.dataclass(frozen=True)
-class Trace:
-    """What training reads of one trace row. top_ids / top_logprobs: per completion token the
-    teacher's top-k, as [n, k] arrays (k padded with -inf log-probabilities), or None."""
-
-    id: str
-    prompt: str | list[dict]
-    reasoning: str
-    answer: str
-    top_ids: np.ndarray | None = None
-    top_logprobs: np.ndarray | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Mixture:
-    """Kept traces of each dataset, with the datasets' mixture weights and names (their paths)."""
-
-    datasets: tuple[tuple[Trace, ...], ...]
-    weights: tuple[float, ...] | None
-    names: tuple[str, ...]
-
-
-def read_traces(paths: Sequence[str | Path], weights: Sequence[float] | None = None,
-                keep: str = "correct", with_teacher: bool = False, split: str = "all",
-                heldout_fraction: float = 0.0) -> Mixture:
-    """Read trace datasets (a teacher_traces/<run> directory of *.parquet shards, or one .parquet
-    file each) and keep the rows that pass `keep`: "correct" (correct is true), "complete"
-    (finish_reason "stop") or "all". with_teacher also reads the top-k columns. `split` "train" /
-    "heldout" keeps the prompts outside / inside the held-out fraction (by prompt-id hash)."""
-    if keep not in KEEP:
-        raise DistillError(f"unknown keep filter {keep!r}; choose one of {', '.join(KEEP)}")
-    if not paths:
-        raise DistillError("no trace dataset given")
-    if weights is not None:
-        _check_weights(weights, len(paths))
-    def in_split(trace_id: str) -> bool:
-        if split == "all" or heldout_fraction == 0:
-            return split != "heldout"
-        return is_heldout(trace_id.rsplit("#", 1)[0], heldout_fraction) == (split == "heldout")
-
-    datasets = tuple(_read_dataset(Path(p), keep, with_teacher, in_split) for p in paths)
-    return Mixture(datasets, None if weights is None else tuple(float(w) for w in weights),
-                   tuple(str(p) for p in paths))
-
-
-def _check_weights(weights: Sequence[float], n: int) -> None:
-    if len(weights) != n:
-        raise DistillError(f"{len(weights)} mixture weights for {n} trace datasets")
-    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-        raise DistillError(f"mixture weights must be >= 0 with a positive sum (got {list(weights)})")
-
-
-def _shards(path: Path) -> list[Path]:
-    if path.is_file() and path.suffix == ".parquet":
-        return [path]
-    if (path / "manifest.json").is_file():  # a `distill generate` run: checksums verified
-        from distill.traces.store import shard_paths
-
-        files = shard_paths(path)
-        if files:
-            return files
-        raise DistillError(f"{path}: the trace run holds no records (an empty trace dataset)")
-    if path.is_dir():
-        files = sorted(path.glob("*.parquet"))
-        if files:
-            return files
-        raise DistillError(f"{path}: no .parquet shards (an empty trace dataset)")
-    raise DistillError(f"{path}: no such trace dataset (want a directory of .parquet shards)")
-
-
-def _read_dataset(path: Path, keep: str, with_teacher: bool, in_split=lambda _: True
-                  ) -> tuple[Trace, ...]:
-    import pyarrow.parquet as pq
-
-    columns = _TRACE_COLUMNS + (_TEACHER_COLUMNS if with_teacher else ())
-    kept, rows = [], 0
-    for shard in _shards(path):
-        try:
-            names = set(pq.read_schema(shard).names)
-            missing = [c for c in columns if c not in names]
-            if missing:
-                raise DistillError(f"{shard}: not a trace shard (no column {missing[0]!r})")
-            table = pq.read_table(shard, columns=list(columns))
-        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
-            raise DistillError(f"{shard}: cannot read parquet: {str(e).splitlines()[0]}") from e
-        rows += table.num_rows
-        kept += [_trace(row, table, i) for i, row in enumerate(table.select(_TRACE_COLUMNS)
-                                                               .to_pylist())
-                 if _keep(row, keep) and in_split(row["id"])]
-    if rows == 0:
-        raise DistillError(f"{path}: the trace dataset is empty (0 rows)")
-    if not kept:
-        raise DistillError(f"{path}: no trace passes keep={keep!r} (0 of {rows} rows)")
-    return tuple(kept)
-
-
-def _keep(row: dict, keep: str) -> bool:
-    if keep == "correct":
-        return row["correct"] is True
-    if keep == "complete":
-        return row["finish_reason"] == "stop"
-    return True
-
-
-def _trace(row: dict, table, i: int) -> Trace:
-    prompt = row["messages"] or row["prompt"] or ""
-    top_ids = top_lps = None
-    if "top_ids" in table.column_names and table.column("top_ids")[i].is_valid:
-        top_ids, top_lps = _topk_arrays(table.column("top_ids")[i], table.column("top_logprobs")[i])
-    return Trace(id=row["id"], prompt=prompt, reasoning=row["reasoning"] or "",
-                 answer=row["answer"] or "", top_ids=top_ids, top_logprobs=top_lps)
-
-
-def _topk_arrays(ids_scalar, lps_scalar) -> tuple[np.ndarray, np.ndarray]:
-    """One row's list<list<...>> top-k cells -> ids int32 [n, k], log-probs float32 [n, k]."""
-    ids_list, lps_list = ids_scalar.values, lps_scalar.values
-    widths = ids_list.value_lengths().to_numpy(zero_copy_only=False)
-    n, k = len(widths), int(widths.max()) if len(widths) else 0
-    ids = np.zeros((n, k), np.int32)
-    lps = np.full((n, k), -np.inf, np.float32)
-    cols = np.arange(k)[None, :] < widths[:, None]
-    ids[cols] = ids_list.flatten().to_numpy(zero_copy_only=False)
-    lps[cols] = lps_list.flatten().to_numpy(zero_copy_only=False)
-    return ids, lps
-
-
-# ---------------------------------------------------------------------------------------------
-# Rendering
-
-
-def render_example(tokenizer, prompt: str | list[dict], reasoning: str, answer: str):
-    """(ids int32 [n], loss_mask bool [n]): the prompt as the model sees it at inference (chat
-    template with the generation prompt), then `{reasoning}\\n</think>\\n\\n{answer}` and EOS,
-    with the loss on the completion tokens only. Reasoning and answer are stripped first."""
-    reasoning, answer = (reasoning or "").strip(), (answer or "").strip()
-    if not reasoning and not answer:
-        raise DistillError("no assistant text: the reasoning and the answer are both empty")
-    prompt_ids, completion_text = _render(tokenizer, prompt, reasoning, answer)
-    completion_ids = tokenizer.encode(completion_text, add_special_tokens=False)
-    completion_ids.append(_eos_id(tokenizer))
-    ids = np.asarray(prompt_ids + completion_ids, np.int32)
-    mask = np.zeros(len(ids), bool)
-    mask[len(prompt_ids):] = True
-    return ids, mask
-
-
-def _render(tokenizer, prompt, reasoning: str, answer: str) -> tuple[list[int], str]:
-    """Prompt ids (generation prompt included) and the completion text that follows them."""
-    messages = list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-    prompt_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    body = f"{reasoning}\n</think>\n\n{answer}"
-    completion = body if prompt_text.endswith(THINK_OPEN) else THINK_OPEN + body
-    return tokenizer.encode(prompt_text, add_special_tokens=False), completion
-
-
-def _eos_id(tokenizer) -> int:
-    if tokenizer.eos_token_id is None:
-        raise DistillError("the student tokenizer has no EOS token; samples could not end")
-    return int(tokenizer.eos_token_id)
-
-
-# ---------------------------------------------------------------------------------------------
-# Documents (tokenised samples) and packing
-
-
-@dataclasses.dataclass
-class Documents:
-    """Tokenised samples in flat arrays. Document d is tokens[offsets[d]:offsets[d + 1]] with its
-    loss mask; teacher[d] is None or (first completion token index, ids [c, K], log-probs [c, K])."""
-
-    tokens: np.ndarray  # int32 [total]
-    loss: np.ndarray  # bool [total]
-    offsets: np.ndarray  # int64 [n + 1]
-    teacher: list | None = None
-
-    @classmethod
-    def build(cls, examples: Sequence[tuple[np.ndarray, np.ndarray]], teacher=None) -> Documents:
-        lengths = [len(ids) for ids, _ in examples]
-        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
-        if not examples:
-            return cls(np.zeros(0, np.int32), np.zeros(0, bool), offsets, teacher)
-        return cls(np.concatenate([np.asarray(i, np.int32) for i, _ in examples]),
-                   np.concatenate([np.asarray(m, bool) for _, m in examples]), offsets, teacher)
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def doc(self, d: int) -> tuple[np.ndarray, np.ndarray]:
-        lo, hi = self.offsets[d], self.offsets[d + 1]
-        return self.tokens[lo:hi], self.loss[lo:hi]
-
-    def slots(self, seq_len: int) -> np.ndarray:
-        """Input/target slots each document takes in a row: n - 1 tokens, at most seq_len."""
-        return np.minimum(np.diff(self.offsets) - 1, seq_len)
-
-
-@dataclasses.dataclass(frozen=True)
-class PackStats:
-    """How well rows are filled: efficiency = real (input, target) slots / (rows * seq_len)."""
-
-    rows: int
-    slots: int
-    seq_len: int
-
-    @property
-    def efficiency(self) -> float:
-        return self.slots / max(self.rows * self.seq_len, 1)
-
-
-def plan_rows(order: np.ndarray, slots: np.ndarray, seq_len: int, window: int = 256) -> list[list]:
-    """Best-fit-decreasing packing of the documents `order` (indices into `slots`) into rows of
-    `seq_len` slots: within each window of `window` documents, longest first, each document goes
-    to the open row it fills best, or opens a row; with `window` rows open, the fullest is closed.
-    Returns rows as lists of document indices, in the order they were closed."""
-    rows: list[list] = []
-    open_docs: list[list] = []
-    free = np.zeros(0, np.int64)  # free slots of each open row
-    for start in range(0, len(order), window):
-        win = np.asarray(order[start:start + window])
-        for d in win[np.argsort(-slots[win], kind="stable")]:
-            size = int(slots[d])
-            fits = np.flatnonzero(free >= size)
-            if len(fits):
-                r = int(fits[np.argmin(free[fits])])
-            else:
-                if len(open_docs) >= window:  # close the fullest row to bound the open set
-                    full = int(np.argmin(free))
-                    rows.append(open_docs.pop(full))
-                    free = np.delete(free, full)
-                open_docs.append([])
-                free = np.append(free, seq_len)
-                r = len(open_docs) - 1
-            open_docs[r].append(int(d))
-            free[r] -= size
-            if free[r] == 0:
-                rows.append(open_docs.pop(r))
-                free = np.delete(free, r)
-    return rows + open_docs
-
-
-def build_rows(docs: Documents, rows: Sequence[Sequence[int]], seq_len: int, pad_id: int = 0,
-               top_k: int = 0) -> dict[str, np.ndarray]:
-    """Arrays for packed rows (an empty row is all padding): tokens_bt, targets_bt, loss_mask_bt,
-    segment_ids_bt (1..n, 0 = padding), positions_bt (from 0 per document) and, with top_k,
-    top_ids_btk / top_logprobs_btk (-inf where the teacher has no entry)."""
-    b = len(rows)
-    out = {"tokens_bt": np.full((b, seq_len), pad_id, np.int32),
-           "targets_bt": np.zeros((b, seq_len), np.int32),
-           "loss_mask_bt": np.zeros((b, seq_len), bool),
-           "segment_ids_bt": np.zeros((b, seq_len), np.int32),
-           "positions_bt": np.zeros((b, seq_len), np.int32)}
-    if top_k:
-        out["top_ids_btk"] = np.zeros((b, seq_len, top_k), np.int32)
-        out["top_logprobs_btk"] = np.full((b, seq_len, top_k), -np.inf, np.float32)
-    for r, row in enumerate(rows):
-        at = 0
-        for segment, d in enumerate(row, start=1):
-            at = _place(out, docs, d, r, at, segment, seq_len, top_k)
-    return out
-
-
-def _place(out: dict, docs: Documents, d: int, r: int, at: int, segment: int, seq_len: int,
-           top_k: int) -> int:
-    """Write document d into row r from slot `at`; return the next free slot."""
-    ids, mask = docs.doc(d)
-    n = min(len(ids) - 1, seq_len)
-    if at + n > seq_len:
-        raise ValueError(f"row {r} overflows: document {d} needs {n} slots, {seq_len - at} left")
-    span = slice(at, at + n)
-    out["tokens_bt"][r, span] = ids[:n]
-    out["targets_bt"][r, span] = ids[1:n + 1]
-    out["loss_mask_bt"][r, span] = mask[1:n + 1]
-    out["segment_ids_bt"][r, span] = segment
-    out["positions_bt"][r, span] = np.arange(n)
-    if top_k and docs.teacher is not None and docs.teacher[d] is not None:
-        first, t_ids, t_lps = docs.teacher[d]
-        # completion token j is the target of the document's slot first + j - 1
-        j0 = max(0, 1 - first)
-        j1 = max(j0, min(len(t_ids), n + 1 - first))
-        slot = at + first - 1
-        out["top_ids_btk"][r, slot + j0:slot + j1] = t_ids[j0:j1]
-        out["top_logprobs_btk"][r, slot + j0:slot + j1] = t_lps[j0:j1]
-    return at + n
-
-
-def pack(examples: Iterable[tuple[np.ndarray, np.ndarray]], seq_len: int, policy: str = "drop",
-         window: int = 256, pad_id: int = 0) -> tuple[dict[str, np.ndarray], PackStats, dict]:
-    """Pack (ids, loss_mask) examples in their order into rows of `seq_len` slots.
-
-    Returns the row arrays (see `build_rows`), the packing stats and the counts
-    {"documents", "dropped_overlong", "truncated"}. policy: "drop" or "truncate" over-long
-    documents (more than seq_len + 1 tokens).
-    """
-    kept, counts = [], {"documents": 0, "dropped_overlong": 0, "truncated": 0}
-    for i, (ids, mask) in enumerate(examples):
-        status = _fit(np.asarray(mask, bool), seq_len, policy, f"example {i}")
-        if status == "dropped":
-            counts["dropped_overlong"] += 1
-            continue
-        counts["truncated"] += status == "truncated"
-        kept.append((ids, mask))
-    counts["documents"] = len(kept)
-    docs = Documents.build(kept)
-    slots = docs.slots(seq_len)
-    rows = plan_rows(np.arange(len(docs)), slots, seq_len, window)
-    return (build_rows(docs, rows, seq_len, pad_id), PackStats(len(rows), int(slots.sum()),
-                                                               seq_len), counts)
-
-
-def _fit(mask: np.ndarray, seq_len: int, policy: str, where: str) -> str:
-    """"fits", "truncated" or "dropped" for a document under the over-long policy."""
-    if policy not in OVERLONG:
-        raise DistillError(f"unknown over-long policy {policy!r}; choose one of "
-                           f"{', '.join(OVERLONG)}")
-    if len(mask) - 1 <= seq_len:
-        return "fits"
-    if policy == "drop":
-        return "dropped"
-    if not np.any(mask[1:seq_len + 1]):
-        prompt = int(np.argmax(mask)) if mask.any() else len(mask)
-        raise DistillError(f"{where}: the prompt is {prompt} tokens, so seq_len {seq_len} leaves "
-                           "no completion token to train on; raise seq_len or set overlong: drop")
-    return "truncated"
-
-
-# ---------------------------------------------------------------------------------------------
-# The training stream
 
 
 @dataclasses.dataclass(frozen=True)
@@ -562,7 +215,7 @@ def _tokenise(mixture: Mixture, tokenizer, seq_len: int, overlong: str, top_k: i
                     raise
                 no_text += 1
                 continue
-            status = _fit(mask, seq_len, overlong, f"{name}: trace {trace.id}")
+            status = overlong_status(mask, seq_len, overlong, f"{name}: trace {trace.id}")
             if status == "dropped":
                 overlong_dropped += 1
                 continue

@@ -1,12 +1,5 @@
-"""`distill train`: the training loop around the compiled step.
-
-students/<run>/
-  config.yaml        the resolved training config
-  model.json         the student's model config (distill's schema)
-  tokenizer/         the student's tokenizer (Hugging Face files, chat template included)
-  checkpoints/<step> orbax: TrainState + {data position, seed}
-  metrics.jsonl      one JSON object per logged step (process 0 only)
-  tensorboard/       the same as TensorBoard events
+"""`distill train`: the training loop around the compiled step, writing a students/<run>
+directory (its layout: `distill.runs`).
 
 Rerunning the same command resumes from the latest checkpoint: parameters, optimizer state, step
 and data position, so the result equals an uninterrupted run. SIGTERM / SIGINT save a checkpoint
@@ -31,10 +24,11 @@ from flax import nnx
 from distill.config import load_config
 from distill.errors import DistillError
 from distill.parallel import make_mesh, parse_mesh
-from distill.train import losses
-from distill.train.checkpoint import Checkpoints, abstract_with_shardings
-from distill.train.config import LossConfig, TrainConfig, check_layout, check_seq_len
+from distill.runs import CHECKPOINTS, METRICS, TENSORBOARD, abstract_with_shardings, write_run_files
+from distill.train.checkpoint import Checkpoints
+from distill.train.config import TrainConfig, check_layout, check_seq_len
 from distill.train.data import DataState, TrainData
+from distill.train.losses import make_loss_fn
 from distill.train.optim import make_optimizer, schedule
 from distill.train.step import TrainState, batch_sharding, compile_step, make_step, state_sharding
 
@@ -45,27 +39,6 @@ class TrainResult:
     step: int
     losses: list[float]  # the logged training losses of this session, in order
     stopped: bool  # ended by a signal before the last step
-
-
-def make_loss_fn(cfg: LossConfig):
-    """(model, batch) -> (loss summed over target tokens, metric sums incl. tokens)."""
-    alpha = 0.0 if cfg.kind == "sft" else cfg.alpha
-
-    def loss_fn(model, batch):
-        hidden = model.hidden(batch["tokens_bt"], batch["positions_bt"], batch["segment_ids_bt"])
-        teacher = None
-        if "top_ids_btk" in batch and cfg.kind != "sft":
-            teacher = losses.TeacherTopK(batch["top_ids_btk"], batch["top_logprobs_btk"])
-        loss, m = losses.chunked_loss(hidden, model.logits, batch["targets_bt"],
-                                      batch["loss_mask_bt"], teacher, kind=cfg.kind, alpha=alpha,
-                                      beta=cfg.beta, temperature=cfg.temperature, chunk=cfg.chunk)
-        t = m["tokens"]
-        sums = {"tokens": t, "ce": m["ce"] * t, "accuracy": m["accuracy"] * t}
-        if "kd" in m:
-            sums["kd"] = m["kd"] * t
-        return loss * t, sums
-
-    return loss_fn
 
 
 def init_distributed(cfg) -> None:
@@ -114,8 +87,8 @@ class MetricsLog:
         if enabled:
             from tensorboardX import SummaryWriter
 
-            self.jsonl = open(run_dir / "metrics.jsonl", "a")
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            self.jsonl = open(run_dir / METRICS, "a")
+            self.tb = SummaryWriter(str(run_dir / TENSORBOARD))
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -151,16 +124,6 @@ class StopFlag:
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
-
-
-def write_run_files(run_dir: Path, cfg: TrainConfig, model, tokenizer) -> None:
-    """The resolved config, the model config and the tokenizer, beside the checkpoints."""
-    from distill.config import save_config
-    from distill.fsutil import write_atomic
-
-    save_config(cfg, run_dir / "config.yaml")  # `distill train` reruns it from any directory
-    write_atomic(run_dir / "model.json", model.config.model_dump_json(indent=2).encode())
-    tokenizer.save_pretrained(run_dir / "tokenizer")
 
 
 def _device_batch(batch: dict, sharding) -> dict:
@@ -202,7 +165,7 @@ def run_train(config_path: str | Path, overrides=(), *, progress: bool = True,
                            state_sh, mesh)
     eval_fn = jax.jit(lambda p, b: loss_fn(nnx.merge(graphdef, p), b))
 
-    ckpts = Checkpoints(run_dir / "checkpoints", cfg.train.keep_checkpoints,
+    ckpts = Checkpoints(run_dir / CHECKPOINTS, cfg.train.keep_checkpoints,
                         cfg.train.async_checkpoints)
     data_state = DataState()
     if ckpts.latest() is not None:

@@ -1,268 +1,28 @@
-"""Training losses: pure functions of logits, next-token targets, loss masks and the teacher's stored
-top-k log-probabilities, computed in float32 and returning `(loss, metrics)`.
-
-Dimension alphabet: B batch, T sequence, D model width, V vocab, K teacher top-k.
-
-Normalisation. Every loss is a token-level mean: the sum of the per-token loss over the masked
-target positions of the whole batch, divided by the number of those positions (all rows together,
-so a document weighs in proportion to its completion tokens, as in the R1-distill SFT recipe). A
-batch with no masked position gives loss 0, not NaN.
-
-Teacher signal. Per target position the traces store the teacher's K most likely next tokens
-(`top_ids_btk`) and their log-probabilities (`top_logprobs_btk`, as the teacher sampled them). The
-teacher distribution is that top-k renormalised: q = softmax_K(top_logprobs / tau), which re-tempers
-the stored log-probabilities exactly (up to the mass outside the top-k, which is dropped; there is no
-"rest" bucket). Entries whose log-probability is -inf are absent (zero weight); a position with no
-entry is left out of the distillation mean.
-
-Divergences, with tau = temperature applied to the student's logits and the teacher's log-probs, all
-multiplied by tau**2 so gradient sizes stay comparable across temperatures (Hinton et al. 2015):
-
-- forward_kl: KL(q || p) = sum_k q_k (log q_k - log p(k)), p the student's softmax over the full
-  vocabulary read at the K ids, so student mass outside the teacher's top-k is penalised (top-k KD).
-- reverse_kl: KL(r || q), r the student's softmax restricted to the same K ids and renormalised
-  (the teacher is unknown outside its top-k).
-- jsd: the generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024, eq. 1) as TRL's
-  `GKDTrainer.generalized_jsd_loss` computes it: M = beta q + (1 - beta) r,
-  JSD = beta KL(q || M) + (1 - beta) KL(r || M); beta = 0 is forward_kl and beta = 1 is reverse_kl
-  (TRL's special cases: the formula itself vanishes at both ends).
-
-`distill_loss` mixes (1 - alpha) * cross-entropy + alpha * divergence; `chunked_loss` computes the same
-from hidden states over sequence chunks, so float32 [B, T, V] logits never exist at once.
-"""
+"""The training objective over a packed batch: SFT cross-entropy mixed with logit distillation
+as the run's `loss:` table says, on top of the pure loss functions of `distill.losses`."""
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-from typing import NamedTuple
-
-import jax
-import jax.numpy as jnp
-
-from distill.errors import DistillError
-
-KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
-_NEG = -1e30  # stands in for log(0): finite, so masked entries never turn gradients into NaN
+from distill import losses
+from distill.train.config import LossConfig
 
 
-class TeacherTopK(NamedTuple):
-    """The teacher's stored top-k per target position (a pytree, so it passes through jit/scan)."""
+def make_loss_fn(cfg: LossConfig):
+    """(model, batch) -> (loss summed over target tokens, metric sums incl. tokens)."""
+    alpha = 0.0 if cfg.kind == "sft" else cfg.alpha
 
-    top_ids_btk: jax.Array  # int32 [B, T, K]
-    top_logprobs_btk: jax.Array  # float32 [B, T, K]; -inf where absent
+    def loss_fn(model, batch):
+        hidden = model.hidden(batch["tokens_bt"], batch["positions_bt"], batch["segment_ids_bt"])
+        teacher = None
+        if "top_ids_btk" in batch and cfg.kind != "sft":
+            teacher = losses.TeacherTopK(batch["top_ids_btk"], batch["top_logprobs_btk"])
+        loss, m = losses.chunked_loss(hidden, model.logits, batch["targets_bt"],
+                                      batch["loss_mask_bt"], teacher, kind=cfg.kind, alpha=alpha,
+                                      beta=cfg.beta, temperature=cfg.temperature, chunk=cfg.chunk)
+        t = m["tokens"]
+        sums = {"tokens": t, "ce": m["ce"] * t, "accuracy": m["accuracy"] * t}
+        if "kd" in m:
+            sums["kd"] = m["kd"] * t
+        return loss * t, sums
 
-
-# ---------------------------------------------------------------------------------------------
-# Per-token pieces
-
-
-def _logsumexp_v(logits_btv: jax.Array) -> jax.Array:
-    return jax.nn.logsumexp(logits_btv, axis=-1)  # [B, T]
-
-
-def _token_ce(logits_btv: jax.Array, targets_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Negative log-likelihood [B, T] of each target and whether the argmax hits it [B, T]."""
-    target_logit = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
-    nll = _logsumexp_v(logits_btv) - target_logit
-    correct = jnp.argmax(logits_btv, axis=-1) == targets_bt
-    return nll, correct
-
-
-def _log_normalise(x_btk: jax.Array, valid_btk: jax.Array) -> jax.Array:
-    """log softmax over the valid entries of the last axis; _NEG elsewhere."""
-    x = jnp.where(valid_btk, x_btk, _NEG)
-    return jnp.where(valid_btk, x - jax.nn.logsumexp(x, axis=-1, keepdims=True), _NEG)
-
-
-def _kl(logp_btk: jax.Array, logq_btk: jax.Array, valid_btk: jax.Array) -> jax.Array:
-    """KL(p || q) [B, T] over the valid entries, from log-probabilities."""
-    terms = jnp.exp(logp_btk) * (logp_btk - logq_btk)
-    return jnp.sum(jnp.where(valid_btk, terms, 0.0), axis=-1)
-
-
-def _token_kd(logits_btv: jax.Array, teacher: TeacherTopK, kind: str, beta: float,
-              temperature: float) -> tuple[jax.Array, jax.Array]:
-    """Divergence [B, T] (times temperature**2) and whether the position has any teacher entry."""
-    tau = float(temperature)
-    z_btv = logits_btv / tau
-    ids = jnp.clip(teacher.top_ids_btk, 0, logits_btv.shape[-1] - 1)
-    z_btk = jnp.take_along_axis(z_btv, ids, axis=-1)
-    teacher_lp = jax.lax.stop_gradient(teacher.top_logprobs_btk.astype(jnp.float32))
-    valid = jnp.isfinite(teacher_lp)
-    log_q = _log_normalise(jnp.where(valid, teacher_lp, 0.0) / tau, valid)
-    if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
-        log_p = jnp.where(valid, z_btk - _logsumexp_v(z_btv)[..., None], _NEG)
-        div = _kl(log_q, log_p, valid)
-    else:
-        log_r = _log_normalise(z_btk, valid)  # the student restricted to the teacher's K ids
-        if kind == "reverse_kl" or beta == 1.0:
-            div = _kl(log_r, log_q, valid)
-        else:
-            log_m = jnp.logaddexp(log_q + jnp.log(beta), log_r + jnp.log1p(-beta))
-            div = beta * _kl(log_q, log_m, valid) + (1.0 - beta) * _kl(log_r, log_m, valid)
-    return div * tau**2, jnp.any(valid, axis=-1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Sums (what chunks add up) and the final mean
-
-
-def _sums(logits_btv, targets_bt, mask_bt, teacher, kind, alpha, beta, temperature) -> dict:
-    """Masked sums of one batch (or chunk): cross-entropy, hits, tokens and, with KD, divergence."""
-    logits_btv = logits_btv.astype(jnp.float32)
-    mask = mask_bt.astype(jnp.float32)
-    nll, correct = _token_ce(logits_btv, targets_bt)
-    out = {"ce_sum": jnp.sum(nll * mask), "correct": jnp.sum(correct * mask),
-           "tokens": jnp.sum(mask)}
-    if _uses_teacher(kind, alpha):
-        div, has_teacher = _token_kd(logits_btv, teacher, kind, beta, temperature)
-        kd_mask = mask * has_teacher
-        out["kd_sum"] = jnp.sum(div * kd_mask)
-        out["kd_tokens"] = jnp.sum(kd_mask)
-    return out
-
-
-def _finish(sums: dict, alpha: float) -> tuple[jax.Array, dict]:
-    """Token-level means from the sums; (1 - alpha) * CE + alpha * KD when there is a teacher."""
-    tokens = sums["tokens"]
-    ce = sums["ce_sum"] / jnp.maximum(tokens, 1.0)
-    metrics = {"ce": ce, "tokens": tokens, "accuracy": sums["correct"] / jnp.maximum(tokens, 1.0)}
-    loss = ce
-    if "kd_sum" in sums:
-        kd = sums["kd_sum"] / jnp.maximum(sums["kd_tokens"], 1.0)
-        loss = (1.0 - alpha) * ce + alpha * kd
-        metrics |= {"kd": kd, "kd_tokens": sums["kd_tokens"]}
-    metrics["loss"] = loss
-    return loss, metrics
-
-
-def _uses_teacher(kind: str, alpha: float) -> bool:
-    return kind != "sft" and alpha != 0.0
-
-
-def _check(kind: str, alpha: float, beta: float, temperature: float, teacher) -> None:
-    """One-line errors for a loss configuration that cannot work."""
-    get_loss(kind)
-    if not 0.0 <= alpha <= 1.0:
-        raise DistillError(f"loss alpha must be in [0, 1] (got {alpha})")
-    if not 0.0 <= beta <= 1.0:
-        raise DistillError(f"loss beta must be in [0, 1] (got {beta})")
-    if not temperature > 0.0:
-        raise DistillError(f"loss temperature must be > 0 (got {temperature})")
-    if kind == "sft" and alpha != 0.0:
-        raise DistillError(f"loss 'sft' has no teacher term: alpha must be 0 (got {alpha}); "
-                           f"choose one of {', '.join(KD_KINDS)} to distil")
-    if _uses_teacher(kind, alpha) and teacher is None:
-        raise DistillError(f"loss {kind!r} with alpha {alpha} needs the teacher's top-k "
-                           "log-probabilities, and the batch carries none (set alpha to 0, or "
-                           "generate traces with top-k log-probabilities)")
-
-
-# ---------------------------------------------------------------------------------------------
-# Public losses
-
-
-def cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array):
-    """SFT next-token cross-entropy, the token-level mean over `mask_bt` (the R1-distill recipe).
-
-    logits_btv: [B, T, V] (cast to float32); targets_bt: int [B, T]; mask_bt: [B, T] (1 = train).
-    Metrics: loss, ce (the same), tokens (masked positions), accuracy (argmax hits the target).
-    """
-    return _finish(_sums(logits_btv, targets_bt, mask_bt, None, "sft", 0.0, 0.0, 1.0), 0.0)
-
-
-def kd_loss(student_logits_btv: jax.Array, top_ids_btk: jax.Array, top_logprobs_btk: jax.Array,
-            mask_bt: jax.Array, kind: str = "forward_kl", beta: float = 0.5,
-            temperature: float = 1.0):
-    """Distillation from stored teacher top-k: the token-level mean of the chosen divergence over
-    the masked positions that carry a teacher entry. kind: forward_kl | reverse_kl | jsd (see the
-    module docstring). Metrics: loss, kd_tokens."""
-    if kind not in KD_KINDS:
-        raise DistillError(f"unknown distillation divergence {kind!r}; choose one of "
-                           f"{', '.join(KD_KINDS)}")
-    teacher = TeacherTopK(top_ids_btk, top_logprobs_btk)
-    _check(kind, 1.0, beta, temperature, teacher)
-    div, has_teacher = _token_kd(student_logits_btv.astype(jnp.float32), teacher, kind, beta,
-                                 temperature)
-    kd_mask = mask_bt.astype(jnp.float32) * has_teacher
-    kd_tokens = jnp.sum(kd_mask)
-    loss = jnp.sum(div * kd_mask) / jnp.maximum(kd_tokens, 1.0)
-    return loss, {"loss": loss, "kd_tokens": kd_tokens}
-
-
-def distill_loss(logits_btv: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array,
-                 teacher: TeacherTopK | None = None, *, kind: str = "sft", alpha: float = 0.0,
-                 beta: float = 0.5, temperature: float = 1.0):
-    """(1 - alpha) * cross_entropy + alpha * divergence `kind` to the teacher's top-k.
-
-    kind "sft" (or alpha 0) is exactly `cross_entropy`: the teacher is not read. alpha, beta and
-    temperature are Python floats (static under jit). Metrics: loss, ce, tokens, accuracy, and with
-    a teacher term kd and kd_tokens.
-    """
-    _check(kind, alpha, beta, temperature, teacher)
-    return _finish(_sums(logits_btv, targets_bt, mask_bt, teacher, kind, alpha, beta,
-                         temperature), alpha)
-
-
-def chunked_loss(hidden_btd: jax.Array, head_fn: Callable[[jax.Array], jax.Array],
-                 targets_bt: jax.Array, mask_bt: jax.Array, teacher: TeacherTopK | None = None, *,
-                 kind: str = "sft", alpha: float = 0.0, beta: float = 0.5,
-                 temperature: float = 1.0, chunk: int = 512):
-    """`distill_loss(head_fn(hidden_btd), ...)` computed over sequence chunks of `chunk` positions.
-
-    head_fn maps hidden [B, c, D] to logits [B, c, V] (e.g. `model.logits`). The chunks run under
-    `lax.scan` and each is rematerialised (`jax.checkpoint`), so at most [B, chunk, V] float32
-    logits exist at once, in the forward and the backward pass. T need not divide by `chunk`:
-    the tail is padded with masked positions.
-    """
-    _check(kind, alpha, beta, temperature, teacher)
-    t = hidden_btd.shape[1]
-    chunk = max(1, min(int(chunk), t))
-    n = -(-t // chunk)
-    teacher = teacher if _uses_teacher(kind, alpha) else None
-    xs = (_chunks(hidden_btd, n, chunk, 0.0), _chunks(targets_bt, n, chunk, 0),
-          _chunks(mask_bt, n, chunk, 0),
-          None if teacher is None else TeacherTopK(
-              _chunks(teacher.top_ids_btk, n, chunk, 0),
-              _chunks(teacher.top_logprobs_btk, n, chunk, -jnp.inf)))
-
-    @functools.partial(jax.checkpoint, prevent_cse=False)
-    def chunk_sums(h_bcd, tgt_bc, m_bc, teach):
-        return _sums(head_fn(h_bcd), tgt_bc, m_bc, teach, kind, alpha, beta, temperature)
-
-    def body(acc, x):
-        return jax.tree.map(jnp.add, acc, chunk_sums(*x)), None
-
-    keys = ("ce_sum", "correct", "tokens") + (() if teacher is None else ("kd_sum", "kd_tokens"))
-    sums, _ = jax.lax.scan(body, {k: jnp.zeros((), jnp.float32) for k in keys}, xs)
-    return _finish(sums, alpha)
-
-
-def _chunks(x_bt: jax.Array, n: int, chunk: int, fill) -> jax.Array:
-    """[B, T, ...] -> [n, B, chunk, ...], padding T up to n * chunk with `fill`."""
-    pad = n * chunk - x_bt.shape[1]
-    if pad:
-        widths = [(0, 0), (0, pad)] + [(0, 0)] * (x_bt.ndim - 2)
-        x_bt = jnp.pad(x_bt, widths, constant_values=fill)
-    x = x_bt.reshape(x_bt.shape[0], n, chunk, *x_bt.shape[2:])
-    return jnp.moveaxis(x, 1, 0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Registry
-
-
-LOSSES: dict[str, Callable] = {
-    "sft": functools.partial(distill_loss, kind="sft"),
-    **{k: functools.partial(distill_loss, kind=k) for k in KD_KINDS},
-}
-"""The `loss` names a training config accepts -> `fn(logits_btv, targets_bt, mask_bt,
-teacher=None, *, alpha, beta, temperature) -> (loss, metrics)`."""
-
-
-def get_loss(name: str) -> Callable:
-    """The loss function registered as `name`; a DistillError naming the choices otherwise."""
-    if name not in LOSSES:
-        raise DistillError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
-    return LOSSES[name]
+    return loss_fn

@@ -28,9 +28,9 @@ import httpx
 from pydantic import Field
 
 from distill.config import Frozen, read_api_key
+from distill.data.records import PromptRecord, Sample
 from distill.errors import DistillError
 from distill.sampling import SamplingParams
-from distill.traces.records import PromptRecord, Sample
 
 log = logging.getLogger(__name__)
 

@@ -160,7 +160,7 @@ def _distill_steps(cfg: DenseConfig, tokens, targets, remats: Sequence[str], tot
     from distill.parallel import make_mesh
     from distill.pretrained import init_model
     from distill.train.config import LossConfig
-    from distill.train.loop import make_loss_fn
+    from distill.train.losses import make_loss_fn
     from distill.train.optim import make_optimizer, schedule
     from distill.train.step import (
         TrainState,

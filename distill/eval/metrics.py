@@ -13,19 +13,20 @@ Shapes: P prompts, k samples per prompt; `correct_pk` is a bool (or 0/1) array [
   inside [0, 1] and non-empty when every sample is right or wrong. With k = 1 it is (nearly) the
   plain Wilson interval over prompts. A simulation test checks ~95% coverage.
 - cons@k: per prompt, the answer most samples gave (answers compared after
-  `distill.traces.verify.normalize_answer`, whitespace ignored; samples without an answer do not
+  `distill.verify.normalize_answer`, whitespace ignored; samples without an answer do not
   vote; a tie goes to the answer seen first) is checked; the fraction of prompts where it is right.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from statistics import NormalDist
 
 import numpy as np
 
-from distill.traces.verify import normalize_answer, split_think
+from distill.verify import normalize_answer, split_think
 
 
 def z_value(level: float = 0.95) -> float:
@@ -156,3 +157,15 @@ def _sort_key(value) -> tuple:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return (0, float(value), "")
     return (1, 0.0, str(value))
+
+
+def paired_difference(a: dict[str, float], b: dict[str, float], level: float = 0.95
+                      ) -> tuple[float, float]:
+    """Mean of per-prompt accuracy differences a - b over the prompts both have, and the
+    half-width of its `level` interval (normal approximation; the pairing removes prompt difficulty
+    from the noise)."""
+    keys = sorted(set(a) & set(b))
+    d = np.array([a[k] - b[k] for k in keys])
+    if len(d) < 2:
+        return float(d.mean()) if len(d) else 0.0, math.inf
+    return float(d.mean()), float(z_value(level) * d.std(ddof=1) / math.sqrt(len(d)))

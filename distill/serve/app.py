@@ -249,7 +249,7 @@ class BatchEngine:
     """
 
     def __init__(self, model, tokenizer, max_batch: int = 16, batch_wait_ms: float = 10.0):
-        from distill.textgen import stop_ids
+        from distill.sampling import stop_ids
 
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_ms / 1000

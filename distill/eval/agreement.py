@@ -27,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from distill import runs
 from distill.errors import DistillError
-from distill.evaluation.config import KLConfig
+from distill.eval.config import KLConfig
 
 _BUCKET = 64  # sequences are right-padded to a multiple of this (fewer recompiles)
 
@@ -48,8 +49,8 @@ def load_tokenizer(path: str | Path):
     p = Path(path)
     if not p.exists():
         raise DistillError(f"{p}: no such file or directory (the teacher's tokenizer)")
-    if p.is_dir() and (p / "model.json").is_file() and (p / "tokenizer").is_dir():
-        return Tokenizer.from_pretrained(p / "tokenizer")
+    if runs.is_run(p):
+        return runs.read_tokenizer(p)
     if p.suffix in (".yaml", ".yml"):
         return None
     return Tokenizer.from_pretrained(p)
@@ -58,7 +59,7 @@ def load_tokenizer(path: str | Path):
 def teacher_tokenizer(cfg: KLConfig, teacher_entry):
     """(tokenizer, None) or (None, why not): kl.tokenizer, else the jax teacher entry's
     tokenizer or model, else the model named by the traces' manifest (a jax teacher)."""
-    from distill.traces.store import read_manifest
+    from distill.data.store import read_manifest
 
     if cfg.tokenizer:
         return load_tokenizer(cfg.tokenizer), None
@@ -73,7 +74,7 @@ def teacher_tokenizer(cfg: KLConfig, teacher_entry):
 def load_kl_traces(cfg: KLConfig, prompt_ids: set[str]) -> list:
     """The first `max_samples` traces (run order) that carry teacher top-k log-probabilities,
     of the evaluated prompts only when `only_eval_prompts`."""
-    from distill.train.data import read_traces
+    from distill.data.traces import read_traces
 
     path = Path(cfg.traces)
     [traces] = read_traces([path], keep="all", with_teacher=True).datasets
@@ -88,7 +89,7 @@ def load_kl_traces(cfg: KLConfig, prompt_ids: set[str]) -> list:
 
 def _prepare(trace, tokenizer) -> dict | None:
     """Padded [1, T] arrays for one trace, or None when its top-k rows do not line up."""
-    from distill.train.data import render_example
+    from distill.data.render import render_example
 
     try:
         ids, mask = render_example(tokenizer, trace.prompt, trace.reasoning, trace.answer)
@@ -120,7 +121,7 @@ def _score_fn():
     import jax
     from flax import nnx
 
-    from distill.train.losses import TeacherTopK, chunked_loss
+    from distill.losses import TeacherTopK, chunked_loss
 
     @partial(jax.jit, static_argnums=0)
     def score(graphdef, state, tokens, targets, mask, top_ids, top_lps):

@@ -1,6 +1,6 @@
 """Routed-expert cost against the number of experts, at fixed top-k and expert width.
 
-    python -m distill.bench_moe [--tokens 512] [--experts 8,64] [--top-k 2] [--dim 512] [--ffn 256]
+    python -m distill.bench.moe [--tokens 512] [--experts 8,64] [--top-k 2] [--dim 512] [--ffn 256]
 
 For each dispatch path and token count, one MoE layer's routing + routed experts is compiled and
 timed for every expert count in one interleaved run (this machine is shared and noisy, so only the

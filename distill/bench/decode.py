@@ -63,8 +63,8 @@ def bench_decode(gguf: Path, batch_sizes=(1, 16), new_tokens: int = 64, repeats:
     from transformers import AutoModelForCausalLM
 
     import distill
+    from distill.chat import prompt_ids
     from distill.sampling import SamplingParams, generate
-    from distill.textgen import prompt_ids
 
     model, tok = distill.load_pretrained(gguf)
     ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
@@ -103,7 +103,7 @@ def bench_decode(gguf: Path, batch_sizes=(1, 16), new_tokens: int = 64, repeats:
 def bench_moe_experts(tokens=(1, 2048)) -> list[dict]:
     """MoE layer time per token with 8 vs 64 routed experts (same top-k and expert width), on the
     dispatch path this backend picks; targets: growth <= 1.3x decoding, <= 1.5x for a prefill."""
-    from distill.bench_moe import run
+    from distill.bench.moe import run
     from distill.models.experts import resolve_dispatch
 
     rows = run(tokens=tokens, num_experts=(8, 64), paths=(resolve_dispatch("auto"),))
@@ -118,10 +118,10 @@ def bench_generate(gguf: Path, prompts: int = 16, n: int = 4, new_tokens: int = 
     import numpy as np
 
     import distill
+    from distill.backends.http import bench_http
+    from distill.chat import prompt_ids
     from distill.sampling import SamplingParams, generate
-    from distill.serve import ServerThread, build_app
-    from distill.textgen import prompt_ids
-    from distill.traces.http_teacher import bench_http
+    from distill.serve.app import ServerThread, build_app
 
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.6, top_p=0.95, n=n,
                             logprobs=5)
@@ -180,7 +180,7 @@ def report(decode: list[dict], moe: list[dict], out: Path | None, generate: list
                      f"tok/s (concurrency {r['concurrency']})")
             lines.append(f"| {r['benchmark']} | {r['model']} | {value} |")
     if train:
-        from distill.bench_train import train_table
+        from distill.bench.train import train_table
 
         lines += ["", *train_table(train)]
     if out is not None:
@@ -191,7 +191,7 @@ def report(decode: list[dict], moe: list[dict], out: Path | None, generate: list
 
 def main(gguf: Path, out: Path | None) -> str:
     """Run every benchmark that exists and return the tables."""
-    from distill.bench_train import bench_train, bench_train_gpu_preset
+    from distill.bench.train import bench_train, bench_train_gpu_preset
 
     return report(bench_decode(gguf), bench_moe_experts(), out, bench_generate(gguf),
                   bench_train(batch=4) + bench_train_gpu_preset())

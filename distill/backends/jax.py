@@ -9,9 +9,9 @@ from collections.abc import Callable
 from typing import Literal
 
 from distill.config import Frozen, InputPath
+from distill.data.records import PromptRecord, Sample
 from distill.errors import DistillError
-from distill.sampling import SamplingParams, generate
-from distill.traces.records import PromptRecord, Sample
+from distill.sampling import SamplingParams, generate, stop_ids
 
 
 class JaxTeacherConfig(Frozen):
@@ -51,8 +51,6 @@ class JaxTeacher:
         if not tokenizer.chat_template:
             raise DistillError(f"{cfg.model}: the tokenizer has no chat template")
         self.tokenizer = tokenizer
-        from distill.textgen import stop_ids
-
         self.eos_ids = stop_ids(self.model, tokenizer)
         self.identity = {"kind": "jax", "model": cfg.model, "dtype": cfg.dtype,
                          "architecture": type(self.model.config).__name__,
@@ -86,3 +84,18 @@ class JaxTeacher:
             out += rows
         return out
 
+
+
+def sample_text(model_path, prompt: str, params: SamplingParams, *, system=None, raw=False,
+                dtype="float32", overrides=()) -> str:
+    """Load MODEL, generate one completion for `prompt`, return its text (`distill sample`)."""
+    from distill.chat import prompt_ids
+    from distill.pretrained import load_pretrained
+
+    model, tokenizer = load_pretrained(model_path, param_dtype=dtype, overrides=overrides)
+    if tokenizer is None:
+        raise DistillError(f"{model_path}: no tokenizer found next to the model")
+    ids = prompt_ids(tokenizer, prompt, system, raw)
+    [completion] = generate(model, [ids], params, stop_ids(model, tokenizer), tokenizer,
+                            pad_id=tokenizer.pad_token_id or 0)
+    return completion.text

@@ -26,10 +26,10 @@ from typing import Annotated, Literal
 
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
+from distill.backends import OpenAITeacherConfig
+from distill.backends.jax import JaxTeacherConfig
 from distill.config import Frozen, InputPath, OutputPath
-from distill.traces.generate import OpenAITeacherConfig
-from distill.traces.jax_teacher import JaxTeacherConfig
-from distill.traces.prompts import PromptsConfig
+from distill.data.prompts import PromptsConfig
 
 
 class EntryFields(Frozen):
@@ -78,7 +78,7 @@ class ProtocolConfig(Frozen):
 
 
 class KLConfig(Frozen):
-    """Per-token agreement with the teacher on its stored traces (see `distill.evaluation.agreement`).
+    """Per-token agreement with the teacher on its stored traces (see `distill.eval.agreement`).
 
     traces: a teacher_traces/<run> directory whose rows carry top-k log-probabilities.
     tokenizer: where the teacher's tokenizer is (default: the teacher entry's model, else the

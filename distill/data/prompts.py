@@ -6,7 +6,7 @@ Sources (`PromptsConfig.format`, or "auto" to tell from `source`):
 - "parquet", "csv" (UTF-8, header row; text cells only), "hf_disk" (a folder
   written by `datasets.Dataset.save_to_disk`, or a DatasetDict's, read at `hub_split`), "hub" (a
   Hugging Face hub dataset name, loaded with `datasets.load_dataset(name, split=hub_split)`), and
-  "synthetic" (the arithmetic chain family of `distill.traces.synthetic`).
+  "synthetic" (the arithmetic chain family of `distill.data.synthetic`).
 
 "auto" picks "synthetic" for the source "synthetic", a format from the suffix (.jsonl, .parquet,
 .csv), "hf_disk" for a folder holding dataset_info.json or state.json, and "hub" for a name that is
@@ -33,9 +33,9 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from distill.config import Frozen, check_input, resolve_path
+from distill.data.records import PromptRecord
+from distill.data.synthetic import arithmetic_problems
 from distill.errors import DistillError
-from distill.traces.records import PromptRecord
-from distill.traces.synthetic import arithmetic_problems
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class ColumnMap(Frozen):
 
 
 class SyntheticConfig(Frozen):
-    """The built-in arithmetic chain problems (see `distill.traces.synthetic`)."""
+    """The built-in arithmetic chain problems (see `distill.data.synthetic`)."""
 
     n: int = Field(100, ge=1)
     seed: int = 0

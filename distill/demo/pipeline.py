@@ -2,10 +2,10 @@
 
 Stages (each through the same library call the matching `distill` command makes):
 
-1. tokenizer  a SentencePiece BPE trained on the task's corpus (`distill.demo_tokenizer`), shared
+1. tokenizer  a SentencePiece BPE trained on the task's corpus (`distill.demo.tokenizer`), shared
               by the teacher and the students, so logit distillation is possible
 2. teacher    a tiny DeepSeek-V3-shaped MoE trained with distill's trainer on the worked solutions
-              of 3-step arithmetic chains (`distill.traces.synthetic`, compact style); cached: a
+              of 3-step arithmetic chains (`distill.data.synthetic`, compact style); cached: a
               later run reuses it when its tokenizer, shape and training config are unchanged
 3. traces     `run_generate` with the teacher on training prompts: sampled completions, answers
               checked, the correct ones kept with the teacher's top-k log-probabilities
@@ -19,14 +19,13 @@ Stages (each through the same library call the matching `distill` command makes)
 6. export     the best distilled student to a Hugging Face directory, read back by distill and,
               where transformers is installed, reloaded with transformers (AutoModelForCausalLM +
               AutoTokenizer): logits, the rendered chat template, its token ids and 32 greedy
-              tokens are compared with distill's (`distill.demo_export`)
+              tokens are compared with distill's (`distill.demo.export_check`)
 
 Everything lives under the work directory (default students/demo, relative to the working
 directory): the stage configs are written to configs/ there, every path in them absolute, so each
 stage can be rerun by hand with the matching `distill` command from any directory.
 
-`smollm2_path` and `DEFAULT_GGUF` (the real-weights SmolLM2 GGUF that `make models` fetches) are
-kept here for `distill bench` and the tests; the demo itself needs no download.
+The demo needs no download.
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -45,17 +43,10 @@ import yaml
 
 from distill.config import resolve_path, save_config, validate
 from distill.errors import DistillError
+from distill.eval import metrics
+from distill.models import hf
 
-DEFAULT_GGUF = Path(".cache/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 TARGET_RATIO = 0.8  # the student's held-out pass@1 over the teacher's, at least
-
-
-def smollm2_path(gguf_path: str | None) -> Path:
-    """The SmolLM2 GGUF to use: the given path, else the one `make models` fetched."""
-    gguf = Path(gguf_path) if gguf_path else DEFAULT_GGUF
-    if not gguf.is_file():
-        raise DistillError(f"{gguf}: SmolLM2 GGUF not found; run `make models` first")
-    return gguf
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +162,7 @@ def run_demo(work_dir: str | Path = "students/demo", budget: str | Budget = "ful
     `fresh` deletes `work_dir` first (the cached teacher included)."""
     from rich.console import Console
 
-    from distill.demo_export import export_stage, stage_result
+    from distill.demo.export_check import export_stage, stage_result
 
     if isinstance(budget, Budget):
         b, budget = budget, "custom"
@@ -242,8 +233,8 @@ def _chains(b: Budget, seed: int = TRAIN_SEED) -> dict:
 
 def _tokenizer(work: Path, b: Budget):
     """Train the tokenizer on the training problems with their solutions."""
-    from distill.demo_tokenizer import train_tokenizer
-    from distill.traces.synthetic import arithmetic_problems, final_answer, solution_reasoning
+    from distill.data.synthetic import arithmetic_problems, final_answer, solution_reasoning
+    from distill.demo.tokenizer import train_tokenizer
 
     problems = arithmetic_problems(min(b.train_problems, 2000), **_chains(b))
     corpus = [f"{p.question}\n{solution_reasoning(p)}\n</think>\n\n{final_answer(p)}"
@@ -306,7 +297,7 @@ def _train(config: Path, progress: bool) -> float:
 
 def _teacher(work: Path, b: Budget, preset: Path, progress: bool) -> tuple[Path, bool]:
     """The trained teacher run dir, and whether it was reused from an earlier run."""
-    from distill.traces.prompts import PromptsConfig
+    from distill.data.prompts import PromptsConfig
     from distill.traces.reference import write_reference_traces
 
     run_dir = work / "teacher"
@@ -353,7 +344,7 @@ def _traces(work: Path, b: Budget, teacher: Path, progress: bool) -> dict:
 def _answers_only(work: Path, b: Budget) -> Path:
     """The baseline's data: the same prompts as the traces, with the reference answer and no
     reasoning."""
-    from distill.traces.prompts import PromptsConfig
+    from distill.data.prompts import PromptsConfig
     from distill.traces.reference import write_reference_traces
 
     prompts = PromptsConfig.model_validate(_prompts(b, limit=b.trace_prompts))
@@ -370,7 +361,7 @@ def _student(work: Path, b: Budget, name: str, traces: Path, loss: dict, preset:
 def _eval_prompts(work: Path, b: Budget) -> Path:
     """Held-out problems as a JSONL file: seed EVAL_SEED, minus any question the training set
     has (a chain drawn twice would otherwise test memory, not reasoning), each question once."""
-    from distill.traces.synthetic import arithmetic_problems
+    from distill.data.synthetic import arithmetic_problems
 
     seen = {p.question for p in arithmetic_problems(b.train_problems, **_chains(b))}
     fresh = []
@@ -389,7 +380,7 @@ def _eval_prompts(work: Path, b: Budget) -> Path:
 
 
 def _evaluate(work: Path, b: Budget, teacher: Path, student_preset: Path, progress: bool) -> dict:
-    from distill.evaluate import EvalConfig, run_eval
+    from distill.eval.evaluate import EvalConfig, run_eval
 
     models = [{"name": "teacher", "model": str(teacher), "role": "teacher", "batch_size": 256}]
     models += [{"name": n, "model": str(work / n), "batch_size": 256} for n in STUDENTS]
@@ -423,40 +414,14 @@ def _scores(report: dict, samples: Path) -> dict:
     return out
 
 
-def paired_difference(a: dict[str, float], b: dict[str, float]) -> tuple[float, float]:
-    """Mean of per-prompt accuracy differences a - b over the prompts both have, and the
-    half-width of its 95% interval (normal approximation; the pairing removes prompt difficulty
-    from the noise)."""
-    keys = sorted(set(a) & set(b))
-    d = np.array([a[k] - b[k] for k in keys])
-    if len(d) < 2:
-        return float(d.mean()) if len(d) else 0.0, math.inf
-    return float(d.mean()), float(1.96 * d.std(ddof=1) / math.sqrt(len(d)))
-
-
 # ---------------------------------------------------------------------------------------------
 # Summary
-
-
-def active_params(cfg) -> tuple[int, int]:
-    """(total, active per token) parameters of a model config: a MoE layer uses its shared
-    experts and `num_experts_per_tok` of its routed experts per token."""
-    from distill.config import MoEConfig
-    from distill.models.hf import param_count
-
-    total = param_count(cfg)
-    if not isinstance(cfg, MoEConfig):
-        return total, total
-    moe_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace
-    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size  # gate, up, down
-    idle = moe_layers * (cfg.n_routed_experts - cfg.num_experts_per_tok) * per_expert
-    return total, total - idle
 
 
 def _model_params(work: Path) -> dict[str, tuple[int, int]]:
     from distill.config import load_model_config
 
-    return {name: active_params(load_model_config(work / "presets" / f"{name}.yaml"))
+    return {name: hf.active_params(load_model_config(work / "presets" / f"{name}.yaml"))
             for name in ("teacher", "student")}
 
 
@@ -472,7 +437,7 @@ def _summary(b: Budget, budget: str, stages: list[Stage], scores: dict, best: st
                        ("logit_loss", "student-kd", "student-sft"),
                        ("sft_vs_untrained", "student-sft", "student-untrained")):
         if b_ in pp:  # a list, as JSON reads it back
-            verdicts[key] = list(paired_difference(pp[a], pp[b_]))
+            verdicts[key] = list(metrics.paired_difference(pp[a], pp[b_]))
     models = {}
     for name, s in scores.items():
         total_p, active_p = params["teacher" if name == "teacher" else "student"]
@@ -530,7 +495,7 @@ def verdict_lines(s: dict) -> list[str]:
                  f"(95% CI +/- {100 * h:.1f})")
     from rich.markup import escape
 
-    from distill.demo_export import summary_line
+    from distill.demo.export_check import summary_line
 
     lines.append(escape(summary_line(s["export"])))  # plain text: "[hf]" is not a style
     return lines

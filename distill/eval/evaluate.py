@@ -5,7 +5,7 @@ completion), each is checked against the reference answer, and the report gives 
 with a 95% interval, cons@k, greedy accuracy, format compliance (a closed think block), response
 lengths, generated tokens/s, accuracy by difficulty, and, for students sharing the teacher's
 tokenizer, per-token KL and top-1 agreement on the teacher's traces (see
-`distill.evaluation.metrics` and `distill.evaluation.agreement` for the definitions).
+`distill.eval.metrics` and `distill.eval.agreement` for the definitions).
 
 Generated tokens/s is over a model's whole sampling time (greedy pass included; for a model in
 process, JIT compilation too).
@@ -26,12 +26,13 @@ import logging
 import time
 from pathlib import Path
 
+from distill import runs
 from distill.config import load_config, resolve_path
+from distill.data.records import PromptRecord, Sample
 from distill.errors import DistillError
-from distill.evaluation.config import EvalConfig, model_name
+from distill.eval.config import EvalConfig, model_name
 from distill.sampling import SamplingParams
-from distill.traces.records import PromptRecord, Sample
-from distill.traces.verify import answers_match, extract_answer, split_think
+from distill.verify import answers_match, extract_answer, split_think
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,8 @@ def load_eval_config(path: str | Path, overrides=(), *, check_paths: bool = Fals
 
 def run_eval(config_path: str | Path, overrides=(), *, progress: bool = True) -> dict:
     """Evaluate the models a config lists and write the report; returns the eval.json content."""
-    from distill.evaluation.report import build_report, write_outputs
-    from distill.traces.prompts import load_prompts
+    from distill.data.prompts import load_prompts
+    from distill.eval.report import build_report, write_outputs
 
     config_path = Path(config_path)
     cfg = load_eval_config(config_path, overrides, check_paths=True)
@@ -125,7 +126,7 @@ class _KL:
 def _prepare_kl(cfg: EvalConfig, prompts: list[PromptRecord]) -> _KL | None:
     if cfg.kl is None:
         return None
-    from distill.evaluation.agreement import (
+    from distill.eval.agreement import (
         load_kl_traces,
         teacher_tokenizer,
         tokenizer_fingerprint,
@@ -146,7 +147,7 @@ def _prepare_kl(cfg: EvalConfig, prompts: list[PromptRecord]) -> _KL | None:
 def evaluate_model(entry, prompts: list[PromptRecord], cfg: EvalConfig, kl: _KL | None,
                    bar=None) -> ModelRun:
     """Sample, check and (when it applies) score one model."""
-    from distill.traces.generate import make_teacher
+    from distill.backends import make_teacher
 
     name = model_name(entry)
     p = cfg.protocol
@@ -202,7 +203,7 @@ def _agreement(entry, backend, kl: _KL | None) -> tuple[dict | None, list[str]]:
         return None, ["KL: needs the model in process (an HTTP model gives no logits)"]
     if kl.fingerprint is None:
         return None, [f"KL: {kl.note}"]
-    from distill.evaluation.agreement import agreement, tokenizer_fingerprint
+    from distill.eval.agreement import agreement, tokenizer_fingerprint
 
     if tokenizer_fingerprint(backend.tokenizer) != kl.fingerprint:
         return None, ["KL: the tokenizer differs from the teacher's, so the stored teacher "
@@ -224,7 +225,7 @@ def _loss_curves(cfg: EvalConfig) -> dict[str, Path]:
         path = Path(entry.metrics) if entry.metrics else None
         if path is None and entry.kind == "jax":
             run = Path(entry.model)
-            path = run / "metrics.jsonl" if (run / "model.json").is_file() else None
+            path = run / runs.METRICS if runs.is_run(run) else None
         if path is not None and entry.metrics and not path.is_file():
             raise DistillError(f"{path}: metrics file not found (models: {model_name(entry)})")
         if path is not None and path.is_file():
