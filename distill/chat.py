@@ -1,9 +1,101 @@
 """Chat formatting in one place: rendering a prompt with a tokenizer's chat template, the think
-tags, and how an R1-style completion splits into reasoning and answer."""
+tags, how an R1-style completion is written (`completion_text`) and how it splits into reasoning and
+answer (`split_think` for traces and eval, `split_reasoning` for the server's `reasoning_content`).
+
+R1-style chat templates end the generation prompt with `<think>\\n` (`REASONING_START`), so a
+completion usually closes a think block it never opened.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from distill.errors import DistillError
+
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+REASONING_START = THINK_OPEN + "\n"  # what an R1 generation prompt ends with
+
+
+def completion_text(reasoning: str, answer: str) -> str:
+    """An R1 completion after the generation prompt: the reasoning, `</think>`, the answer."""
+    return f"{reasoning}\n{THINK_CLOSE}\n\n{answer}"
+
+
+@dataclass(frozen=True)
+class ThinkSplit:
+    """A completion split at its think block.
+
+    `reasoning`: the text inside the think block, stripped (None when there is no tag at all);
+    `answer`: the text after `</think>`, stripped ("" when the block never closes; the whole text
+    when there are no tags); `opened` / `closed`: whether a think block was begun / ended.
+    """
+
+    reasoning: str | None
+    answer: str
+    opened: bool
+    closed: bool
+
+
+def _parts(text: str, opened: bool | None) -> tuple[str | None, str | None]:
+    """(reasoning, answer), unstripped: reasoning None without a think block, answer None while
+    the block is unclosed. `opened`: True, the prompt opened the block; False, only a text that
+    starts with `<think>` opens one; None (not known), a `</think>` ends a block whether or not a
+    `<think>` began it, and a `<think>` anywhere begins one."""
+    if opened is False:
+        stripped = text.lstrip()
+        if not stripped.startswith(THINK_OPEN):
+            return None, text
+        text, opened = stripped[len(THINK_OPEN):], True
+    head, sep, tail = text.partition(THINK_CLOSE)
+    if opened:
+        return head, tail if sep else None
+    if sep:
+        start = head.find(THINK_OPEN)
+        return (head[start + len(THINK_OPEN):] if start >= 0 else head), tail
+    start = text.find(THINK_OPEN)
+    return (text[start + len(THINK_OPEN):], None) if start >= 0 else (None, text)
+
+
+def split_think(completion: str) -> ThinkSplit:
+    """Split a stored completion into reasoning and answer at the first `</think>` (whether the
+    prompt opened the block is not known: a `</think>` alone closes one)."""
+    reasoning, answer = _parts(completion, None)
+    return ThinkSplit(None if reasoning is None else reasoning.strip(), (answer or "").strip(),
+                      opened=reasoning is not None,
+                      closed=reasoning is not None and answer is not None)
+
+
+def hold_back(text: str, tags) -> str:
+    """`text` without its longest suffix that is a proper prefix of one of `tags` (what a growing
+    text may still turn into a tag)."""
+    longest = max((len(t) for t in tags), default=1) - 1
+    for k in range(min(len(text), longest), 0, -1):
+        if any(t.startswith(text[-k:]) for t in tags):
+            return text[:-k]
+    return text
+
+
+def split_reasoning(text: str, opened: bool, final: bool = True) -> tuple[str | None, str | None]:
+    """Split a completion into (reasoning, content), as OpenAI-style reasoning parsers do: None for
+    a part that is not there (no think block: (None, text); unclosed: (reasoning, None)), the
+    reasoning stripped and the content without the whitespace after `</think>`.
+
+    `opened`: the prompt ended inside a think block; else a completion that starts with `<think>`
+    opens one itself. `final=False` reads `text` as the start of a longer completion (streaming):
+    whatever may still become a tag, or whitespace before one, is held back, so later results only
+    extend earlier ones.
+    """
+    if not final and not opened:
+        stripped = text.lstrip()
+        if not stripped.startswith(THINK_OPEN) and THINK_OPEN.startswith(stripped):
+            return None, None  # may still become "<think>"
+    reasoning, content = _parts(text, opened)
+    if reasoning is None:
+        return None, content
+    if content is None:
+        return (reasoning if final else hold_back(reasoning, [THINK_CLOSE])).strip(), None
+    return reasoning.strip(), content.lstrip()
 
 
 def prompt_ids(tokenizer, prompt: str, system: str | None = None, raw: bool = False) -> list[int]:

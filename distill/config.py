@@ -32,6 +32,12 @@ from pydantic_core import PydanticCustomError
 from distill.errors import DistillError
 
 DTypeName = Literal["float32", "bfloat16", "float16"]
+# remat policies (`distill.models.layers.REMAT_POLICIES` implements exactly these)
+RematName = Literal["none", "full", "dots", "dots_no_batch"]
+# full-sequence attention: "dense" builds the [B, T, S] mask and float32 scores, "blockwise" attends
+# block by block in O(T) memory (online softmax), "auto" = blockwise from 2048 tokens on. Decoding
+# with the KV cache is always dense. distill-only: never written to config.json.
+AttentionName = Literal["auto", "dense", "blockwise"]
 
 
 class Frozen(BaseModel):
@@ -115,11 +121,8 @@ class DenseConfig(Frozen):
     # Runtime choices (not architecture).
     param_dtype: DTypeName = "float32"
     dtype: DTypeName = "float32"  # compute dtype
-    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
-    # Full-sequence attention: "dense" builds the [B, T, S] mask and float32 scores, "blockwise"
-    # attends block by block in O(T) memory (online softmax), "auto" = blockwise from 2048 tokens
-    # on. Decoding with the KV cache is always dense. distill-only: never written to config.json.
-    attention: Literal["auto", "dense", "blockwise"] = "auto"
+    remat: RematName = "none"
+    attention: AttentionName = "auto"  # see AttentionName
 
     @field_validator("num_key_value_heads")
     @classmethod
@@ -187,11 +190,8 @@ class MoEConfig(Frozen):
     # Runtime choices (not architecture).
     param_dtype: DTypeName = "float32"
     dtype: DTypeName = "float32"  # compute dtype
-    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
-    # Full-sequence attention: "dense" builds the [B, T, S] mask and float32 scores, "blockwise"
-    # attends block by block in O(T) memory (online softmax), "auto" = blockwise from 2048 tokens
-    # on. Decoding with the KV cache is always dense. distill-only: never written to config.json.
-    attention: Literal["auto", "dense", "blockwise"] = "auto"
+    remat: RematName = "none"
+    attention: AttentionName = "auto"  # see AttentionName
     # Routed-expert dispatch: "capacity" (sorted [E, C, D] buffer, exact overflow rounds; the
     # gradient replays the rounds), "ragged" (jax.lax.ragged_dot grouped matmuls), "auto" = ragged
     # on GPU/TPU, capacity on CPU (where ragged_dot is several times slower).

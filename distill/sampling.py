@@ -17,36 +17,40 @@ import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from pydantic import Field
 
+from distill.config import Frozen
 from distill.errors import DistillError
 from distill.models import layers
 
+# The bounds of every sampling setting, declared once: the engine's SamplingParams, `distill
+# generate`'s sampling table, `distill eval`'s protocol and the server's requests all use them.
+Temperature = Annotated[float, Field(ge=0)]  # 0 is greedy
+TopP = Annotated[float, Field(gt=0, le=1)]  # 1 keeps every token
+TopK = Annotated[int, Field(ge=0)]  # 0 keeps every token
+NewTokens = Annotated[int, Field(ge=1)]
+Samples = Annotated[int, Field(ge=1)]  # completions per prompt
+TopLogprobs = Annotated[int, Field(ge=0, le=20)]  # stored top-k log-probabilities (OpenAI's cap)
 
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """How to sample. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters."""
 
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    n: int = 1  # samples per prompt
+class SamplingParams(Frozen):
+    """How to sample. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters.
+    Invalid values raise pydantic's ValidationError (a ValueError)."""
+
+    max_new_tokens: NewTokens = 256
+    temperature: Temperature = 0.0
+    top_p: TopP = 1.0
+    top_k: TopK = 0
+    n: Samples = 1
     seed: int = 0
     stop: tuple[str, ...] = ()  # stop strings, applied to the decoded text
-    logprobs: int = 0  # also return the top-k log-probabilities of every generated token
-
-    def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
-        if (self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.n < 1
-                or self.logprobs < 0):
-            raise ValueError(f"invalid sampling parameters {self}")
+    logprobs: Annotated[int, Field(ge=0)] = 0  # also return each token's top-k log-probabilities
 
 
 @dataclasses.dataclass
@@ -258,7 +262,7 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams,
     key = jax.random.PRNGKey(params.seed)
     # the compiled steps never read seed, n or stop: leave them out of the static argument so a new
     # seed (e.g. one per request in a server) does not compile the decode loop again
-    static = dataclasses.replace(params, seed=0, n=1, stop=())
+    static = params.model_copy(update={"seed": 0, "n": 1, "stop": ()})
     carry = _decode_start(static, cache, first, jnp.asarray(kv_valid), eos, key)
     check = params.stop and tokenizer is not None
     chunk = STOP_CHECK_EVERY if check or on_chunk else params.max_new_tokens

@@ -1,5 +1,5 @@
-"""Answer checking: split a completion at `</think>`, extract its final answer, compare it with the
-reference.
+"""Answer checking: extract a completion's final answer (from the part after `</think>`, split by
+`distill.chat.split_think`) and compare it with the reference.
 
 Equivalence is math-verify's (numeric within 6 decimal places, symbolic, sets, intervals, tuples,
 equations such as `x=5` vs `5`), after a normalisation of what it misses or gets wrong on bare
@@ -27,55 +27,35 @@ from __future__ import annotations
 
 import re
 import threading
-from dataclasses import dataclass
+from typing import Annotated
 
 from math_verify import LatexExtractionConfig, parse, verify
+from pydantic import AfterValidator
 
 from distill.errors import DistillError
 
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
+
+def check_answer_pattern(pattern: str | None) -> str | None:
+    """A config's `answer_pattern`: a regex with exactly one capture group (the answer)."""
+    if pattern is None:
+        return None
+    try:
+        groups = re.compile(pattern).groups
+    except re.error as e:
+        raise ValueError(f"not a valid regex: {e}") from None
+    if groups != 1:
+        raise ValueError(f"needs exactly one capture group (the answer), has {groups}")
+    return pattern
+
+
+# the `answer_pattern` of generate's filters and of eval: used when a completion has no \boxed{}
+AnswerPattern = Annotated[str | None, AfterValidator(check_answer_pattern)]
 
 # Seconds math-verify may spend parsing or comparing one answer (main thread only).
 _TIMEOUT_S = 5
 # Longer answers are compared as strings: sympy can stall on huge expressions, with no timeout
 # available off the main thread.
 _MAX_SYMBOLIC_CHARS = 400
-
-
-@dataclass(frozen=True)
-class ThinkSplit:
-    """A completion split at its think block.
-
-    `reasoning`: the text inside the think block (None when there is no tag at all);
-    `answer`: the text after `</think>` ("" when the block never closes; the whole text when there
-    are no tags); `opened` / `closed`: whether a think block was begun / ended.
-    """
-
-    reasoning: str | None
-    answer: str
-    opened: bool
-    closed: bool
-
-
-def split_think(completion: str) -> ThinkSplit:
-    """Split a completion into reasoning and answer at the first `</think>`.
-
-    R1-style chat templates end the prompt with `<think>\\n`, so a completion may close a think
-    block it never opened: the text before `</think>` is then the reasoning (and `opened` is True).
-    """
-    close = completion.find(THINK_CLOSE)
-    if close >= 0:
-        head = completion[:close]
-        open_ = head.find(THINK_OPEN)
-        reasoning = head[open_ + len(THINK_OPEN):] if open_ >= 0 else head
-        answer = completion[close + len(THINK_CLOSE):]
-        return ThinkSplit(reasoning.strip(), answer.strip(), opened=True, closed=True)
-    open_ = completion.find(THINK_OPEN)
-    if open_ >= 0:
-        rest = completion[open_ + len(THINK_OPEN):]
-        return ThinkSplit(rest.strip(), "", opened=True, closed=False)
-    return ThinkSplit(None, completion.strip(), opened=False, closed=False)
 
 
 # ------------------------------------------------------------------------------------------------

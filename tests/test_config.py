@@ -45,3 +45,12 @@ def test_configs_are_frozen_and_hashable():
     with pytest.raises(pydantic.ValidationError):
         cfg.hidden_size = 3
     assert hash(cfg) == hash(DenseConfig(**cfg.model_dump()))
+
+
+def test_remat_names_are_the_policies_the_model_implements():
+    import typing
+
+    from distill.config import RematName
+    from distill.models.layers import REMAT_POLICIES
+
+    assert set(typing.get_args(RematName)) == set(REMAT_POLICIES)

@@ -328,7 +328,7 @@ def test_bad_stream_settings(traces_dir, tok):
     mixture = read_traces([traces_dir])
     with pytest.raises(DistillError, match="batch_size 5 must be a positive multiple of the 2"):
         TrainData(mixture, tok, seq_len=64, batch_size=5, process_count=2)
-    with pytest.raises(DistillError, match="unknown over-long policy 'cut'"):
+    with pytest.raises(DistillError, match=r"^data: overlong: .*'drop' or 'truncate' \(got 'cut'\)$"):
         TrainData(mixture, tok, seq_len=64, batch_size=2, overlong="cut")
     with pytest.raises(DistillError, match="2 mixture weights for 1 trace datasets"):
         read_traces([traces_dir], weights=[1, 2])

@@ -18,14 +18,13 @@ from starlette.testclient import TestClient
 
 import distill
 from distill import sampling
-from distill.chat import prompt_ids
+from distill.chat import prompt_ids, split_reasoning
 from distill.sampling import SamplingParams, generate, stop_ids
 from distill.serve.app import (
     FaultConfig,
     ServerThread,
     StreamText,
     build_app,
-    split_reasoning,
     visible_text,
 )
 from tests import toy

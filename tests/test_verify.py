@@ -4,8 +4,9 @@ import threading
 
 import pytest
 
+from distill.chat import split_think
 from distill.errors import DistillError
-from distill.verify import answers_match, extract_answer, split_think
+from distill.verify import answers_match, extract_answer
 
 # (predicted, reference, expected)
 PAIRS = [

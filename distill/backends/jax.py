@@ -3,7 +3,6 @@ model) sampled in batches by distill's own engine, optionally with top-k log-pro
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from collections.abc import Callable
 from typing import Literal
@@ -69,7 +68,7 @@ class JaxTeacher:
         for start in range(0, len(prompts), bs):
             batch = prompts[start:start + bs]
             ids = [self.prompt_ids(p, system) for p in batch]
-            seeded = dataclasses.replace(params, seed=batch_seed(params.seed, batch[0].id))
+            seeded = params.model_copy(update={"seed": batch_seed(params.seed, batch[0].id)})
             completions = generate(self.model, ids, seeded, self.eos_ids, self.tokenizer,
                                    pad_id=self.tokenizer.pad_token_id or 0)
             rows: list[list[Sample]] = [[] for _ in batch]

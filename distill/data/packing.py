@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Sequence
+from typing import Literal, get_args
 
 import numpy as np
 
 from distill.errors import DistillError
 
-OVERLONG = ("drop", "truncate")
+Overlong = Literal["drop", "truncate"]  # what happens to a document longer than a row
+OVERLONG: tuple[str, ...] = get_args(Overlong)
 
 
 @dataclasses.dataclass

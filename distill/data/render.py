@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from distill.chat import REASONING_START, completion_text
 from distill.errors import DistillError
-
-THINK_OPEN = "<think>\n"
 
 
 def render_example(tokenizer, prompt: str | list[dict], reasoning: str, answer: str):
@@ -39,8 +38,8 @@ def _render(tokenizer, prompt, reasoning: str, answer: str) -> tuple[list[int], 
     """Prompt ids (generation prompt included) and the completion text that follows them."""
     messages = list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
     prompt_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    body = f"{reasoning}\n</think>\n\n{answer}"
-    completion = body if prompt_text.endswith(THINK_OPEN) else THINK_OPEN + body
+    body = completion_text(reasoning, answer)
+    completion = body if prompt_text.endswith(REASONING_START) else REASONING_START + body
     return tokenizer.encode(prompt_text, add_special_tokens=False), completion
 
 

@@ -8,14 +8,17 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 
 from distill.data.prompts import is_heldout
 from distill.errors import DistillError
 
-KEEP = ("correct", "complete", "all")
-_TRACE_COLUMNS = ("id", "prompt", "messages", "reasoning", "answer", "correct", "finish_reason")
+Keep = Literal["correct", "complete", "all"]  # which trace rows a reader keeps
+KEEP: tuple[str, ...] = get_args(Keep)
+_TRACE_COLUMNS = ("id", "prompt_id", "prompt", "messages", "reasoning", "answer", "correct",
+                  "finish_reason")
 _TEACHER_COLUMNS = ("top_ids", "top_logprobs")
 
 
@@ -25,6 +28,7 @@ class Trace:
     teacher's top-k, as [n, k] arrays (k padded with -inf log-probabilities), or None."""
 
     id: str
+    prompt_id: str
     prompt: str | list[dict]
     reasoning: str
     answer: str
@@ -54,10 +58,11 @@ def read_traces(paths: Sequence[str | Path], weights: Sequence[float] | None = N
         raise DistillError("no trace dataset given")
     if weights is not None:
         _check_weights(weights, len(paths))
-    def in_split(trace_id: str) -> bool:
+
+    def in_split(prompt_id: str) -> bool:
         if split == "all" or heldout_fraction == 0:
             return split != "heldout"
-        return is_heldout(trace_id.rsplit("#", 1)[0], heldout_fraction) == (split == "heldout")
+        return is_heldout(prompt_id, heldout_fraction) == (split == "heldout")
 
     datasets = tuple(_read_dataset(Path(p), keep, with_teacher, in_split) for p in paths)
     return Mixture(datasets, None if weights is None else tuple(float(w) for w in weights),
@@ -107,7 +112,7 @@ def _read_dataset(path: Path, keep: str, with_teacher: bool, in_split=lambda _: 
         rows += table.num_rows
         kept += [_trace(row, table, i) for i, row in enumerate(table.select(_TRACE_COLUMNS)
                                                                .to_pylist())
-                 if _keep(row, keep) and in_split(row["id"])]
+                 if _keep(row, keep) and in_split(row["prompt_id"])]
     if rows == 0:
         raise DistillError(f"{path}: the trace dataset is empty (0 rows)")
     if not kept:
@@ -128,7 +133,7 @@ def _trace(row: dict, table, i: int) -> Trace:
     top_ids = top_lps = None
     if "top_ids" in table.column_names and table.column("top_ids")[i].is_valid:
         top_ids, top_lps = _topk_arrays(table.column("top_ids")[i], table.column("top_logprobs")[i])
-    return Trace(id=row["id"], prompt=prompt, reasoning=row["reasoning"] or "",
+    return Trace(id=row["id"], prompt_id=row["prompt_id"], prompt=prompt, reasoning=row["reasoning"] or "",
                  answer=row["answer"] or "", top_ids=top_ids, top_logprobs=top_lps)
 
 

@@ -79,7 +79,7 @@ def load_kl_traces(cfg: KLConfig, prompt_ids: set[str]) -> list:
     path = Path(cfg.traces)
     [traces] = read_traces([path], keep="all", with_teacher=True).datasets
     kept = [t for t in traces if t.top_ids is not None and len(t.top_ids)
-            and (not cfg.only_eval_prompts or t.id.rsplit("#", 1)[0] in prompt_ids)]
+            and (not cfg.only_eval_prompts or t.prompt_id in prompt_ids)]
     if not kept:
         where = " for the evaluated prompts (set kl.only_eval_prompts: false to use them all)" \
             if cfg.only_eval_prompts else ""

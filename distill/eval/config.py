@@ -20,16 +20,17 @@ uses its own).
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, model_validator
 
 from distill.backends import OpenAITeacherConfig
 from distill.backends.jax import JaxTeacherConfig
 from distill.config import Frozen, InputPath, OutputPath
 from distill.data.prompts import PromptsConfig
+from distill.sampling import NewTokens, Samples, Temperature, TopK, TopP
+from distill.verify import AnswerPattern
 
 
 class EntryFields(Frozen):
@@ -63,15 +64,15 @@ ModelEntry = Annotated[
 
 
 class ProtocolConfig(Frozen):
-    """How every model is sampled. Defaults: DeepSeek-R1's evaluation protocol (k samples per
+    """How every model is sampled (the bounds are the engine's, `distill.sampling`). Defaults: DeepSeek-R1's evaluation protocol (k samples per
     prompt at temperature 0.6, top-p 0.95, pass@1 averaged over them), except the token budget:
     R1 allowed 32768 tokens; 4096 keeps an in-process KV cache modest (raise it for long traces)."""
 
-    k: int = Field(4, ge=1)  # samples per prompt
-    temperature: float = Field(0.6, ge=0)
-    top_p: float = Field(0.95, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    max_new_tokens: int = Field(4096, ge=1)
+    k: Samples = 4  # samples per prompt
+    temperature: Temperature = 0.6
+    top_p: TopP = 0.95
+    top_k: TopK = 0
+    max_new_tokens: NewTokens = 4096
     seed: int = 0
     greedy: bool = True  # one extra greedy (temperature 0) sample per prompt
     system: str | None = None  # R1 recommends none: all instructions in the user prompt
@@ -99,22 +100,10 @@ class EvalConfig(Frozen):
     prompts: PromptsConfig
     models: list[ModelEntry] = Field(min_length=1)
     protocol: ProtocolConfig = ProtocolConfig()
-    answer_pattern: str | None = None
+    answer_pattern: AnswerPattern = None
     kl: KLConfig | None = None
     output: OutputPath | None = None  # the report directory; default students/eval/<name>
 
-    @field_validator("answer_pattern")
-    @classmethod
-    def _one_group(cls, pattern: str | None) -> str | None:
-        if pattern is None:
-            return None
-        try:
-            groups = re.compile(pattern).groups
-        except re.error as e:
-            raise ValueError(f"not a valid regex: {e}") from None
-        if groups != 1:
-            raise ValueError(f"needs exactly one capture group (the answer), has {groups}")
-        return pattern
 
     @model_validator(mode="after")
     def _names_and_roles(self) -> EvalConfig:

@@ -27,12 +27,13 @@ import time
 from pathlib import Path
 
 from distill import runs
+from distill.chat import split_think
 from distill.config import load_config, resolve_path
 from distill.data.records import PromptRecord, Sample
 from distill.errors import DistillError
 from distill.eval.config import EvalConfig, model_name
 from distill.sampling import SamplingParams
-from distill.verify import answers_match, extract_answer, split_think
+from distill.verify import answers_match, extract_answer
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,8 @@ from statistics import NormalDist
 
 import numpy as np
 
-from distill.verify import normalize_answer, split_think
+from distill.chat import split_think
+from distill.verify import normalize_answer
 
 
 def z_value(level: float = 0.95) -> float:

@@ -387,7 +387,7 @@ def swiglu(x_btd: jax.Array, w_gate_df: jax.Array, w_up_df: jax.Array, w_down_fd
 # Remat
 
 
-REMAT_POLICIES: dict[str, Callable | None] = {
+REMAT_POLICIES: dict[str, Callable | None] = {  # the names of distill.config.RematName
     "none": None,  # keep every activation
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
     "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs

@@ -37,7 +37,7 @@ import time
 import uuid
 import zlib
 from collections import Counter
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
@@ -46,52 +46,27 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from distill.chat import THINK_OPEN, hold_back, split_reasoning
 from distill.config import Frozen, read_api_key
 from distill.errors import DistillError
-from distill.sampling import Completion, SamplingParams, generate
+from distill.sampling import (
+    Completion,
+    NewTokens,
+    Samples,
+    SamplingParams,
+    Temperature,
+    TopLogprobs,
+    TopP,
+    generate,
+)
 
 log = logging.getLogger(__name__)
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps the same way
 
 
 # ---------------------------------------------------------------------------------------------
 # Reasoning split and streaming text
-
-
-def _hold_back(text: str, tags) -> str:
-    """`text` without its longest suffix that is a proper prefix of one of `tags`."""
-    longest = max((len(t) for t in tags), default=1) - 1
-    for k in range(min(len(text), longest), 0, -1):
-        if any(t.startswith(text[-k:]) for t in tags):
-            return text[:-k]
-    return text
-
-
-def split_reasoning(text: str, opened: bool, final: bool = True) -> tuple[str | None, str | None]:
-    """Split a completion into (reasoning, content), as reasoning parsers do.
-
-    `opened`: the prompt ended inside a think block (R1 templates end with "<think>\\n"), so the
-    completion starts with reasoning; a completion that starts with "<think>" opens one itself.
-    No think block: (None, text). Closed by "</think>": (reasoning, answer), without the whitespace
-    around the tags. Unclosed (cut by max_tokens): (reasoning, None).
-
-    `final=False` reads `text` as the start of a longer completion (streaming): whatever may still
-    become a tag, or whitespace before one, is held back, so later results only extend earlier ones.
-    """
-    if not opened:
-        stripped = text.lstrip()
-        if stripped.startswith(THINK_OPEN):
-            opened, text = True, stripped[len(THINK_OPEN):]
-        elif not final and THINK_OPEN.startswith(stripped):
-            return None, None
-        else:
-            return None, text
-    head, sep, tail = text.partition(THINK_CLOSE)
-    if sep:
-        return head.strip(), tail.lstrip()
-    return (head if final else _hold_back(head, [THINK_CLOSE])).strip(), None
 
 
 def visible_text(text: str, stops) -> str:
@@ -100,7 +75,7 @@ def visible_text(text: str, stops) -> str:
     cut = min((text.find(s) for s in stops if s in text), default=-1)
     if cut >= 0:
         return text[:cut]
-    return _hold_back(text, stops).rstrip("\ufffd")
+    return hold_back(text, stops).rstrip("\ufffd")
 
 
 class StreamText:
@@ -154,18 +129,18 @@ class ChatRequest(BaseModel):
 
     model: str | None = None
     messages: list[_Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=-1)
-    n: int = Field(1, ge=1, le=128)
+    max_tokens: NewTokens | None = None
+    max_completion_tokens: NewTokens | None = None
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    top_k: int = Field(0, ge=-1)  # vLLM's convention: -1 (and 0) keep every token
+    n: Annotated[Samples, Field(le=128)] = 1
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: _StreamOptions | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: TopLogprobs | None = None
     return_tokens_as_token_ids: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
 

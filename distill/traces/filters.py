@@ -41,12 +41,13 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field
 
+from distill.chat import split_think
 from distill.config import Frozen, InputPath
 from distill.data.records import PromptRecord, Sample
 from distill.errors import DistillError
-from distill.verify import answers_match, extract_answer, split_think
+from distill.verify import AnswerPattern, answers_match, extract_answer
 
 ACCEPTED = "accepted"
 _SHINGLE = 5  # words per shingle for near-duplicate detection
@@ -60,7 +61,7 @@ class FiltersConfig(Frozen):
     for the order and the reasons)."""
 
     keep: Literal["correct", "all"] = "correct"  # "all" keeps wrong answers, with correct=False
-    answer_pattern: str | None = None  # regex with one group, used when there is no \boxed{}
+    answer_pattern: AnswerPattern = None  # regex with one group, used when there is no \boxed{}
     reject_truncated: bool = True
     require_think: bool = True
     reject_empty_answer: bool = True
@@ -71,18 +72,6 @@ class FiltersConfig(Frozen):
     decontaminate: tuple[InputPath, ...] = ()  # evaluation prompt files (.jsonl or .txt); a list
     decontam_ngram: int = Field(8, gt=0)
 
-    @field_validator("answer_pattern")
-    @classmethod
-    def _one_group(cls, pattern: str | None) -> str | None:
-        if pattern is None:
-            return None
-        try:
-            groups = re.compile(pattern).groups
-        except re.error as e:
-            raise ValueError(f"not a valid regex: {e}") from None
-        if groups != 1:
-            raise ValueError(f"needs exactly one capture group (the answer), has {groups}")
-        return pattern
 
 
 @dataclass

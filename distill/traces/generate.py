@@ -21,29 +21,24 @@ from distill.config import Frozen, OutputPath, load_config
 from distill.data.prompts import PromptsConfig, load_prompts
 from distill.data.records import PromptRecord, Sample, record_id
 from distill.errors import DistillError
-from distill.sampling import SamplingParams
+from distill.sampling import NewTokens, SamplingParams, Temperature, TopLogprobs, TopP
 from distill.traces.filters import FiltersConfig, Judge
 from distill.traces.store import TraceStore
 
 
-class SamplingConfig(Frozen):
-    """How the teacher samples. Defaults are DeepSeek-R1's recommendation (temperature 0.6,
-    top-p 0.95); `n` samples per prompt feed rejection sampling."""
+class SamplingConfig(SamplingParams):
+    """How the teacher samples (the engine's settings, with R1's recommended defaults: temperature
+    0.6, top-p 0.95); `n` samples per prompt feed rejection sampling."""
 
-    n: int = Field(1, ge=1)
-    temperature: float = Field(0.6, ge=0)
-    top_p: float = Field(0.95, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    max_new_tokens: int = Field(1024, ge=1)
-    seed: int = 0
-    stop: tuple[str, ...] = ()
-    logprobs: int = Field(0, ge=0, le=20)  # store the teacher's top-k log-probabilities per token
+    temperature: Temperature = 0.6
+    top_p: TopP = 0.95
+    max_new_tokens: NewTokens = 1024
+    logprobs: TopLogprobs = 0  # store the teacher's top-k log-probabilities per token
     system: str | None = None  # R1 recommends none: all instructions in the user prompt
 
     def params(self) -> SamplingParams:
-        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                              top_p=self.top_p, top_k=self.top_k, n=self.n, seed=self.seed,
-                              stop=self.stop, logprobs=self.logprobs)
+        """The engine's settings (the system prompt left out)."""
+        return SamplingParams(**self.model_dump(exclude={"system"}))
 
 
 class OutputConfig(Frozen):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from distill.chat import completion_text
 from distill.data.prompts import PromptsConfig, load_prompts
 from distill.data.records import Sample
 from distill.data.synthetic import arithmetic_problems, final_answer, solution_reasoning
@@ -37,7 +38,7 @@ def write_reference_traces(prompts: PromptsConfig, run_dir: str | Path, *,
             p = problems[rec.id]
             reasoning = "" if answers_only else solution_reasoning(p)
             answer = final_answer(p)
-            sample = Sample(0, f"{reasoning}\n</think>\n\n{answer}", "stop", 0, 0)
+            sample = Sample(0, completion_text(reasoning, answer), "stop", 0, 0)
             rows.append(trace_row(rec, sample, Verdict(None, reasoning, answer, p.answer, True),
                                   "reference:synthetic", sampling))
         n = len(rows)

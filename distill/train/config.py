@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from distill.config import Frozen, InputPath, OutputPath
+from distill.config import Frozen, InputPath, OutputPath, RematName
 from distill.errors import DistillError
 from distill.train.data import DataConfig
 from distill.train.optim import OptimConfig
@@ -21,7 +21,7 @@ class StudentConfig(Frozen):
     tokenizer: InputPath | None = None
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights and optimizer state
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute (bfloat16 on TPU / GPU)
-    remat: Literal["none", "full", "dots", "dots_no_batch"] | None = None  # None: the model's own
+    remat: RematName | None = None  # None: the model's own
     # config fields changed on the loaded model that leave its weights' shapes alone, e.g. the
     # R1-Distill students' longer context: {max_position_embeddings: 131072}
     config_overrides: dict[Literal["max_position_embeddings", "rope_theta", "bos_token_id",

@@ -24,37 +24,41 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections.abc import Iterator
-from typing import Literal
 
 import numpy as np
 from pydantic import Field
 
-from distill.config import Frozen, InputPath
+from distill.config import Frozen, InputPath, validate
 from distill.data.packing import (
-    OVERLONG,
     Documents,
+    Overlong,
     PackStats,
     build_rows,
     overlong_status,
     plan_rows,
 )
 from distill.data.render import render_example
-from distill.data.traces import Mixture, Trace, read_traces
+from distill.data.traces import Keep, Mixture, Trace, read_traces
 from distill.errors import DistillError
 
 
-class DataConfig(Frozen):
-    """The `data:` table of a training config."""
+class StreamConfig(Frozen):
+    """How kept traces become batches: the settings `TrainData` works from."""
 
-    traces: list[InputPath] = Field(min_length=1)  # teacher_traces/<run> dirs or .parquet files
-    weights: list[float] | None = None  # mixture weights, one per dataset (default: their sizes)
-    keep: Literal["correct", "complete", "all"] = "correct"
     seq_len: int = Field(4096, ge=2)  # slots per packed row
     batch_size: int = Field(8, ge=1)  # global rows per step
-    overlong: Literal["drop", "truncate"] = "drop"
+    overlong: Overlong = "drop"
     seed: int = 0
     pack_window: int = Field(256, ge=1)
     top_k: int = Field(0, ge=0)  # teacher top-k entries per position for logit KD (0: none)
+
+
+class DataConfig(StreamConfig):
+    """The `data:` table of a training config: which traces, then how they become batches."""
+
+    traces: list[InputPath] = Field(min_length=1)  # teacher_traces/<run> dirs or .parquet files
+    weights: list[float] | None = None  # mixture weights, one per dataset (default: their sizes)
+    keep: Keep = "correct"
     # prompts held out (by a hash of the prompt id) for the held-out trace loss, never trained on
     heldout_fraction: float = Field(0.0, ge=0, lt=1)
 
@@ -101,7 +105,10 @@ class TrainData:
     def __init__(self, mixture: Mixture, tokenizer, *, seq_len: int, batch_size: int,
                  seed: int = 0, overlong: str = "drop", window: int = 256, top_k: int = 0,
                  process_index: int = 0, process_count: int = 1):
-        _check_stream(seq_len, batch_size, overlong, window, top_k, process_index, process_count)
+        validate(StreamConfig, {"seq_len": seq_len, "batch_size": batch_size, "seed": seed,
+                                "overlong": overlong, "pack_window": window, "top_k": top_k},
+                 "data")  # one definition of the bounds: DataConfig's
+        _check_processes(batch_size, process_index, process_count)
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.window, self.top_k = window, top_k
         self.process_index, self.process_count = process_index, process_count
@@ -167,17 +174,10 @@ class TrainData:
             yield batch, DataState(epoch, index, self.fingerprint)
 
 
-def _check_stream(seq_len, batch_size, overlong, window, top_k, process_index, process_count):
-    if seq_len < 2:
-        raise DistillError(f"seq_len must be >= 2 (got {seq_len})")
-    if overlong not in OVERLONG:
-        raise DistillError(f"unknown over-long policy {overlong!r}; choose one of "
-                           f"{', '.join(OVERLONG)}")
-    if window < 1 or top_k < 0:
-        raise DistillError(f"pack_window must be >= 1 and top_k >= 0 (got {window}, {top_k})")
+def _check_processes(batch_size: int, process_index: int, process_count: int) -> None:
     if not 0 <= process_index < process_count:
         raise DistillError(f"process index {process_index} is outside 0..{process_count - 1}")
-    if batch_size < 1 or batch_size % process_count:
+    if batch_size % process_count:
         raise DistillError(f"batch_size {batch_size} must be a positive multiple of the "
                            f"{process_count} processes")
 
