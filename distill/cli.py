@@ -184,29 +184,13 @@ def sample(model_path, prompt, system, raw, max_new_tokens, temperature, top_p, 
               help="Require the value of environment variable VAR as the bearer token.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
               show_default=True, help="Weight and compute dtype.")
-@click.option("--fault-rate", default=0.0, type=click.FloatRange(0, 1), hidden=True,
-              help="Share of chat requests that fail on purpose (retry drills).")
-@click.option("--fault-seed", default=0, type=int, hidden=True)
-@click.option("--fault-kinds", default="429,500,hang,drop", hidden=True)
-@click.option("--fault-retry-after", default=1, type=click.IntRange(0), hidden=True)
-@click.option("--fault-hang-s", default=None, type=click.FloatRange(0), hidden=True,
-              help="Hang this long before answering (default: until the client gives up).")
 def serve(model_path, host, port, model_name, max_batch, batch_wait_ms, default_max_tokens,
-          api_key_env, dtype, fault_rate, fault_seed, fault_kinds, fault_retry_after, fault_hang_s):
-    from distill.serve.app import FaultConfig
+          api_key_env, dtype):
     from distill.serve.app import serve as run_server
 
-    faults = None
-    if fault_rate > 0:
-        kinds = tuple(k.strip() for k in fault_kinds.split(",") if k.strip())
-        bad = sorted(set(kinds) - {"429", "500", "hang", "drop"})
-        if bad:
-            raise DistillError(f"--fault-kinds: unknown kind {bad[0]!r} (use 429, 500, hang, drop)")
-        faults = FaultConfig(rate=fault_rate, seed=fault_seed, kinds=kinds,
-                             retry_after_s=fault_retry_after, hang_s=fault_hang_s)
     run_server(model_path, host, port, model_name=model_name, dtype=dtype, max_batch=max_batch,
                batch_wait_ms=batch_wait_ms, default_max_tokens=default_max_tokens,
-               api_key_env=api_key_env, faults=faults, echo=click.echo)
+               api_key_env=api_key_env, echo=click.echo)
 
 
 @cli.command()

@@ -14,7 +14,6 @@ cache_index, kv_valid, last_only)` can be sampled from.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Annotated, Any, NamedTuple
@@ -26,8 +25,7 @@ from flax import nnx
 from pydantic import Field
 
 from distill.config import Frozen
-from distill.errors import DistillError
-from distill.models import layers
+from distill.models.decoder import layer_stack_paths, unstack_layers
 
 # The bounds of every sampling setting, declared once: the engine's SamplingParams, `distill
 # generate`'s sampling table, `distill eval`'s protocol and the server's requests all use them.
@@ -69,36 +67,35 @@ class Completion:
     top_logprobs: list[list[float]] | None = None
 
 
-def unrolled_layers() -> bool:
-    """Whether decoding runs the layers unrolled on per-layer copies of the weights and caches
-    (`distill.models.layers.Unstacked`): on the CPU, where the scan's slice copies cost as much as
-    the step's reads. Accelerators keep the scanned layers (and no second copy of the weights).
-    The environment variable DISTILL_UNROLL_DECODE=0/1 overrides the choice."""
-    choice = os.environ.get("DISTILL_UNROLL_DECODE")
-    if choice not in (None, "0", "1"):
-        raise DistillError(f"DISTILL_UNROLL_DECODE={choice!r}: use 0 or 1")
-    return choice == "1" if choice is not None else jax.default_backend() == "cpu"
-
-
 @partial(jax.jit, static_argnums=(0,))
 def _unstack(paths, tree):
-    return layers.unstack_layers(tree, paths)
+    return unstack_layers(tree, paths)
 
 
-_LAST_UNSTACKED: list = []  # [(state leaves, their unstacked state)] of the last model sampled
+class DecodeModel:
+    """A model as `generate` decodes with it.
 
+    `unroll` (default: on the CPU only) runs the decode steps over per-layer copies of the weights
+    and KV cache (`distill.models.decoder.Unstacked`) instead of scanning the stacked layers: on
+    XLA:CPU the scan copies each layer's weight and cache slice before reading it, as much as the
+    step's own reads (SmolLM2, batch 16 x 64 tokens: 14.4 -> 11.7 s). Accelerators keep the scan
+    and no second copy of the weights. The copies are made on first use and kept, so build one
+    DecodeModel per model for repeated `generate` calls and drop it when the weights change.
+    """
 
-def _unstacked_state(model, state):
-    """The model's state with its layer stacks split (`layers.unstack_layers`), reused while the
-    model's arrays are the same objects (repeated `generate` calls, e.g. an eval's batches)."""
-    leaves = jax.tree.leaves(state)
-    if _LAST_UNSTACKED:
-        old, unstacked = _LAST_UNSTACKED[0]
-        if len(old) == len(leaves) and all(a is b for a, b in zip(old, leaves, strict=True)):
-            return unstacked
-    unstacked = _unstack(tuple(layers.layer_stack_paths(model)), state)
-    _LAST_UNSTACKED[:] = [(leaves, unstacked)]
-    return unstacked
+    def __init__(self, model, unroll: bool | None = None):
+        self.model = model
+        self.graphdef, self.state = nnx.split(model)
+        self.unroll = jax.default_backend() == "cpu" if unroll is None else unroll
+        self._unstacked = None
+
+    def decode_state(self):
+        """The state the decode steps read: unstacked layers when unrolling."""
+        if not self.unroll:
+            return self.state
+        if self._unstacked is None:
+            self._unstacked = _unstack(tuple(layer_stack_paths(self.model)), self.state)
+        return self._unstacked
 
 
 def _round_up(x: int, m: int) -> int:
@@ -232,6 +229,8 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams,
              on_chunk: Callable[[list[list[int]]], None] | None = None) -> list[Completion]:
     """Generate for each prompt (token ids) `params.n` completions, in prompt-major order.
 
+    model: a model, or a `DecodeModel` of one (which keeps its prepared weights across calls).
+
     on_chunk (for streaming): with it, decode runs in chunks of STOP_CHECK_EVERY tokens and after
     each one it is called on the host with every row's new token ids since the previous call (rows
     in the output's order; an end-of-sequence token included, tokens past a stop string too).
@@ -251,12 +250,13 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams,
     kv_valid = np.zeros((b, s_len), bool)
     kv_valid[:, :p_len] = slots[None, :] >= (p_len - lengths[:, None])
 
-    graphdef, state = nnx.split(model)
-    cache = model.init_cache(b, s_len)
+    dm = model if isinstance(model, DecodeModel) else DecodeModel(model)
+    graphdef, state = dm.graphdef, dm.state
+    cache = dm.model.init_cache(b, s_len)
     first, cache = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(positions),
                             jnp.asarray(kv_valid), cache)
-    if unrolled_layers():  # the prefill is compute-bound and keeps the scan; decoding is not
-        state = _unstacked_state(model, state)
+    if dm.unroll:  # the prefill is compute-bound and keeps the scan; decoding is not
+        state = dm.decode_state()
         cache = _unstack(None, cache)
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
     key = jax.random.PRNGKey(params.seed)

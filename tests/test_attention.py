@@ -8,7 +8,13 @@ import pytest
 from flax import nnx
 
 from distill.config import load_model_config
-from distill.models import hf, layers
+from distill.models import hf
+from distill.models.attention import (
+    BLOCKWISE_MIN_TOKENS,
+    MaskInfo,
+    blockwise_attention,
+    dot_product_attention,
+)
 from distill.parallel import make_mesh, state_shardings
 
 TINY_QWEN2 = "configs/students/tiny-qwen2.yaml"
@@ -37,7 +43,7 @@ def _case(name: str, rng: np.random.RandomState):
         t = 5
         q_slots = slots[:, s - t:]
         valid[0, :5] = valid[1, :11] = False
-    mask = layers.MaskInfo(jnp.asarray(q_slots), jnp.asarray(slots), jnp.asarray(valid), q_seg,
+    mask = MaskInfo(jnp.asarray(q_slots), jnp.asarray(slots), jnp.asarray(valid), q_seg,
                            k_seg)
     q = jnp.asarray(rng.randn(2, t, n, h), jnp.float32)
     k = jnp.asarray(rng.randn(2, s, kh, h), jnp.float32)
@@ -55,10 +61,10 @@ def test_blockwise_equals_dense_values_and_gradients(name):
     weight = jnp.asarray(sees_a_key, jnp.float32)[:, :, None, None]
 
     def dense(q, k, v):
-        return layers.dot_product_attention(q, k, v, mask.dense(), scale)
+        return dot_product_attention(q, k, v, mask.dense(), scale)
 
     def blockwise(q, k, v):
-        return layers.blockwise_attention(q, k, v, mask, scale, block_q=8, block_k=16)
+        return blockwise_attention(q, k, v, mask, scale, block_q=8, block_k=16)
 
     def out_and_grads(fn):  # queries that see nothing are padding: no loss there
         loss = lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)) * weight)  # noqa: E731
@@ -132,8 +138,8 @@ def test_models_give_the_same_logits_with_blockwise_attention(path, t):
 def test_auto_attends_blockwise_from_2048_tokens():
     auto = _random_model(load_model_config(TINY_QWEN2))
     assert auto.config.attention == "auto"
-    assert auto.attends_blockwise(layers.BLOCKWISE_MIN_TOKENS)
-    assert not auto.attends_blockwise(layers.BLOCKWISE_MIN_TOKENS - 1)
+    assert auto.attends_blockwise(BLOCKWISE_MIN_TOKENS)
+    assert not auto.attends_blockwise(BLOCKWISE_MIN_TOKENS - 1)
     dense, blockwise = _pair(auto)
     assert blockwise.attends_blockwise(8) and not dense.attends_blockwise(1 << 16)
 

@@ -75,3 +75,12 @@ def test_default_shape_is_smollm2_135m():
 def test_moe_preset_is_refused():
     with pytest.raises(DistillError, match="dense"):
         bench_train(preset=ROOT / "configs" / "teachers" / "tiny-moe.yaml")
+
+
+def test_the_benchmarks_find_their_presets():
+    """The presets the benchmarks load, found from the package's own location."""
+    from distill.bench.decode import PRESETS
+    from distill.bench.train import QWEN25_1_5B
+
+    assert QWEN25_1_5B.is_file()
+    assert all(p.is_file() for p in PRESETS.values())

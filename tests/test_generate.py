@@ -157,11 +157,12 @@ def test_bad_prompts_fail_in_one_line_and_leave_nothing(tmp_path, teacher_dir, c
 def server(teacher_dir):
     """`distill serve` over the toy teacher on 127.0.0.1: 30% of requests fail (429 with
     Retry-After, 500, a hang past the client's timeout, a dropped connection); key required."""
-    from distill.serve.app import FaultConfig, ServerThread, build_app
+    from distill.serve.app import ServerThread, build_app
+    from tests.faults import FaultConfig, with_faults
 
     model, tok = distill.load_pretrained(teacher_dir)
-    app = build_app(model, tok, "toy-r1", api_key="sk-test-123",
-                    faults=FaultConfig(rate=0.3, seed=1, retry_after_s=0))
+    app = with_faults(build_app(model, tok, "toy-r1", api_key="sk-test-123"),
+                      FaultConfig(rate=0.3, seed=1, retry_after_s=0))
     with ServerThread(app) as url:
         yield url, app
 

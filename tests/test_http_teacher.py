@@ -23,8 +23,9 @@ from distill.chat import prompt_ids
 from distill.data.records import PromptRecord
 from distill.errors import DistillError
 from distill.sampling import SamplingParams, generate, stop_ids
-from distill.serve.app import FaultConfig, ServerThread, build_app
+from distill.serve.app import ServerThread, build_app
 from tests import toy
+from tests.faults import FaultConfig, with_faults
 
 PROMPTS = [PromptRecord(f"p{i}", f"Start with {i}. Add 3. What is the result?") for i in range(5)]
 PROMPTS.append(PromptRecord("chat", [{"role": "system", "content": "Be brief."},
@@ -107,7 +108,7 @@ def test_faults_every_sample_exactly_once(loaded, caplog):
     """~30% of requests fail (429 + Retry-After 0, 500, hang past the timeout, dropped
     connection); the run still returns every (prompt, sample) once, in order."""
     faults = FaultConfig(rate=0.3, seed=12, retry_after_s=0)
-    app = build_app(*loaded, "toy", max_batch=1, faults=faults)
+    app = with_faults(build_app(*loaded, "toy", max_batch=1), faults)
     prompts = [PromptRecord(f"f{i}", f"Fault drill {i}") for i in range(8)]
     params = SamplingParams(max_new_tokens=8, temperature=0.0, n=2)
     warm_up(loaded, prompts[0].prompt, SamplingParams(max_new_tokens=16), batch_sizes=(1,))

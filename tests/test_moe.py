@@ -19,7 +19,7 @@ from distill.config import load_model_config
 from distill.errors import DistillError
 from distill.models import hf, safetensors_io
 from distill.parallel import make_mesh
-from distill.sampling import SamplingParams, generate
+from distill.sampling import DecodeModel, SamplingParams, generate
 from tests.helpers import hf_logits, our_logits, save_hf
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
@@ -261,14 +261,14 @@ def test_experts_sharded_over_expert_and_tensor_axes(base, monkeypatch):
 
 
 @pytest.mark.parametrize("unrolled", ["0", "1"])
-def test_greedy_generate_matches_transformers(base, unrolled, monkeypatch):
+def test_greedy_generate_matches_transformers(base, unrolled):
     """MLA-latent KV cache: prefill then 31 cached decode steps, on a left-padded batch; with the
     layers scanned over the stacked weights and caches, and unrolled over per-layer copies."""
-    monkeypatch.setenv("DISTILL_UNROLL_DECODE", unrolled)
     ref, _, model = base
     rng = np.random.RandomState(0)
     prompts = [rng.randint(3, 96, n).tolist() for n in (5, 21)]
-    outs = generate(model, prompts, SamplingParams(max_new_tokens=32))
+    outs = generate(DecodeModel(model, unroll=unrolled == "1"), prompts,
+                    SamplingParams(max_new_tokens=32))
     cache = model.init_cache(2, 64)
     assert cache.moe.latent.shape == (2, 2, 64, 32) and cache.moe.k_rope.shape == (2, 2, 64, 16)
     for prompt, out in zip(prompts, outs, strict=True):

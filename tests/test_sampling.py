@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import distill
-from distill.sampling import SamplingParams, filter_logits, generate
+from distill.sampling import DecodeModel, SamplingParams, filter_logits, generate
 from tests.helpers import save_hf, tiny_hf
 
 
@@ -121,7 +121,7 @@ def test_stop_string_ends_the_row_early_and_cuts_text_and_tokens(pair):
         assert outs[1].text == free[1].text[:other] and outs[1].finish_reason == "stop"
 
 
-def test_unrolled_decoding_equals_the_scanned_layers(pair, monkeypatch):
+def test_unrolled_decoding_equals_the_scanned_layers(pair):
     """The CPU decode path (layers unrolled over per-layer copies of the weights and caches)
     computes what the scan over the stacked arrays computes: tokens and log-probabilities."""
     _, model = pair
@@ -129,8 +129,7 @@ def test_unrolled_decoding_equals_the_scanned_layers(pair, monkeypatch):
     params = SamplingParams(max_new_tokens=24, temperature=0.8, n=2, seed=3, logprobs=3)
     runs = {}
     for mode in ("0", "1"):
-        monkeypatch.setenv("DISTILL_UNROLL_DECODE", mode)
-        runs[mode] = generate(model, prompts, params)
+        runs[mode] = generate(DecodeModel(model, unroll=mode == "1"), prompts, params)
     for a, b in zip(runs["0"], runs["1"], strict=True):
         assert a.token_ids == b.token_ids and a.top_ids == b.top_ids
         np.testing.assert_allclose(a.top_logprobs, b.top_logprobs, atol=1e-5)
@@ -140,16 +139,16 @@ def test_unstacked_layers_are_per_layer_arrays_and_a_stacked_cache_stays_stacked
     import jax.numpy as jnp
     from flax import nnx
 
-    from distill.models import layers
+    from distill.models.decoder import Unstacked, layer_stack_paths, unstack_layers
 
     _, model = pair
     graphdef, state = nnx.split(model)
-    unstacked = layers.unstack_layers(state, layers.layer_stack_paths(model))
+    unstacked = unstack_layers(state, layer_stack_paths(model))
     wq = unstacked["blocks"]["attn"]["wq_dnh"].get_value()
     stacked = state["blocks"]["attn"]["wq_dnh"].get_value()
-    assert isinstance(wq, layers.Unstacked) and len(wq) == stacked.shape[0]
+    assert isinstance(wq, Unstacked) and len(wq) == stacked.shape[0]
     np.testing.assert_array_equal(wq[1], stacked[1])
-    assert not isinstance(unstacked["embed"]["embedding_vd"].get_value(), layers.Unstacked)
+    assert not isinstance(unstacked["embed"]["embedding_vd"].get_value(), Unstacked)
     # unstacked weights with a stacked cache: the cache comes back stacked, entries written
     cache = model.init_cache(1, 8)
     tokens = jnp.asarray([[5, 6, 7]])
@@ -162,9 +161,17 @@ def test_unstacked_layers_are_per_layer_arrays_and_a_stacked_cache_stays_stacked
     np.testing.assert_allclose(got_cache.k, want_cache.k, atol=1e-6)
 
 
-def test_a_bad_unroll_override_is_one_clear_error(pair, monkeypatch):
-    from distill.errors import DistillError
-
-    monkeypatch.setenv("DISTILL_UNROLL_DECODE", "yes")
-    with pytest.raises(DistillError, match="DISTILL_UNROLL_DECODE='yes': use 0 or 1"):
-        generate(pair[1], [[4, 5, 6]], SamplingParams(max_new_tokens=2))
+def test_a_decode_model_prepares_its_layer_copies_once(pair):
+    """Repeated generate calls with one DecodeModel reuse its per-layer copies (made on first
+    use) and give what a plain model gives."""
+    _, model = pair
+    params = SamplingParams(max_new_tokens=8, temperature=0.8, seed=5)
+    dm = DecodeModel(model, unroll=True)
+    assert dm._unstacked is None
+    first = generate(dm, [[4, 5, 6]], params)
+    copies = dm._unstacked
+    assert copies is not None
+    assert generate(dm, [[4, 5, 6]], params)[0].token_ids == first[0].token_ids
+    assert dm._unstacked is copies
+    assert generate(model, [[4, 5, 6]], params)[0].token_ids == first[0].token_ids
+    assert DecodeModel(model, unroll=False).decode_state() is not copies

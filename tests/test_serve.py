@@ -20,14 +20,10 @@ import distill
 from distill import sampling
 from distill.chat import prompt_ids, split_reasoning
 from distill.sampling import SamplingParams, generate, stop_ids
-from distill.serve.app import (
-    FaultConfig,
-    ServerThread,
-    StreamText,
-    build_app,
-    visible_text,
-)
+from distill.serve.app import ServerThread, build_app
+from distill.serve.protocol import StreamText, visible_text
 from tests import toy
+from tests.faults import FaultConfig, with_faults
 
 QUESTION = "Start with 7. Add 3, then multiply by 2. What is the result?"
 
@@ -278,7 +274,8 @@ def test_api_key(loaded):
 
 
 def faulty(loaded, kind, **kw):
-    return ServerThread(build_app(*loaded, "toy", faults=FaultConfig(rate=1.0, kinds=(kind,), **kw)))
+    return ServerThread(with_faults(build_app(*loaded, "toy"),
+                                    FaultConfig(rate=1.0, kinds=(kind,), **kw)))
 
 
 def test_fault_kinds(loaded):

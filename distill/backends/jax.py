@@ -10,7 +10,7 @@ from typing import Literal
 from distill.config import Frozen, InputPath
 from distill.data.records import PromptRecord, Sample
 from distill.errors import DistillError
-from distill.sampling import SamplingParams, generate, stop_ids
+from distill.sampling import DecodeModel, SamplingParams, generate, stop_ids
 
 
 class JaxTeacherConfig(Frozen):
@@ -51,6 +51,7 @@ class JaxTeacher:
             raise DistillError(f"{cfg.model}: the tokenizer has no chat template")
         self.tokenizer = tokenizer
         self.eos_ids = stop_ids(self.model, tokenizer)
+        self.decoder = DecodeModel(self.model)  # prepared once for every batch
         self.identity = {"kind": "jax", "model": cfg.model, "dtype": cfg.dtype,
                          "architecture": type(self.model.config).__name__,
                          "family": self.model.config.family}
@@ -69,7 +70,7 @@ class JaxTeacher:
             batch = prompts[start:start + bs]
             ids = [self.prompt_ids(p, system) for p in batch]
             seeded = params.model_copy(update={"seed": batch_seed(params.seed, batch[0].id)})
-            completions = generate(self.model, ids, seeded, self.eos_ids, self.tokenizer,
+            completions = generate(self.decoder, ids, seeded, self.eos_ids, self.tokenizer,
                                    pad_id=self.tokenizer.pad_token_id or 0)
             rows: list[list[Sample]] = [[] for _ in batch]
             for c in completions:

@@ -46,7 +46,7 @@ SMOLLM2_135M = DenseConfig(
     max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
     tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
 
-QWEN25_1_5B = Path(__file__).resolve().parents[1] / "configs" / "students" / "qwen2.5-math-1.5b.yaml"
+QWEN25_1_5B = Path(__file__).resolve().parents[2] / "configs" / "students" / "qwen2.5-math-1.5b.yaml"
 
 # The same AdamW on both sides: constant lr, decay on matrices and embeddings only, clip at 1.
 OPTIM = OptimConfig(lr=1e-4, schedule="constant", weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,

@@ -15,6 +15,9 @@ from flax import nnx
 
 from distill.config import DenseConfig
 from distill.models import layers
+from distill.models.attention import attention
+from distill.models.decoder import CausalLM, PreNormBlocks, scan_blocks
+from distill.models.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 
 class KVCache(NamedTuple):
@@ -45,7 +48,7 @@ class Attention(nnx.Module):
     def __call__(self, x_btd, rope, mask_bts, kv=None, cache_index=None):
         """One layer (called on per-layer slices inside the scan). kv: this layer's ([B,K,S,H]) x 2.
 
-        mask_bts: dense [B, T, S] or a `layers.MaskInfo` (blockwise attention without a cache)."""
+        mask_bts: dense [B, T, S] or a `MaskInfo` (blockwise attention without a cache)."""
         dt = x_btd.dtype
         q = jnp.einsum("btd,dnh->btnh", x_btd, self.wq_dnh[...].astype(dt))
         k = jnp.einsum("btd,dkh->btkh", x_btd, self.wk_dkh[...].astype(dt))
@@ -55,9 +58,9 @@ class Attention(nnx.Module):
             k = k + self.bk_kh[...].astype(dt)
             v = v + self.bv_kh[...].astype(dt)
         cos, sin = rope
-        q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is None:
-            out_btnh = layers.attention(q, k, v, mask_bts, self.scale)
+            out_btnh = attention(q, k, v, mask_bts, self.scale)
         else:  # write this step's keys/values into the cache, attend over all of it
             k_cache, v_cache = kv
             k = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype),
@@ -65,7 +68,7 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype),
                                              (0, 0, cache_index, 0))
             kv = (k, v)
-            out_btnh = layers.attention(q, k.astype(dt), v.astype(dt), mask_bts, self.scale,
+            out_btnh = attention(q, k.astype(dt), v.astype(dt), mask_bts, self.scale,
                                         kv_layout="bksh")
         return jnp.einsum("btnh,nhd->btd", out_btnh, self.wo_nhd[...].astype(dt)), kv
 
@@ -81,13 +84,10 @@ class MLP(nnx.Module):
         self.w_down_fd = layers.param(rngs.params(), (L, F, D), ("layers", "mlp", "embed"), dt)
 
     def __call__(self, x_btd):
-        dt = x_btd.dtype
-        gate = jnp.einsum("btd,df->btf", x_btd, self.w_gate_df[...].astype(dt))
-        up = jnp.einsum("btd,df->btf", x_btd, self.w_up_df[...].astype(dt))
-        return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, self.w_down_fd[...].astype(dt))
+        return layers.swiglu(x_btd, self.w_gate_df[...], self.w_up_df[...], self.w_down_fd[...])
 
 
-class Blocks(layers.PreNormBlocks):
+class Blocks(PreNormBlocks):
     """All decoder blocks, parameters stacked on L; `__call__` runs one layer's slice."""
 
     def __init__(self, cfg: DenseConfig, rngs: nnx.Rngs):
@@ -111,7 +111,7 @@ class Embed(nnx.Module):
                           preferred_element_type=jnp.float32)
 
 
-class DenseDecoder(layers.CausalLM):
+class DenseDecoder(CausalLM):
     """Llama / Qwen2 causal LM. `model(tokens_bt) -> logits_btv` (float32)."""
 
     def __init__(self, cfg: DenseConfig, rngs: nnx.Rngs):
@@ -137,11 +137,11 @@ class DenseDecoder(layers.CausalLM):
         """Embed, scan the blocks, final norm. Returns hidden [B, T, D] and the cache."""
         cfg = self.config
         x = self.embed(tokens_bt, jnp.dtype(cfg.dtype))
-        inv_freq, factor = layers.rope_inv_freq(
+        inv_freq, factor = rope_inv_freq(
             cfg.head_size, cfg.rope_theta, cfg.rope_scaling.as_hf() if cfg.rope_scaling else None)
-        rope = layers.rope_cos_sin(positions_bt, inv_freq, factor)
+        rope = rope_cos_sin(positions_bt, inv_freq, factor)
         kv = None if cache is None else (cache.k, cache.v)
-        x, kv = layers.scan_blocks(self.blocks, x, rope, mask_bts, kv, cache_index, cfg.remat,
+        x, kv = scan_blocks(self.blocks, x, rope, mask_bts, kv, cache_index, cfg.remat,
                                    slot_axis=2)
         cache = None if cache is None else KVCache(*kv)
         return layers.rms_norm(x, self.final_norm_d[...], cfg.rms_norm_eps), cache

@@ -19,6 +19,8 @@ from flax import nnx
 
 from distill.config import MoEConfig
 from distill.models import layers
+from distill.models.attention import MaskInfo, attention
+from distill.models.rope import apply_rope, yarn_mscale
 
 
 class MLACache(NamedTuple):
@@ -33,14 +35,14 @@ def softmax_scale(cfg: MoEConfig) -> float:
     scale = cfg.qk_head_dim**-0.5
     s = cfg.rope_scaling
     if s is not None and s.rope_type != "default" and s.mscale_all_dim:
-        m = layers.yarn_mscale(s.factor, s.mscale_all_dim)
+        m = yarn_mscale(s.factor, s.mscale_all_dim)
         scale *= m * m
     return scale
 
 
 def deinterleave(x: jax.Array) -> jax.Array:
     """(x0, x1, x2, x3, ...) -> (x0, x2, ..., x1, x3, ...): DeepSeek's interleaved rope pairs in
-    the half-split layout `layers.apply_rope` rotates (transformers' `rope_interleave`)."""
+    the half-split layout `apply_rope` rotates (transformers' `rope_interleave`)."""
     return jnp.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
 
 
@@ -78,7 +80,7 @@ class MLAttention(nnx.Module):
 
     def __call__(self, x_btd, rope, mask_bts, cache=None, cache_index=None):
         """One layer. cache: this layer's (latent [B, S, C], k_rope [B, S, R]) or None; mask_bts:
-        dense [B, T, S] or a `layers.MaskInfo` (blockwise attention without a cache).
+        dense [B, T, S] or a `MaskInfo` (blockwise attention without a cache).
 
         Returns [B, T, D] and the updated cache.
         """
@@ -94,8 +96,8 @@ class MLAttention(nnx.Module):
         if self.interleave:
             q_rope, k_rope_btr = deinterleave(q_rope), deinterleave(k_rope_btr)
         cos, sin = rope
-        q_rope = layers.apply_rope(q_rope, cos, sin)
-        k_rope_btr = layers.apply_rope(k_rope_btr[:, :, None, :], cos, sin)[:, :, 0, :]
+        q_rope = apply_rope(q_rope, cos, sin)
+        k_rope_btr = apply_rope(k_rope_btr[:, :, None, :], cos, sin)[:, :, 0, :]
         if cache is not None:  # write this step's latents into the cache, attend over all of it
             lat_c, rope_c = cache
             latent_btc = jax.lax.dynamic_update_slice(lat_c, latent_btc.astype(lat_c.dtype), (0, cache_index, 0))
@@ -105,7 +107,7 @@ class MLAttention(nnx.Module):
         t, s = q_btnh.shape[1], latent_btc.shape[1]
         # a MaskInfo asks for blockwise attention, which needs per-head keys; the absorbed path
         # would build the [B, N, T, S] float32 scores that blockwise attention is there to avoid
-        absorb = not isinstance(mask_bts, layers.MaskInfo) and _absorb_is_cheaper(t, s, C, P, R, Hv)
+        absorb = not isinstance(mask_bts, MaskInfo) and _absorb_is_cheaper(t, s, C, P, R, Hv)
         attend = self._absorbed if absorb else self._expanded
         out_btnh = attend(q_nope, q_rope, latent_btc, k_rope_btr, mask_bts)
         out = jnp.einsum("btnh,nhd->btd", out_btnh, self.wo_nhd[...].astype(dt))
@@ -134,7 +136,7 @@ class MLAttention(nnx.Module):
         k_rope = jnp.broadcast_to(k_rope_bsr[:, :, None, :], (*k_nope.shape[:3], k_rope_bsr.shape[-1]))
         q = jnp.concatenate([q_nope, q_rope], axis=-1)
         k = jnp.concatenate([k_nope, k_rope], axis=-1)
-        return layers.attention(q, k, v_bsnh, mask_bts, self.scale)
+        return attention(q, k, v_bsnh, mask_bts, self.scale)
 
     def _absorbed(self, q_nope, q_rope, latent_bsc, k_rope_bsr, mask_bts):
         """Attend in latent space: the key/value up-projections fold into the query and the

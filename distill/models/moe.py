@@ -16,8 +16,10 @@ from flax import nnx
 
 from distill.config import MoEConfig
 from distill.models import experts, layers
+from distill.models.decoder import CausalLM, PreNormBlocks, scan_blocks
 from distill.models.dense import Embed
 from distill.models.mla import MLACache, MLAttention
+from distill.models.rope import rope_cos_sin, rope_inv_freq
 
 
 class MoECache(NamedTuple):
@@ -69,7 +71,7 @@ class MoE(nnx.Module):
         return y_md.reshape(b, t, d) + self.shared(x_btd)
 
 
-class DecoderBlocks(layers.PreNormBlocks):
+class DecoderBlocks(PreNormBlocks):
     """`num_layers` decoder layers stacked on L: MLA, then a dense MLP or a MoE block."""
 
     def __init__(self, cfg: MoEConfig, num_layers: int, moe: bool, rngs: nnx.Rngs):
@@ -80,7 +82,7 @@ class DecoderBlocks(layers.PreNormBlocks):
             rngs)
 
 
-class MoEDecoder(layers.CausalLM):
+class MoEDecoder(CausalLM):
     """DeepSeek-V3 causal LM. `model(tokens_bt) -> logits_btv` (float32)."""
 
     def __init__(self, cfg: MoEConfig, rngs: nnx.Rngs):
@@ -112,9 +114,9 @@ class MoEDecoder(layers.CausalLM):
         """Embed, scan the dense stack then the MoE stack, final norm -> hidden [B, T, D], cache."""
         cfg = self.config
         x = self.embed(tokens_bt, jnp.dtype(cfg.dtype))
-        inv_freq, factor = layers.rope_inv_freq(
+        inv_freq, factor = rope_inv_freq(
             cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling.as_hf() if cfg.rope_scaling else None)
-        rope = layers.rope_cos_sin(positions_bt, inv_freq, factor)
+        rope = rope_cos_sin(positions_bt, inv_freq, factor)
         caches = (None, None) if cache is None else (cache.dense, cache.moe)
         new = []
         for blocks, stack_cache in zip((self.dense_blocks, self.moe_blocks), caches, strict=True):
@@ -128,6 +130,6 @@ class MoEDecoder(layers.CausalLM):
 
     def _scan(self, blocks, x_btd, rope, mask_bts, cache: MLACache | None, cache_index):
         kv = None if cache is None else tuple(cache)
-        x_btd, kv = layers.scan_blocks(blocks, x_btd, rope, mask_bts, kv, cache_index,
+        x_btd, kv = scan_blocks(blocks, x_btd, rope, mask_bts, kv, cache_index,
                                        self.config.remat)
         return x_btd, None if cache is None else MLACache(*kv)
