@@ -432,11 +432,11 @@ def _sentencepiece_normalizer(norm) -> normalizers.Normalizer:
 # --------------------------------------------------------------------- GGUF
 
 def _read_gguf_metadata(path: Path) -> dict:
-    """The general.* and tokenizer.* metadata of a GGUF file, as Python values."""
-    from gguf import GGUFReader
+    """The general.* and tokenizer.* metadata of a GGUF file, as Python values (the header parser
+    of `distill.models.gguf`, the one the weights are read with)."""
+    from distill.models.gguf import read_gguf_metadata
 
-    reader = GGUFReader(str(path))
-    return {k: f.contents() for k, f in reader.fields.items() if k.startswith(("general.", "tokenizer."))}
+    return read_gguf_metadata(path)
 
 
 def _gguf_token(meta: dict, tokens: list[str], key: str) -> str | None:

@@ -1,8 +1,9 @@
 """Read llama.cpp GGUF checkpoints (``llama`` and ``qwen2`` architectures) in Hugging Face terms.
 
 A GGUF file is a key/value header, a tensor table and aligned tensor data. This module parses the
-header itself (it skips the vocabulary strings instead of decoding them, which makes it ~100x faster
-than ``gguf.GGUFReader`` on a real vocabulary), maps llama.cpp's metadata keys and tensor names to
+header itself, for the weights and for the tokenizer (`read_gguf_metadata`): loading a model reads
+no vocabulary strings, and even decoding all of them is several times faster than
+``gguf.GGUFReader`` (SmolLM2's 49,152 tokens and merges). It maps llama.cpp's metadata keys and tensor names to
 the ones transformers gives the same file (``transformers/modeling_gguf_pytorch_utils.py`` and
 ``transformers/integrations/ggml.py``), and dequantizes one tensor at a time with
 ``gguf.quants.dequantize``, so the rest of distill converts a GGUF with the weight table it uses
@@ -289,8 +290,9 @@ def _type_name(ggml_type: int) -> str:
 class _Cursor:
     """Sequential little-endian reads over the file's bytes; overruns raise ``struct.error``."""
 
-    def __init__(self, data: np.memmap):
+    def __init__(self, data: np.memmap, strings: tuple[str, ...] = ()):
         self.data, self.pos = data, 0
+        self.strings = strings  # metadata keys whose string arrays are read (else skipped)
 
     def unpack(self, codes: str) -> tuple:
         values = struct.unpack_from("<" + codes, self.data, self.pos)
@@ -305,7 +307,7 @@ class _Cursor:
         self.pos += length
         return raw.decode("utf-8")
 
-    def value(self, kind: int) -> Any:
+    def value(self, kind: int, key: str = "") -> Any:
         if kind in _SCALAR_CODES:
             return self.unpack(_SCALAR_CODES[kind])[0]
         if kind == _STRING:
@@ -313,6 +315,8 @@ class _Cursor:
         if kind != _ARRAY:
             raise struct.error(f"unknown metadata value type {kind}")
         element, count = self.unpack("IQ")
+        if element == _STRING and key.startswith(self.strings):
+            return [self.string() for _ in range(count)]
         if element == _STRING:  # a vocabulary or merge table: skip it, keep its length
             for _ in range(count):
                 (length,) = self.unpack("Q")
@@ -326,8 +330,16 @@ class _Cursor:
         return values
 
 
-def _read_header(path) -> _Header:
-    """Parse metadata and tensor table; every tensor must lie inside the file."""
+def read_gguf_metadata(path, prefixes: tuple[str, ...] = ("general.", "tokenizer.")) -> dict:
+    """The metadata under `prefixes` with every value whole, string arrays (the vocabulary, the
+    merges) included: what `distill.tokenizer.Tokenizer.from_gguf` rebuilds a tokenizer from."""
+    header = _read_header(path, strings=prefixes)
+    return {k: v for k, v in header.metadata.items() if k.startswith(prefixes)}
+
+
+def _read_header(path, strings: tuple[str, ...] = ()) -> _Header:
+    """Parse metadata and tensor table; every tensor must lie inside the file. String arrays are
+    read for the metadata keys starting with `strings`, only counted for the others."""
     path = Path(path)
     try:
         data = np.memmap(path, dtype=np.uint8, mode="r")
@@ -336,7 +348,7 @@ def _read_header(path) -> _Header:
     if bytes(data[:4]) != b"GGUF":
         raise DistillError(f"{path}: not a GGUF file (no GGUF magic bytes)")
     try:
-        cursor = _Cursor(data)
+        cursor = _Cursor(data, strings)
         metadata, tensor_count = _read_metadata(cursor, path)
         table = [_read_tensor_info(cursor) for _ in range(tensor_count)]
     except (struct.error, ValueError, UnicodeDecodeError) as error:
@@ -355,7 +367,7 @@ def _read_metadata(cursor: _Cursor, path: Path) -> tuple[dict, int]:
     for _ in range(kv_count):
         key = cursor.string()
         (kind,) = cursor.unpack("I")
-        metadata[key] = cursor.value(kind)
+        metadata[key] = cursor.value(kind, key)
     return metadata, tensor_count
 
 

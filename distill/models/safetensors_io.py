@@ -5,6 +5,11 @@ corrupt file is a one-line `DistillError` instead of a crash deep inside a copy.
 tensor list up front (the header comes first) and pulls each tensor's data when its turn comes,
 so a checkpoint never has to exist twice in host memory. Dtypes include bfloat16 and the FP8
 formats through ml_dtypes.
+
+Why not the `safetensors` package (measured with 0.8.0): `safe_open(..., framework="numpy")` (and
+"flax") raises `AttributeError: module 'numpy' has no attribute 'float8_e4m3fn'` on F8_E4M3 tensors,
+the format of DeepSeek-V3/R1's weights; and `safetensors.numpy.save_file` takes every tensor at
+once: writing 16 tensors of 64 MiB peaked at 1,050 MiB RSS there, 161 MiB with `write_file`.
 """
 
 from __future__ import annotations
