@@ -30,6 +30,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from distill.errors import DistillError
+from distill.fsutil import write_atomic
 
 DTypeName = Literal["float32", "bfloat16", "float16"]
 # remat policies (`distill.models.layers.REMAT_POLICIES` implements exactly these)
@@ -322,8 +323,6 @@ def load_config(schema: type[T], path: str | Path, overrides=(), *,
 def save_config(cfg: BaseModel, path: str | Path) -> Path:
     """Write a validated config as YAML, every field included and every path absolute, so it
     means the same when read back from any directory (atomically: a crash leaves the old file)."""
-    from distill.fsutil import write_atomic
-
     data = cfg.model_dump(mode="json")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -344,8 +343,6 @@ def load_model_config(path: str | Path, overrides=()) -> DenseConfig | MoEConfig
 
 def read_api_key(env_var: str, purpose: str) -> str:
     """The secret held by environment variable `env_var` (never logged or stored)."""
-    import os
-
     key = os.environ.get(env_var, "")
     if not key:
         raise DistillError(f"environment variable {env_var} is not set (it should hold the API "

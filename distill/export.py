@@ -15,6 +15,8 @@ import yaml
 from distill import runs
 from distill.errors import DistillError
 from distill.fsutil import write_atomic
+from distill.models import hf
+from distill.pretrained import hf_config, load_pretrained, model_kind, save_pretrained
 
 # DeepSeek-R1's recommendation for its distilled students (model card "Usage Recommendations").
 R1_GENERATION = {"do_sample": True, "temperature": 0.6, "top_p": 0.95}
@@ -26,8 +28,6 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, dtype: str = "bfloat1
     """Write the HF directory; returns its path. `eval_report`: an eval.json from `distill eval`
     to quote in the model card (default: none). Caveats about how other tools will read the
     export go to `on_warning` (default: `warnings.warn`)."""
-    from distill.pretrained import load_pretrained, model_kind, save_pretrained
-
     checkpoint = Path(checkpoint)
     kind = model_kind(checkpoint)
     if kind == "preset":
@@ -95,9 +95,6 @@ def _training_facts(run_dir: Path) -> tuple[dict, list[str], dict | None]:
 
 def model_card(run_dir: Path | None, source: str, model, eval_report, tokenizer=None) -> str:
     """The README.md of an exported model (a student, or a DeepSeek-V3 teacher)."""
-    from distill.models import hf
-    from distill.pretrained import hf_config
-
     c = model.config
     lines = ["---", "library_name: transformers", "tags: [distill, reasoning, distillation]", "---",
              "", f"# {Path(source).name}", "",

@@ -12,14 +12,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from distill.config import load_config, load_model_config, read_yaml
 from distill.errors import DistillError
+from distill.models import hf
+from distill.parallel import make_mesh, parse_mesh, state_shardings
+from distill.pretrained import read_hf_config
+from distill.train.config import LossConfig, TrainConfig, check_layout, check_seq_len
+from distill.train.losses import make_loss_fn
+from distill.train.optim import OptimConfig, make_optimizer, schedule
+from distill.train.step import TrainState, batch_sharding, make_step, state_sharding
 
 GiB = 2**30
 _VERDICT_LABEL = {"larger": "the larger of the analytic and XLA totals",
@@ -115,26 +126,6 @@ def parse_bytes(text: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Running with enough fake devices
-
-
-def ensure_devices(n: int, argv: list[str]) -> bool:
-    """True when this process can use n CPU devices; otherwise re-run `argv` in a child process
-    started with n fake CPU devices (JAX fixes its device count when it first starts)."""
-    import jax
-
-    if len(jax.devices("cpu")) >= n:
-        return True
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "DISTILL_PLAN_CHILD": "1",
-           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
-                        f"--xla_force_host_platform_device_count={n}".strip()}
-    if os.environ.get("DISTILL_PLAN_CHILD"):
-        raise DistillError(f"could not start {n} fake CPU devices")
-    proc = subprocess.run([sys.executable, "-m", "distill.cli", *argv], env=env)
-    raise SystemExit(proc.returncode)
-
-
-# ---------------------------------------------------------------------------------------------
 # Building the abstract problem
 
 
@@ -143,16 +134,12 @@ def _configs(config_path: Path, overrides, mesh_text: str, batch: int | None,
     """(model config, training config or None for a bare preset YAML). For a training config,
     --mesh / --batch / --seq-len become its `mesh` / `data.batch_size` / `data.seq_len`, validated
     as `distill train` validates them."""
-    from distill.config import load_model_config, read_yaml
-
     data = read_yaml(config_path)
     if "model" in data:
         return load_model_config(config_path, overrides), None
     if "student" not in data:
         raise DistillError(f"{config_path}: neither a model preset (model:) nor a training config "
                            "(student:)")
-    from distill.config import load_config
-    from distill.train.config import TrainConfig
 
     planned = [f"mesh={mesh_text}"]
     planned += [f"data.batch_size={batch}"] if batch is not None else []
@@ -163,9 +150,6 @@ def _configs(config_path: Path, overrides, mesh_text: str, batch: int | None,
         model = load_model_config(init, [f"model.param_dtype={cfg.student.param_dtype}",
                                          f"model.dtype={cfg.student.dtype}"])
     else:
-        from distill.models import hf
-        from distill.pretrained import read_hf_config
-
         model = hf.config_from_hf(read_hf_config(init), str(init),
                                   param_dtype=cfg.student.param_dtype, dtype=cfg.student.dtype)
     update = dict(cfg.student.config_overrides)
@@ -175,8 +159,6 @@ def _configs(config_path: Path, overrides, mesh_text: str, batch: int | None,
 
 
 def _shard_bytes(abstract_tree, shardings_tree) -> int:
-    import jax
-
     total = 0
     for x, s in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(
             shardings_tree, is_leaf=lambda v: isinstance(v, jax.sharding.Sharding)), strict=True):
@@ -200,16 +182,6 @@ def _compiler_figures(compiled) -> dict:
 
 def plan_train(model_cfg, train_cfg, mesh, batch: int, seq_len: int):
     """Compile the real training step for abstract sharded inputs; (compiled, analytic dict)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from distill.models import hf
-    from distill.train.config import LossConfig
-    from distill.train.losses import make_loss_fn
-    from distill.train.optim import OptimConfig, make_optimizer, schedule
-    from distill.train.step import TrainState, batch_sharding, make_step, state_sharding
 
     optim = train_cfg.optim if train_cfg else OptimConfig()
     loss = train_cfg.loss if train_cfg else LossConfig()
@@ -243,8 +215,6 @@ def _train_activation_bytes(cfg, mesh, batch: int, seq_len: int, loss) -> int:
     """Saved residual stream per layer (remat keeps only layer inputs), plus one layer's working
     set recomputed in the backward pass, plus the chunked loss head; batch over data x fsdp, the
     sequence over tensor (activations) and heads / MLP over tensor (inside a layer)."""
-    import numpy as np
-
     shape = dict(mesh.shape)
     rows = max(1, math.ceil(batch / (shape["data"] * shape["fsdp"])))
     tp = shape["tensor"]
@@ -265,13 +235,6 @@ def _train_activation_bytes(cfg, mesh, batch: int, seq_len: int, loss) -> int:
 
 def plan_generate(model_cfg, mesh, batch: int, seq_len: int):
     """Compile one decode step (one new token per row against a cache of `seq_len` slots)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from distill.models import hf
-    from distill.parallel import state_shardings
 
     graphdef, params = nnx.split(hf.abstract_model(model_cfg))
     p_sh = state_shardings(params, mesh)
@@ -302,8 +265,6 @@ def plan_generate(model_cfg, mesh, batch: int, seq_len: int):
 
 
 def _mesh_context(mesh):
-    import jax
-
     setter = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
     return setter(mesh)
 
@@ -314,12 +275,7 @@ def _mesh_context(mesh):
 def run_plan(config_path: str | Path, mesh_text: str, *, seq_len: int | None = None,
              batch: int | None = None, mode: str = "train", device_memory: str = "80GB",
              overrides=(), verdict: str = "larger") -> PlanReport:
-    """Compile and measure; the caller must have enough CPU devices (see `ensure_devices`)."""
-    import jax
-
-    from distill.models import hf
-    from distill.parallel import make_mesh, parse_mesh
-    from distill.train.config import check_layout, check_seq_len
+    """Compile and measure; the caller must have enough CPU devices (see `distill.parallel.ensure_cpu_devices`)."""
 
     config_path = Path(config_path)
     shape = parse_mesh(mesh_text)

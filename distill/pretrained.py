@@ -18,8 +18,10 @@ from jax.sharding import Mesh
 
 from distill.config import DenseConfig, MoEConfig, load_model_config
 from distill.errors import DistillError
-from distill.models import hf, hf_moe, safetensors_io
+from distill.models import gguf, hf, hf_moe, safetensors_io
+from distill.parallel import state_shardings
 from distill.runs import is_run, load_run
+from distill.tokenizer import Tokenizer
 
 
 def model_kind(path: str | Path) -> str:
@@ -55,8 +57,6 @@ def read_hf_config(directory: Path) -> dict:
 
 def init_model(cfg: DenseConfig | MoEConfig, seed: int = 0, mesh: Mesh | None = None) -> nnx.Module:
     """A randomly initialised model, created directly in its sharded layout when `mesh` is given."""
-    from distill.parallel import state_shardings
-
     model_cls = hf.model_class(cfg)
     abstract = nnx.eval_shape(lambda: model_cls(cfg, nnx.Rngs(seed)))
     # one compiled initialiser: far quicker than dispatching every parameter's init eagerly
@@ -74,8 +74,6 @@ def load_pretrained(path: str | Path, *, param_dtype: str = "float32", dtype: st
     (default: param_dtype). With a `mesh`, every weight is placed sharded as its logical axis
     names say while it streams in. The tokenizer is None when the path carries none.
     """
-    from distill.tokenizer import Tokenizer
-
     path = Path(path)
     kind = model_kind(path)
     runtime = {"param_dtype": param_dtype, "dtype": dtype or param_dtype}
@@ -87,8 +85,6 @@ def load_pretrained(path: str | Path, *, param_dtype: str = "float32", dtype: st
     if kind == "run":
         return load_run(path, mesh=mesh, **runtime)
     if kind == "gguf":
-        from distill.models import gguf
-
         cfg = hf.config_from_hf(gguf.read_gguf_config(path), str(path), **runtime)
         model = hf.build_from_tensors(cfg, gguf.iter_gguf_tensors(path), str(path), mesh)
         return model, Tokenizer.from_gguf(path)

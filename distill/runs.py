@@ -17,9 +17,17 @@ import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
 import yaml
+from flax import nnx
 
+from distill.config import ModelFile, save_config, validate
 from distill.errors import DistillError
+from distill.fsutil import write_atomic
+from distill.models import hf
+from distill.parallel import state_shardings
+from distill.tokenizer import Tokenizer
 
 CONFIG = "config.yaml"
 MODEL = "model.json"
@@ -37,9 +45,6 @@ def is_run(path: str | Path) -> bool:
 
 def write_run_files(run_dir: Path, cfg, model, tokenizer) -> None:
     """The resolved training config, the model config and the tokenizer, beside the checkpoints."""
-    from distill.config import save_config
-    from distill.fsutil import write_atomic
-
     save_config(cfg, run_dir / CONFIG)  # `distill train` reruns it from any directory
     write_atomic(run_dir / MODEL, model.config.model_dump_json(indent=2).encode())
     tokenizer.save_pretrained(run_dir / TOKENIZER)
@@ -53,8 +58,6 @@ def read_config(run_dir: str | Path) -> dict:
 
 def read_tokenizer(run_dir: str | Path):
     """The run's tokenizer, or None when it has none."""
-    from distill.tokenizer import Tokenizer
-
     path = Path(run_dir) / TOKENIZER
     return Tokenizer.from_pretrained(path) if path.is_dir() else None
 
@@ -67,8 +70,6 @@ def abstract_with_shardings(state, shardings):
 
 def latest_step(run_dir: str | Path) -> int | None:
     """The newest checkpoint's step, or None."""
-    import orbax.checkpoint as ocp
-
     manager = ocp.CheckpointManager(Path(run_dir, CHECKPOINTS).absolute())
     try:
         return manager.latest_step()
@@ -80,13 +81,6 @@ def load_run(run_dir: str | Path, *, param_dtype: str = "float32", dtype: str = 
              mesh=None, step: int | None = None):
     """(model, tokenizer) from a students/<run> directory: its model config, the parameters of its
     latest checkpoint (or `step`), placed sharded on `mesh` when given, and its tokenizer."""
-    import jax.numpy as jnp
-    import orbax.checkpoint as ocp
-    from flax import nnx
-
-    from distill.config import ModelFile, validate
-    from distill.models import hf
-    from distill.parallel import state_shardings
 
     run_dir = Path(run_dir)
     data = json.loads((run_dir / MODEL).read_text())

@@ -18,13 +18,16 @@ from pathlib import Path
 
 import jinja2
 import jinja2.ext
+import sentencepiece
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from sentencepiece import sentencepiece_model_pb2
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
 from tokenizers.models import BPE, Unigram
 
 from distill.errors import DistillError
 from distill.fsutil import write_atomic
+from distill.models.gguf import read_gguf_metadata
 
 # The DeepSeek-R1-Distill template (tokenizer_config.json of the six distills, current version):
 # the last system message goes raw after BOS, reasoning up to `</think>` is dropped from assistant
@@ -375,9 +378,6 @@ def _sentencepiece_backend(model: bytes) -> tuple[_Backend, dict[str, str | None
     whole, and makes control pieces special tokens (text between them is encoded chunk by chunk,
     each chunk with its own dummy prefix, as SentencePiece would encode each chunk alone).
     """
-    import sentencepiece
-    from sentencepiece import sentencepiece_model_pb2
-
     sentencepiece.SentencePieceProcessor(model_proto=model)  # validates the file
     proto = sentencepiece_model_pb2.ModelProto.FromString(model)
     trainer, norm, pieces = proto.trainer_spec, proto.normalizer_spec, proto.pieces
@@ -434,8 +434,6 @@ def _sentencepiece_normalizer(norm) -> normalizers.Normalizer:
 def _read_gguf_metadata(path: Path) -> dict:
     """The general.* and tokenizer.* metadata of a GGUF file, as Python values (the header parser
     of `distill.models.gguf`, the one the weights are read with)."""
-    from distill.models.gguf import read_gguf_metadata
-
     return read_gguf_metadata(path)
 
 

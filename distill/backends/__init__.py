@@ -7,8 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from distill.backends.http import HttpTeacherConfig
-from distill.backends.jax import JaxTeacherConfig
+from distill.backends.http import HttpTeacher, HttpTeacherConfig
+from distill.backends.jax import JaxTeacher, JaxTeacherConfig
 
 
 class OpenAITeacherConfig(HttpTeacherConfig):
@@ -23,9 +23,6 @@ TeacherConfig = Annotated[JaxTeacherConfig | OpenAITeacherConfig, Field(discrimi
 def make_teacher(cfg):
     """The backend a config describes (`kind: jax` loads the model into this process)."""
     if cfg.kind == "jax":
-        from distill.backends.jax import JaxTeacher
-
         return JaxTeacher(cfg)
-    from distill.backends.http import HttpTeacher
 
     return HttpTeacher(cfg)

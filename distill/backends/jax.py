@@ -7,10 +7,14 @@ import hashlib
 from collections.abc import Callable
 from typing import Literal
 
+from distill.chat import prompt_ids
 from distill.config import Frozen, InputPath
 from distill.data.records import PromptRecord, Sample
 from distill.errors import DistillError
+from distill.parallel import make_mesh, parse_mesh
+from distill.pretrained import load_pretrained
 from distill.sampling import DecodeModel, SamplingParams, generate, stop_ids
+from distill.tokenizer import Tokenizer
 
 
 class JaxTeacherConfig(Frozen):
@@ -36,10 +40,6 @@ class JaxTeacher:
     """Samples completions from a model loaded in this process."""
 
     def __init__(self, cfg: JaxTeacherConfig):
-        from distill.parallel import make_mesh, parse_mesh
-        from distill.pretrained import load_pretrained
-        from distill.tokenizer import Tokenizer
-
         self.cfg = cfg
         mesh = make_mesh(parse_mesh(cfg.mesh)) if cfg.mesh else None
         self.model, tokenizer = load_pretrained(cfg.model, param_dtype=cfg.dtype, mesh=mesh)
@@ -89,9 +89,6 @@ class JaxTeacher:
 def sample_text(model_path, prompt: str, params: SamplingParams, *, system=None, raw=False,
                 dtype="float32", overrides=()) -> str:
     """Load MODEL, generate one completion for `prompt`, return its text (`distill sample`)."""
-    from distill.chat import prompt_ids
-    from distill.pretrained import load_pretrained
-
     model, tokenizer = load_pretrained(model_path, param_dtype=dtype, overrides=overrides)
     if tokenizer is None:
         raise DistillError(f"{model_path}: no tokenizer found next to the model")

@@ -11,6 +11,19 @@ import json
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import distill
+from distill.backends.http import bench_http
+from distill.bench.moe import run
+from distill.bench.train import bench_train, bench_train_gpu_preset, train_table
+from distill.chat import prompt_ids
+from distill.models.experts import resolve_dispatch
+from distill.sampling import DecodeModel, SamplingParams, generate
+from distill.serve.app import ServerThread, build_app
+
 PROMPT = "Write a short story about a robot who learns to paint."
 
 
@@ -31,9 +44,6 @@ def decode_matmul_ms(cfg, batch: int, repeats: int = 3) -> float:
     `batch` rows through every layer's q, k, v, o, gate, up and down projections (separate
     per-layer weights, as the CPU decode path holds them) and the output head. It is a floor
     for a decode step on this machine, whatever the rest of the engine does."""
-    import jax
-    import jax.numpy as jnp
-
     D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     NH, KH = cfg.num_attention_heads * cfg.head_size, cfg.num_key_value_heads * cfg.head_size
     shapes = [(D, NH), (D, KH), (D, KH), (NH, D), (D, F), (D, F), (F, D)]
@@ -61,12 +71,9 @@ def bench_decode(gguf: Path, batch_sizes=(1, 16), new_tokens: int = 64, repeats:
     side's prefill and its time per decode step. `matmul_floor_ms` is `decode_matmul_ms`: what
     the step's matrix products alone take here, so `best_ratio` is the largest end-to-end ratio
     reachable with these matrix products (our prefill plus that floor per step)."""
-    import torch
+    import torch  # the hf extra: imported only where the reference side runs
     from transformers import AutoModelForCausalLM
 
-    import distill
-    from distill.chat import prompt_ids
-    from distill.sampling import DecodeModel, SamplingParams, generate
 
     model, tok = distill.load_pretrained(gguf)
     decoder = DecodeModel(model)  # its layer copies made once, outside the timed runs
@@ -106,9 +113,6 @@ def bench_decode(gguf: Path, batch_sizes=(1, 16), new_tokens: int = 64, repeats:
 def bench_moe_experts(tokens=(1, 2048)) -> list[dict]:
     """MoE layer time per token with 8 vs 64 routed experts (same top-k and expert width), on the
     dispatch path this backend picks; targets: growth <= 1.3x decoding, <= 1.5x for a prefill."""
-    from distill.bench.moe import run
-    from distill.models.experts import resolve_dispatch
-
     rows = run(tokens=tokens, num_experts=(8, 64), paths=(resolve_dispatch("auto"),))
     return [dict(r, benchmark="moe_experts") for r in rows]
 
@@ -118,13 +122,6 @@ def bench_generate(gguf: Path, prompts: int = 16, n: int = 4, new_tokens: int = 
     temperature 0.6, top-p 0.95, `n` samples a prompt, top-5 log-probabilities recorded) for the
     tiny MoE teacher and for SmolLM2-135M; and completed requests/s of the HTTP backend against
     `distill serve` (SmolLM2) on 127.0.0.1."""
-    import numpy as np
-
-    import distill
-    from distill.backends.http import bench_http
-    from distill.chat import prompt_ids
-    from distill.sampling import DecodeModel, SamplingParams, generate
-    from distill.serve.app import ServerThread, build_app
 
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.6, top_p=0.95, n=n,
                             logprobs=5)
@@ -182,8 +179,6 @@ def report(decode: list[dict], moe: list[dict], out: Path | None, generate: list
                      f"tok/s (concurrency {r['concurrency']})")
             lines.append(f"| {r['benchmark']} | {r['model']} | {value} |")
     if train:
-        from distill.bench.train import train_table
-
         lines += ["", *train_table(train)]
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -193,7 +188,5 @@ def report(decode: list[dict], moe: list[dict], out: Path | None, generate: list
 
 def main(gguf: Path, out: Path | None) -> str:
     """Run every benchmark that exists and return the tables."""
-    from distill.bench.train import bench_train, bench_train_gpu_preset
-
     return report(bench_decode(gguf), bench_moe_experts(), out, bench_generate(gguf),
                   bench_train(batch=4) + bench_train_gpu_preset())

@@ -31,10 +31,18 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from distill.config import DenseConfig, load_model_config
 from distill.errors import DistillError
-from distill.train.optim import OptimConfig
+from distill.models.hf import config_to_hf, param_count
+from distill.parallel import make_mesh
+from distill.pretrained import init_model
+from distill.train.config import LossConfig
+from distill.train.flops import dense_flops_per_token, matmul_peak
+from distill.train.losses import make_loss_fn
+from distill.train.optim import OptimConfig, make_optimizer, schedule
+from distill.train.step import TrainState, batch_sharding, compile_step, make_step, state_sharding
 
 # The SmolLM2-135M architecture (its config.json): a Llama with tied embeddings, 134.5M
 # parameters. It is the project's real-model case (fine-tuned, exported and compared with
@@ -129,8 +137,6 @@ def _random_batch(vocab: int, batch: int, seq_len: int) -> tuple[np.ndarray, np.
 
 def _peak(dtype: str, sizes: Sequence[int]) -> tuple[float, int]:
     """(best measured matmul FLOP/s, the size it was measured at)."""
-    from distill.train.flops import matmul_peak
-
     return max((matmul_peak(jnp.dtype(dtype), size, repeats=3), size) for size in sizes)
 
 
@@ -155,20 +161,6 @@ def _distill_steps(cfg: DenseConfig, tokens, targets, remats: Sequence[str], tot
                    memory_share: float) -> tuple[dict[tuple[str, str], StepFn], dict]:
     """One compiled step per remat policy, all threading one shared (donated) TrainState, and
     notes per policy: the step's temporary memory, or why it was skipped."""
-    from flax import nnx
-
-    from distill.parallel import make_mesh
-    from distill.pretrained import init_model
-    from distill.train.config import LossConfig
-    from distill.train.losses import make_loss_fn
-    from distill.train.optim import make_optimizer, schedule
-    from distill.train.step import (
-        TrainState,
-        batch_sharding,
-        compile_step,
-        make_step,
-        state_sharding,
-    )
 
     mesh = make_mesh({}, jax.devices()[:1])  # one device: the same hardware torch gets
     model = init_model(cfg, seed=0, mesh=mesh)
@@ -224,7 +216,7 @@ def _torch_steps(cfg: DenseConfig, tokens, targets, compile_too: bool
                  ) -> tuple[dict[tuple[str, str], StepFn], set]:
     """transformers' model of the same config with torch AdamW: eager (and torch.compile'd, which
     shares the parameters and optimizer). The compiled one is optional: it may fail to build."""
-    import torch
+    import torch  # the hf extra: imported only where the reference side runs
     import torch.nn.functional as F
 
     gpu = jax.default_backend() == "gpu"
@@ -262,10 +254,9 @@ def _torch_steps(cfg: DenseConfig, tokens, targets, compile_too: bool
 
 def _hf_model(cfg: DenseConfig):
     """LlamaForCausalLM / Qwen2ForCausalLM of the same config, float32, SDPA attention."""
-    import torch
+    import torch  # the hf extra: imported only where the reference side runs
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from distill.models.hf import config_to_hf
 
     hf = config_to_hf(cfg, "float32")
     hf.pop("architectures")
@@ -278,7 +269,7 @@ def _hf_model(cfg: DenseConfig):
 def _torch_adamw(model):
     """torch AdamW with OPTIM's hyper-parameters and decay on >= 2-D weights only (distill's
     mask: no decay on norm scales and biases); the fused kernel where this torch has it."""
-    import torch
+    import torch  # the hf extra: imported only where the reference side runs
 
     decay = [p for p in model.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if p.ndim < 2]
@@ -337,9 +328,6 @@ def _interleaved(fns: dict, steps: int, measure_peak: Callable[[], tuple[float, 
 
 
 def _rows(name, cfg, batch, seq_len, times, warm, peak, notes) -> list[dict]:
-    from distill.models.hf import param_count
-    from distill.train.flops import dense_flops_per_token
-
     flops_tok = dense_flops_per_token(cfg, seq_len)
     common = {"benchmark": "train", "model": name, "params": param_count(cfg), "batch": batch,
               "seq_len": seq_len, "dtype": cfg.dtype, "flops_per_token": flops_tok,

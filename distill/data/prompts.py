@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+import pyarrow.parquet as pq
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from distill.config import Frozen, check_input, resolve_path
@@ -257,8 +258,6 @@ def _parse_json_line(raw: bytes) -> Any:
 
 
 def _parquet_rows(path: Path, cols: list[str]) -> Iterator[tuple[str, Any]]:
-    import pyarrow.parquet as pq
-
     try:
         schema = pq.read_schema(path)
         _require_columns(schema.names, cols, str(path))
@@ -291,7 +290,7 @@ def _csv_rows(path: Path, cols: list[str]) -> Iterator[tuple[str, Any]]:
 
 
 def _load_disk(path: Path, split: str):
-    import datasets
+    import datasets  # here: ~1 s to import, and only hub and save_to_disk sources need it
 
     try:
         ds = datasets.load_from_disk(str(path))
@@ -306,7 +305,7 @@ def _load_disk(path: Path, split: str):
 
 
 def _load_hub(name: str, split: str, guessed: bool):
-    import datasets
+    import datasets  # here: ~1 s to import, and only hub and save_to_disk sources need it
 
     try:
         return datasets.load_dataset(name, split=split)

@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Literal, get_args
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from distill.data.prompts import is_heldout
+from distill.data.store import shard_paths
 from distill.errors import DistillError
 
 Keep = Literal["correct", "complete", "all"]  # which trace rows a reader keeps
@@ -80,7 +82,6 @@ def _shards(path: Path) -> list[Path]:
     if path.is_file() and path.suffix == ".parquet":
         return [path]
     if (path / "manifest.json").is_file():  # a `distill generate` run: checksums verified
-        from distill.data.store import shard_paths
 
         files = shard_paths(path)
         if files:
@@ -96,8 +97,6 @@ def _shards(path: Path) -> list[Path]:
 
 def _read_dataset(path: Path, keep: str, with_teacher: bool, in_split=lambda _: True
                   ) -> tuple[Trace, ...]:
-    import pyarrow.parquet as pq
-
     columns = _TRACE_COLUMNS + (_TEACHER_COLUMNS if with_teacher else ())
     kept, rows = [], 0
     for shard in _shards(path):

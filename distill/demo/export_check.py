@@ -16,6 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+import distill
+from distill.export import export
+from distill.sampling import SamplingParams, generate
+
 GREEDY_CHECK = 32  # tokens of greedy generation that distill and transformers must agree on
 HF_EXTRA = "pip install 'distill[hf]'"
 
@@ -29,9 +33,6 @@ def transformers_missing() -> str | None:
 def export_and_check(work: Path, best: str, eval_report: Path, question: dict) -> dict:
     """Export run `work/best` (float32) to `work/export`, reload it with distill and, where
     installed, with transformers. `question`: a held-out {"prompt", "answer"} to decode."""
-    import distill
-    from distill.export import export
-
     out = export(work / best, work / "export", dtype="float32", force=True,
                  eval_report=eval_report)
     ours, tok = distill.load_pretrained(work / best)
@@ -60,7 +61,6 @@ def _transformers_check(out: Path, ours, tok, messages: list[dict], ids: list[in
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distill.sampling import SamplingParams, generate
 
     theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(out)

@@ -38,13 +38,26 @@ import shutil
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import yaml
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
-from distill.config import resolve_path, save_config, validate
+from distill.config import load_model_config, resolve_path, save_config, validate
+from distill.data.prompts import PromptsConfig
+from distill.data.synthetic import arithmetic_problems, final_answer, solution_reasoning
+from distill.demo.export_check import export_stage, stage_result, summary_line
+from distill.demo.tokenizer import train_tokenizer
 from distill.errors import DistillError
 from distill.eval import metrics
+from distill.eval.evaluate import EvalConfig, run_eval
 from distill.models import hf
+from distill.traces.generate import GenerateConfig, run_generate
+from distill.traces.reference import write_reference_traces
+from distill.train.config import TrainConfig
+from distill.train.loop import run_train
 
 TARGET_RATIO = 0.8  # the student's held-out pass@1 over the teacher's, at least
 
@@ -160,9 +173,6 @@ def run_demo(work_dir: str | Path = "students/demo", budget: str | Budget = "ful
     """Run every stage (see the module doc) under `work_dir`, print the summary and return its
     figures (also written to `work_dir`/summary.json). `budget`: "full", "quick" or a Budget;
     `fresh` deletes `work_dir` first (the cached teacher included)."""
-    from rich.console import Console
-
-    from distill.demo.export_check import export_stage, stage_result
 
     if isinstance(budget, Budget):
         b, budget = budget, "custom"
@@ -233,9 +243,6 @@ def _chains(b: Budget, seed: int = TRAIN_SEED) -> dict:
 
 def _tokenizer(work: Path, b: Budget):
     """Train the tokenizer on the training problems with their solutions."""
-    from distill.data.synthetic import arithmetic_problems, final_answer, solution_reasoning
-    from distill.demo.tokenizer import train_tokenizer
-
     problems = arithmetic_problems(min(b.train_problems, 2000), **_chains(b))
     corpus = [f"{p.question}\n{solution_reasoning(p)}\n</think>\n\n{final_answer(p)}"
               for p in problems]
@@ -276,16 +283,12 @@ def _train_config(work: Path, name: str, init: Path, traces: Path, sched: Schedu
                      "checkpoint_every": sched.steps,
                      "async_checkpoints": False},
            "output_root": str(work)}
-    from distill.train.config import TrainConfig
 
     return _write_config(TrainConfig, work / "configs" / f"{name}.yaml", cfg)
 
 
 def _train(config: Path, progress: bool) -> float:
     """Train a run from scratch on one device; returns the last logged loss."""
-    import jax
-
-    from distill.train.loop import run_train
 
     cfg = yaml.safe_load(config.read_text())
     run_dir = Path(cfg["output_root"]) / cfg["name"]
@@ -297,9 +300,6 @@ def _train(config: Path, progress: bool) -> float:
 
 def _teacher(work: Path, b: Budget, preset: Path, progress: bool) -> tuple[Path, bool]:
     """The trained teacher run dir, and whether it was reused from an earlier run."""
-    from distill.data.prompts import PromptsConfig
-    from distill.traces.reference import write_reference_traces
-
     run_dir = work / "teacher"
     data = work / "data" / "reference"
     cfg = _train_config(work, "teacher", preset, data, b.teacher, {"kind": "sft"})
@@ -324,8 +324,6 @@ def _cache_key(config: Path, preset: Path, tokenizer: Path, prompts: dict) -> st
 
 def _traces(work: Path, b: Budget, teacher: Path, progress: bool) -> dict:
     """Teacher traces of the first `trace_prompts` training prompts (one sample each)."""
-    from distill.traces.generate import GenerateConfig, run_generate
-
     cfg = {"name": "traces", "prompts": _prompts(b, limit=b.trace_prompts),
            "teacher": {"kind": "jax", "model": str(teacher), "batch_size": 256},
            "sampling": {"n": 1, "temperature": TRACE_TEMPERATURE, "top_p": 1.0,
@@ -344,9 +342,6 @@ def _traces(work: Path, b: Budget, teacher: Path, progress: bool) -> dict:
 def _answers_only(work: Path, b: Budget) -> Path:
     """The baseline's data: the same prompts as the traces, with the reference answer and no
     reasoning."""
-    from distill.data.prompts import PromptsConfig
-    from distill.traces.reference import write_reference_traces
-
     prompts = PromptsConfig.model_validate(_prompts(b, limit=b.trace_prompts))
     return write_reference_traces(prompts, work / "data" / "answers-only", answers_only=True)
 
@@ -361,8 +356,6 @@ def _student(work: Path, b: Budget, name: str, traces: Path, loss: dict, preset:
 def _eval_prompts(work: Path, b: Budget) -> Path:
     """Held-out problems as a JSONL file: seed EVAL_SEED, minus any question the training set
     has (a chain drawn twice would otherwise test memory, not reasoning), each question once."""
-    from distill.data.synthetic import arithmetic_problems
-
     seen = {p.question for p in arithmetic_problems(b.train_problems, **_chains(b))}
     fresh = []
     for p in arithmetic_problems(10 * b.eval_prompts, **_chains(b, EVAL_SEED)):
@@ -380,8 +373,6 @@ def _eval_prompts(work: Path, b: Budget) -> Path:
 
 
 def _evaluate(work: Path, b: Budget, teacher: Path, student_preset: Path, progress: bool) -> dict:
-    from distill.eval.evaluate import EvalConfig, run_eval
-
     models = [{"name": "teacher", "model": str(teacher), "role": "teacher", "batch_size": 256}]
     models += [{"name": n, "model": str(work / n), "batch_size": 256} for n in STUDENTS]
     if b.eval_untrained:
@@ -419,8 +410,6 @@ def _scores(report: dict, samples: Path) -> dict:
 
 
 def _model_params(work: Path) -> dict[str, tuple[int, int]]:
-    from distill.config import load_model_config
-
     return {name: hf.active_params(load_model_config(work / "presets" / f"{name}.yaml"))
             for name in ("teacher", "student")}
 
@@ -450,8 +439,6 @@ def _summary(b: Budget, budget: str, stages: list[Stage], scores: dict, best: st
 
 
 def _print_summary(console, s: dict) -> None:
-    from rich.table import Table
-
     k = s["settings"]["eval_k"]
     table = Table(title=f"distill demo ({s['budget']} budget): held-out accuracy, "
                         f"{s['settings']['eval_prompts']} prompts")
@@ -493,9 +480,7 @@ def verdict_lines(s: dict) -> list[str]:
         "made no clear difference (within noise)")
     lines.append(f"logit loss added to SFT: {helped}, {100 * d:+.1f} points "
                  f"(95% CI +/- {100 * h:.1f})")
-    from rich.markup import escape
 
-    from distill.demo.export_check import summary_line
 
     lines.append(escape(summary_line(s["export"])))  # plain text: "[hf]" is not a style
     return lines

@@ -18,6 +18,8 @@ import io
 from collections.abc import Iterable
 from pathlib import Path
 
+import sentencepiece as spm
+
 from distill.errors import DistillError
 from distill.tokenizer import R1_DISTILL_CHAT_TEMPLATE, Tokenizer
 
@@ -37,8 +39,6 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
 
     `vocab_size` is an upper bound: a corpus with fewer distinct merges gives a smaller vocabulary.
     """
-    import sentencepiece as spm
-
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(

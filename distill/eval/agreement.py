@@ -25,11 +25,18 @@ import json
 from functools import partial
 from pathlib import Path
 
+import jax
 import numpy as np
+from flax import nnx
 
 from distill import runs
+from distill.data.render import render_example
+from distill.data.store import read_manifest
+from distill.data.traces import read_traces
 from distill.errors import DistillError
 from distill.eval.config import KLConfig
+from distill.losses import TeacherTopK, chunked_loss
+from distill.tokenizer import Tokenizer
 
 _BUCKET = 64  # sequences are right-padded to a multiple of this (fewer recompiles)
 
@@ -44,8 +51,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def load_tokenizer(path: str | Path):
     """The tokenizer of any MODEL path (HF directory, GGUF file, students/<run>, tokenizer
     directory), or None when the path carries none (a preset YAML)."""
-    from distill.tokenizer import Tokenizer
-
     p = Path(path)
     if not p.exists():
         raise DistillError(f"{p}: no such file or directory (the teacher's tokenizer)")
@@ -59,8 +64,6 @@ def load_tokenizer(path: str | Path):
 def teacher_tokenizer(cfg: KLConfig, teacher_entry):
     """(tokenizer, None) or (None, why not): kl.tokenizer, else the jax teacher entry's
     tokenizer or model, else the model named by the traces' manifest (a jax teacher)."""
-    from distill.data.store import read_manifest
-
     if cfg.tokenizer:
         return load_tokenizer(cfg.tokenizer), None
     if teacher_entry is not None and teacher_entry.kind == "jax":
@@ -74,8 +77,6 @@ def teacher_tokenizer(cfg: KLConfig, teacher_entry):
 def load_kl_traces(cfg: KLConfig, prompt_ids: set[str]) -> list:
     """The first `max_samples` traces (run order) that carry teacher top-k log-probabilities,
     of the evaluated prompts only when `only_eval_prompts`."""
-    from distill.data.traces import read_traces
-
     path = Path(cfg.traces)
     [traces] = read_traces([path], keep="all", with_teacher=True).datasets
     kept = [t for t in traces if t.top_ids is not None and len(t.top_ids)
@@ -89,8 +90,6 @@ def load_kl_traces(cfg: KLConfig, prompt_ids: set[str]) -> list:
 
 def _prepare(trace, tokenizer) -> dict | None:
     """Padded [1, T] arrays for one trace, or None when its top-k rows do not line up."""
-    from distill.data.render import render_example
-
     try:
         ids, mask = render_example(tokenizer, trace.prompt, trace.reasoning, trace.answer)
     except DistillError:
@@ -118,10 +117,6 @@ def _prepare(trace, tokenizer) -> dict | None:
 
 
 def _score_fn():
-    import jax
-    from flax import nnx
-
-    from distill.losses import TeacherTopK, chunked_loss
 
     @partial(jax.jit, static_argnums=0)
     def score(graphdef, state, tokens, targets, mask, top_ids, top_lps):
@@ -136,8 +131,6 @@ def _score_fn():
 
 def agreement(model, tokenizer, traces: list) -> dict:
     """{"traces", "skipped", "tokens", "kl", "top1_agreement"} of a student on `traces`."""
-    from flax import nnx
-
     score = _score_fn()
     graphdef, state = nnx.split(model)
     kl_sum = kl_tokens = hits = tokens = 0.0

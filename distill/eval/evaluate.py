@@ -26,12 +26,25 @@ import logging
 import time
 from pathlib import Path
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
 from distill import runs
+from distill.backends import make_teacher
 from distill.chat import split_think
 from distill.config import load_config, resolve_path
+from distill.data.prompts import load_prompts
 from distill.data.records import PromptRecord, Sample
 from distill.errors import DistillError
+from distill.eval.agreement import (
+    agreement,
+    load_kl_traces,
+    teacher_tokenizer,
+    tokenizer_fingerprint,
+)
 from distill.eval.config import EvalConfig, model_name
+from distill.eval.report import build_report, write_outputs
+from distill.pretrained import model_kind
 from distill.sampling import SamplingParams
 from distill.verify import answers_match, extract_answer
 
@@ -75,9 +88,6 @@ def load_eval_config(path: str | Path, overrides=(), *, check_paths: bool = Fals
 
 def run_eval(config_path: str | Path, overrides=(), *, progress: bool = True) -> dict:
     """Evaluate the models a config lists and write the report; returns the eval.json content."""
-    from distill.data.prompts import load_prompts
-    from distill.eval.report import build_report, write_outputs
-
     config_path = Path(config_path)
     cfg = load_eval_config(config_path, overrides, check_paths=True)
     name = cfg.name or config_path.stem
@@ -110,8 +120,6 @@ def _check_references(prompts: list[PromptRecord], config_path: Path) -> None:
 
 def _check_models(cfg: EvalConfig) -> None:
     """A model path that is not a model fails here, in one line, before any model is sampled."""
-    from distill.pretrained import model_kind
-
     for entry in cfg.models:
         if entry.kind == "jax":
             model_kind(entry.model)
@@ -127,11 +135,6 @@ class _KL:
 def _prepare_kl(cfg: EvalConfig, prompts: list[PromptRecord]) -> _KL | None:
     if cfg.kl is None:
         return None
-    from distill.eval.agreement import (
-        load_kl_traces,
-        teacher_tokenizer,
-        tokenizer_fingerprint,
-    )
 
     traces = load_kl_traces(cfg.kl, {p.id for p in prompts})
     teacher = next((m for m in cfg.models if m.role == "teacher"), None)
@@ -148,8 +151,6 @@ def _prepare_kl(cfg: EvalConfig, prompts: list[PromptRecord]) -> _KL | None:
 def evaluate_model(entry, prompts: list[PromptRecord], cfg: EvalConfig, kl: _KL | None,
                    bar=None) -> ModelRun:
     """Sample, check and (when it applies) score one model."""
-    from distill.backends import make_teacher
-
     name = model_name(entry)
     p = cfg.protocol
     params = SamplingParams(max_new_tokens=p.max_new_tokens, temperature=p.temperature,
@@ -204,7 +205,6 @@ def _agreement(entry, backend, kl: _KL | None) -> tuple[dict | None, list[str]]:
         return None, ["KL: needs the model in process (an HTTP model gives no logits)"]
     if kl.fingerprint is None:
         return None, [f"KL: {kl.note}"]
-    from distill.eval.agreement import agreement, tokenizer_fingerprint
 
     if tokenizer_fingerprint(backend.tokenizer) != kl.fingerprint:
         return None, ["KL: the tokenizer differs from the teacher's, so the stored teacher "
@@ -238,9 +238,6 @@ class _Progress:
     """A rich progress bar per model: samples done of all (k per prompt, plus greedy)."""
 
     def __init__(self, enabled: bool):
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
         self.bar = Progress(TextColumn("[bold]eval {task.description}"), BarColumn(),
                             MofNCompleteColumn(), TextColumn("samples · {task.fields[tps]:.1f} tok/s"),
                             console=Console(stderr=True), disable=not enabled)

@@ -17,6 +17,9 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +27,6 @@ _DPI = 120
 
 
 def _figure(width: float = 7.0, height: float = 4.2):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig, fig.add_subplot()
@@ -153,8 +153,6 @@ def loss_curve(curves: dict[str, list[dict]], path: Path) -> bool:
 
 
 def _colors(n: int) -> list:
-    from matplotlib import colormaps
-
     cmap = colormaps["tab10"]
     return [cmap(i % 10) for i in range(n)]
 

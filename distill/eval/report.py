@@ -14,6 +14,7 @@ from pathlib import Path
 
 from distill.data.records import PromptRecord
 from distill.eval import metrics as M
+from distill.eval import plots
 from distill.eval.config import EvalConfig
 from distill.fsutil import fsync_dir
 
@@ -142,8 +143,6 @@ def sample_rows(runs: list, prompts: list[PromptRecord]):
 def write_outputs(out_dir: Path, report: dict, runs: list, prompts: list[PromptRecord],
                   loss_curves: dict[str, Path]) -> None:
     """Write every file into a temporary sibling folder, then swap it in for `out_dir`."""
-    from distill.eval import plots
-
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:

@@ -17,7 +17,7 @@ from distill.config import DenseConfig
 from distill.models import layers
 from distill.models.attention import attention
 from distill.models.decoder import CausalLM, PreNormBlocks, scan_blocks
-from distill.models.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from distill.models.rope import apply_rope, rope_tables
 
 
 class KVCache(NamedTuple):
@@ -69,7 +69,7 @@ class Attention(nnx.Module):
                                              (0, 0, cache_index, 0))
             kv = (k, v)
             out_btnh = attention(q, k.astype(dt), v.astype(dt), mask_bts, self.scale,
-                                        kv_layout="bksh")
+                                 kv_layout="bksh")
         return jnp.einsum("btnh,nhd->btd", out_btnh, self.wo_nhd[...].astype(dt)), kv
 
 
@@ -137,11 +137,9 @@ class DenseDecoder(CausalLM):
         """Embed, scan the blocks, final norm. Returns hidden [B, T, D] and the cache."""
         cfg = self.config
         x = self.embed(tokens_bt, jnp.dtype(cfg.dtype))
-        inv_freq, factor = rope_inv_freq(
-            cfg.head_size, cfg.rope_theta, cfg.rope_scaling.as_hf() if cfg.rope_scaling else None)
-        rope = rope_cos_sin(positions_bt, inv_freq, factor)
+        rope = rope_tables(positions_bt, cfg.head_size, cfg.rope_theta, cfg.rope_scaling)
         kv = None if cache is None else (cache.k, cache.v)
         x, kv = scan_blocks(self.blocks, x, rope, mask_bts, kv, cache_index, cfg.remat,
-                                   slot_axis=2)
+                            slot_axis=2)
         cache = None if cache is None else KVCache(*kv)
         return layers.rms_norm(x, self.final_norm_d[...], cfg.rms_norm_eps), cache

@@ -28,10 +28,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from distill.config import DenseConfig, MoEConfig, RopeScaling
+from distill.config import DenseConfig, MoEConfig, RopeScaling, validate
 from distill.errors import DistillError
 from distill.models import safetensors_io
 from distill.models.dense import DenseDecoder
+from distill.models.moe import MoEDecoder
+from distill.parallel import variable_sharding
 
 Row = tuple[str, str, str]
 
@@ -85,7 +87,6 @@ def config_from_hf(hf: dict, source: str = "config.json", **runtime) -> DenseCon
     data.update(family=family, rope_theta=theta, rope_scaling=scaling,
                 attention_bias=True if family == "qwen2" else bool(hf.get("attention_bias", False)))
     data.update(runtime)
-    from distill.config import validate  # local: config imports nothing from models
 
     try:
         return validate(DenseConfig, data, source)
@@ -221,8 +222,6 @@ def native_to_hf(x: np.ndarray, layout: str) -> np.ndarray:
 def model_class(cfg) -> type[nnx.Module]:
     """The decoder class a config describes (dense student or MoE teacher)."""
     if isinstance(cfg, MoEConfig):
-        from distill.models.moe import MoEDecoder
-
         return MoEDecoder
     return DenseDecoder
 
@@ -250,8 +249,6 @@ def build_from_tensors(cfg, tensors: Iterable[tuple[str, np.ndarray]], source: s
     tensor at a time, not a stacked parameter (DeepSeek-V3's routed experts are 58 x 256 x 7168 x
     2048 per projection, 436 GB in bfloat16).
     """
-    from distill.parallel import variable_sharding
-
     graphdef, state = nnx.split(abstract_model(cfg, model_cls))
     abstract = dict(nnx.to_flat_state(state))
     entries = _compile_table(table)

@@ -19,7 +19,7 @@ from distill.models import experts, layers
 from distill.models.decoder import CausalLM, PreNormBlocks, scan_blocks
 from distill.models.dense import Embed
 from distill.models.mla import MLACache, MLAttention
-from distill.models.rope import rope_cos_sin, rope_inv_freq
+from distill.models.rope import rope_tables
 
 
 class MoECache(NamedTuple):
@@ -114,9 +114,7 @@ class MoEDecoder(CausalLM):
         """Embed, scan the dense stack then the MoE stack, final norm -> hidden [B, T, D], cache."""
         cfg = self.config
         x = self.embed(tokens_bt, jnp.dtype(cfg.dtype))
-        inv_freq, factor = rope_inv_freq(
-            cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling.as_hf() if cfg.rope_scaling else None)
-        rope = rope_cos_sin(positions_bt, inv_freq, factor)
+        rope = rope_tables(positions_bt, cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
         caches = (None, None) if cache is None else (cache.dense, cache.moe)
         new = []
         for blocks, stack_cache in zip((self.dense_blocks, self.moe_blocks), caches, strict=True):
@@ -131,5 +129,5 @@ class MoEDecoder(CausalLM):
     def _scan(self, blocks, x_btd, rope, mask_bts, cache: MLACache | None, cache_index):
         kv = None if cache is None else tuple(cache)
         x_btd, kv = scan_blocks(blocks, x_btd, rope, mask_bts, kv, cache_index,
-                                       self.config.remat)
+                                self.config.remat)
         return x_btd, None if cache is None else MLACache(*kv)

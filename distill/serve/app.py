@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -21,6 +22,7 @@ from starlette.routing import Route
 from distill.chat import THINK_OPEN, split_reasoning
 from distill.config import read_api_key
 from distill.errors import DistillError
+from distill.pretrained import load_pretrained
 from distill.sampling import Completion
 from distill.serve.engine import BatchEngine, Job
 from distill.serve.protocol import (
@@ -231,8 +233,6 @@ def _url(sock: socket.socket) -> str:
 
 
 def _uvicorn(app, **kw):
-    import uvicorn
-
     # h11 everywhere (tests/faults.py drops connections the way h11 allows)
     return uvicorn.Server(uvicorn.Config(app, http="h11", lifespan="on", log_level="warning", **kw))
 
@@ -283,8 +283,6 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8000, *, model_name: 
           default_max_tokens: int = 1024, api_key_env: str | None = None, echo=print) -> None:
     """Load MODEL and serve it until interrupted. The port is taken before the (slow) load, so a
     busy one fails at once; `echo` receives the line that says where the server listens."""
-    from distill.pretrained import load_pretrained
-
     api_key = read_api_key(api_key_env, "clients must send") if api_key_env else None
     sock = bind_socket(host, port)
     model, tokenizer = load_pretrained(model_path, param_dtype=dtype)

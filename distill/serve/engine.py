@@ -13,7 +13,7 @@ import threading
 import time
 import zlib
 
-from distill.sampling import Completion, DecodeModel, SamplingParams, generate
+from distill.sampling import Completion, DecodeModel, SamplingParams, generate, stop_ids
 from distill.serve.protocol import StreamText
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,6 @@ class BatchEngine:
     """
 
     def __init__(self, model, tokenizer, max_batch: int = 16, batch_wait_ms: float = 10.0):
-        from distill.sampling import stop_ids
-
         self.model, self.tokenizer = model, tokenizer
         self.decoder = DecodeModel(model)  # prepared once for every batch
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_ms / 1000

@@ -1,2 +1,2 @@
-"""Teacher traces: prompt sources, teacher backends, answer checking and filters, the shard store,
-and `distill generate`, which ties them together."""
+"""`distill generate`: prompts -> teacher -> answer checks and rejection filters -> a checksummed,
+resumable shard store of reasoning traces (`generate.run_generate`)."""

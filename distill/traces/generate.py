@@ -23,6 +23,7 @@ from distill.data.records import PromptRecord, Sample, record_id
 from distill.errors import DistillError
 from distill.sampling import NewTokens, SamplingParams, Temperature, TopLogprobs, TopP
 from distill.traces.filters import FiltersConfig, Judge
+from distill.traces.progress import GenerateProgress
 from distill.traces.store import TraceStore
 
 
@@ -150,7 +151,6 @@ def run_generate(config_path: str | Path, overrides=(), *, overwrite: bool = Fal
         teacher_name = _teacher_name(teacher.identity)
         store.set_info(teacher=teacher.identity, prompt_count=len(prompts),
                        tokenizer=getattr(teacher, "tokenizer_identity", None))
-        from distill.traces.progress import GenerateProgress
 
         with GenerateProgress(len(prompts), cfg.sampling.n, store.totals(),
                               enabled=progress) as bar:

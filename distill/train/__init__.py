@@ -1,3 +1,2 @@
-"""Student training: the data pipeline (chat rendering, loss masks, packing, resumable order), the
-losses (SFT cross-entropy and top-k logit distillation, chunked over the sequence), the training
-step, the loop and its checkpoints."""
+"""`distill train`: fine-tunes a student on traces (`loop.run_train`): the data stream, the
+objective, the optimizer, the sharded step, the loop and its checkpoints."""

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 
 from distill.config import Frozen, InputPath, OutputPath, RematName
 from distill.errors import DistillError
+from distill.parallel import parse_mesh
 from distill.train.data import DataConfig
 from distill.train.optim import OptimConfig
 
@@ -76,8 +77,6 @@ class TrainConfig(Frozen):
     @classmethod
     def _mesh_parses(cls, mesh: str | None) -> str | None:
         if mesh is not None:
-            from distill.parallel import parse_mesh
-
             try:
                 parse_mesh(mesh)
             except DistillError as e:

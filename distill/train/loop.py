@@ -20,16 +20,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tensorboardX import SummaryWriter
 
-from distill.config import load_config
+from distill.config import DenseConfig, load_config, validate
 from distill.errors import DistillError
 from distill.parallel import make_mesh, parse_mesh
+from distill.pretrained import load_pretrained
 from distill.runs import CHECKPOINTS, METRICS, TENSORBOARD, abstract_with_shardings, write_run_files
+from distill.tokenizer import Tokenizer
 from distill.train.checkpoint import Checkpoints
 from distill.train.config import TrainConfig, check_layout, check_seq_len
 from distill.train.data import DataState, TrainData
+from distill.train.flops import dense_flops_per_token
 from distill.train.losses import make_loss_fn
 from distill.train.optim import make_optimizer, schedule
+from distill.train.progress import TrainProgress
 from distill.train.step import TrainState, batch_sharding, compile_step, make_step, state_sharding
 
 
@@ -58,9 +63,6 @@ def init_distributed(cfg) -> None:
 
 def load_student(cfg: TrainConfig, mesh):
     """(model, tokenizer) placed sharded on `mesh`."""
-    from distill.pretrained import load_pretrained
-    from distill.tokenizer import Tokenizer
-
     s = cfg.student
     model, tokenizer = load_pretrained(s.init, param_dtype=s.param_dtype, dtype=s.dtype, mesh=mesh,
                                        seed=cfg.train.seed)
@@ -72,7 +74,6 @@ def load_student(cfg: TrainConfig, mesh):
     if s.remat is not None:
         update["remat"] = s.remat
     if update:  # validated again: a bad value names the field
-        from distill.config import validate
 
         cfg = model.config
         model.config = validate(type(cfg), {**cfg.model_dump(), **update}, "student.config_overrides")
@@ -85,8 +86,6 @@ class MetricsLog:
     def __init__(self, run_dir: Path, enabled: bool):
         self.enabled = enabled
         if enabled:
-            from tensorboardX import SummaryWriter
-
             self.jsonl = open(run_dir / METRICS, "a")
             self.tb = SummaryWriter(str(run_dir / TENSORBOARD))
 
@@ -181,7 +180,6 @@ def run_train(config_path: str | Path, overrides=(), *, progress: bool = True,
     start = int(state.step)
     flops_tok = _flops_per_token(model_cfg, cfg.data.seq_len)
     stats = data.pack_stats(0)
-    from distill.train.progress import TrainProgress
 
     logged, stopped = [], False
     batches = data.batches(data_state)
@@ -222,9 +220,6 @@ def run_train(config_path: str | Path, overrides=(), *, progress: bool = True,
 
 def _flops_per_token(model_cfg, seq_len: int) -> float:
     """Analytic training FLOPs per token (dense students; 0 where not counted)."""
-    from distill.config import DenseConfig
-    from distill.train.flops import dense_flops_per_token
-
     return dense_flops_per_token(model_cfg, seq_len) if isinstance(model_cfg, DenseConfig) else 0.0
 
 
