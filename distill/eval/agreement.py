@@ -1,7 +1,7 @@
 """Per-token agreement of a student with the teacher on the teacher's own traces.
 
 Each trace is rendered for the student exactly as training renders it
-(`distill.train.data.render_example`: chat-templated prompt, then
+(`distill.data.render.render_example`: chat-templated prompt, then
 `{reasoning}\\n</think>\\n\\n{answer}` and EOS), and the student runs one forward pass over it.
 At completion token j the teacher's stored top-k (ids and log-probabilities) meets the student's
 next-token distribution p at the position before it:

@@ -203,5 +203,5 @@ import datasets
 ds = datasets.load_dataset("parquet", data_dir="{run_dir.as_posix()}/data")
 ```
 
-Each shard's sha256 is in `manifest.json`; `distill.traces.store.read_table(run_dir)` verifies them.
+Each shard's sha256 is in `manifest.json`; `distill.data.store.read_table(run_dir)` verifies them.
 """
