@@ -224,9 +224,9 @@ def plan(config, mesh, seq_len, batch, mode, device_memory, verdict, overrides):
     """
     import math
 
-    from distill.parallel import ensure_cpu_devices, parse_mesh
+    from distill.parallel import parse_mesh
 
-    ensure_cpu_devices(math.prod(parse_mesh(mesh).values()), sys.argv[1:])
+    _ensure_cpu_devices(math.prod(parse_mesh(mesh).values()))
     from distill.plan import run_plan  # after: a child process with the devices may re-run us
 
     report = run_plan(config, mesh, seq_len=seq_len, batch=batch, mode=mode,
@@ -277,6 +277,25 @@ def demo(work_dir, quick, fresh, quiet):
     from distill.demo.pipeline import run_demo
 
     run_demo(work_dir, "quick" if quick else "full", fresh=fresh, progress=not quiet)
+
+
+def _ensure_cpu_devices(n: int) -> None:
+    """Return when this process has n CPU devices; otherwise re-run this command line in a child
+    process started with n fake CPU devices (JAX fixes its device count when it first starts) and
+    exit with its exit code."""
+    import subprocess
+
+    import jax
+
+    if len(jax.devices("cpu")) >= n:
+        return
+    if os.environ.get("DISTILL_FAKE_DEVICES_CHILD"):
+        raise DistillError(f"could not start {n} fake CPU devices")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "DISTILL_FAKE_DEVICES_CHILD": "1",
+           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
+                        f"--xla_force_host_platform_device_count={n}".strip()}
+    proc = subprocess.run([sys.executable, "-m", "distill.cli", *sys.argv[1:]], env=env)
+    raise SystemExit(proc.returncode)
 
 
 def main() -> None:

@@ -8,9 +8,6 @@ replicated along it, so one rules table serves every preset on every mesh.
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -122,18 +119,3 @@ def shard_module(module: nnx.Module, mesh: Mesh) -> nnx.Module:
     state = nnx.state(module)
     nnx.update(module, jax.device_put(state, state_shardings(state, mesh)))
     return module
-
-
-def ensure_cpu_devices(n: int, argv: list[str]) -> bool:
-    """True when this process can use n CPU devices; otherwise re-run the command line `argv` in a
-    child process started with n fake CPU devices (JAX fixes its device count when it first
-    starts), and exit with its exit code. For `distill plan`, which compiles for a mesh."""
-    if len(jax.devices("cpu")) >= n:
-        return True
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "DISTILL_FAKE_DEVICES_CHILD": "1",
-           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
-                        f"--xla_force_host_platform_device_count={n}".strip()}
-    if os.environ.get("DISTILL_FAKE_DEVICES_CHILD"):
-        raise DistillError(f"could not start {n} fake CPU devices")
-    proc = subprocess.run([sys.executable, "-m", "distill.cli", *argv], env=env)
-    raise SystemExit(proc.returncode)

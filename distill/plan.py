@@ -275,7 +275,7 @@ def _mesh_context(mesh):
 def run_plan(config_path: str | Path, mesh_text: str, *, seq_len: int | None = None,
              batch: int | None = None, mode: str = "train", device_memory: str = "80GB",
              overrides=(), verdict: str = "larger") -> PlanReport:
-    """Compile and measure; the caller must have enough CPU devices (see `distill.parallel.ensure_cpu_devices`)."""
+    """Compile and measure; the caller must have enough CPU devices (`distill plan` re-runs itself with them)."""
 
     config_path = Path(config_path)
     shape = parse_mesh(mesh_text)

@@ -126,11 +126,12 @@ def fresh_clone(dest: Path) -> Path:
     return dest
 
 
-def distill_cli(*args: str, cwd: Path, env: dict, timeout: int = 1200,
-                python_args: tuple[str, ...] | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, *python_args] if python_args else [str(DISTILL), *args]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+def run(command: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
+
+
+def distill_cli(*args: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    return run([str(DISTILL), *args], cwd, env)
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +187,7 @@ e = export_stage(Path("students/demo"), {quick["summary"]["best_student"]!r}, Co
 print(summary_line(e))
 print("diff", e["distill_logit_diff"])
 """
-    proc = distill_cli(cwd=quick["root"], env=quick["env"], python_args=("-c", script))
+    proc = run([sys.executable, "-c", script], quick["root"], quick["env"])
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     skipped = [line for line in proc.stdout.splitlines() if "skipped the transformers" in line]
     assert skipped == ["  skipped the transformers reload check: torch and transformers not "

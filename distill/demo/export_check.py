@@ -94,14 +94,19 @@ def export_stage(work: Path, best: str, console) -> dict:
     return e
 
 
+def _transformers_verdict(e: dict) -> str:
+    """What the transformers reload check found: logits, template, greedy tokens."""
+    return (f"max |logit diff| {e['max_logit_diff']:.2g}, chat template "
+            f"{'equal' if e['template_equal'] else 'DIFFERENT'}, greedy {e['greedy_tokens']} "
+            f"tokens {'equal' if e['greedy_equal'] else 'DIFFERENT'}")
+
+
 def stage_result(e: dict) -> str:
     """The export's row in the demo's timing table."""
     head = f"read back by distill (max |logit diff| {e['distill_logit_diff']:.2g})"
     if "transformers_skipped" in e:
         return f"{head}; transformers check skipped"
-    return (f"{head}; transformers: max |logit diff| {e['max_logit_diff']:.2g}, chat template "
-            f"{'equal' if e['template_equal'] else 'DIFFERENT'}, greedy {e['greedy_tokens']} "
-            f"tokens {'equal' if e['greedy_equal'] else 'DIFFERENT'}")
+    return f"{head}; transformers: {_transformers_verdict(e)}"
 
 
 def summary_line(e: dict) -> str:
@@ -110,9 +115,7 @@ def summary_line(e: dict) -> str:
             f"{e['distill_logit_diff']:.2g}")
     if "transformers_skipped" in e:
         return f"{head}; the transformers reload check was skipped ({e['transformers_skipped']})"
-    return (f"{head}; reloaded with transformers: max |logit diff| {e['max_logit_diff']:.2g}, "
-            f"chat template {'equal' if e['template_equal'] else 'DIFFERENT'}, greedy "
-            f"{e['greedy_tokens']} tokens {'equal' if e['greedy_equal'] else 'DIFFERENT'}; on "
+    return (f"{head}; reloaded with transformers: {_transformers_verdict(e)}; on "
             f"{e['question']!r}: {e['transformers_completion']!r} (reference {e['reference']})")
 
 
