@@ -68,6 +68,73 @@ def generate(config, overrides, overwrite, quiet):
     click.echo(str(summary.run_dir))
 
 
+@cli.group()
+def traces() -> None:
+    """Trace datasets: bring public ones into the store (`distill traces import`)."""
+
+
+@traces.command(name="import")
+@click.argument("source")
+@click.option("--name", default=None,
+              help="The run directory under --out (default: the source's last part).")
+@click.option("--preset", default="auto", show_default=True,
+              type=click.Choice(["auto", "distill", "messages", "sharegpt", "columns",
+                                 "openr1_math"]),
+              help="The schema: messages (Mixture-of-Thoughts, AM), sharegpt (OpenThoughts, "
+                   "Bespoke-Stratos), columns (s1K-1.1), openr1_math; auto tells it from the "
+                   "columns.")
+@click.option("--config", "hub_config", default=None, help="The hub dataset's configuration.")
+@click.option("--split", default="train", show_default=True, help="The split to read.")
+@click.option("--system", type=click.Choice(["keep", "drop"]), default="keep",
+              show_default=True, help="Keep or drop the dataset's system prompts.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N rows.")
+@click.option("--tokenizer", default=None, type=click.Path(),
+              help="Counts tokens (needed by filters.max_completion_tokens).")
+@click.option("--decontaminate", "benchmarks", multiple=True, metavar="BENCHMARK",
+              help="Reject prompts that share an 8-gram with a benchmark (math500, aime24, "
+                   "aime25, gpqa, gsm8k; from the hub cache). Local copies: --set "
+                   "filters.decontaminate=[PATH].")
+@click.option("--out", "root", default="teacher_traces", show_default=True, type=click.Path(),
+              help="The output root.")
+@click.option("--overwrite", is_flag=True, help="Start over instead of resuming.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a field: filters.* (as in generate), output.rows_per_shard, "
+                   "source.columns.*.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def import_(source, name, preset, hub_config, split, system, limit, tokenizer, benchmarks, root,
+            overwrite, overrides, quiet):
+    """Write SOURCE's reasoning traces into teacher_traces/<name>/ as if generated (resumable).
+
+    \b
+    SOURCE is a hub dataset name (open-r1/OpenR1-Math-220k, with --config / --split), a
+    save_to_disk folder, or local Parquet / JSONL / JSONL.zst files (a file or a folder).
+    Each trace passes generate's filters: the answer re-checked with math-verify against the
+    dataset's reference where it has one, truncation, <think> format, language mix, dedup,
+    decontamination; every rejection is counted in the manifest. Prints the run directory.
+    """
+    from rich.console import Console
+
+    from distill.traces.importer import import_config, run_import
+    from distill.traces.progress import import_table
+
+    fields = {"preset": preset, "config": hub_config, "split": split, "system": system,
+              "limit": limit}
+    cfg = import_config(source, name or _source_name(source), overrides,
+                        source_fields={k: v for k, v in fields.items() if v is not None},
+                        tokenizer=tokenizer, decontaminate_benchmarks=list(benchmarks) or None,
+                        output={"root": root})
+    summary = run_import(cfg, overwrite=overwrite, progress=not quiet)
+    Console(stderr=True).print(import_table(summary))
+    click.echo(str(summary.run_dir))
+
+
+def _source_name(source: str) -> str:
+    name = source.rstrip("/").rsplit("/", 1)[-1]
+    for suffix in (".zst", ".jsonl", ".parquet"):
+        name = name.removesuffix(suffix)
+    return name or "import"
+
+
 @cli.command()
 @click.argument("config", type=click.Path())
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field.")
@@ -97,30 +164,73 @@ def train(config, overrides, quiet):
 
 
 @cli.command(name="eval")
-@click.argument("config", type=click.Path())
+@click.argument("config", type=click.Path(), required=False)
+@click.option("--benchmark", default=None, metavar="NAME",
+              help="A standard benchmark instead of CONFIG's prompts: math500, aime24, aime25, "
+                   "gpqa, gsm8k (its template, answer reading and R1 protocol).")
+@click.option("--model", "model", default=None, metavar="MODEL|URL",
+              help="With --benchmark and no CONFIG: the model, a MODEL path (in process) or the "
+                   "http(s) URL of an OpenAI-compatible server (distill serve, vLLM, SGLang).")
+@click.option("--model-name", default=None,
+              help="Its name in the report (published numbers are matched by it); for a URL "
+                   "also the served model (default: the server's first in /v1/models).")
+@click.option("--source", default=None, metavar="PATH",
+              help="A local copy of the benchmark (Parquet / JSONL / save_to_disk) instead of "
+                   "the hub.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N problems.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def eval_(config, overrides, quiet):
-    """Evaluate students against the teacher on held-out prompts.
+def eval_(config, benchmark, model, model_name, source, limit, overrides, quiet):
+    """Evaluate students against the teacher on held-out prompts or a standard benchmark.
 
     \b
     CONFIG is an eval config with sections:
       prompts         the held-out prompts (as in generate; usually split: heldout)
+      benchmark       or a standard benchmark: name, source (a local copy), limit
       models          a list: name, role (student|teacher), kind jax (model: MODEL path) or
                       openai (base_url, model), metrics (metrics.jsonl for the loss plot)
-      protocol        k, temperature, top_p, max_new_tokens, seed, greedy (R1's by default)
+      protocol        k, temperature, top_p, max_new_tokens, seed, greedy (R1's by default;
+                      a benchmark sets k and max_new_tokens to its R1 values unless given)
       answer_pattern  regex for answers without \\boxed{}
       kl              traces: teacher_traces/<run> for per-token KL and top-1 agreement
       output          report directory (default students/eval/<name>)
-    Prints the Markdown table, then the report directory (eval.json, eval.md, samples.jsonl,
-    plots/).
+
+    \b
+    The common case needs no config:
+      distill eval --benchmark math500 --model students/qwen-7b
+      distill eval --benchmark gpqa --model http://127.0.0.1:8000/v1 --set protocol.k=1
+    Prints the Markdown table (with the published pass@1 of a model of the same name, where
+    there is one), then the report directory (eval.json, eval.md, samples.jsonl, plots/).
     """
     from distill.eval.evaluate import run_eval
     from distill.eval.report import markdown
 
-    report = run_eval(config, overrides, progress=not quiet)
+    if config is None:
+        if benchmark is None or model is None:
+            raise click.UsageError("give CONFIG, or --benchmark NAME and --model MODEL|URL")
+        report = run_eval(None, overrides, progress=not quiet,
+                          data=_benchmark_config(benchmark, model, model_name, source, limit))
+    else:
+        if model is not None:
+            raise click.UsageError("--model goes with --benchmark and no CONFIG; the models of "
+                                   "a config are its models: list")
+        extra = [f"benchmark.name={benchmark}", "prompts=null"] if benchmark else []
+        extra += [f"benchmark.source={source}"] if source else []
+        extra += [f"benchmark.limit={limit}"] if limit else []
+        report = run_eval(config, [*extra, *overrides], progress=not quiet)
     click.echo(markdown(report))
     click.echo(report["output"])
+
+
+def _benchmark_config(benchmark, model, model_name, source, limit) -> dict:
+    from distill.backends.http import served_model
+    from distill.eval.config import benchmark_config
+
+    served = None
+    if model.startswith(("http://", "https://")):
+        served = model_name or served_model(model)
+    return benchmark_config(benchmark, model, model_name=model_name, served_name=served,
+                            source=source, limit=limit)
 
 
 @cli.command(help="Write CHECKPOINT as a Hugging Face directory that transformers loads as it is.\n\n"

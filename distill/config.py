@@ -77,6 +77,35 @@ InputPath = Annotated[str, AfterValidator(_input_path)]
 # A file or folder a stage writes (created when needed).
 OutputPath = Annotated[str, AfterValidator(resolve_path)]
 
+# suffixes that make a name a local file even before it exists
+_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".zst", ".gz", ".txt")
+
+
+def looks_like_path(source: str) -> bool:
+    """Whether a data source that does not exist was meant as a local path, not a hub name: it
+    starts with ".", "/", "~" or one of distill's artifact roots (teacher_traces/, students/),
+    or ends in a data file suffix."""
+    return (source.startswith((".", "/", "~", "teacher_traces/", "students/"))
+            or source.lower().endswith(_DATA_SUFFIXES))
+
+
+def resolve_source(source: str, info: ValidationInfo | None = None) -> str:
+    """A data source: a local path (resolved by the one rule, and checked like an `InputPath`)
+    when something is there or it looks like a path; otherwise a Hugging Face hub dataset name,
+    kept as it is (`open-r1/OpenR1-Math-220k`)."""
+    path = resolve_path(source)
+    if not os.path.exists(path) and not looks_like_path(source):
+        return source
+    return check_input(path, info)
+
+
+def _data_source(value: str, info: ValidationInfo) -> str:
+    return resolve_source(value, info)
+
+
+# A dataset a stage reads: a local file or folder, or a hub dataset name (see resolve_source).
+DataSource = Annotated[str, AfterValidator(_data_source)]
+
 
 class RopeScaling(Frozen):
     """HF `rope_scaling` (the keys transformers reads; unused ones stay None)."""
@@ -239,7 +268,7 @@ class MoEConfig(Frozen):
 # Any model config; the `family` field picks the schema.
 ModelConfig = Annotated[DenseConfig | MoEConfig, Field(discriminator="family")]
 # union tags (model families, teacher / model kinds), left out of error locations
-_UNION_TAGS = ("llama", "qwen2", "deepseek_v3", "jax", "openai")
+_UNION_TAGS = ("llama", "qwen2", "deepseek_v3", "jax", "openai", "name", "table")
 
 T = TypeVar("T", bound=BaseModel)
 

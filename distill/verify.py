@@ -119,6 +119,25 @@ def extract_answer(text: str, pattern: str | None = None) -> str | None:
     return None
 
 
+def extract_choice(text: str, letters: str = "ABCD") -> str | None:
+    """The multiple-choice letter a completion ends on: the last "Answer: X" (markdown bold,
+    `$X$`, `(X)` and `\\text{X}` around it allowed), else the last `\\boxed{X}`, else the last
+    "answer is X"; None when there is none. Letters elsewhere in the prose ("A) ..." while
+    weighing options, "option B seems") are not answers."""
+    one = f"[{re.escape(letters)}]"
+    wrapped = rf"[\s*$(\\{{]*(?:\\text(?:bf)?\{{)?({one})(?![A-Za-z])"
+    stated = re.findall(rf"(?i:answer)\s*\**\s*:\s*\**{wrapped}", text)
+    if stated:
+        return stated[-1]
+    boxed = [re.sub(r"^\\text(?:bf)?\{(.*)\}$", r"\1", b.strip()).strip("() ")
+             for b in _boxed_contents(text)]
+    boxed = [b for b in boxed if re.fullmatch(one, b)]
+    if boxed:
+        return boxed[-1]
+    prose = re.findall(rf"(?i:answer\s+is)\s*:?\s*\**{wrapped}", text)
+    return prose[-1] if prose else None
+
+
 # ------------------------------------------------------------------------------------------------
 # Normalisation
 

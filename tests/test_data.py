@@ -293,13 +293,13 @@ def test_teacher_topk_from_another_tokenizer_is_an_error(tmp_path, tok):
 
 def test_empty_trace_dataset(tmp_path, tok):
     (tmp_path / "none").mkdir()
-    with pytest.raises(DistillError, match=r"none: no \.parquet shards \(an empty trace dataset\)$"):
+    with pytest.raises(DistillError, match=r"none: no \.parquet, \.jsonl or \.jsonl\.zst files, no manifest"):
         read_traces([tmp_path / "none"])
     empty = write_traces(tmp_path / "empty", [], shards=1)
-    with pytest.raises(DistillError, match=r"empty: the trace dataset is empty \(0 rows\)$"):
+    with pytest.raises(DistillError, match=r"empty: the dataset is empty \(0 rows\)$"):
         read_traces([empty])
     wrong = write_traces(tmp_path / "wrong", [trace_row(0, 2, correct=False)], shards=1)
-    with pytest.raises(DistillError, match=r"wrong: no trace passes keep='correct' \(0 of 1 rows\)"):
+    with pytest.raises(DistillError, match=r"wrong: no trace passes keep='correct' \(0 of 1 traces\)"):
         read_traces([wrong])
 
 

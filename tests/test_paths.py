@@ -13,7 +13,7 @@ import pytest
 import yaml
 from pydantic import AfterValidator, BaseModel
 
-from distill.config import _input_path, load_config, resolve_path, save_config
+from distill.config import _data_source, _input_path, load_config, resolve_path, save_config
 from distill.errors import DistillError
 from distill.eval.config import EvalConfig
 from distill.traces.generate import GenerateConfig
@@ -41,6 +41,8 @@ FIELDS = [
     (TrainConfig, "student.tokenizer", lambda v: {"student": {"init": "/dev/null",
                                                               "tokenizer": v}}, "input"),
     (TrainConfig, "data.traces.0", lambda v: {"data": {"traces": [v]}}, "input"),
+    (TrainConfig, "data.traces.0.source", lambda v: {"data": {"traces": [{"source": v}]}},
+     "input"),
     (TrainConfig, "output_root", lambda v: {"output_root": v}, "output"),
     (EvalConfig, "prompts.source", lambda v: {"prompts": {"source": v}}, "input"),
     (EvalConfig, "models.0.model", lambda v: {"models": [{"model": v}]}, "input"),
@@ -157,7 +159,7 @@ def test_a_saved_config_means_the_same_from_any_directory(folders, tmp_path, mon
 def _path_validators(annotation) -> bool:
     """Whether a type (or a type inside it) is InputPath / OutputPath."""
     for meta in getattr(annotation, "__metadata__", ()):
-        if isinstance(meta, AfterValidator) and meta.func in (_input_path, resolve_path):
+        if isinstance(meta, AfterValidator) and meta.func in (_input_path, resolve_path, _data_source):
             return True
     return any(_path_validators(a) for a in typing.get_args(annotation))
 
@@ -172,7 +174,7 @@ def path_fields(schema: type[BaseModel], prefix: str = "") -> set[str]:
     """The dotted keys of every InputPath / OutputPath field of a schema, recursively."""
     out = set()
     for name, field in schema.model_fields.items():
-        typed = any(isinstance(m, AfterValidator) and m.func in (_input_path, resolve_path)
+        typed = any(isinstance(m, AfterValidator) and m.func in (_input_path, resolve_path, _data_source)
                     for m in field.metadata)
         if typed or _path_validators(field.annotation):
             out.add(prefix + name)

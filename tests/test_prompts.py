@@ -386,4 +386,5 @@ def test_unreachable_hub_dataset_is_one_line(monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
     msg = error_line("distill-test/no-such-dataset-0000", columns={})
     assert msg.startswith("cannot load hub dataset 'distill-test/no-such-dataset-0000' split "
-                          "'train' (no local file or folder of that name either)")
+                          "'train': offline (HF_HUB_OFFLINE=1) and not in the local cache")
+    assert msg.endswith("(no local file or folder of that name either)")

@@ -198,7 +198,7 @@ def test_bad_config_fails_in_one_line(world, tmp_path, edit, message):
 def test_bad_traces_fail_in_one_line(world, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(DistillError, match="empty trace dataset"):
+    with pytest.raises(DistillError, match="empty: no .parquet, .jsonl or .jsonl.zst files"):
         run_train(config(world, tmp_path / "a.yaml", data={"traces": [str(empty)]}),
                   progress=False)
     import pyarrow as pa

@@ -70,6 +70,23 @@ def chat_url(base_url: str) -> str:
     return str(url.copy_with(path=f"{path}/chat/completions"))
 
 
+def served_model(base_url: str, api_key_env: str | None = None, timeout_s: float = 30.0) -> str:
+    """The first model an OpenAI-compatible server lists at GET /v1/models (its served name)."""
+    url = chat_url(base_url).removesuffix("/chat/completions") + "/models"
+    headers = {"Authorization": f"Bearer {read_api_key(api_key_env, 'the server')}"} if (
+        api_key_env) else {}
+    try:
+        response = httpx.get(url, headers=headers, timeout=timeout_s)
+    except httpx.TransportError as e:
+        raise DistillError(f"{url}: {_describe(e, timeout_s)}") from None
+    if response.status_code != 200:
+        raise DistillError(f"{url}: HTTP {response.status_code}: {server_message(response)}")
+    try:
+        return str(response.json()["data"][0]["id"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise DistillError(f"{url}: the server lists no model (give --model-name)") from None
+
+
 def sample_seed(seed: int, prompt_id: str, index: int) -> int:
     """The seed of one request: a function of the run seed, the prompt id and the sample index
     only, so a resumed run asks for what an uninterrupted one did."""

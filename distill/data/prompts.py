@@ -33,15 +33,15 @@ from typing import Any, Literal
 import pyarrow.parquet as pq
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from distill.config import Frozen, check_input, resolve_path
+from distill.config import Frozen, check_input, resolve_path, resolve_source
 from distill.data.records import PromptRecord
+from distill.data.sources import HF_DISK_MARKERS, first_line, load_disk, load_hub
 from distill.data.synthetic import arithmetic_problems
 from distill.errors import DistillError
 
 log = logging.getLogger(__name__)
 
 _SUFFIX_FORMATS = {".jsonl": "jsonl", ".parquet": "parquet", ".csv": "csv"}
-_HF_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 _MAX_LOGGED_BAD_ROWS = 10  # each skipped row is logged up to this many, then only the count
 
 
@@ -100,10 +100,9 @@ class PromptsConfig(Frozen):
         fmt = info.data.get("format", "auto")
         if fmt in ("hub", "synthetic") or (fmt == "auto" and source == "synthetic"):
             return source
-        path = resolve_path(source)
-        if fmt == "auto" and not os.path.exists(path) and not _looks_like_path(source):
-            return source  # a hub dataset name
-        return check_input(path, info)
+        if fmt == "auto":
+            return resolve_source(source, info)
+        return check_input(resolve_path(source), info)
 
     @field_validator("template")
     @classmethod
@@ -158,11 +157,6 @@ def apply_template(template: str | None, prompt: str | list[dict[str, str]]):
 # Source resolution
 
 
-def _looks_like_path(source: str) -> bool:
-    """Whether a source that does not exist was meant as a local path, not a hub name."""
-    return source.startswith((".", "/", "~")) or Path(source).suffix.lower() in _SUFFIX_FORMATS
-
-
 def _resolve(cfg: PromptsConfig) -> tuple[str, Any]:
     """(format, location): a Path for local sources (absolute: the config resolved it), the name
     for hub/synthetic sources."""
@@ -178,9 +172,9 @@ def _resolve(cfg: PromptsConfig) -> tuple[str, Any]:
             raise DistillError(f"prompt source not found: {path}")
         return cfg.format, path
     if path.is_dir():
-        if not any((path / m).is_file() for m in _HF_DISK_MARKERS):
+        if not any((path / m).is_file() for m in HF_DISK_MARKERS):
             raise DistillError(f"{path}: folder is not a dataset saved with save_to_disk "
-                               f"(no {' or '.join(_HF_DISK_MARKERS)}); set prompts.format")
+                               f"(no {' or '.join(HF_DISK_MARKERS)}); set prompts.format")
         return "hf_disk", path
     fmt = _SUFFIX_FORMATS.get(path.suffix.lower())
     if path.is_file():
@@ -201,8 +195,13 @@ def _rows(fmt: str, where: Any, cfg: PromptsConfig) -> Iterator[tuple[str, Any]]
     if fmt == "csv":
         return _csv_rows(where, cols)
     if fmt == "hf_disk":
-        return _dataset_rows(_load_disk(where, cfg.hub_split), str(where), cols)
-    ds = _load_hub(where, cfg.hub_split, guessed=cfg.format == "auto")
+        return _dataset_rows(load_disk(where, cfg.hub_split), str(where), cols)
+    try:
+        ds = load_hub(where, None, cfg.hub_split)
+    except DistillError as e:
+        if cfg.format == "auto":  # the name was only guessed to be a hub dataset
+            raise DistillError(f"{e} (no local file or folder of that name either)") from None
+        raise
     return _dataset_rows(ds, f"hub dataset {where!r}", cols)
 
 
@@ -265,7 +264,7 @@ def _parquet_rows(path: Path, cols: list[str]) -> Iterator[tuple[str, Any]]:
     except DistillError:
         raise
     except Exception as e:  # pyarrow raises several types for a file that is not parquet
-        raise DistillError(f"{path}: cannot read as parquet ({_first_line(e)})") from None
+        raise DistillError(f"{path}: cannot read as parquet ({first_line(e)})") from None
     if table.num_rows == 0:
         raise DistillError(f"{path}: empty file, no prompts")
     return ((f"{path}: row {i}", row) for i, row in enumerate(table.to_pylist()))
@@ -289,42 +288,11 @@ def _csv_rows(path: Path, cols: list[str]) -> Iterator[tuple[str, Any]]:
     return iter(rows)
 
 
-def _load_disk(path: Path, split: str):
-    import datasets  # here: ~1 s to import, and only hub and save_to_disk sources need it
-
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except Exception as e:
-        raise DistillError(f"{path}: cannot load the saved dataset ({_first_line(e)})") from None
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise DistillError(f"{path}: no split {split!r} (splits: {', '.join(ds)}); "
-                               "set prompts.hub_split")
-        ds = ds[split]
-    return ds
-
-
-def _load_hub(name: str, split: str, guessed: bool):
-    import datasets  # here: ~1 s to import, and only hub and save_to_disk sources need it
-
-    try:
-        return datasets.load_dataset(name, split=split)
-    except Exception as e:
-        also = " (no local file or folder of that name either)" if guessed else ""
-        raise DistillError(f"cannot load hub dataset {name!r} split {split!r}{also}: "
-                           f"{type(e).__name__}: {_first_line(e)}") from None
-
-
 def _dataset_rows(ds, where: str, cols: list[str]) -> Iterator[tuple[str, Any]]:
     _require_columns(list(ds.column_names), cols, where)
     if len(ds) == 0:
         raise DistillError(f"{where}: empty dataset, no prompts")
     return ((f"{where}: row {i}", row) for i, row in enumerate(ds.select_columns(cols)))
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 # ---------------------------------------------------------------------------------------------

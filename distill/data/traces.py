@@ -1,27 +1,78 @@
-"""Reading trace datasets: a `distill generate` run (checksums verified) or a folder / file of
-Parquet shards in the trace schema, filtered by `keep` and the held-out split, with the teacher's
-top-k log-probabilities as arrays when asked."""
+"""Reading trace datasets as the same `Trace`s whatever their origin: a `distill generate` run
+(checksums verified) or Parquet shards in our schema (the teacher's top-k log-probabilities as
+arrays when asked), and the public reasoning datasets through their schema presets
+(`distill.data.schemas`) from local Parquet / JSONL / JSONL.zst files, save_to_disk folders or the
+hub (`distill.data.sources`). Rows are filtered by `keep` and the held-out split.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Annotated, Literal, get_args
 
 import numpy as np
 import pyarrow.parquet as pq
+from pydantic import Discriminator, Field, Tag
 
+from distill.config import DataSource, Frozen
 from distill.data.prompts import is_heldout
-from distill.data.store import shard_paths
+from distill.data.records import record_id
+from distill.data.schemas import (
+    TRACE_COLUMNS,
+    ReasoningColumns,
+    RowError,
+    SchemaName,
+    Turn,
+    check_columns,
+    detect_schema,
+    preset,
+)
+from distill.data.sources import SOURCE_FORMATS, RowSource, open_source
 from distill.errors import DistillError
 
-Keep = Literal["correct", "complete", "all"]  # which trace rows a reader keeps
+# Which trace rows a reader keeps: "correct" (the verdict is true and the trace finished),
+# "complete" (finish reason "stop"), "all".
+Keep = Literal["correct", "complete", "all"]
 KEEP: tuple[str, ...] = get_args(Keep)
-_TRACE_COLUMNS = ("id", "prompt_id", "prompt", "messages", "reasoning", "answer", "correct",
-                  "finish_reason")
 _TEACHER_COLUMNS = ("top_ids", "top_logprobs")
+
+
+class TraceSource(Frozen):
+    """One trace dataset: `source` is a path (a teacher_traces/<run>, Parquet / JSONL / JSONL.zst
+    files or folders of them, a save_to_disk folder) or a hub dataset name with its `config` and
+    `split`. `preset` names its schema (`distill.data.schemas`; "auto": told from the columns).
+    `keep` (default: "correct" when the rows carry verdicts, else "complete"); `system: drop`
+    leaves the dataset's system prompts out; `limit` reads only the first N rows."""
+
+    source: DataSource
+    format: Literal[SOURCE_FORMATS] = "auto"  # type: ignore[valid-type]
+    config: str | None = None
+    split: str = "train"
+    preset: SchemaName = "auto"
+    keep: Keep | None = None
+    system: Literal["keep", "drop"] = "keep"
+    columns: ReasoningColumns = ReasoningColumns()  # the `columns` preset's column names
+    limit: int | None = Field(None, ge=1)
+
+
+def _spec_kind(value) -> str:
+    return "name" if isinstance(value, str) else "table"
+
+
+# A `data.traces` entry: a path or hub name alone, or a TraceSource table.
+TraceSpec = Annotated[Annotated[DataSource, Tag("name")] | Annotated[TraceSource, Tag("table")],
+                      Discriminator(_spec_kind)]
+
+
+def as_source(spec: str | Path | TraceSource) -> TraceSource:
+    """A TraceSource from a config entry: a table, or a path / hub name alone."""
+    if isinstance(spec, TraceSource):
+        return spec
+    return TraceSource(source=str(spec))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,28 +98,29 @@ class Mixture:
     names: tuple[str, ...]
 
 
-def read_traces(paths: Sequence[str | Path], weights: Sequence[float] | None = None,
-                keep: str = "correct", with_teacher: bool = False, split: str = "all",
+def read_traces(sources: Sequence[str | Path | TraceSource], weights: Sequence[float] | None = None,
+                keep: str | None = None, with_teacher: bool = False, split: str = "all",
                 heldout_fraction: float = 0.0) -> Mixture:
-    """Read trace datasets (a teacher_traces/<run> directory of *.parquet shards, or one .parquet
-    file each) and keep the rows that pass `keep`: "correct" (correct is true), "complete"
-    (finish_reason "stop") or "all". with_teacher also reads the top-k columns. `split` "train" /
-    "heldout" keeps the prompts outside / inside the held-out fraction (by prompt-id hash)."""
-    if keep not in KEEP:
+    """Read trace datasets and keep the rows that pass `keep` (a source's own `keep` wins; None:
+    the source's default, see TraceSource). with_teacher also reads the top-k columns of our
+    store. `split` "train" / "heldout" keeps the prompts outside / inside the held-out fraction
+    (by prompt-id hash)."""
+    if keep is not None and keep not in KEEP:
         raise DistillError(f"unknown keep filter {keep!r}; choose one of {', '.join(KEEP)}")
-    if not paths:
+    if not sources:
         raise DistillError("no trace dataset given")
     if weights is not None:
-        _check_weights(weights, len(paths))
+        _check_weights(weights, len(sources))
 
     def in_split(prompt_id: str) -> bool:
         if split == "all" or heldout_fraction == 0:
             return split != "heldout"
         return is_heldout(prompt_id, heldout_fraction) == (split == "heldout")
 
-    datasets = tuple(_read_dataset(Path(p), keep, with_teacher, in_split) for p in paths)
+    specs = [as_source(s) for s in sources]
+    datasets = tuple(_read_dataset(s, keep, with_teacher, in_split) for s in specs)
     return Mixture(datasets, None if weights is None else tuple(float(w) for w in weights),
-                   tuple(str(p) for p in paths))
+                   tuple(s.source for s in specs))
 
 
 def _check_weights(weights: Sequence[float], n: int) -> None:
@@ -78,28 +130,89 @@ def _check_weights(weights: Sequence[float], n: int) -> None:
         raise DistillError(f"mixture weights must be >= 0 with a positive sum (got {list(weights)})")
 
 
-def _shards(path: Path) -> list[Path]:
-    if path.is_file() and path.suffix == ".parquet":
-        return [path]
-    if (path / "manifest.json").is_file():  # a `distill generate` run: checksums verified
+@dataclasses.dataclass(frozen=True)
+class OpenedTraces:
+    """A trace source opened for reading: its rows, its preset and the keep filter that applies."""
 
-        files = shard_paths(path)
-        if files:
-            return files
-        raise DistillError(f"{path}: the trace run holds no records (an empty trace dataset)")
-    if path.is_dir():
-        files = sorted(path.glob("*.parquet"))
-        if files:
-            return files
-        raise DistillError(f"{path}: no .parquet shards (an empty trace dataset)")
-    raise DistillError(f"{path}: no such trace dataset (want a directory of .parquet shards)")
+    rows: RowSource
+    preset: str
+    keep: str
+    spec: TraceSource
+
+    def row_turns(self) -> Iterator[tuple[int, str, list[Turn]]]:
+        """(row number, location, the row's traces) of every row of a public-schema source, in
+        order, `limit` rows at most. A trace's `index` counts the traces of its prompt so far,
+        so ids stay unique when a dataset holds a problem twice."""
+        p = preset(self.preset, self.spec.columns)
+        seen: Counter[str] = Counter()
+        drop = self.spec.system == "drop"
+        for n, (where, row) in enumerate(self.rows.rows()):
+            if self.spec.limit is not None and n >= self.spec.limit:
+                return
+            try:
+                turns = p.turns(row, drop, self.spec.columns)
+            except RowError as e:
+                raise DistillError(f"{where}: {e} (schema {p.name})") from None
+            numbered = []
+            for turn in turns:
+                numbered.append(dataclasses.replace(turn, index=seen[turn.prompt_id]))
+                seen[turn.prompt_id] += 1
+            yield n, where, numbered
+
+    def turns(self) -> Iterator[tuple[str, Turn]]:
+        """(location, trace) of every trace, in row order (see row_turns)."""
+        for _, where, turns in self.row_turns():
+            for turn in turns:
+                yield where, turn
 
 
-def _read_dataset(path: Path, keep: str, with_teacher: bool, in_split=lambda _: True
-                  ) -> tuple[Trace, ...]:
-    columns = _TRACE_COLUMNS + (_TEACHER_COLUMNS if with_teacher else ())
+def open_traces(spec: TraceSource, keep: str | None = None) -> OpenedTraces:
+    """Open a trace source: its rows, the preset (named, or told from the columns; a missing
+    column is an error naming it) and the keep filter (the source's, else `keep`, else the
+    default: "correct" where rows carry verdicts)."""
+    rows = open_source(spec.source, format=spec.format, config=spec.config, split=spec.split)
+    name = spec.preset if spec.preset != "auto" else detect_schema(rows.columns, rows.where)
+    if name == "distill":
+        missing = [c for c in TRACE_COLUMNS if c not in rows.columns]
+        if missing:
+            raise DistillError(f"{rows.where}: not a trace shard (no column {missing[0]!r})")
+        verdicts = "correct"
+    else:
+        p = preset(name, spec.columns)
+        check_columns(p, rows.columns, rows.where)
+        verdicts = p.verdicts if p.verdicts in rows.columns else None
+    chosen = spec.keep or keep or ("correct" if verdicts else "complete")
+    return OpenedTraces(rows, name, chosen, spec)
+
+
+def _read_dataset(spec: TraceSource, keep: str | None, with_teacher: bool,
+                  in_split=lambda _: True) -> tuple[Trace, ...]:
+    opened = open_traces(spec, keep)
+    if opened.preset == "distill":
+        kept, rows = _read_store(opened, with_teacher, in_split)
+    else:
+        kept, rows = [], 0
+        for _, turn in opened.turns():
+            rows += 1
+            if _keep(turn.correct, turn.finish_reason, opened.keep) and in_split(turn.prompt_id):
+                kept.append(Trace(record_id(turn.prompt_id, turn.index), turn.prompt_id,
+                                  turn.messages, turn.reasoning, turn.answer))
+    where = opened.rows.where
+    if rows == 0:
+        raise DistillError(f"{where}: the trace dataset is empty (0 traces)")
+    if not kept:
+        raise DistillError(f"{where}: no trace passes keep={opened.keep!r} (0 of {rows} traces)")
+    return tuple(kept)
+
+
+def _read_store(opened: OpenedTraces, with_teacher: bool, in_split) -> tuple[list[Trace], int]:
+    """Our schema, read shard by shard with pyarrow (the top-k lists as arrays)."""
+    files = opened.rows.files
+    if not files:
+        raise DistillError(f"{opened.rows.where}: the distill schema is read from Parquet shards")
+    columns = TRACE_COLUMNS + (_TEACHER_COLUMNS if with_teacher else ())
     kept, rows = [], 0
-    for shard in _shards(path):
+    for shard in files:
         try:
             names = set(pq.read_schema(shard).names)
             missing = [c for c in columns if c not in names]
@@ -108,22 +221,23 @@ def _read_dataset(path: Path, keep: str, with_teacher: bool, in_split=lambda _: 
             table = pq.read_table(shard, columns=list(columns))
         except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
             raise DistillError(f"{shard}: cannot read parquet: {str(e).splitlines()[0]}") from e
+        if opened.spec.limit is not None:
+            table = table.slice(0, opened.spec.limit - rows)
         rows += table.num_rows
-        kept += [_trace(row, table, i) for i, row in enumerate(table.select(_TRACE_COLUMNS)
+        kept += [_trace(row, table, i) for i, row in enumerate(table.select(TRACE_COLUMNS)
                                                                .to_pylist())
-                 if _keep(row, keep) and in_split(row["prompt_id"])]
-    if rows == 0:
-        raise DistillError(f"{path}: the trace dataset is empty (0 rows)")
-    if not kept:
-        raise DistillError(f"{path}: no trace passes keep={keep!r} (0 of {rows} rows)")
-    return tuple(kept)
+                 if _keep(row["correct"], row["finish_reason"], opened.keep)
+                 and in_split(row["prompt_id"])]
+        if opened.spec.limit is not None and rows >= opened.spec.limit:
+            break
+    return kept, rows
 
 
-def _keep(row: dict, keep: str) -> bool:
+def _keep(correct: bool | None, finish_reason: str | None, keep: str) -> bool:
     if keep == "correct":
-        return row["correct"] is True
+        return correct is True and finish_reason in ("stop", None)
     if keep == "complete":
-        return row["finish_reason"] == "stop"
+        return finish_reason == "stop"
     return True
 
 

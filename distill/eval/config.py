@@ -3,6 +3,8 @@
 ```yaml
 name: qwen-1.5b-vs-r1            # default: the config file's stem
 prompts: {source: synthetic, split: heldout, heldout_fraction: 0.2}
+# or a standard benchmark instead of prompts (its template, answer reading, k and token budget):
+# benchmark: {name: math500, source: null, limit: null}
 models:
   - {name: student, model: students/qwen-1.5b}            # kind jax (default): in process
   - {name: r1, role: teacher, kind: openai, base_url: http://127.0.0.1:8000/v1, model: r1}
@@ -23,12 +25,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Discriminator, Field, Tag, model_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from distill.backends import OpenAITeacherConfig
 from distill.backends.jax import JaxTeacherConfig
-from distill.config import Frozen, InputPath, OutputPath
+from distill.config import DataSource, Frozen, InputPath, OutputPath
+from distill.data.benchmarks import benchmark
 from distill.data.prompts import PromptsConfig
+from distill.errors import DistillError
 from distill.sampling import NewTokens, Samples, Temperature, TopK, TopP
 from distill.verify import AnswerPattern
 
@@ -93,17 +97,57 @@ class KLConfig(Frozen):
     only_eval_prompts: bool = True
 
 
+class BenchmarkConfig(Frozen):
+    """A standard benchmark as the prompt set (`distill.data.benchmarks`): its prompt template,
+    answer reading and R1 protocol (k, token budget: defaults of `protocol` that the config
+    leaves unset). `source`: a local copy instead of the hub; `limit`: the first N problems."""
+
+    name: str
+    source: DataSource | None = None
+    limit: int | None = Field(None, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        try:
+            return benchmark(name).name
+        except DistillError as e:
+            raise ValueError(str(e)) from None
+
+
 class EvalConfig(Frozen):
     """A `distill eval` config (see the module docstring)."""
 
     name: str | None = None
-    prompts: PromptsConfig
+    prompts: PromptsConfig | None = None  # or a benchmark
+    benchmark: BenchmarkConfig | None = None
     models: list[ModelEntry] = Field(min_length=1)
     protocol: ProtocolConfig = ProtocolConfig()
     answer_pattern: AnswerPattern = None
     kl: KLConfig | None = None
     output: OutputPath | None = None  # the report directory; default students/eval/<name>
 
+
+    @model_validator(mode="before")
+    @classmethod
+    def _benchmark_protocol(cls, data):
+        """A benchmark's k and token budget fill what `protocol` leaves unset."""
+        bench = data.get("benchmark") if isinstance(data, dict) else None
+        name = bench.get("name") if isinstance(bench, dict) else None
+        if not isinstance(name, str) or not isinstance(data.get("protocol", {}), dict):
+            return data
+        try:
+            b = benchmark(name)
+        except DistillError:
+            return data  # the field validator names it
+        protocol = {"k": b.k, "max_new_tokens": b.max_new_tokens, **data.get("protocol", {})}
+        return {**data, "protocol": protocol}
+
+    @model_validator(mode="after")
+    def _one_prompt_set(self) -> EvalConfig:
+        if (self.prompts is None) == (self.benchmark is None):
+            raise ValueError("give either prompts or benchmark (exactly one)")
+        return self
 
     @model_validator(mode="after")
     def _names_and_roles(self) -> EvalConfig:
@@ -119,4 +163,21 @@ class EvalConfig(Frozen):
 def model_name(entry) -> str:
     """The entry's name, or the last part of its model path / served model name."""
     return entry.name or Path(entry.model.rstrip("/")).name or entry.model
+
+
+def benchmark_config(name: str, model: str, *, model_name: str | None = None,
+                     served_name: str | None = None, source: str | None = None,
+                     limit: int | None = None) -> dict:
+    """The eval config of `distill eval --benchmark NAME --model MODEL`: one model (a MODEL path
+    in process, or an http(s) URL of an OpenAI-compatible server serving `served_name`) on one
+    benchmark with its R1 protocol."""
+    if model.startswith(("http://", "https://")):
+        entry = {"kind": "openai", "base_url": model, "model": served_name}
+        shown = model_name or served_name
+    else:
+        entry = {"kind": "jax", "model": model}
+        shown = model_name or Path(model.rstrip("/")).name
+    entry["name"] = shown
+    return {"name": f"{benchmark(name).name}-{shown}".replace("/", "-"),
+            "benchmark": {"name": name, "source": source, "limit": limit}, "models": [entry]}
 

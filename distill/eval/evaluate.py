@@ -32,7 +32,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from distill import runs
 from distill.backends import make_teacher
 from distill.chat import split_think
-from distill.config import load_config, resolve_path
+from distill.config import apply_overrides, load_config, parse_overrides, resolve_path, validate
+from distill.data.benchmarks import Benchmark, benchmark, load_benchmark
 from distill.data.prompts import load_prompts
 from distill.data.records import PromptRecord, Sample
 from distill.errors import DistillError
@@ -86,13 +87,22 @@ def load_eval_config(path: str | Path, overrides=(), *, check_paths: bool = Fals
     return load_config(EvalConfig, path, overrides, check_paths=check_paths)
 
 
-def run_eval(config_path: str | Path, overrides=(), *, progress: bool = True) -> dict:
-    """Evaluate the models a config lists and write the report; returns the eval.json content."""
-    config_path = Path(config_path)
-    cfg = load_eval_config(config_path, overrides, check_paths=True)
+def run_eval(config_path: str | Path | None, overrides=(), *, progress: bool = True,
+             data: dict | None = None) -> dict:
+    """Evaluate the models a config lists and write the report; returns the eval.json content.
+    `data`: the config as a mapping instead of a file (`distill eval --benchmark`)."""
+    if data is not None:
+        cfg = validate(EvalConfig, apply_overrides(data, parse_overrides(overrides)),
+                       "distill eval --benchmark", check_paths=True)
+        config_path = Path(cfg.name)
+    else:
+        config_path = Path(config_path)
+        cfg = load_eval_config(config_path, overrides, check_paths=True)
     name = cfg.name or config_path.stem
     out_dir = Path(cfg.output or resolve_path(Path("students") / "eval" / name))
-    prompts = load_prompts(cfg.prompts)
+    bench = benchmark(cfg.benchmark.name) if cfg.benchmark else None
+    prompts = (load_benchmark(bench, cfg.benchmark.source, cfg.protocol.seed, cfg.benchmark.limit)
+               if bench else load_prompts(cfg.prompts))
     _check_references(prompts, config_path)
     _check_models(cfg)
     kl = _prepare_kl(cfg, prompts)
@@ -100,7 +110,7 @@ def run_eval(config_path: str | Path, overrides=(), *, progress: bool = True) ->
     runs = []
     with _Progress(progress) as bar:
         for entry in cfg.models:
-            runs.append(evaluate_model(entry, prompts, cfg, kl, bar))
+            runs.append(evaluate_model(entry, prompts, cfg, kl, bar, bench))
             gc.collect()  # free one model's buffers before the next one loads
     report = build_report(name, out_dir, cfg, prompts, runs)
     write_outputs(out_dir, report, runs, prompts, curves)
@@ -149,7 +159,7 @@ def _prepare_kl(cfg: EvalConfig, prompts: list[PromptRecord]) -> _KL | None:
 
 
 def evaluate_model(entry, prompts: list[PromptRecord], cfg: EvalConfig, kl: _KL | None,
-                   bar=None) -> ModelRun:
+                   bar=None, bench: Benchmark | None = None) -> ModelRun:
     """Sample, check and (when it applies) score one model."""
     name = model_name(entry)
     p = cfg.protocol
@@ -170,10 +180,11 @@ def evaluate_model(entry, prompts: list[PromptRecord], cfg: EvalConfig, kl: _KL 
         if hasattr(backend, "close"):
             backend.close()
         del backend
-    judged = [[_judge(s, prompt, cfg.answer_pattern) for s in _in_order(group, p.k, prompt)]
+    judged = [[_judge(s, prompt, cfg.answer_pattern, bench)
+               for s in _in_order(group, p.k, prompt)]
               for prompt, group in zip(prompts, samples, strict=True)]
     greedy_judged = None if greedy is None else [
-        _judge(_in_order(g, 1, prompt)[0], prompt, cfg.answer_pattern)
+        _judge(_in_order(g, 1, prompt)[0], prompt, cfg.answer_pattern, bench)
         for prompt, g in zip(prompts, greedy, strict=True)]
     return ModelRun(entry, name, judged, greedy_judged, seconds, scores, notes)
 
@@ -185,12 +196,17 @@ def _in_order(group: list[Sample], n: int, prompt: PromptRecord) -> list[Sample]
     return sorted(group, key=lambda s: s.sample_index)
 
 
-def _judge(sample: Sample, prompt: PromptRecord, pattern: str | None) -> Outcome:
+def _judge(sample: Sample, prompt: PromptRecord, pattern: str | None,
+           bench: Benchmark | None = None) -> Outcome:
     """The final answer is read from the text after `</think>` (the whole text without tags),
-    as trace generation reads it."""
+    as trace generation reads it (a benchmark reads it its own way: a letter for GPQA)."""
     split = split_think(sample.completion)
-    predicted = extract_answer(split.answer, pattern)
-    correct = predicted is not None and answers_match(predicted, prompt.reference)
+    if bench is not None:
+        predicted = bench.extract(split.answer)
+        correct = bench.matches(predicted, prompt.reference)
+    else:
+        predicted = extract_answer(split.answer, pattern)
+        correct = predicted is not None and answers_match(predicted, prompt.reference)
     return Outcome(sample.sample_index, sample.completion, predicted, correct, split.closed,
                    sample.completion_tokens, sample.finish_reason)
 

@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from distill.data.benchmarks import benchmark, published
 from distill.data.records import PromptRecord
 from distill.eval import metrics as M
 from distill.eval import plots
@@ -55,14 +56,32 @@ def build_report(name: str, out_dir: Path, cfg: EvalConfig, prompts: list[Prompt
     return {
         "name": name,
         "output": str(out_dir),
-        "prompts": {"count": len(prompts), "source": cfg.prompts.source,
-                    "split": cfg.prompts.split,
+        "prompts": {"count": len(prompts), "source": _source(cfg),
+                    "split": cfg.prompts.split if cfg.prompts else benchmark(
+                        cfg.benchmark.name).split,
                     "with_difficulty": sum("difficulty" in p.meta for p in prompts)},
+        "benchmark": cfg.benchmark.name if cfg.benchmark else None,
+        "published": _published(cfg, runs),
         "protocol": cfg.protocol.model_dump(),
         "answer_pattern": cfg.answer_pattern,
         "models": [model_metrics(run, prompts) for run in runs],
         "timing": {run.name: timing(run) for run in runs},
     }
+
+
+def _source(cfg: EvalConfig) -> str:
+    if cfg.prompts is not None:
+        return cfg.prompts.source
+    return cfg.benchmark.source or benchmark(cfg.benchmark.name).source
+
+
+def _published(cfg: EvalConfig, runs: list) -> dict:
+    """{model name: {"pass@1": published %, "source": where}} for the evaluated models that
+    have a published number on this benchmark (matched by model name)."""
+    if cfg.benchmark is None:
+        return {}
+    found = {run.name: published(run.name, cfg.benchmark.name) for run in runs}
+    return {name: {"pass@1": p[0], "source": p[1]} for name, p in found.items() if p}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,6 +138,11 @@ def markdown(report: dict) -> str:
              "| metric | " + " | ".join(names) + " |",
              "|---|" + "---|" * len(names)]
     lines += [f"| {key} | " + " | ".join(c.get(key, "–") for c in cols) + " |" for key in keys]
+    published_ = report.get("published") or {}
+    if published_:
+        lines.append("| published pass@1 | " + " | ".join(
+            f"{published_[m['name']]['pass@1']:.1f}% ({published_[m['name']]['source']})"
+            if m["name"] in published_ else "–" for m in models) + " |")
     notes = [f"- {m['name']}: {n}" for m in models for n in m["notes"]]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 

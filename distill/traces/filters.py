@@ -46,6 +46,7 @@ from pydantic import Field
 from distill.chat import split_think
 from distill.config import Frozen, InputPath
 from distill.data.records import PromptRecord, Sample
+from distill.data.sources import open_source
 from distill.errors import DistillError
 from distill.verify import AnswerPattern, answers_match, extract_answer
 
@@ -149,15 +150,27 @@ def foreign_script_fraction(text: str) -> float:
 # ------------------------------------------------------------------------------------------------
 # Decontamination
 
+_EVAL_FIELDS = ("prompt", "question", "problem", "Question")
+
+
 def _load_eval_prompts(path: Path) -> list[str]:
     """Prompts of an evaluation file: .jsonl rows with a "prompt", "question" or "problem" field
-    (text or chat messages), or .txt with one prompt a line."""
-    if not path.is_file():
+    (text or chat messages), .txt with one prompt a line, or a Parquet file / save_to_disk folder
+    with one of those columns (or GPQA's "Question": a local copy of a benchmark)."""
+    if not path.exists():
         raise DistillError(f"{path}: decontamination file not found")
     if path.suffix == ".txt":
         return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix == ".parquet" or path.is_dir():
+        rows = open_source(str(path))
+        field = next((c for c in _EVAL_FIELDS if c in rows.columns), None)
+        if field is None:
+            raise DistillError(f"{path}: no {', '.join(_EVAL_FIELDS)} column to decontaminate "
+                               f"against (columns: {', '.join(rows.columns)})")
+        return [prompt_text(row[field]) for _, row in rows.rows() if row[field]]
     if path.suffix != ".jsonl":
-        raise DistillError(f"{path}: decontamination files must be .jsonl or .txt")
+        raise DistillError(f"{path}: decontamination files must be .jsonl, .txt, .parquet or a "
+                           "save_to_disk folder")
     prompts = []
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -200,11 +213,16 @@ class Judge:
         self._eval_grams = self._load_decontamination()
 
     def _load_decontamination(self) -> set[int]:
-        grams: set[int] = set()
+        self._eval_grams = set()
         for name in self.cfg.decontaminate:
-            for text in _load_eval_prompts(Path(name)):
-                grams.update(_ngram_hash(g) for g in _ngrams(_words(text), self.cfg.decontam_ngram))
-        return grams
+            self.add_eval_prompts(_load_eval_prompts(Path(name)))
+        return self._eval_grams
+
+    def add_eval_prompts(self, texts) -> None:
+        """Also reject prompts that share an n-gram with these evaluation prompts."""
+        for text in texts:
+            self._eval_grams.update(_ngram_hash(g) for g in _ngrams(_words(text),
+                                                                    self.cfg.decontam_ngram))
 
     def is_contaminated(self, prompt: PromptRecord) -> bool:
         """Whether the prompt shares a word n-gram with an evaluation prompt."""

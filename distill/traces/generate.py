@@ -171,11 +171,29 @@ def _teacher_name(identity: dict) -> str:
 
 
 def dataset_card(name: str, run_dir: Path, manifest: dict) -> str:
-    """The README.md of a trace dataset: what it is, how it was made, how to load it."""
+    """The README.md of a trace dataset (generated or imported): what it is, how it was made,
+    how to load it."""
     t = manifest["totals"]
     cfg = manifest["config"]
     rejected = "\n".join(f"| {k} | {v} |" for k, v in t["rejected"].items()) or "| (none) | 0 |"
     teacher = manifest.get("teacher") or {}
+    if "source" in cfg:  # distill traces import
+        made = (f"Imported by `distill traces import` (format `{manifest['format']}`) from "
+                f"`{cfg['source']['source']}`: its traces judged like teacher samples.")
+        how = [f"- Source: `{json.dumps(cfg['source'])}` ({manifest.get('source_rows')} rows)",
+               f"- Filters: `{json.dumps(cfg['filters'])}`",
+               f"- Traces judged: {t['samples']}, kept: {t['records']}"]
+    else:
+        made = (f"Written by `distill generate` (format `{manifest['format']}`): teacher "
+                "completions with their reasoning (inside `<think>`) and final answers, checked "
+                "against reference answers.")
+        how = [f"- Teacher: `{json.dumps(teacher)}`",
+               f"- Sampling: `{json.dumps(cfg['sampling'])}`",
+               f"- Filters: `{json.dumps(cfg['filters'])}`",
+               f"- Prompts: {t['prompts']} ({cfg['prompts']['source']}), samples: "
+               f"{t['samples']}, records kept: {t['records']}",
+               f"- Tokens: {t['prompt_tokens']} prompt, {t['completion_tokens']} completion"]
+    how_text = "\n".join(how)
     return f"""---
 configs:
 - config_name: default
@@ -185,14 +203,9 @@ tags: [reasoning, distillation, distill]
 
 # {name}: reasoning traces
 
-Written by `distill generate` (format `{manifest['format']}`): teacher completions with their
-reasoning (inside `<think>`) and final answers, checked against reference answers.
+{made}
 
-- Teacher: `{json.dumps(teacher)}`
-- Sampling: `{json.dumps(cfg['sampling'])}`
-- Filters: `{json.dumps(cfg['filters'])}`
-- Prompts: {t['prompts']} ({cfg['prompts']['source']}), samples: {t['samples']}, records kept: {t['records']}
-- Tokens: {t['prompt_tokens']} prompt, {t['completion_tokens']} completion
+{how_text}
 
 | rejected because | samples |
 |---|---|

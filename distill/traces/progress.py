@@ -67,3 +67,18 @@ def summary_table(summary) -> Table:
               + (f", resumed after {summary.resumed_shards} stored shards"
                  if summary.resumed_shards else ""))
     return t
+
+
+def import_table(summary) -> Table:
+    """What `distill traces import` did: rows, traces, kept, each rejection reason, speed."""
+    table = Table(title=f"import: {summary.run_dir}", show_header=False)
+    table.add_row("source rows", f"{summary.rows:,}")
+    table.add_row("traces judged", f"{summary.traces:,}")
+    table.add_row("kept", f"{summary.records:,}")
+    for reason, n in sorted(summary.rejected.items(), key=lambda kv: -kv[1]):
+        table.add_row(f"rejected: {reason}", f"{n:,}")
+    table.add_row("rows/s", f"{summary.rows_per_s:,.0f} ({summary.seconds:.1f} s)")
+    if summary.resumed_shards:
+        table.add_row("shards resumed", str(summary.resumed_shards))
+    return table
+

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 import numpy as np
 from pydantic import Field
 
-from distill.config import Frozen, InputPath, validate
+from distill.config import Frozen, validate
 from distill.data.packing import (
     Documents,
     Overlong,
@@ -38,7 +38,7 @@ from distill.data.packing import (
     plan_rows,
 )
 from distill.data.render import render_example
-from distill.data.traces import Keep, Mixture, Trace, read_traces
+from distill.data.traces import Keep, Mixture, Trace, TraceSpec, read_traces
 from distill.errors import DistillError
 
 
@@ -56,9 +56,11 @@ class StreamConfig(Frozen):
 class DataConfig(StreamConfig):
     """The `data:` table of a training config: which traces, then how they become batches."""
 
-    traces: list[InputPath] = Field(min_length=1)  # teacher_traces/<run> dirs or .parquet files
+    # teacher_traces/<run> dirs, trace files or folders, hub names, or TraceSource tables
+    # ({source, preset, config, split, keep, system, columns, limit}: distill.data.traces)
+    traces: list[TraceSpec] = Field(min_length=1)
     weights: list[float] | None = None  # mixture weights, one per dataset (default: their sizes)
-    keep: Keep = "correct"
+    keep: Keep | None = None  # default: each source's (correct where rows carry verdicts)
     # prompts held out (by a hash of the prompt id) for the held-out trace loss, never trained on
     heldout_fraction: float = Field(0.0, ge=0, lt=1)
 

@@ -1,0 +1,280 @@
+"""The public reasoning datasets in: schema presets, rendering, training, `distill traces import`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from distill.chat import completion_text
+from distill.data.render import render_example
+from distill.data.schemas import split_reply
+from distill.data.store import read_manifest, read_table
+from distill.data.traces import TraceSource, open_traces, read_traces
+from distill.errors import DistillError
+from distill.tokenizer import Tokenizer
+from tests import public_datasets as pub
+from tests import toy
+
+REPO = Path(__file__).resolve().parents[1]
+
+# (fixture builder, file name, the preset auto-detection picks, traces kept by default)
+DATASETS = {
+    "openr1_math": (pub.openr1_math, "openr1/data/train-00000-of-00001.parquet", "openr1_math", 6),
+    "mixture_of_thoughts": (pub.mixture_of_thoughts, "mot/math/train-0.parquet", "messages", 8),
+    "openthoughts": (pub.openthoughts, "ot/data/train-0.parquet", "sharegpt", 5),
+    "openthoughts3": (pub.openthoughts3, "ot3/data/train-0.parquet", "sharegpt", 5),
+    "s1k": (pub.s1k, "s1k/data/train-0.parquet", "columns", 4),
+    "am": (pub.am_distilled, "am/am_0.9M.jsonl.zst", "messages", 5),
+}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("public")
+    return {name: build(root / fname) for name, (build, fname, _, _) in DATASETS.items()}
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_gguf):
+    return Tokenizer.from_pretrained(smollm2_gguf)  # a real ChatML template (SmolLM2, Qwen2.5)
+
+
+@pytest.mark.parametrize("name", DATASETS)
+def test_each_public_schema_reads_as_traces(files, name):
+    _, _, preset, kept = DATASETS[name]
+    opened = open_traces(TraceSource(source=str(files[name])))
+    assert opened.preset == preset
+    traces = read_traces([str(files[name])]).datasets[0]
+    assert len(traces) == kept
+    for t in traces:
+        assert t.reasoning and t.answer and t.prompt[-1]["role"] == "user"
+        assert "<think>" not in t.reasoning + t.answer and "<|" not in t.reasoning + t.answer
+        assert "<answer>" not in t.answer
+    # a folder finds the same files (as a hub snapshot lays them out)
+    fname = DATASETS[name][1]
+    folder = Path(str(files[name])[:-len(fname)]) / fname.split("/")[0]
+    assert len(read_traces([str(folder)]).datasets[0]) == kept
+
+
+def test_openr1_keeps_exactly_the_correct_finished_generations(files):
+    traces = read_traces([str(files["openr1_math"])]).datasets[0]
+    # per row: (right, stop) kept; (right, length), (wrong, stop), (right, null reason but
+    # incomplete) dropped
+    assert [t.id for t in traces] == [f"uuid-{i:04d}#0" for i in range(6)]
+    assert all("Attempt 0" in t.reasoning for t in traces)
+    every = read_traces([TraceSource(source=str(files["openr1_math"]), keep="all")]).datasets[0]
+    assert len(every) == 24
+    complete = read_traces([str(files["openr1_math"])], keep="complete").datasets[0]
+    assert sorted({t.id[-1] for t in complete}) == ["0", "2"]
+
+
+def test_openr1_counts_the_llama_judge_where_math_verify_failed(tmp_path):
+    row = pub.openr1_row(0, [(False, "stop", True), (False, "stop", True)])
+    row["correctness_llama"] = [True, None]
+    path = tmp_path / "judged.parquet"
+    pq.write_table(pa.Table.from_pylist([row], schema=pub.OPENR1_SCHEMA), path)
+    assert [t.id for t in read_traces([str(path)]).datasets[0]] == ["uuid-0000#0"]
+
+
+def test_system_prompts_are_kept_or_dropped(files):
+    kept = read_traces([str(files["openthoughts"])]).datasets[0]
+    assert kept[0].prompt[0] == {"role": "system", "content": pub.SYSTEM_SKY_T1}
+    dropped = read_traces([TraceSource(source=str(files["openthoughts"]), system="drop")])
+    assert [m["role"] for m in dropped.datasets[0][0].prompt] == ["user"]
+
+
+def test_multi_turn_trains_on_every_assistant_turn(files):
+    traces = read_traces([str(files["mixture_of_thoughts"])]).datasets[0]
+    first, second = traces[-2:]
+    assert first.prompt_id == second.prompt_id and (first.id, second.id) == (
+        f"{first.prompt_id}#0", f"{first.prompt_id}#1")
+    assert [m["role"] for m in second.prompt] == ["system", "user", "assistant", "user"]
+    assert second.prompt[2]["content"] == "It is 4."  # an earlier reply: its answer, no reasoning
+    assert (second.reasoning, second.answer) == ("4 * 2 = 8", "Doubled, it is 8.")
+
+
+@pytest.mark.parametrize("name", DATASETS)
+def test_rendered_ids_equal_the_chat_template_of_the_conversation(files, smol, name):
+    """What a student trains on is the ids its own chat template gives for the conversation
+    with the reply in it (ChatML writes assistant contents as they are), up to EOS."""
+    for t in read_traces([str(files[name])]).datasets[0]:
+        ids, mask = render_example(smol, t.prompt, t.reasoning, t.answer)
+        reply = "<think>\n" + completion_text(t.reasoning, t.answer)
+        text = smol.apply_chat_template(t.prompt + [{"role": "assistant", "content": reply}])
+        expected = smol.encode(text, add_special_tokens=False)
+        assert ids.tolist() == expected[:len(ids)] and ids[-1] == smol.eos_token_id
+        prompt_len = len(smol.encode(smol.apply_chat_template(t.prompt, add_generation_prompt=True),
+                                     add_special_tokens=False))
+        assert not mask[:prompt_len].any() and mask[prompt_len:].all()
+
+
+def test_r1_template_renders_the_history_its_own_way(files, tmp_path):
+    """With the R1-Distill template (which drops reasoning from earlier replies), the prompt part
+    of a later turn is exactly the template's rendering of the conversation so far."""
+    tok = Tokenizer.from_pretrained(toy.write_tokenizer(tmp_path / "tok"))
+    second = read_traces([str(files["mixture_of_thoughts"])]).datasets[0][-1]
+    ids, mask = render_example(tok, second.prompt, second.reasoning, second.answer)
+    prompt = tok.encode(tok.apply_chat_template(second.prompt, add_generation_prompt=True),
+                        add_special_tokens=False)
+    assert ids[:len(prompt)].tolist() == prompt and int(np.argmax(mask)) == len(prompt)
+
+
+def test_every_schema_trains_a_tiny_student(files, tmp_path):
+    """The six fixtures as one mixture train a tiny Qwen2 student (toy tokenizer) a few steps."""
+    from distill.train.loop import run_train
+
+    tok = toy.write_tokenizer(tmp_path / "tok", vocab_size=512)
+    config = {"student": {"init": str(REPO / "configs/students/tiny-qwen2.yaml"),
+                          "tokenizer": str(tok)},
+              "data": {"traces": [str(files[n]) for n in DATASETS], "seq_len": 256,
+                       "batch_size": 8},
+              "optim": {"lr": 3e-3, "warmup_steps": 0},
+              "train": {"steps": 3, "log_every": 1, "checkpoint_every": 1000,
+                        "async_checkpoints": False},
+              "output_root": str(tmp_path / "students")}
+    path = tmp_path / "public.yaml"
+    path.write_text(json.dumps(config))
+    result = run_train(path, progress=False)
+    assert result.step == 3 and len(result.losses) == 3 and all(np.isfinite(result.losses))
+
+
+def test_split_reply_markers():
+    assert split_reply(pub.marked("r", "s")) == ("r", "s", True)
+    assert split_reply("<|begin_of_thought|>\n\nr cut off") == ("r cut off", "", False)
+    assert split_reply("<think>r</think>\n<answer>\nA\n</answer>") == ("r", "A", True)
+    assert split_reply("<think>\nr still going") == ("r still going", "", False)
+    assert split_reply("just an answer") == ("", "just an answer", True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line each, exit 2, nothing written
+
+
+def run_cli(args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "distill.cli", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_an_unknown_schema_names_the_columns_and_the_presets(tmp_path):
+    path = tmp_path / "odd.parquet"
+    pq.write_table(pa.table({"text": ["a"], "label": [1]}), path)
+    with pytest.raises(DistillError) as e:
+        read_traces([str(path)])
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: unknown trace schema (columns: text, label); known: distill")
+    for name in ("openr1_math", "sharegpt", "messages", "columns"):
+        assert name in msg
+
+
+def test_a_missing_column_of_a_named_preset(files):
+    with pytest.raises(DistillError, match=r"schema openr1_math needs column 'problem' \(columns: "
+                                           r"messages, num_tokens, source\)"):
+        read_traces([TraceSource(source=str(files["mixture_of_thoughts"]), preset="openr1_math")])
+
+
+def test_a_row_of_the_wrong_shape_names_the_row(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "q"},
+                                             {"role": "assistant", "content": 7}]}) + "\n")
+    with pytest.raises(DistillError, match=r"bad\.jsonl:1: message 1's content is not text "
+                                           r"\(got int\) \(schema messages\)"):
+        read_traces([str(path)])
+
+
+def test_cli_bad_input_is_one_line_exit_2_nothing_written(tmp_path, files, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    odd = tmp_path / "odd.parquet"
+    pq.write_table(pa.table({"text": ["a"]}), odd)
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.Table.from_pylist([], schema=pub.OPENR1_SCHEMA), empty)
+    split = tmp_path / "snapshot" / "test"  # a hub snapshot's split whose shards hold no rows
+    split.mkdir(parents=True)
+    for k in range(2):
+        pq.write_table(pa.Table.from_pylist([], schema=pub.MOT_SCHEMA), split / f"{k}.parquet")
+    saved = tmp_path / "saved"
+    rows = {"messages": [[{"role": "user", "content": "q"}]]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(str(saved))
+    cases = {
+        "unknown schema": ([str(odd)], "unknown trace schema (columns: text)"),
+        "missing column": ([str(files["s1k"]), "--preset", "sharegpt"],
+                           "schema sharegpt needs column 'conversations'"),
+        "empty file": ([str(empty)], "the dataset is empty (0 rows)"),
+        "empty split": ([str(split)], "the dataset is empty (0 rows)"),
+        "no such split": ([str(saved), "--split", "test"], "no split 'test' (splits: train)"),
+        "offline hub": (["distill-test/no-such-traces-0000"],
+                        "cannot load hub dataset 'distill-test/no-such-traces-0000' split "
+                        "'train': offline (HF_HUB_OFFLINE=1) and not in the local cache"),
+    }
+    env_offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                   "HF_HOME": str(tmp_path / "hf")}
+    for why, (args, expected) in cases.items():
+        for k, v in env_offline.items():
+            monkeypatch.setenv(k, v)
+        result = run_cli(["traces", "import", *args, "--name", "bad", "--quiet"])
+        assert result.returncode == 2, (why, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], (why, result.stderr)
+        assert not (tmp_path / "teacher_traces" / "bad").exists(), why
+
+
+# ---------------------------------------------------------------------------------------------
+# distill traces import
+
+
+def test_import_writes_a_store_that_reads_like_generated_traces(files, tmp_path):
+    out = tmp_path / "tt"
+    result = run_cli(["traces", "import", str(files["openr1_math"]), "--name", "r1math",
+                      "--out", str(out), "--quiet"])
+    assert result.returncode == 0, result.stderr
+    run = out / "r1math"
+    manifest = read_manifest(run)
+    assert manifest["complete"] and manifest["source_rows"] == 6
+    # re-checked with math-verify against `answer`: the wrong ones; truncated ones by the filter
+    assert manifest["totals"]["rejected"] == {"truncated": 12, "wrong": 6}
+    assert manifest["totals"]["records"] == 6 and manifest["disagreed_with_dataset"] == 0
+    table = read_table(run)
+    assert table.column("correct").to_pylist() == [True] * 6
+    assert set(table.column("predicted").to_pylist()) == {str(7 + 3 * i) for i in range(6)}
+    # the trainer reads the import exactly as the source itself
+    imported = read_traces([str(run)]).datasets[0]
+    direct = read_traces([str(files["openr1_math"])]).datasets[0]
+    assert [(t.id, t.prompt, t.reasoning, t.answer) for t in imported] == [
+        (t.id, t.prompt, t.reasoning, t.answer) for t in direct]
+    assert "Imported by `distill traces import`" in (run / "README.md").read_text()
+
+
+def test_import_dedups_filters_and_resumes(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"Question {i % 3}?"},
+                          {"role": "assistant", "content": pub.think("same steps", "same")}]}
+            for i in range(6)]
+    rows.append({"messages": [{"role": "user", "content": "Mixed?"},
+                              {"role": "assistant", "content": pub.think(
+                                  "Это рассуждение is mixed with English words here", "ok")}]})
+    src = tmp_path / "dups.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    decon = tmp_path / "bench.jsonl"
+    decon.write_text(json.dumps({"problem": "Question 2?"}) + "\n")
+    args = ["traces", "import", str(src), "--name", "d", "--out", str(tmp_path / "tt"),
+            "--quiet", "--set", "output.rows_per_shard=2", "--set",
+            f"filters.decontaminate=[{decon}]", "--set", "filters.decontam_ngram=2"]
+    assert run_cli(args).returncode == 0
+    m = read_manifest(tmp_path / "tt" / "d")
+    assert m["totals"]["records"] == 2 and len(m["shards"]) == 4
+    assert m["totals"]["rejected"] == {"duplicate": 2, "contaminated": 2, "language_mix": 1}
+    # an interrupted import (the last two shards lost) resumes and ends the same
+    first, totals = read_table(tmp_path / "tt" / "d").to_pylist(), m["totals"]
+    m["shards"], m["complete"] = m["shards"][:2], False
+    (tmp_path / "tt" / "d" / "manifest.json").write_text(json.dumps(m))
+    assert run_cli(args).returncode == 0
+    again = read_manifest(tmp_path / "tt" / "d")
+    assert again["complete"] and again["totals"] == totals
+    assert read_table(tmp_path / "tt" / "d").to_pylist() == first
