@@ -268,7 +268,7 @@ class MoEConfig(Frozen):
 # Any model config; the `family` field picks the schema.
 ModelConfig = Annotated[DenseConfig | MoEConfig, Field(discriminator="family")]
 # union tags (model families, teacher / model kinds), left out of error locations
-_UNION_TAGS = ("llama", "qwen2", "deepseek_v3", "jax", "openai", "name", "table")
+_UNION_TAGS = ("llama", "qwen2", "deepseek_v3", "jax", "openai", "source-name", "source-table")
 
 T = TypeVar("T", bound=BaseModel)
 

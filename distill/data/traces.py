@@ -60,12 +60,12 @@ class TraceSource(Frozen):
 
 
 def _spec_kind(value) -> str:
-    return "name" if isinstance(value, str) else "table"
+    return "source-name" if isinstance(value, str) else "source-table"
 
 
 # A `data.traces` entry: a path or hub name alone, or a TraceSource table.
-TraceSpec = Annotated[Annotated[DataSource, Tag("name")] | Annotated[TraceSource, Tag("table")],
-                      Discriminator(_spec_kind)]
+TraceSpec = Annotated[Annotated[DataSource, Tag("source-name")]
+                      | Annotated[TraceSource, Tag("source-table")], Discriminator(_spec_kind)]
 
 
 def as_source(spec: str | Path | TraceSource) -> TraceSource:
