@@ -82,10 +82,10 @@ _DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".zst", ".gz", ".txt")
 
 
 def looks_like_path(source: str) -> bool:
-    """Whether a data source that does not exist was meant as a local path, not a hub name: it
-    starts with ".", "/", "~" or one of distill's artifact roots (teacher_traces/, students/),
-    or ends in a data file suffix."""
-    return (source.startswith((".", "/", "~", "teacher_traces/", "students/"))
+    """Whether a data source that does not exist was meant as a local path, not a hub name
+    (`owner/name`): it has no "/" at all, starts with ".", "/", "~" or one of distill's
+    artifact roots (teacher_traces/, students/), or ends in a data file suffix."""
+    return ("/" not in source or source.startswith((".", "/", "~", "teacher_traces/", "students/"))
             or source.lower().endswith(_DATA_SUFFIXES))
 
 

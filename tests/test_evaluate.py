@@ -301,7 +301,7 @@ def test_a_different_tokenizer_is_not_scored(tmp_path):
         tokenizer = other
 
     scores, notes = _agreement(JaxModelConfig(model="x"), Backend(),
-                               _KL([], tokenizer_fingerprint(same[0]), None))
+                               _KL([], True, tokenizer_fingerprint(same[0]), None))
     assert scores is None and "tokenizer differs" in notes[0]
 
 

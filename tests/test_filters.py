@@ -190,7 +190,7 @@ def test_decontamination_matches_short_prompts_whole(tmp_path):
     ("missing.jsonl", None, "not found"),
     ("bad.jsonl", '{"prompt": "ok"}\n{oops\n', r"bad.jsonl:2: not valid JSON"),
     ("nofield.jsonl", '{"text": "hi"}\n', r"nofield.jsonl:1: needs a text 'prompt'"),
-    ("evals.csv", "a,b\n", "must be .jsonl or .txt"),
+    ("evals.csv", "a,b\n", "must be .jsonl, .txt, .parquet or a save_to_disk folder"),
 ])
 def test_decontamination_file_errors(tmp_path, name, content, message, monkeypatch):
     if content is not None:

@@ -278,3 +278,59 @@ def test_import_dedups_filters_and_resumes(tmp_path):
     again = read_manifest(tmp_path / "tt" / "d")
     assert again["complete"] and again["totals"] == totals
     assert read_table(tmp_path / "tt" / "d").to_pylist() == first
+
+
+def test_eval_scores_students_on_public_traces_by_nll(files, tmp_path):
+    """kl.traces may be a public dataset: text-only traces give each student its NLL and top-1
+    agreement on the teacher's completion tokens, computed here again from the logits."""
+    import yaml
+
+    import distill
+    from distill.eval.evaluate import run_eval
+
+    student = toy.qwen2_dir(tmp_path / "student")
+    cfg = {"prompts": {"source": "synthetic", "synthetic": {"n": 2}},
+           "models": [{"name": "s", "model": str(student)}],
+           "protocol": {"k": 1, "max_new_tokens": 2, "greedy": False},
+           "kl": {"traces": {"source": str(files["openthoughts3"]), "limit": 2},
+                  "only_eval_prompts": False},
+           "output": str(tmp_path / "out")}
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    [scores] = [m["agreement"] for m in run_eval(path, progress=False)["models"]]
+    model, tok = distill.load_pretrained(student)
+    nll, hits, n = 0.0, 0, 0
+    for t in read_traces([str(files["openthoughts3"])]).datasets[0][:2]:
+        ids, mask = render_example(tok, t.prompt, t.reasoning, t.answer)
+        logits = np.asarray(model(ids[None, :-1]))[0].astype(np.float64)
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
+                                                                                 keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        target, scored = ids[1:], mask[1:]
+        nll -= logp[np.arange(len(target)), target][scored].sum()
+        hits += (logits.argmax(-1) == target)[scored].sum()
+        n += scored.sum()
+    assert scores["traces"] == 2 and scores["tokens"] == n and "kl" not in scores
+    assert scores["nll"] == pytest.approx(nll / n, rel=1e-4)
+    assert scores["top1_agreement"] == pytest.approx(hits / n)
+    assert "| NLL of teacher traces (nats/token) |" in (tmp_path / "out" / "eval.md").read_text()
+
+
+def test_the_import_benchmark_file_has_the_card_schema(tmp_path):
+    """`python -m distill.bench.imports` measures on rows of OpenR1-Math's exact schema, two
+    generations of four kept per row (right; right with a null finish reason but complete),
+    two dropped (truncated; wrong)."""
+    from distill.bench.imports import write_synthetic
+
+    path = write_synthetic(tmp_path / "synthetic.parquet", rows=50, steps=2, chunk=20)
+    assert pq.read_schema(path) == pub.OPENR1_SCHEMA
+    traces = read_traces([str(path)]).datasets[0]
+    assert len(traces) == 100 and {t.id.rsplit("#", 1)[1] for t in traces} == {"0", "3"}
+
+
+def test_the_command_line_offers_every_preset():
+    from distill.cli import traces
+    from distill.data.schemas import SCHEMAS
+
+    [preset] = [p for p in traces.commands["import"].params if p.name == "preset"]
+    assert list(preset.type.choices) == ["auto", *SCHEMAS]

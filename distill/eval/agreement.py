@@ -3,8 +3,11 @@
 Each trace is rendered for the student exactly as training renders it
 (`distill.data.render.render_example`: chat-templated prompt, then
 `{reasoning}\\n</think>\\n\\n{answer}` and EOS), and the student runs one forward pass over it.
-At completion token j the teacher's stored top-k (ids and log-probabilities) meets the student's
-next-token distribution p at the position before it:
+Two cases, by what the traces carry:
+
+Traces with the teacher's top-k log-probabilities (our store, `sampling.logprobs`). At completion
+token j the teacher's stored top-k (ids and log-probabilities) meets the student's next-token
+distribution p at the position before it:
 
 - kl: sum_k q_k (log q_k - log p(id_k)), q the teacher's top-k renormalised over its k entries,
   p the student's softmax over the full vocabulary read at those ids (nats per token, >= 0). This
@@ -12,10 +15,19 @@ next-token distribution p at the position before it:
   distillation minimises; student mass outside the teacher's top-k counts against it.
 - top1_agreement: the student's argmax equals the teacher's most likely token.
 
-Both are token-level means over every scored completion token of every trace. Stored ids mean the
-teacher's token ids, so only a student whose vocabulary is the teacher's (same token -> id map) is
-scored; a trace whose top-k rows do not line up one to one with the student's completion tokens
-(rows == tokens, or one fewer when the teacher stopped before scoring EOS) is skipped and counted.
+Stored ids mean the teacher's token ids, so only a student whose vocabulary is the teacher's (same
+token -> id map) is scored; a trace whose top-k rows do not line up one to one with the student's
+completion tokens (rows == tokens, or one fewer when the teacher stopped before scoring EOS) is
+skipped and counted.
+
+Traces of text only (the public datasets, any trace source `distill.data.traces` reads): the
+student's own tokens of the teacher's completion are the targets, so any student is scored:
+
+- nll: the student's cross-entropy on the teacher's completion tokens (nats per token), the
+  held-out SFT loss on the teacher's traces;
+- top1_agreement: the student's argmax equals the teacher's next token.
+
+Both are token-level means over every scored completion token of every trace.
 """
 
 from __future__ import annotations
@@ -31,8 +43,8 @@ from flax import nnx
 
 from distill import runs
 from distill.data.render import render_example
-from distill.data.store import read_manifest
-from distill.data.traces import read_traces
+from distill.data.store import MANIFEST, read_manifest
+from distill.data.traces import as_source, read_traces
 from distill.errors import DistillError
 from distill.eval.config import KLConfig
 from distill.losses import TeacherTopK, chunked_loss
@@ -68,49 +80,59 @@ def teacher_tokenizer(cfg: KLConfig, teacher_entry):
         return load_tokenizer(cfg.tokenizer), None
     if teacher_entry is not None and teacher_entry.kind == "jax":
         return load_tokenizer(teacher_entry.tokenizer or teacher_entry.model), None
-    teacher = read_manifest(Path(cfg.traces)).get("teacher") or {}
-    if teacher.get("kind") == "jax" and Path(teacher.get("model", "")).exists():
-        return load_tokenizer(teacher["model"]), None
+    source = as_source(cfg.traces).source
+    if (Path(source) / MANIFEST).is_file():
+        teacher = read_manifest(Path(source)).get("teacher") or {}
+        if teacher.get("kind") == "jax" and Path(teacher.get("model", "")).exists():
+            return load_tokenizer(teacher["model"]), None
     return None, "the teacher's tokenizer is unknown (set kl.tokenizer)"
 
 
-def load_kl_traces(cfg: KLConfig, prompt_ids: set[str]) -> list:
-    """The first `max_samples` traces (run order) that carry teacher top-k log-probabilities,
-    of the evaluated prompts only when `only_eval_prompts`."""
-    path = Path(cfg.traces)
-    [traces] = read_traces([path], keep="all", with_teacher=True).datasets
-    kept = [t for t in traces if t.top_ids is not None and len(t.top_ids)
+def load_kl_traces(cfg: KLConfig, prompt_ids: set[str]) -> tuple[list, bool]:
+    """(the first `max_samples` traces in source order, whether they carry teacher top-k
+    log-probabilities): those that do when any does, else every trace (text only), of the
+    evaluated prompts only when `only_eval_prompts`."""
+    source = as_source(cfg.traces)
+    [traces] = read_traces([source], keep="all", with_teacher=True).datasets
+    with_topk = any(t.top_ids is not None and len(t.top_ids) for t in traces)
+    kept = [t for t in traces if (not with_topk or t.top_ids is not None and len(t.top_ids))
             and (not cfg.only_eval_prompts or t.prompt_id in prompt_ids)]
     if not kept:
+        what = "trace with teacher top-k log-probabilities" if with_topk else "trace"
         where = " for the evaluated prompts (set kl.only_eval_prompts: false to use them all)" \
             if cfg.only_eval_prompts else ""
-        raise DistillError(f"{path}: no trace with teacher top-k log-probabilities{where}")
-    return kept[:cfg.max_samples]
+        raise DistillError(f"{source.source}: no {what}{where}")
+    return kept[:cfg.max_samples], with_topk
 
 
 def _prepare(trace, tokenizer) -> dict | None:
-    """Padded [1, T] arrays for one trace, or None when its top-k rows do not line up."""
+    """Padded [1, T] arrays for one trace, or None when it cannot be scored (no assistant text,
+    or top-k rows that do not line up)."""
     try:
         ids, mask = render_example(tokenizer, trace.prompt, trace.reasoning, trace.answer)
     except DistillError:
         return None
     first = int(np.argmax(mask))  # the first completion token
-    rows = len(trace.top_ids)
+    rows = len(ids) - first if trace.top_ids is None else len(trace.top_ids)
     if rows not in (len(ids) - first, len(ids) - first - 1):
         return None
-    if int(trace.top_ids.max()) >= tokenizer.vocab_size:
+    if trace.top_ids is not None and int(trace.top_ids.max()) >= tokenizer.vocab_size:
         return None
     t = -(-len(ids) // _BUCKET) * _BUCKET
-    k = trace.top_ids.shape[1]
     out = {"tokens": np.zeros((1, t), np.int32), "targets": np.zeros((1, t), np.int32),
-           "mask": np.zeros((1, t), bool), "top_ids": np.zeros((1, t, k), np.int32),
-           "top_lps": np.full((1, t, k), -np.inf, np.float32)}
+           "mask": np.zeros((1, t), bool)}
     out["tokens"][0, :len(ids)] = ids
     # completion token j is predicted at position first + j - 1
     span = slice(first - 1, first - 1 + rows)
+    out["mask"][0, span] = True
+    if trace.top_ids is None:  # text only: the trace's own next tokens
+        out["targets"][0, span] = ids[first:first + rows]
+        return out
+    k = trace.top_ids.shape[1]
+    out["top_ids"] = np.zeros((1, t, k), np.int32)
+    out["top_lps"] = np.full((1, t, k), -np.inf, np.float32)
     best = np.argmax(trace.top_logprobs, axis=1)
     out["targets"][0, span] = trace.top_ids[np.arange(rows), best]  # the teacher's top-1
-    out["mask"][0, span] = True
     out["top_ids"][0, span] = trace.top_ids
     out["top_lps"][0, span] = trace.top_logprobs
     return out
@@ -119,8 +141,11 @@ def _prepare(trace, tokenizer) -> dict | None:
 def _score_fn():
 
     @partial(jax.jit, static_argnums=0)
-    def score(graphdef, state, tokens, targets, mask, top_ids, top_lps):
+    def score(graphdef, state, tokens, targets, mask, top_ids=None, top_lps=None):
         model = nnx.merge(graphdef, state)
+        if top_ids is None:  # text only: cross-entropy on the trace's tokens
+            _, m = chunked_loss(model.hidden(tokens), model.logits, targets, mask)
+            return m["ce"] * m["tokens"], m["tokens"], m["accuracy"] * m["tokens"], m["tokens"]
         _, m = chunked_loss(model.hidden(tokens), model.logits, targets, mask,
                             TeacherTopK(top_ids, top_lps), kind="forward_kl", alpha=1.0)
         # sums, so traces add up to token-level means
@@ -130,19 +155,21 @@ def _score_fn():
 
 
 def agreement(model, tokenizer, traces: list) -> dict:
-    """{"traces", "skipped", "tokens", "kl", "top1_agreement"} of a student on `traces`."""
+    """{"traces", "skipped", "tokens", "kl" or "nll", "top1_agreement"} of a student on
+    `traces` ("kl" when they carry teacher top-k, "nll" when they are text only)."""
     score = _score_fn()
     graphdef, state = nnx.split(model)
-    kl_sum = kl_tokens = hits = tokens = 0.0
+    loss_sum = loss_tokens = hits = tokens = 0.0
     used = 0
     for trace in traces:
         batch = _prepare(trace, tokenizer)
         if batch is None:
             continue
         a, b, c, d = score(graphdef, state, **batch)
-        kl_sum, kl_tokens = kl_sum + float(a), kl_tokens + float(b)
+        loss_sum, loss_tokens = loss_sum + float(a), loss_tokens + float(b)
         hits, tokens = hits + float(c), tokens + float(d)
         used += 1
+    key = "kl" if traces and traces[0].top_ids is not None else "nll"
     return {"traces": used, "skipped": len(traces) - used, "tokens": int(tokens),
-            "kl": kl_sum / kl_tokens if kl_tokens else None,
+            key: loss_sum / loss_tokens if loss_tokens else None,
             "top1_agreement": hits / tokens if tokens else None}

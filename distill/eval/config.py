@@ -32,6 +32,7 @@ from distill.backends.jax import JaxTeacherConfig
 from distill.config import DataSource, Frozen, InputPath, OutputPath
 from distill.data.benchmarks import benchmark
 from distill.data.prompts import PromptsConfig
+from distill.data.traces import TraceSpec
 from distill.errors import DistillError
 from distill.sampling import NewTokens, Samples, Temperature, TopK, TopP
 from distill.verify import AnswerPattern
@@ -83,15 +84,17 @@ class ProtocolConfig(Frozen):
 
 
 class KLConfig(Frozen):
-    """Per-token agreement with the teacher on its stored traces (see `distill.eval.agreement`).
+    """Per-token agreement with the teacher on its traces (see `distill.eval.agreement`).
 
-    traces: a teacher_traces/<run> directory whose rows carry top-k log-probabilities.
+    traces: a trace source as in `data.traces` (a teacher_traces/<run>, files, a hub name or a
+    TraceSource table): KL and top-1 agreement where its rows carry the teacher's top-k
+    log-probabilities, else each student's NLL and top-1 agreement on the trace text.
     tokenizer: where the teacher's tokenizer is (default: the teacher entry's model, else the
     model the traces' manifest names). only_eval_prompts: use only traces of the evaluated prompts
     (held out from training when the prompts are).
     """
 
-    traces: InputPath
+    traces: TraceSpec
     max_samples: int = Field(64, ge=1)
     tokenizer: InputPath | None = None
     only_eval_prompts: bool = True

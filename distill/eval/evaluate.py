@@ -138,7 +138,8 @@ def _check_models(cfg: EvalConfig) -> None:
 @dataclasses.dataclass
 class _KL:
     traces: list
-    fingerprint: str | None  # the teacher tokenizer's; None when unknown
+    with_topk: bool  # the traces carry teacher top-k (KL), else text only (NLL)
+    fingerprint: str | None  # the teacher tokenizer's; None when unknown or not needed
     note: str | None
 
 
@@ -146,12 +147,14 @@ def _prepare_kl(cfg: EvalConfig, prompts: list[PromptRecord]) -> _KL | None:
     if cfg.kl is None:
         return None
 
-    traces = load_kl_traces(cfg.kl, {p.id for p in prompts})
+    traces, with_topk = load_kl_traces(cfg.kl, {p.id for p in prompts})
+    if not with_topk:  # scored with each student's own tokenizer
+        return _KL(traces, False, None, None)
     teacher = next((m for m in cfg.models if m.role == "teacher"), None)
     tokenizer, note = teacher_tokenizer(cfg.kl, teacher)
     if tokenizer is None and note is None:
         note = "the teacher model carries no tokenizer (set kl.tokenizer)"
-    return _KL(traces, tokenizer_fingerprint(tokenizer) if tokenizer else None, note)
+    return _KL(traces, True, tokenizer_fingerprint(tokenizer) if tokenizer else None, note)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,22 +215,24 @@ def _judge(sample: Sample, prompt: PromptRecord, pattern: str | None,
 
 
 def _agreement(entry, backend, kl: _KL | None) -> tuple[dict | None, list[str]]:
-    """The KL / top-1 agreement of a student that shares the teacher's tokenizer, else a note."""
+    """The KL / top-1 agreement of a student that shares the teacher's tokenizer (traces with
+    top-k), or its NLL / top-1 agreement on text-only traces (any student), else a note."""
     if kl is None:
         return None, []
     if entry.role == "teacher":
         return None, ["KL: not computed for the teacher itself"]
     if entry.kind != "jax":
         return None, ["KL: needs the model in process (an HTTP model gives no logits)"]
-    if kl.fingerprint is None:
+    if kl.with_topk and kl.fingerprint is None:
         return None, [f"KL: {kl.note}"]
 
-    if tokenizer_fingerprint(backend.tokenizer) != kl.fingerprint:
+    if kl.with_topk and tokenizer_fingerprint(backend.tokenizer) != kl.fingerprint:
         return None, ["KL: the tokenizer differs from the teacher's, so the stored teacher "
                       "token ids mean nothing to this model"]
     scores = agreement(backend.model, backend.tokenizer, kl.traces)
-    notes = [f"KL: {scores['skipped']} trace(s) skipped (top-k rows do not line up with the "
-             "rendered completion)"] if scores["skipped"] else []
+    why = ("top-k rows do not line up with the rendered completion" if kl.with_topk else
+           "no assistant text")
+    notes = [f"KL: {scores['skipped']} trace(s) skipped ({why})"] if scores["skipped"] else []
     return scores, notes
 
 

@@ -118,6 +118,8 @@ def _rows(model: dict, timing_: dict, k: int) -> dict[str, str]:
         "KL to teacher (nats/token)": _num(a.get("kl"), ".4f"),
         "top-1 agreement": _pct(a.get("top1_agreement")),
     }
+    if a.get("nll") is not None:  # scored on text-only traces
+        rows["NLL of teacher traces (nats/token)"] = _num(a["nll"], ".4f")
     for d, v in model["by_difficulty"].items():
         rows[f"pass@1, difficulty {d}"] = f"{_pct(v['pass@1'])} (n={v['prompts']})"
     return rows

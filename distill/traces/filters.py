@@ -315,8 +315,18 @@ class Judge:
 
     @staticmethod
     def _shingle_set(text: str) -> np.ndarray:
-        hashes = [_ngram_hash(g) for g in _ngrams(_words(text), _SHINGLE)]
-        return np.unique(np.asarray(hashes, dtype=np.int64))
+        """The sorted unique hashes of the text's word 5-grams (the whole text when shorter):
+        each word hashed once, then the 5-grams combined as a polynomial in uint64 (wrapping)."""
+        words = _words(text)
+        if not words:
+            return np.zeros(0, np.int64)
+        ids = np.fromiter((hash(w) for w in words), np.int64, len(words)).view(np.uint64)
+        n = min(_SHINGLE, len(ids))
+        grams = np.zeros(len(ids) - n + 1, np.uint64)
+        with np.errstate(over="ignore"):
+            for j in range(n):
+                grams = grams * np.uint64(1_000_003) + ids[j:j + len(grams)]
+        return np.unique(grams.view(np.int64))
 
     def _dedup(self, prompt_id: str, reasoning: str | None, answer: str) -> str | None:
         """"duplicate" / "near_duplicate" or None, remembering the sample when it is new."""
@@ -325,21 +335,25 @@ class Judge:
         text = self._dedup_text(reasoning, answer)
         if self._exact_key(prompt_id, text) in self._exact:
             return "duplicate"
+        shingles = None
         if self.cfg.dedup == "near":
             shingles = self._shingle_set(text)
             for kept in self._shingles.get(prompt_id, []):
                 if _jaccard(shingles, kept) >= self.cfg.near_dup_threshold:
                     return "near_duplicate"
-        self._remember(prompt_id, reasoning, answer)
+        self._remember(prompt_id, reasoning, answer, shingles)
         return None
 
-    def _remember(self, prompt_id: str, reasoning: str | None, answer: str) -> None:
+    def _remember(self, prompt_id: str, reasoning: str | None, answer: str,
+                  shingles: np.ndarray | None = None) -> None:
         if self.cfg.dedup == "none":
             return
         text = self._dedup_text(reasoning, answer)
         self._exact.add(self._exact_key(prompt_id, text))
         if self.cfg.dedup == "near":
-            self._shingles.setdefault(prompt_id, []).append(self._shingle_set(text))
+            if shingles is None:
+                shingles = self._shingle_set(text)
+            self._shingles.setdefault(prompt_id, []).append(shingles)
             self._shingles.move_to_end(prompt_id)
             while len(self._shingles) > _MAX_DEDUP_PROMPTS:
                 self._shingles.popitem(last=False)

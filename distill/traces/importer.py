@@ -141,6 +141,9 @@ def run_import(cfg: ImportConfig, *, overwrite: bool = False, progress: bool = T
     """Import (or resume importing) the source `cfg` describes."""
     _check(cfg)
     opened = open_traces(cfg.source)  # schema and columns checked before anything is written
+    if opened.preset == "distill":
+        raise DistillError(f"{opened.rows.where}: already in distill's trace schema; use it in "
+                           "data.traces as it is")
     judging = _Judging(cfg)
     run_dir = Path(cfg.output.root) / cfg.name
     identity = json.loads(cfg.model_dump_json(exclude={"output": {"root"}}))
