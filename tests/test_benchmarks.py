@@ -46,6 +46,8 @@ EXTRACTION = [
     ("math500", "The answer is 7.", None, "7", False),  # no box: nothing read
     ("math500", "\\boxed{8}", "8", "9", False),  # wrong
     ("aime24", "Therefore, the final answer is: $\\boxed{033}$.", "033", "33", True),
+    ("aime25", "So $\\boxed{27}$ or maybe \\boxed{}", "27", "27", True),  # an empty box skipped
+    ("aime25", "Therefore, the final answer is: $\\boxed{26}$.", "26", "27", False),
     ("gsm8k", "He has 1,234 apples.\n#### 1,234", "1,234", "1234", True),
     ("gsm8k", "So \\boxed{1234}.", "1234", "1234", True),
     ("gsm8k", "#### 12 and then\n#### 13", "13", "12", False),

@@ -334,3 +334,14 @@ def test_the_command_line_offers_every_preset():
 
     [preset] = [p for p in traces.commands["import"].params if p.name == "preset"]
     assert list(preset.type.choices) == ["auto", *SCHEMAS]
+
+
+def test_a_local_benchmark_copy_decontaminates(tmp_path):
+    """filters.decontaminate takes a benchmark's Parquet copy (its problem column)."""
+    from distill.data.records import PromptRecord
+    from distill.traces.filters import FiltersConfig, Judge
+
+    bench = pub.math500(tmp_path / "math500.parquet")
+    judge = Judge(FiltersConfig(decontaminate=(str(bench),), decontam_ngram=4))
+    assert judge.is_contaminated(PromptRecord("a", "Quick: what is $5 + 6$? Show work."))
+    assert not judge.is_contaminated(PromptRecord("b", "What is 9 plus 10?"))
