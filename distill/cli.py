@@ -119,7 +119,7 @@ def import_(source, name, preset, hub_config, split, system, limit, tokenizer, b
 
     fields = {"preset": preset, "config": hub_config, "split": split, "system": system,
               "limit": limit}
-    cfg = import_config(source, name or _source_name(source), overrides,
+    cfg = import_config(source, name or _source_name(source, hub_config), overrides,
                         source_fields={k: v for k, v in fields.items() if v is not None},
                         tokenizer=tokenizer, decontaminate_benchmarks=list(benchmarks) or None,
                         output={"root": root})
@@ -128,11 +128,16 @@ def import_(source, name, preset, hub_config, split, system, limit, tokenizer, b
     click.echo(str(summary.run_dir))
 
 
-def _source_name(source: str) -> str:
-    name = source.rstrip("/").rsplit("/", 1)[-1]
+def _source_name(source: str, config: str | None) -> str:
+    """The default run name: the source's last part (a path's resolved folder or file name
+    without its suffixes), with the hub config when there is one."""
+    from distill.config import resolve_source
+
+    resolved = resolve_source(source)
+    name = os.path.basename(resolved.rstrip("/"))
     for suffix in (".zst", ".jsonl", ".parquet"):
         name = name.removesuffix(suffix)
-    return name or "import"
+    return f"{name}-{config}" if config else name or "import"
 
 
 @cli.command()
@@ -214,6 +219,9 @@ def eval_(config, benchmark, model, model_name, source, limit, overrides, quiet)
         if model is not None:
             raise click.UsageError("--model goes with --benchmark and no CONFIG; the models of "
                                    "a config are its models: list")
+        if benchmark is None and (source or limit):
+            raise click.UsageError("--source and --limit go with --benchmark (a config's own "
+                                   "prompts take --set prompts.limit=N)")
         extra = [f"benchmark.name={benchmark}", "prompts=null"] if benchmark else []
         extra += [f"benchmark.source={source}"] if source else []
         extra += [f"benchmark.limit={limit}"] if limit else []

@@ -100,6 +100,8 @@ def resolve_source(source: str, info: ValidationInfo | None = None) -> str:
 
 
 def _data_source(value: str, info: ValidationInfo) -> str:
+    if (getattr(info, "data", None) or {}).get("format") == "hub":
+        return value  # declared a hub name (a config's `format: hub` field, validated first)
     return resolve_source(value, info)
 
 

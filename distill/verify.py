@@ -120,22 +120,25 @@ def extract_answer(text: str, pattern: str | None = None) -> str | None:
 
 
 def extract_choice(text: str, letters: str = "ABCD") -> str | None:
-    """The multiple-choice letter a completion ends on: the last "Answer: X" (markdown bold,
-    `$X$`, `(X)` and `\\text{X}` around it allowed), else the last `\\boxed{X}`, else the last
-    "answer is X"; None when there is none. Letters elsewhere in the prose ("A) ..." while
-    weighing options, "option B seems") are not answers."""
+    """The multiple-choice letter a completion ends on: the last, by position, of "Answer: X",
+    `\\boxed{X}` and "answer is X" (markdown bold, `$X$`, `(X)`, `\\text{X}`, `\\mathrm{(X)}` and
+    the like around the letter allowed); None when there is none. Letters elsewhere in the prose
+    ("A) ..." while weighing options, "option B seems") are not answers."""
     one = f"[{re.escape(letters)}]"
-    wrapped = rf"[\s*$(\\{{]*(?:\\text(?:bf)?\{{)?({one})(?![A-Za-z])"
-    stated = re.findall(rf"(?i:answer)\s*\**\s*:\s*\**{wrapped}", text)
-    if stated:
-        return stated[-1]
-    boxed = [re.sub(r"^\\text(?:bf)?\{(.*)\}$", r"\1", b.strip()).strip("() ")
-             for b in _boxed_contents(text)]
-    boxed = [b for b in boxed if re.fullmatch(one, b)]
-    if boxed:
-        return boxed[-1]
-    prose = re.findall(rf"(?i:answer\s+is)\s*:?\s*\**{wrapped}", text)
-    return prose[-1] if prose else None
+    wrapper = r"(?:\\(?:text|textbf|mathrm|mathbf|mbox)\s*\{)?"
+    letter = rf"[\s*$]*\(?\s*{wrapper}\s*\(?\s*({one})\s*\)?(?![A-Za-z])"
+    found = [(m.start(1), m.group(1)) for pattern in (rf"(?i:answer)\s*\**\s*:\s*\**{letter}",
+                                                      rf"(?i:answer\s+is)\s*:?\s*\**{letter}")
+             for m in re.finditer(pattern, text)]
+    for m in _BOX_RE.finditer(text):
+        end = m.end()
+        group = _braced(text, end) if end < len(text) and text[end] == "{" else None
+        if group is not None:
+            inner = re.fullmatch(rf"\s*\(?\s*{wrapper}\s*\(?\s*({one})\s*\)?\s*\}}?\s*\)?\s*",
+                                 group[0])
+            if inner:
+                found.append((end, inner.group(1)))
+    return max(found)[1] if found else None
 
 
 # ------------------------------------------------------------------------------------------------

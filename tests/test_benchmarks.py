@@ -7,6 +7,8 @@ import collections
 import json
 import re
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import distill
@@ -60,6 +62,11 @@ EXTRACTION = [
     ("gpqa", "Option B seems best, though A) is close.", None, "B", False),
     ("gpqa", "Answer: A\nWait, no. Answer: C", "C", "C", True),
     ("gpqa", "Answer: E", None, "A", False),  # not a choice
+    ("gpqa", "Answer: A looks tempting, but \\boxed{C}", "C", "C", True),  # the last one
+    ("gpqa", "Answer: $\\text{(C)}$", "C", "C", True),
+    ("gpqa", "Answer: $\\mathrm{B}$", "B", "B", True),
+    ("gpqa", "\\boxed{\\textbf{(D)}}", "D", "D", True),
+    ("gpqa", "Answer: Because it decays", None, "B", False),
 ]
 
 
@@ -89,6 +96,20 @@ def test_gpqa_shuffle_is_seeded_and_balanced(local):
         assert sorted(lines.values()) == sorted([f"right {i}"] + [f"wrong {i}{c}" for c in "abc"])
         head = GPQA_TEMPLATE.split("{prompt}")[0]
         assert r.prompt.startswith(head + f"Which particle number {i} is right?\n\nA) ")
+
+
+def test_gpqa_braces_and_whitespace_survive(tmp_path):
+    row = {c: "" for c in pub.GPQA_COLUMNS} | {
+        "Question": " Water boils at $100\\,^\\circ\\mathrm{C}$ {A}? \n",
+        "Correct Answer": "$\\mathrm{C}$ \n", "Incorrect Answer 1": "{B}",
+        "Incorrect Answer 2": "$\\mathbf{D}$", "Incorrect Answer 3": "none", "Record ID": "r1"}
+    path = tmp_path / "gpqa.parquet"
+    pq.write_table(pa.Table.from_pylist([row]), path)
+    [record] = load_benchmark(BENCHMARKS["gpqa"], str(path))
+    assert "Water boils at $100\\,^\\circ\\mathrm{C}$ {A}?\n\nA) " in record.prompt
+    lines = dict(re.findall(r"^([ABCD])\) (.*)$", record.prompt, re.M))
+    assert lines[record.reference] == "$\\mathrm{C}$"
+    assert sorted(lines.values()) == sorted(["$\\mathrm{C}$", "{B}", "$\\mathbf{D}$", "none"])
 
 
 def test_each_benchmark_loads_from_a_local_copy(local):
@@ -225,4 +246,7 @@ def test_eval_benchmark_bad_input_is_one_line(tmp_path, monkeypatch):
         "'train': offline (HF_HUB_OFFLINE=1) and not in the local cache" in offline.stderr
     unknown = run_cli(["eval", "--benchmark", "mmlu", "--model", str(student)], tmp_path)
     assert unknown.returncode == 2 and "unknown benchmark 'mmlu'" in unknown.stderr
+    (tmp_path / "eval.yaml").write_text("prompts: {source: synthetic}\nmodels: [{model: m}]\n")
+    stray = run_cli(["eval", "eval.yaml", "--limit", "3"], tmp_path)
+    assert stray.returncode == 2 and "--source and --limit go with --benchmark" in stray.stderr
     assert not (tmp_path / "students").exists()

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from distill.chat import completion_text
+from distill.data.prompts import prompt_hash_id
 from distill.data.render import render_example
 from distill.data.schemas import split_reply
 from distill.data.store import read_manifest, read_table
@@ -66,7 +67,9 @@ def test_openr1_keeps_exactly_the_correct_finished_generations(files):
     traces = read_traces([str(files["openr1_math"])]).datasets[0]
     # per row: (right, stop) kept; (right, length), (wrong, stop), (right, null reason but
     # incomplete) dropped
-    assert [t.id for t in traces] == [f"uuid-{i:04d}#0" for i in range(6)]
+    # (ids: the problem's hash, as every prompt source ids a problem text)
+    assert [t.id for t in traces] == [f"{prompt_hash_id(f'Compute {3 + i} + {4 + 2 * i}.')}#0"
+                                      for i in range(6)]
     assert all("Attempt 0" in t.reasoning for t in traces)
     every = read_traces([TraceSource(source=str(files["openr1_math"]), keep="all")]).datasets[0]
     assert len(every) == 24
@@ -79,7 +82,7 @@ def test_openr1_counts_the_llama_judge_where_math_verify_failed(tmp_path):
     row["correctness_llama"] = [True, None]
     path = tmp_path / "judged.parquet"
     pq.write_table(pa.Table.from_pylist([row], schema=pub.OPENR1_SCHEMA), path)
-    assert [t.id for t in read_traces([str(path)]).datasets[0]] == ["uuid-0000#0"]
+    assert [t.id.rsplit("#", 1)[1] for t in read_traces([str(path)]).datasets[0]] == ["0"]
 
 
 def test_system_prompts_are_kept_or_dropped(files):
@@ -345,3 +348,68 @@ def test_a_local_benchmark_copy_decontaminates(tmp_path):
     judge = Judge(FiltersConfig(decontaminate=(str(bench),), decontam_ngram=4))
     assert judge.is_contaminated(PromptRecord("a", "Quick: what is $5 + 6$? Show work."))
     assert not judge.is_contaminated(PromptRecord("b", "What is 9 plus 10?"))
+
+
+def test_each_question_of_a_conversation_has_its_own_reference():
+    from distill.data.schemas import conversation_turns
+
+    messages = [
+        {"role": "user", "content": "2 + 3?", "info": {"reference_answer": "5"}},
+        {"role": "assistant", "content": pub.think("2 + 3 = 5", "\\boxed{5}")},
+        {"role": "user", "content": "Now tell me a joke.", "info": {"reference_answer": None}},
+        {"role": "assistant", "content": pub.think("a joke", "Why did...")}]
+    first, second = conversation_turns(messages, drop_system=False)
+    assert (first.reference, second.reference) == ("5", None)
+
+
+def test_a_benchmark_problem_in_the_history_contaminates_later_turns(files):
+    from distill.data.records import PromptRecord
+    from distill.traces.filters import FiltersConfig, Judge
+
+    judge = Judge(FiltersConfig(decontam_ngram=3))
+    judge.add_eval_prompts(["What is 2 + 2?"])
+    second = read_traces([str(files["mixture_of_thoughts"])]).datasets[0][-1]
+    assert second.prompt[-1]["content"] == "And doubled?"
+    assert judge.is_contaminated(PromptRecord(second.prompt_id, second.prompt))
+
+
+def test_a_local_hub_snapshot_is_read_at_its_config_and_split(tmp_path):
+    snap = tmp_path / "OpenR1-Math-220k"
+    pub.openr1_math(snap / "data" / "train-00000-of-00001.parquet", n=2)
+    pub.openr1_math(snap / "extended" / "train-00000-of-00001.parquet", n=3)
+    pub.openr1_math(snap / "all" / "default-00000-of-00001.parquet", n=5)
+    def count(**kw) -> int:
+        return len(read_traces([TraceSource(source=str(snap), keep="all", **kw)]).datasets[0])
+
+    assert count(config="default") == 8 and count(config="extended") == 12
+    assert count(config="all", split="default") == 20
+    with pytest.raises(DistillError, match=r"holds several configurations with a 'train' split "
+                                           r"\(data, extended\); set config"):
+        count()
+    with pytest.raises(DistillError, match=r"no split 'test' \(splits: train\)"):
+        count(config="extended", split="test")
+    with pytest.raises(DistillError, match=r"no folder for config 'math' \(folders: all, data, "
+                                           r"extended\)"):
+        count(config="math")
+
+
+def test_an_import_without_verdicts_trains_by_default(files, tmp_path):
+    """OpenThoughts has no reference and no verdict: the import keeps what passed the filters,
+    and its store says training should keep complete traces (not only verified ones)."""
+    out = tmp_path / "tt"
+    assert run_cli(["traces", "import", str(files["openthoughts"]), "--out", str(out),
+                    "--quiet"]).returncode == 0
+    run = out / "train-0"
+    assert read_manifest(run)["default_keep"] == "complete"
+    assert len(read_traces([str(run)]).datasets[0]) == 5
+
+
+def test_import_refuses_names_that_are_not_one_folder(files, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "teacher_traces" / "keep-me").mkdir(parents=True)
+    for name in ("..", ".", "a/b", " "):
+        result = run_cli(["traces", "import", str(files["s1k"]), "--name", name, "--overwrite"])
+        assert result.returncode == 2 and "must be one folder name" in result.stderr, name
+    assert (tmp_path / "teacher_traces" / "keep-me").is_dir()
+    result = run_cli(["traces", "import", str(files["s1k"]), "--set", "source.keep=all"])
+    assert result.returncode == 2 and "source.keep does not apply to an import" in result.stderr

@@ -10,7 +10,8 @@ and a reference, how the final answer is read, and the R1 evaluation protocol fo
 | gsm8k    | openai/gsm8k (main, test)              | \\boxed{} or "#### N"       | 1  | 32768      |
 
 Prompts are lighteval's at the commit open-r1 evaluates with (the math template for MATH-500 and
-AIME, the multiple-choice template for GPQA), so pass@1 is comparable with the published tables;
+AIME, the multiple-choice template for GPQA, its question and choices stripped as lighteval's
+later versions do), so pass@1 is comparable with the published tables;
 sampling is R1's (temperature 0.6, top-p 0.95, pass@1 averaged over k samples). GPQA's four
 choices are shuffled with a seed: the correct answer's position is balanced over the benchmark
 (each letter holds it for n/4 questions, +-1) and the order is a pure function of (seed, row).
@@ -133,9 +134,11 @@ def _gpqa(row: dict, index: int, seed: int) -> tuple[str, str, str]:
     choices = [wrong[j] for j in order]
     position = gpqa_position(index, seed)
     choices.insert(position, right)
-    prompt = GPQA_TEMPLATE.replace("{prompt}", row["Question"])
-    for letter, choice in zip(LETTERS, choices, strict=True):
-        prompt = prompt.replace("{" + letter + "}", str(choice))
+    # one pass (values are never re-read: GPQA's LaTeX has braces such as \mathrm{C}), fields
+    # stripped (GPQA's cells carry stray whitespace that could give the right one away)
+    prompt = GPQA_TEMPLATE.format(prompt=str(row["Question"]).strip(),
+                                  **{k: str(c).strip() for k, c in zip(LETTERS, choices,
+                                                                       strict=True)})
     rid = row.get("Record ID") or prompt_hash_id(row["Question"])
     return str(rid), prompt, LETTERS[position]
 

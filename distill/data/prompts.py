@@ -79,7 +79,9 @@ class PromptsConfig(Frozen):
     `source` is "synthetic", a hub dataset name, or a file or folder path, which is resolved by
     distill's one path rule (`distill.config.resolve_path`: relative to the working directory).
     With `format: auto` a source is a path when something exists there or it looks like one
-    (it starts with ".", "/" or "~", or ends in a known suffix), else a hub dataset name.
+    (`distill.config.resolve_source`: no "/", a leading ".", "/", "~", teacher_traces/ or
+    students/, or a data file suffix), else a hub dataset name (`owner/name`); `format: hub`
+    makes any name a hub name.
     """
 
     # (format comes first: the source's validator reads it)

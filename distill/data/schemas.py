@@ -145,12 +145,12 @@ def _text(value, what: str) -> str:
     return value
 
 
-def conversation_turns(messages: list[dict], *, drop_system: bool, prompt_id: str | None = None,
-                       reference: str | None = None) -> list[Turn]:
+def conversation_turns(messages: list[dict], *, drop_system: bool,
+                       prompt_id: str | None = None) -> list[Turn]:
     """One turn per assistant reply of a [{role, content}] conversation (see the module doc).
     The prompt id is the first user message's hash unless given; a user message's
-    `info.reference_answer` (AM) is the reference of the replies after it."""
-    history, turns = [], []
+    `info.reference_answer` (AM) is the reference of the replies to it."""
+    history, turns, reference = [], [], None
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise RowError(f"message {i} is not a {{role, content}} object")
@@ -170,9 +170,10 @@ def conversation_turns(messages: list[dict], *, drop_system: bool, prompt_id: st
                 history.append({"role": "system", "content": content})
         else:
             history.append({"role": role, "content": content})
-            info = m.get("info")
-            if isinstance(info, dict) and info.get("reference_answer") not in (None, ""):
-                reference = str(info["reference_answer"])
+            if role == "user":  # each question has its own reference, or none
+                info = m.get("info")
+                reference = (str(info["reference_answer"]) if isinstance(info, dict) and
+                             info.get("reference_answer") not in (None, "") else None)
     return turns
 
 
@@ -249,7 +250,7 @@ def _openr1_math(row: dict, drop_system: bool, columns: ReasoningColumns) -> lis
     if len(verdicts) != len(generations):
         raise RowError(f"{len(generations)} generations but {len(verdicts)} "
                        "correctness_math_verify entries")
-    prompt_id = str(row.get("uuid") or "") or prompt_hash_id(problem)
+    prompt_id = prompt_hash_id(problem)  # as every prompt source ids a problem text
     reference = row.get("answer")
     turns = []
     for i, text in enumerate(generations):

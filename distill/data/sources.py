@@ -3,6 +3,9 @@ folders of them, searched recursively, as a hub snapshot lays them out), a folde
 `datasets.Dataset.save_to_disk`, a `distill generate` run (checksums verified), or a Hugging Face
 hub dataset name with its config and split.
 
+A local folder laid out as a hub snapshot (`{config}/{split}-00000-of-00003.parquet`) is read at
+its `config` and `split`, as the hub would serve them.
+
 Rows arrive as plain dicts (nested lists and structs included), `batch_rows` at a time, and nothing
 holds more than one batch: a source of a million rows streams in constant memory. The column names
 are known before the first row (a JSONL source's are its first row's keys).
@@ -18,6 +21,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -69,6 +73,8 @@ def open_source(source: str, *, format: str = "auto", config: str | None = None,
     if fmt == "hf_disk":
         return _arrow_source(load_disk(path, split), str(path), fmt, batch_rows)
     files = _files(path, fmt)
+    if path.is_dir() and fmt != "store":
+        files = _select(path, files, config, split)
     if fmt == "jsonl":
         return _jsonl_source(path, files, batch_rows)
     return _parquet_source(path, files, fmt, batch_rows)
@@ -114,6 +120,46 @@ def _files(path: Path, fmt: str) -> list[Path]:
     files = sorted(f for p in patterns for f in path.rglob(p) if f.is_file())
     if not files:
         raise DistillError(f"{path}: no {' or '.join(patterns)} files (an empty dataset)")
+    return files
+
+
+_HUB_SHARD = re.compile(r"^(.+?)-\d{5}-of-\d{5}\.")  # {split}-00000-of-00010.parquet
+
+
+def _split_name(f: Path) -> str | None:
+    """The split a hub snapshot's file belongs to ({split}-NNNNN-of-NNNNN.*, {split}.*), or
+    None for a name that says nothing."""
+    m = _HUB_SHARD.match(f.name)
+    if m:
+        return m.group(1)
+    stem = f.name.split(".", 1)[0]
+    return stem if stem in ("train", "test", "validation", "valid", "dev") else None
+
+
+def _select(path: Path, files: list[Path], config: str | None, split: str) -> list[Path]:
+    """A local copy of a hub dataset laid out as the hub serves it (`{config}/{split}-*.parquet`;
+    config "default" may live in `data/`): the files of that config and split. A folder whose
+    files say no split is read whole."""
+    if config is not None:
+        sub = next((path / c for c in (config, "data" if config == "default" else None)
+                    if c and (path / c).is_dir()), None)
+        if sub is None:
+            folders = sorted(p.name for p in path.iterdir() if p.is_dir())
+            raise DistillError(f"{path}: no folder for config {config!r} (folders: "
+                               f"{', '.join(folders) or 'none'})")
+        files = [f for f in files if sub in f.parents]
+    named = {f: _split_name(f) for f in files}
+    splits = sorted({n for n in named.values() if n})
+    if not splits:
+        return files
+    if split not in splits:
+        raise DistillError(f"{path}: no split {split!r} (splits: {', '.join(splits)})")
+    files = [f for f in files if named[f] == split]
+    configs = sorted({f.relative_to(path).parts[0] for f in files
+                      if len(f.relative_to(path).parts) > 1})
+    if config is None and len(configs) > 1:
+        raise DistillError(f"{path}: holds several configurations with a {split!r} split "
+                           f"({', '.join(configs)}); set config")
     return files
 
 

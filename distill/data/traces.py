@@ -32,6 +32,7 @@ from distill.data.schemas import (
     preset,
 )
 from distill.data.sources import SOURCE_FORMATS, RowSource, open_source
+from distill.data.store import read_manifest
 from distill.errors import DistillError
 
 # Which trace rows a reader keeps: "correct" (the verdict is true and the trace finished),
@@ -45,11 +46,13 @@ class TraceSource(Frozen):
     """One trace dataset: `source` is a path (a teacher_traces/<run>, Parquet / JSONL / JSONL.zst
     files or folders of them, a save_to_disk folder) or a hub dataset name with its `config` and
     `split`. `preset` names its schema (`distill.data.schemas`; "auto": told from the columns).
-    `keep` (default: "correct" when the rows carry verdicts, else "complete"); `system: drop`
+    `keep` (default: "correct" when the rows carry verdicts, else "complete"; a run's manifest
+    may say otherwise: an import stores `default_keep`); `system: drop`
     leaves the dataset's system prompts out; `limit` reads only the first N rows."""
 
-    source: DataSource
+    # (format comes first: `format: hub` keeps a bare name such as "gsm8k" a hub name)
     format: Literal[SOURCE_FORMATS] = "auto"  # type: ignore[valid-type]
+    source: DataSource
     config: str | None = None
     split: str = "train"
     preset: SchemaName = "auto"
@@ -165,6 +168,20 @@ class OpenedTraces:
             for turn in turns:
                 yield where, turn
 
+    def traces(self, with_teacher: bool = False, in_split=lambda _: True,
+               seen: Counter | None = None) -> Iterator[Trace]:
+        """The traces that pass `keep` and `in_split`, streamed in source order (our store's
+        with the teacher's top-k when `with_teacher`); `seen["traces"]` counts all read."""
+        seen = Counter() if seen is None else seen
+        if self.preset == "distill":
+            yield from _store_traces(self, with_teacher, in_split, seen)
+            return
+        for _, turn in self.turns():
+            seen["traces"] += 1
+            if _keep(turn.correct, turn.finish_reason, self.keep) and in_split(turn.prompt_id):
+                yield Trace(record_id(turn.prompt_id, turn.index), turn.prompt_id, turn.messages,
+                            turn.reasoning, turn.answer)
+
 
 def open_traces(spec: TraceSource, keep: str | None = None) -> OpenedTraces:
     """Open a trace source: its rows, the preset (named, or told from the columns; a missing
@@ -176,42 +193,39 @@ def open_traces(spec: TraceSource, keep: str | None = None) -> OpenedTraces:
         missing = [c for c in TRACE_COLUMNS if c not in rows.columns]
         if missing:
             raise DistillError(f"{rows.where}: not a trace shard (no column {missing[0]!r})")
-        verdicts = "correct"
+        # a run's own default (an import of a dataset without verdicts says "complete")
+        default = (read_manifest(spec.source).get("default_keep", "correct")
+                   if rows.format == "store" else "correct")
     else:
         p = preset(name, spec.columns)
         check_columns(p, rows.columns, rows.where)
-        verdicts = p.verdicts if p.verdicts in rows.columns else None
-    chosen = spec.keep or keep or ("correct" if verdicts else "complete")
+        default = "correct" if p.verdicts in rows.columns else "complete"
+    chosen = spec.keep or keep or default
     return OpenedTraces(rows, name, chosen, spec)
 
 
 def _read_dataset(spec: TraceSource, keep: str | None, with_teacher: bool,
                   in_split=lambda _: True) -> tuple[Trace, ...]:
     opened = open_traces(spec, keep)
-    if opened.preset == "distill":
-        kept, rows = _read_store(opened, with_teacher, in_split)
-    else:
-        kept, rows = [], 0
-        for _, turn in opened.turns():
-            rows += 1
-            if _keep(turn.correct, turn.finish_reason, opened.keep) and in_split(turn.prompt_id):
-                kept.append(Trace(record_id(turn.prompt_id, turn.index), turn.prompt_id,
-                                  turn.messages, turn.reasoning, turn.answer))
+    seen = Counter()
+    kept = tuple(opened.traces(with_teacher, in_split, seen))
     where = opened.rows.where
-    if rows == 0:
+    if seen["traces"] == 0:
         raise DistillError(f"{where}: the trace dataset is empty (0 traces)")
     if not kept:
-        raise DistillError(f"{where}: no trace passes keep={opened.keep!r} (0 of {rows} traces)")
-    return tuple(kept)
+        raise DistillError(f"{where}: no trace passes keep={opened.keep!r} "
+                           f"(0 of {seen['traces']} traces)")
+    return kept
 
 
-def _read_store(opened: OpenedTraces, with_teacher: bool, in_split) -> tuple[list[Trace], int]:
+def _store_traces(opened: OpenedTraces, with_teacher: bool, in_split, seen: Counter
+                  ) -> Iterator[Trace]:
     """Our schema, read shard by shard with pyarrow (the top-k lists as arrays)."""
     files = opened.rows.files
     if not files:
         raise DistillError(f"{opened.rows.where}: the distill schema is read from Parquet shards")
     columns = TRACE_COLUMNS + (_TEACHER_COLUMNS if with_teacher else ())
-    kept, rows = [], 0
+    limit = opened.spec.limit
     for shard in files:
         try:
             names = set(pq.read_schema(shard).names)
@@ -221,16 +235,15 @@ def _read_store(opened: OpenedTraces, with_teacher: bool, in_split) -> tuple[lis
             table = pq.read_table(shard, columns=list(columns))
         except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
             raise DistillError(f"{shard}: cannot read parquet: {str(e).splitlines()[0]}") from e
-        if opened.spec.limit is not None:
-            table = table.slice(0, opened.spec.limit - rows)
-        rows += table.num_rows
-        kept += [_trace(row, table, i) for i, row in enumerate(table.select(TRACE_COLUMNS)
-                                                               .to_pylist())
-                 if _keep(row["correct"], row["finish_reason"], opened.keep)
-                 and in_split(row["prompt_id"])]
-        if opened.spec.limit is not None and rows >= opened.spec.limit:
-            break
-    return kept, rows
+        if limit is not None:
+            table = table.slice(0, limit - seen["traces"])
+        seen["traces"] += table.num_rows
+        for i, row in enumerate(table.select(TRACE_COLUMNS).to_pylist()):
+            if _keep(row["correct"], row["finish_reason"], opened.keep) and in_split(
+                    row["prompt_id"]):
+                yield _trace(row, table, i)
+        if limit is not None and seen["traces"] >= limit:
+            return
 
 
 def _keep(correct: bool | None, finish_reason: str | None, keep: str) -> bool:

@@ -39,12 +39,13 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pyarrow.parquet as pq
 from flax import nnx
 
 from distill import runs
 from distill.data.render import render_example
 from distill.data.store import MANIFEST, read_manifest
-from distill.data.traces import as_source, read_traces
+from distill.data.traces import as_source, open_traces
 from distill.errors import DistillError
 from distill.eval.config import KLConfig
 from distill.losses import TeacherTopK, chunked_loss
@@ -90,19 +91,34 @@ def teacher_tokenizer(cfg: KLConfig, teacher_entry):
 
 def load_kl_traces(cfg: KLConfig, prompt_ids: set[str]) -> tuple[list, bool]:
     """(the first `max_samples` traces in source order, whether they carry teacher top-k
-    log-probabilities): those that do when any does, else every trace (text only), of the
-    evaluated prompts only when `only_eval_prompts`."""
+    log-probabilities): those that do when the source is our store with top-k columns, else any
+    (text only), of the evaluated prompts only when `only_eval_prompts`."""
     source = as_source(cfg.traces)
-    [traces] = read_traces([source], keep="all", with_teacher=True).datasets
-    with_topk = any(t.top_ids is not None and len(t.top_ids) for t in traces)
-    kept = [t for t in traces if (not with_topk or t.top_ids is not None and len(t.top_ids))
-            and (not cfg.only_eval_prompts or t.prompt_id in prompt_ids)]
+    opened = open_traces(source, keep="all")
+    with_topk = opened.preset == "distill" and _has_topk(opened.rows.files)
+    kept = []
+    for t in opened.traces(with_teacher=with_topk):  # streamed: a 1M-row source is not read
+        if with_topk and (t.top_ids is None or not len(t.top_ids)):  # whole for 64 traces
+            continue
+        if not cfg.only_eval_prompts or t.prompt_id in prompt_ids:
+            kept.append(t)
+            if len(kept) == cfg.max_samples:
+                break
     if not kept:
         what = "trace with teacher top-k log-probabilities" if with_topk else "trace"
         where = " for the evaluated prompts (set kl.only_eval_prompts: false to use them all)" \
             if cfg.only_eval_prompts else ""
         raise DistillError(f"{source.source}: no {what}{where}")
-    return kept[:cfg.max_samples], with_topk
+    return kept, with_topk
+
+
+def _has_topk(files) -> bool:
+    """Whether a store's first shard holds teacher top-k rows (runs without logprobs store the
+    column empty)."""
+    if not files or "top_ids" not in pq.read_schema(files[0]).names:
+        return False
+    column = pq.read_table(files[0], columns=["top_ids"]).column(0)
+    return column.null_count < len(column)
 
 
 def _prepare(trace, tokenizer) -> dict | None:

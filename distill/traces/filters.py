@@ -167,7 +167,15 @@ def _load_eval_prompts(path: Path) -> list[str]:
         if field is None:
             raise DistillError(f"{path}: no {', '.join(_EVAL_FIELDS)} column to decontaminate "
                                f"against (columns: {', '.join(rows.columns)})")
-        return [prompt_text(row[field]) for _, row in rows.rows() if row[field]]
+        texts = []
+        for where, row in rows.rows():
+            value = row.get(field)
+            if value is None:
+                continue
+            if not isinstance(value, str | list):
+                raise DistillError(f"{where}: {field!r} is not text (got {type(value).__name__})")
+            texts.append(prompt_text(value))
+        return texts
     if path.suffix != ".jsonl":
         raise DistillError(f"{path}: decontamination files must be .jsonl, .txt, .parquet or a "
                            "save_to_disk folder")
@@ -225,11 +233,14 @@ class Judge:
                                                                     self.cfg.decontam_ngram))
 
     def is_contaminated(self, prompt: PromptRecord) -> bool:
-        """Whether the prompt shares a word n-gram with an evaluation prompt."""
+        """Whether the prompt (any of its messages: a later turn's history may hold a benchmark
+        problem) shares a word n-gram with an evaluation prompt."""
         if not self._eval_grams:
             return False
-        grams = _ngrams(_words(prompt_text(prompt.prompt)), self.cfg.decontam_ngram)
-        return any(_ngram_hash(g) in self._eval_grams for g in grams)
+        texts = [prompt.prompt] if isinstance(prompt.prompt, str) else [
+            m.get("content") or "" for m in prompt.prompt]
+        return any(_ngram_hash(g) in self._eval_grams for text in texts
+                   for g in _ngrams(_words(text), self.cfg.decontam_ngram))
 
     def judge(self, prompt: PromptRecord, sample: Sample) -> Verdict:
         """The verdict on one sample of `prompt`; counted in `counts`, and remembered for dedup

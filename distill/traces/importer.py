@@ -23,13 +23,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from distill.chat import completion_text
 from distill.config import Frozen, InputPath, OutputPath, load_config, validate
-from distill.data.benchmarks import BENCHMARKS, benchmark_prompts
+from distill.data.benchmarks import benchmark, benchmark_prompts
 from distill.data.records import PromptRecord, Sample
 from distill.data.schemas import Turn
 from distill.data.store import iter_records
@@ -49,7 +49,14 @@ class ImportOutput(Frozen):
 class ImportConfig(Frozen):
     """What `distill traces import` does: which source, which filters, where to."""
 
-    name: str
+    name: str  # the run directory under output.root: one folder name
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, name: str) -> str:
+        if not name.strip() or name in (".", "..") or "/" in name or "\\" in name:
+            raise ValueError("must be one folder name (not empty, '.', '..' or a path)")
+        return name
     source: TraceSource
     filters: FiltersConfig = FiltersConfig()
     # benchmarks (distill.data.benchmarks names) whose problems no imported prompt may share an
@@ -87,12 +94,31 @@ def load_import_config(path: str | Path, overrides=()) -> ImportConfig:
 
 def _check(cfg: ImportConfig) -> None:
     for name in cfg.decontaminate_benchmarks:
-        if name not in BENCHMARKS:
-            raise DistillError(f"decontaminate_benchmarks: unknown benchmark {name!r} "
-                               f"(known: {', '.join(BENCHMARKS)})")
+        benchmark(name)  # an unknown name is one line listing the known ones
+    if cfg.source.keep is not None:
+        raise DistillError("source.keep does not apply to an import: filters.keep decides what "
+                           "is stored (correct: re-checked or per the dataset's verdict; all)")
     if cfg.filters.max_completion_tokens is not None and cfg.tokenizer is None:
         raise DistillError("filters.max_completion_tokens needs token counts: give a tokenizer "
                            "(--tokenizer PATH, e.g. the teacher's or the student's)")
+
+
+@dataclasses.dataclass
+class _Stats:
+    """One shard's counts, stored with it in the manifest (so a resumed import sums them all)."""
+
+    rows: int = 0
+    traces: int = 0
+    rejected: Counter = dataclasses.field(default_factory=Counter)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    disagreed: int = 0  # our re-check and the dataset's verdict differ
+    verdicts: int = 0  # kept traces with a verdict (ours or the dataset's)
+
+    def entry(self) -> dict:
+        return {"prompts": self.rows, "samples": self.traces, "rejected": dict(self.rejected),
+                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "disagreed": self.disagreed, "verdicts": self.verdicts}
 
 
 class _Judging:
@@ -101,39 +127,43 @@ class _Judging:
     def __init__(self, cfg: ImportConfig):
         self.judge = Judge(cfg.filters)
         for name in cfg.decontaminate_benchmarks:
-            self.judge.add_eval_prompts(benchmark_prompts(BENCHMARKS[name]))
+            self.judge.add_eval_prompts(benchmark_prompts(benchmark(name)))
         self.tokenizer = Tokenizer.from_pretrained(cfg.tokenizer) if cfg.tokenizer else None
         self.keep_correct = cfg.filters.keep == "correct"
         self.sampling = SamplingConfig(n=1)
         self.teacher = f"import:{cfg.source.source}"
-        self.disagreed = 0
 
     def count(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False)) if self.tokenizer else 0
 
-    def row(self, turn: Turn) -> tuple[dict | None, str | None]:
-        """(stored row, None) for an accepted trace, (None, reason) for a rejected one."""
+    def row(self, turn: Turn, stats: _Stats) -> dict | None:
+        """The stored row of an accepted trace, else None; counted in `stats`."""
         prompt = PromptRecord(turn.prompt_id, turn.messages, turn.reference)
         text = completion_text(turn.reasoning, turn.answer) if turn.reasoning else turn.answer
         sample = Sample(turn.index, text, turn.finish_reason,
                         self.count("".join(m["content"] for m in turn.messages)),
                         turn.completion_tokens or self.count(text),
                         reasoning=turn.reasoning or None)
+        stats.traces += 1
+        stats.prompt_tokens += sample.prompt_tokens
+        stats.completion_tokens += sample.completion_tokens
         verdict = self.judge.judge(prompt, sample)
         if verdict.correct is not None and turn.correct is not None and (
                 verdict.correct != turn.correct):
-            self.disagreed += 1
+            stats.disagreed += 1
         reason = verdict.reason
         if reason is None and verdict.correct is None and turn.correct is False and (
                 self.keep_correct):
             reason = "wrong"  # no reference to re-check against: the dataset's verdict decides
         if reason is not None:
-            return None, reason
+            stats.rejected[reason] += 1
+            return None
         if verdict.correct is None:
             verdict = dataclasses.replace(verdict, correct=turn.correct)
+        stats.verdicts += verdict.correct is not None
         row = trace_row(prompt, sample, verdict, self.teacher, self.sampling)
         row["sampling"] = None  # not the import's to say
-        return row, None
+        return row
 
 
 def run_import(cfg: ImportConfig, *, overwrite: bool = False, progress: bool = True
@@ -153,53 +183,49 @@ def run_import(cfg: ImportConfig, *, overwrite: bool = False, progress: bool = T
         judging.judge.observe(record["prompt_id"], record["completion"], record["reasoning"])
     per = cfg.output.rows_per_shard
     t0 = time.perf_counter()
-    rows_read = traces = 0
+    rows_read = judged = 0
+    earlier = store.totals()["samples"]  # traces of the shards stored before this shard
     shard, rows, stats = 0, [], _Stats()
     with _ImportProgress(opened.rows.num_rows, progress) as bar:
         for row_index, _, turns in opened.row_turns():
             if row_index // per != shard:
                 _flush(store, shard, rows, stats, done)
+                earlier += stats.traces
                 shard, rows, stats = row_index // per, [], _Stats()
             rows_read += 1
             stats.rows += 1
-            bar.advance(rows_read, traces, time.perf_counter() - t0)
-            if shard in done:
-                continue
-            for turn in turns:
-                traces += 1
-                stats.traces += 1
-                stored, reason = judging.row(turn)
-                if stored is not None:
-                    rows.append(stored)
-                else:
-                    stats.rejected[reason] += 1
+            if shard not in done:  # a stored shard's rows are only read past
+                judged += 1
+                rows += [r for r in (judging.row(t, stats) for t in turns) if r is not None]
+            bar.advance(rows_read, earlier + stats.traces, time.perf_counter() - t0)
         _flush(store, shard, rows, stats, done)
     if rows_read == 0:
         raise DistillError(f"{opened.rows.where}: the dataset is empty (0 rows)")
     seconds = time.perf_counter() - t0
-    rate = rows_read / max(seconds, 1e-9)
+    rate = judged / max(seconds, 1e-9)
+    shards = store.manifest["shards"]
     store.set_info(teacher={"kind": "import", "model": cfg.source.source,
                             "preset": opened.preset},
-                   source_rows=rows_read, disagreed_with_dataset=judging.disagreed,
+                   source_rows=rows_read,
+                   disagreed_with_dataset=sum(s.get("disagreed", 0) for s in shards),
+                   default_keep=_default_keep(cfg, sum(s.get("verdicts", 0) for s in shards)),
                    rows_per_s=round(rate, 1))
     totals = store.finish(dataset_card(cfg.name, run_dir, store.manifest))
     return ImportSummary(run_dir, rows_read, totals["samples"], totals["records"],
                          totals["rejected"], seconds, rate, len(done))
 
 
-@dataclasses.dataclass
-class _Stats:
-    rows: int = 0
-    traces: int = 0
-    rejected: Counter = dataclasses.field(default_factory=Counter)
+def _default_keep(cfg: ImportConfig, verdicts: int) -> str:
+    """What training keeps of this store by default: everything stored passed the filters, so
+    "complete", unless wrong traces were stored too (filters.keep: all) with verdicts to tell
+    them apart."""
+    return "correct" if cfg.filters.keep == "all" and verdicts else "complete"
 
 
 def _flush(store: TraceStore, shard: int, rows: list[dict], stats: _Stats, done: set) -> None:
     if shard in done or stats.rows == 0:
         return
-    store.add_shard(shard, rows, {"prompts": stats.rows, "samples": stats.traces,
-                                  "rejected": dict(stats.rejected), "prompt_tokens": 0,
-                                  "completion_tokens": 0})
+    store.add_shard(shard, rows, stats.entry())
 
 
 class _ImportProgress:
