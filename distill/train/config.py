@@ -50,6 +50,8 @@ class LoopConfig(Frozen):
     checkpoint_every: int = Field(200, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
     async_checkpoints: bool = True
+    # batches built and sent to the devices ahead, on a background thread (0: in the step loop)
+    prefetch: int = Field(2, ge=0)
     seed: int = 0
 
 

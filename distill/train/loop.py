@@ -8,6 +8,7 @@ before exiting.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -34,6 +35,7 @@ from distill.train.data import DataState, TrainData
 from distill.train.flops import dense_flops_per_token
 from distill.train.losses import make_loss_fn
 from distill.train.optim import make_optimizer, schedule
+from distill.train.prefetch import Prefetch
 from distill.train.progress import TrainProgress
 from distill.train.step import TrainState, batch_sharding, compile_step, make_step, state_sharding
 
@@ -182,15 +184,23 @@ def run_train(config_path: str | Path, overrides=(), *, progress: bool = True,
     stats = data.pack_stats(0)
 
     logged, stopped = [], False
-    batches = data.batches(data_state)
+
+    def prepare(item):  # on the prefetch thread: pack, count, copy to the devices
+        batch, after = item
+        tokens = int((batch["segment_ids_bt"] > 0).sum()) * jax.process_count()
+        return _device_batch(batch, b_sh), after, tokens
+
+    stream = map(prepare, data.batches(data_state))
     t_last, tokens_since = time.perf_counter(), 0
     # under the mesh, the model's activation constraints (sequence over `tensor`) take effect
     with jax.set_mesh(mesh), StopFlag() as flag, \
-            TrainProgress(total, start, enabled=progress and lead) as bar:
+            TrainProgress(total, start, enabled=progress and lead) as bar, \
+            (Prefetch(stream, depth=cfg.train.prefetch) if cfg.train.prefetch
+             else contextlib.nullcontext(stream)) as batches:
         for step in range(start, total):
-            batch, data_state = next(batches)
-            state, metrics = step_fn(state, _device_batch(batch, b_sh))
-            tokens_since += int((batch["segment_ids_bt"] > 0).sum()) * jax.process_count()
+            device_batch, data_state, tokens = next(batches)
+            state, metrics = step_fn(state, device_batch)
+            tokens_since += tokens
             done = step + 1
             if done % cfg.train.log_every == 0 or done == total:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
