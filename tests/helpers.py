@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -53,3 +55,10 @@ def our_logits(model, ids: np.ndarray) -> np.ndarray:
 def load(path):
     model, _ = distill.load_pretrained(path)
     return model
+
+
+def run_cli(args, cwd=None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`distill ARGS` in a fresh interpreter, as a user runs it (stdout, stderr captured)."""
+    return subprocess.run([sys.executable, "-m", "distill.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, cwd=cwd)
+

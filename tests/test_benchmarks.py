@@ -27,6 +27,7 @@ from distill.eval.config import EvalConfig, benchmark_config
 from distill.eval.evaluate import run_eval
 from tests import public_datasets as pub
 from tests import toy
+from tests.helpers import run_cli
 
 FIXTURES = {"math500": pub.math500, "aime24": pub.aime24, "aime25": pub.aime25, "gpqa": pub.gpqa,
             "gsm8k": pub.gsm8k}
@@ -177,14 +178,6 @@ def _benchmark_oracle():
 
     return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]),
                              Route("/v1/models", models)])
-
-
-def run_cli(args, cwd):
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", "distill.cli", *args], capture_output=True,
-                          text=True, timeout=300, cwd=cwd)
 
 
 def test_eval_benchmark_over_http_reads_the_answers(local, tmp_path, monkeypatch):

@@ -21,6 +21,7 @@ from distill.errors import DistillError
 from distill.tokenizer import Tokenizer
 from tests import public_datasets as pub
 from tests import toy
+from tests.helpers import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -157,14 +158,6 @@ def test_split_reply_markers():
 
 # ---------------------------------------------------------------------------------------------
 # Bad input: one line each, exit 2, nothing written
-
-
-def run_cli(args):
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", "distill.cli", *args], capture_output=True,
-                          text=True, timeout=120)
 
 
 def test_an_unknown_schema_names_the_columns_and_the_presets(tmp_path):

@@ -168,15 +168,21 @@ def benchmark(name: str) -> Benchmark:
     return BENCHMARKS[key]
 
 
-def load_benchmark(bench: Benchmark, source: str | None = None, seed: int = 0,
-                   limit: int | None = None) -> list[PromptRecord]:
-    """The benchmark's prompts with their references, from `source` (a local copy) or the hub."""
+def _open(bench: Benchmark, source: str | None):
+    """The benchmark's rows, from `source` (a local copy) or the hub, its columns checked."""
     rows = open_source(source or bench.source, config=None if source else bench.config,
                        split=bench.split)
     missing = [c for c in bench.columns if c not in rows.columns]
     if missing:
         raise DistillError(f"{rows.where}: not {bench.title} (no column {missing[0]!r}; columns: "
                            f"{', '.join(rows.columns)})")
+    return rows
+
+
+def load_benchmark(bench: Benchmark, source: str | None = None, seed: int = 0,
+                   limit: int | None = None) -> list[PromptRecord]:
+    """The benchmark's prompts with their references, from `source` (a local copy) or the hub."""
+    rows = _open(bench, source)
     records, seen = [], set()
     for index, (where, row) in enumerate(rows.rows()):
         if limit is not None and index >= limit:
@@ -194,12 +200,7 @@ def load_benchmark(bench: Benchmark, source: str | None = None, seed: int = 0,
 
 def benchmark_prompts(bench: Benchmark, source: str | None = None) -> list[str]:
     """The benchmark's problem texts (without the template): what decontamination compares."""
-    rows = open_source(source or bench.source, config=None if source else bench.config,
-                       split=bench.split)
-    column = bench.columns[0]
-    if column not in rows.columns:
-        raise DistillError(f"{rows.where}: not {bench.title} (no column {column!r})")
-    return [str(row[column]) for _, row in rows.rows()]
+    return [str(row[bench.columns[0]]) for _, row in _open(bench, source).rows()]
 
 
 def published(model: str, bench: str) -> tuple[float, str] | None:

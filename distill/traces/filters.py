@@ -218,13 +218,9 @@ class Judge:
         self._exact: set[tuple[str, bytes]] = set()  # (prompt id, digest of the normalised text)
         # prompt id -> shingle-hash arrays of its accepted samples (sorted, unique int64)
         self._shingles: collections.OrderedDict[str, list[np.ndarray]] = collections.OrderedDict()
-        self._eval_grams = self._load_decontamination()
-
-    def _load_decontamination(self) -> set[int]:
-        self._eval_grams = set()
-        for name in self.cfg.decontaminate:
+        self._eval_grams: set[int] = set()
+        for name in cfg.decontaminate:
             self.add_eval_prompts(_load_eval_prompts(Path(name)))
-        return self._eval_grams
 
     def add_eval_prompts(self, texts) -> None:
         """Also reject prompts that share an n-gram with these evaluation prompts."""

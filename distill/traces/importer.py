@@ -28,7 +28,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from distill.chat import completion_text
-from distill.config import Frozen, InputPath, OutputPath, load_config, validate
+from distill.config import (
+    Frozen,
+    InputPath,
+    OutputPath,
+    apply_overrides,
+    load_config,
+    parse_overrides,
+    validate,
+)
 from distill.data.benchmarks import benchmark, benchmark_prompts
 from distill.data.records import PromptRecord, Sample
 from distill.data.schemas import Turn
@@ -80,8 +88,6 @@ class ImportSummary:
 
 def import_config(source: str, name: str, overrides=(), **fields) -> ImportConfig:
     """The config of `distill traces import SOURCE` (its options as `fields`, then --set)."""
-    from distill.config import apply_overrides, parse_overrides
-
     data = {"name": name, "source": {"source": source, **fields.pop("source_fields", {})},
             **{k: v for k, v in fields.items() if v is not None}}
     return validate(ImportConfig, apply_overrides(data, parse_overrides(overrides)),
