@@ -354,23 +354,46 @@ def plan(config, mesh, seq_len, batch, mode, device_memory, verdict, overrides):
         sys.exit(1)
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
 @click.option("--compare", type=click.Choice(["transformers"]), default="transformers",
               show_default=True, help="The reference run side by side in the same process.")
 @click.option("--gguf", "gguf_path", type=click.Path(), default=None,
               help="SmolLM2 GGUF file (default: the one `make models` fetched).")
 @click.option("--out", "out_path", type=click.Path(), default="students/bench/bench.json",
               show_default=True, help="JSON file for the results.")
-def bench(compare, gguf_path, out_path):
+@click.pass_context
+def bench(ctx, compare, gguf_path, out_path):
     """Side-by-side benchmarks (distill vs transformers + PyTorch), reported as ratios.
 
-    Today: greedy decode tokens/s on SmolLM2-135M at batch 1 and 16, and the MoE layer's time per
-    token with 8 vs 64 routed experts.
+    Alone: greedy decode tokens/s on SmolLM2-135M at batch 1 and 16, and the MoE layer's time per
+    token with 8 vs 64 routed experts. `distill bench data`: the training-data pipeline.
     """
+    if ctx.invoked_subcommand is not None:
+        return
     from distill.bench import smollm2_path
     from distill.bench.decode import main as run_bench
 
     click.echo(run_bench(smollm2_path(gguf_path), Path(out_path)))
+
+
+@bench.command("data")
+@click.option("--tokens", type=int, default=200_000_000, show_default=True,
+              help="Student tokens in the synthetic trace mixture.")
+@click.option("--steps", type=int, default=2, show_default=True,
+              help="Timed SmolLM2-shaped training steps per side (0: skip the step timing).")
+@click.option("--gguf", "gguf_path", type=click.Path(), default=None,
+              help="SmolLM2 GGUF file whose tokenizer renders the traces (default: `make models`'s).")
+@click.option("--out", "out_dir", type=click.Path(), default="students/bench/data",
+              show_default=True, help="Folder for the synthetic traces, the cache and data.json.")
+def bench_data(tokens, steps, gguf_path, out_dir):
+    """The training-data pipeline at R1 scale: tokenized-cache build throughput against cores x
+    the tokenizer's one-core rate (measured in the same run), second-start time, peak RSS, the
+    packing plan of 1M documents, the step time of a SmolLM2-shaped student at 4 x 2048 with and
+    without the real input pipeline, and the cache's bytes per token (with and without top-k)."""
+    from distill.bench import smollm2_path
+    from distill.bench.data import main as run_bench
+
+    click.echo(run_bench(str(smollm2_path(gguf_path)), tokens, Path(out_dir), steps))
 
 
 @cli.command()

@@ -7,11 +7,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def write_atomic(path: str | Path, data: bytes | Callable[[Path], None]) -> None:
+def write_atomic(path: str | Path, data: bytes | Callable[[Path], None],
+                 unique: bool = False) -> None:
     """Write `data` (bytes, or a function that writes the given temporary path) to `path` so that a
-    crash at any point leaves either the old file or the complete new one, never a partial one."""
+    crash at any point leaves either the old file or the complete new one, never a partial one.
+    `unique`: a temporary name of this process's own, for files several processes may write."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp" if unique else f".{path.name}.tmp")
     if callable(data):
         data(tmp)
     else:

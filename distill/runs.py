@@ -9,6 +9,10 @@ students/<run>/
   checkpoints/<step> orbax: {state: TrainState, extra: {data position, seed}}
   metrics.jsonl      one JSON object per logged step (process 0 only)
   tensorboard/       the same as TensorBoard events
+
+students/.cache/tokens/<key>/   the tokenized caches of the runs' trace mixtures (shared by every
+                                run with the same traces, tokenizer and render settings:
+                                `distill.data.tokens`)
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ TOKENIZER = "tokenizer"
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
+TOKEN_CACHE = ".cache/tokens"  # under the output root
 
 
 def is_run(path: str | Path) -> bool:

@@ -11,6 +11,7 @@ jinja2 in the same sandbox and with the same helpers as transformers' `apply_cha
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import re
 from datetime import datetime
@@ -244,11 +245,24 @@ class Tokenizer:
         eos = self.eos_token_id is not None and probe[-1:] == [self.eos_token_id] and (len(probe) > 1 or not bos)
         return bos, eos
 
+    def fingerprint(self) -> str:
+        """A hash of everything that decides the ids of a rendered conversation: the vocabulary,
+        merges, normalizer and pre-tokenizer, special tokens, BOS/EOS addition, chat template."""
+        h = hashlib.sha256(self.backend.to_str().encode())
+        h.update(json.dumps([self.special_tokens_map, self._bos_eos_added(), self.chat_template],
+                            sort_keys=True).encode())
+        return h.hexdigest()[:16]
+
     # ----------------------------------------------------------------- codec
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of `text`; `add_special_tokens` adds BOS/EOS where the config asks for them."""
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text (no special tokens added), encoded on all cores at once;
+        the same ids as `encode` one by one."""
+        return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """Text of a sequence of ids (any iterable of ints, e.g. a numpy array)."""

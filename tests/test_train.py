@@ -168,7 +168,9 @@ def test_two_processes_train_like_one(world, tmp_path):
     one = config(world, tmp_path / "one.yaml", mesh="data=1,fsdp=2,tensor=1")
     proc = _train_cli(one)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
-    two = config(world, tmp_path / "two.yaml", mesh="data=1,fsdp=2,tensor=1")
+    # the two processes build their own tokenized cache together, in blocks of 100 traces
+    two = config(world, tmp_path / "two.yaml", mesh="data=1,fsdp=2,tensor=1",
+                 data={"cache_dir": str(tmp_path / "shared"), "cache_block": 100})
     port = _free_port()
     procs = [_train_cli(two, {"XLA_FLAGS": "--xla_force_host_platform_device_count=1",
                               "DISTILL_COORDINATOR": f"127.0.0.1:{port}",
@@ -180,6 +182,9 @@ def test_two_processes_train_like_one(world, tmp_path):
     b = [m["loss"] for m in metrics(tmp_path / "students" / "two")]
     assert len(b) == 5
     np.testing.assert_allclose(b, a, rtol=1e-5)
+    builders = {json.loads(m.read_text())["built_by"]["process"]
+                for m in (tmp_path / "shared").glob("*/parts/*/meta.json")}
+    assert builders == {0, 1}
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import subprocess
 import sys
@@ -72,11 +73,13 @@ print(json.dumps({**result, "peak_rss_mib": resource.getrusage(resource.RUSAGE_S
 """
 
 
-def _measured(code: str) -> dict:
-    """Run `code` (which sets `result`) in a fresh interpreter; `result` plus that process's
-    peak RSS in MiB (Linux reports KiB)."""
+def in_fresh_process(code: str, env: dict | None = None) -> dict:
+    """Run `code` (which sets `result`) in a fresh interpreter (with `env` added to the
+    environment); `result` plus that process's peak RSS in MiB (Linux reports KiB)."""
     out = subprocess.run([sys.executable, "-c", code + _PEAK], capture_output=True, text=True,
-                         check=True)
+                         env={**os.environ, **(env or {})})
+    if out.returncode:
+        raise RuntimeError(f"the measured process failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -85,7 +88,7 @@ def bench_import(rows: int, out: Path, steps: int = 12) -> dict:
     process."""
     data = write_synthetic(out / "openr1-synthetic.parquet", rows, steps)
     run_root = out / "runs"
-    imported = _measured(f"""
+    imported = in_fresh_process(f"""
 import json, time
 from distill.traces.importer import import_config, run_import
 cfg = import_config({str(data)!r}, "openr1-synthetic", output={{"root": {str(run_root)!r}}})
@@ -94,7 +97,7 @@ s = run_import(cfg, overwrite=True, progress=False)
 result = {{"rows": s.rows, "traces": s.traces, "kept": s.records, "rejected": s.rejected,
           "seconds": time.perf_counter() - t0}}
 """)
-    reference = _measured(f"""
+    reference = in_fresh_process(f"""
 import json, time
 t0 = time.perf_counter()
 import datasets

@@ -24,13 +24,17 @@ OVERLONG: tuple[str, ...] = get_args(Overlong)
 
 @dataclasses.dataclass
 class Documents:
-    """Tokenised samples in flat arrays. Document d is tokens[offsets[d]:offsets[d + 1]] with its
-    loss mask; teacher[d] is None or (first completion token index, ids [c, K], log-probs [c, K])."""
+    """Tokenised samples in flat arrays, in memory. Document d is tokens[offsets[d]:offsets[d + 1]]
+    with its loss mask; teacher[d] is None or (first completion token index, ids [c, K],
+    log-probs [c, K]). `distill.data.tokens.TokenCache` is the same interface over a
+    memory-mapped cache: `len`, `lengths`, `first`, `has_teacher`, `doc(d)`, `teacher_of(d)`."""
 
     tokens: np.ndarray  # int32 [total]
     loss: np.ndarray  # bool [total]
     offsets: np.ndarray  # int64 [n + 1]
     teacher: list | None = None
+    dataset: np.ndarray | None = None  # int32 [n]: which dataset of a mixture each came from
+    rank: np.ndarray | None = None  # float64 [n]: each prompt's held-out rank (prompts.heldout_rank)
 
     @classmethod
     def build(cls, examples: Sequence[tuple[np.ndarray, np.ndarray]], teacher=None) -> Documents:
@@ -41,16 +45,45 @@ class Documents:
         return cls(np.concatenate([np.asarray(i, np.int32) for i, _ in examples]),
                    np.concatenate([np.asarray(m, bool) for _, m in examples]), offsets, teacher)
 
+    @classmethod
+    def from_rendered(cls, rendered: Sequence) -> Documents:
+        """From `distill.data.render.Rendered` samples (their teacher entries kept)."""
+        teacher = [None if r.top_ids is None else (r.first, r.top_ids, r.top_logprobs)
+                   for r in rendered]
+        return cls.build([(r.ids, r.mask) for r in rendered], teacher)
+
     def __len__(self) -> int:
         return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def first(self) -> np.ndarray:
+        """Each document's `first_target` (its prompt's length)."""
+        return np.array([first_target(self.doc(d)[1]) for d in range(len(self))], np.int64)
+
+    @property
+    def has_teacher(self) -> np.ndarray:
+        return np.array([t is not None for t in self.teacher or [None] * len(self)], bool)
 
     def doc(self, d: int) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = self.offsets[d], self.offsets[d + 1]
         return self.tokens[lo:hi], self.loss[lo:hi]
 
+    def teacher_of(self, d: int):
+        """None, or (first completion token, top-k ids [c, K], log-probs [c, K])."""
+        return None if self.teacher is None else self.teacher[d]
+
     def slots(self, seq_len: int) -> np.ndarray:
         """Input/target slots each document takes in a row: n - 1 tokens, at most seq_len."""
-        return np.minimum(np.diff(self.offsets) - 1, seq_len)
+        return doc_slots(self.lengths, seq_len)
+
+
+def doc_slots(lengths: np.ndarray, seq_len: int) -> np.ndarray:
+    """Input/target slots of documents of `lengths` tokens: n - 1, at most seq_len."""
+    return np.minimum(np.asarray(lengths, np.int64) - 1, seq_len)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,8 +164,9 @@ def _place(out: dict, docs: Documents, d: int, r: int, at: int, segment: int, se
     out["loss_mask_bt"][r, span] = mask[1:n + 1]
     out["segment_ids_bt"][r, span] = segment
     out["positions_bt"][r, span] = np.arange(n)
-    if top_k and docs.teacher is not None and docs.teacher[d] is not None:
-        first, t_ids, t_lps = docs.teacher[d]
+    teacher = docs.teacher_of(d) if top_k else None
+    if teacher is not None:
+        first, t_ids, t_lps = teacher
         # completion token j is the target of the document's slot first + j - 1
         j0 = max(0, 1 - first)
         j1 = max(j0, min(len(t_ids), n + 1 - first))
@@ -150,15 +184,16 @@ def pack(examples: Iterable[tuple[np.ndarray, np.ndarray]], seq_len: int, policy
     {"documents", "dropped_overlong", "truncated"}. policy: "drop" or "truncate" over-long
     documents (more than seq_len + 1 tokens).
     """
-    kept, counts = [], {"documents": 0, "dropped_overlong": 0, "truncated": 0}
-    for i, (ids, mask) in enumerate(examples):
-        status = overlong_status(np.asarray(mask, bool), seq_len, policy, f"example {i}")
-        if status == "dropped":
-            counts["dropped_overlong"] += 1
-            continue
-        counts["truncated"] += status == "truncated"
-        kept.append((ids, mask))
-    counts["documents"] = len(kept)
+    examples = [(np.asarray(i), np.asarray(m, bool)) for i, m in examples]
+    lengths = np.array([len(i) for i, _ in examples], np.int64)
+    first = np.array([first_target(m) for _, m in examples], np.int64)
+    dropped, truncated, unusable = overlong_policy(lengths, first, seq_len, policy)
+    if unusable.any():
+        i = int(np.argmax(unusable))
+        raise no_completion_left(f"example {i}", int(first[i]), seq_len)
+    kept = [e for e, d in zip(examples, dropped, strict=True) if not d]
+    counts = {"documents": len(kept), "dropped_overlong": int(dropped.sum()),
+              "truncated": int(truncated.sum())}
     docs = Documents.build(kept)
     slots = docs.slots(seq_len)
     rows = plan_rows(np.arange(len(docs)), slots, seq_len, window)
@@ -166,17 +201,28 @@ def pack(examples: Iterable[tuple[np.ndarray, np.ndarray]], seq_len: int, policy
                                                                seq_len), counts)
 
 
-def overlong_status(mask: np.ndarray, seq_len: int, policy: str, where: str) -> str:
-    """"fits", "truncated" or "dropped" for a document under the over-long policy."""
+def first_target(mask: np.ndarray) -> int:
+    """Index of a document's first loss token among its targets (tokens 1..n-1; n if none): a
+    rendered trace's prompt length."""
+    hits = np.flatnonzero(mask[1:])
+    return int(hits[0]) + 1 if len(hits) else len(mask)
+
+
+def overlong_policy(lengths: np.ndarray, first: np.ndarray, seq_len: int, policy: str
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dropped, truncated, unusable) masks of documents of `lengths` tokens under the over-long
+    policy (a document over seq_len + 1 tokens is dropped, or truncated to seq_len slots);
+    unusable: truncation would leave no loss token (`first`: `first_target` of each)."""
     if policy not in OVERLONG:
         raise DistillError(f"unknown over-long policy {policy!r}; choose one of "
                            f"{', '.join(OVERLONG)}")
-    if len(mask) - 1 <= seq_len:
-        return "fits"
+    over = np.asarray(lengths) - 1 > seq_len
+    none = np.zeros_like(over)
     if policy == "drop":
-        return "dropped"
-    if not np.any(mask[1:seq_len + 1]):
-        prompt = int(np.argmax(mask)) if mask.any() else len(mask)
-        raise DistillError(f"{where}: the prompt is {prompt} tokens, so seq_len {seq_len} leaves "
-                           "no completion token to train on; raise seq_len or set overlong: drop")
-    return "truncated"
+        return over, none, none
+    return none, over, over & (np.asarray(first) > seq_len)
+
+
+def no_completion_left(where: str, prompt: int, seq_len: int) -> DistillError:
+    return DistillError(f"{where}: the prompt is {prompt} tokens, so seq_len {seq_len} leaves "
+                        "no completion token to train on; raise seq_len or set overlong: drop")

@@ -137,8 +137,13 @@ def is_heldout(prompt_id: str, fraction: float) -> bool:
     Stable, and independent of order and of the other prompts."""
     if not 0.0 <= fraction < 1.0:
         raise DistillError(f"heldout_fraction must be in [0, 1) (got {fraction})")
-    u = int.from_bytes(hashlib.sha256(prompt_id.encode()).digest()[:8], "big") / 2.0**64
-    return u < fraction
+    return heldout_rank(prompt_id) < fraction
+
+
+def heldout_rank(prompt_id: str) -> float:
+    """sha256(prompt id) read as a uniform number in [0, 1): a prompt is held out below the
+    fraction (what a tokenized cache stores per document, so any fraction splits it later)."""
+    return int.from_bytes(hashlib.sha256(prompt_id.encode()).digest()[:8], "big") / 2.0**64
 
 
 def prompt_hash_id(prompt: str | list[dict[str, str]]) -> str:

@@ -48,6 +48,7 @@ class RowSource:
     num_rows: int | None  # None when it is only known after reading (JSONL)
     _batches: Callable[[], Iterator[list[tuple[str, dict]]]]
     files: tuple[Path, ...] = ()  # the Parquet files of a parquet or store source
+    inputs: tuple[Path, ...] = ()  # every local file it reads (what a cache of it depends on)
 
     def batches(self) -> Iterator[list[tuple[str, dict]]]:
         """(location, row) pairs, a batch at a time: `file:LINE` for JSONL, `file: row N` else."""
@@ -63,9 +64,7 @@ def open_source(source: str, *, format: str = "auto", config: str | None = None,
     """Open `source` (an absolute path, or a hub dataset name) for streaming. `config` and
     `split` choose a hub dataset's configuration and split (and a saved DatasetDict's split).
     An empty dataset, an unreadable file or an unreachable hub is a DistillError."""
-    if format not in SOURCE_FORMATS:
-        raise DistillError(f"unknown source format {format!r} (known: {', '.join(SOURCE_FORMATS)})")
-    fmt = _format(source, format)
+    fmt = source_format(source, format)
     if fmt == "hub":
         return _arrow_source(load_hub(source, config, split), f"hub dataset {source!r}", fmt,
                              batch_rows)
@@ -78,6 +77,13 @@ def open_source(source: str, *, format: str = "auto", config: str | None = None,
     if fmt == "jsonl":
         return _jsonl_source(path, files, batch_rows)
     return _parquet_source(path, files, fmt, batch_rows)
+
+
+def source_format(source: str, format: str = "auto") -> str:
+    """The format `open_source` reads `source` as (an error names a source it cannot read)."""
+    if format not in SOURCE_FORMATS:
+        raise DistillError(f"unknown source format {format!r} (known: {', '.join(SOURCE_FORMATS)})")
+    return _format(source, format)
 
 
 def _format(source: str, fmt: str) -> str:
@@ -191,7 +197,7 @@ def _parquet_source(path: Path, files: list[Path], fmt: str, batch_rows: int) ->
             except (OSError, ValueError) as e:  # ArrowInvalid is a ValueError
                 raise DistillError(f"{f}: cannot read parquet ({first_line(e)})") from None
 
-    return RowSource(str(path), fmt, columns, total, batches, tuple(files))
+    return RowSource(str(path), fmt, columns, total, batches, tuple(files), tuple(files))
 
 
 def _arrow_source(ds, where: str, fmt: str, batch_rows: int) -> RowSource:
@@ -204,7 +210,8 @@ def _arrow_source(ds, where: str, fmt: str, batch_rows: int) -> RowSource:
             rows = table[start:start + batch_rows].to_pylist()
             yield [(f"{where}: row {start + i}", r) for i, r in enumerate(rows)]
 
-    return RowSource(where, fmt, tuple(ds.column_names), len(ds), batches)
+    inputs = tuple(Path(c["filename"]) for c in ds.cache_files)
+    return RowSource(where, fmt, tuple(ds.column_names), len(ds), batches, inputs=inputs)
 
 
 def load_disk(path: Path, split: str):
@@ -290,4 +297,4 @@ def _jsonl_source(path: Path, files: list[Path], batch_rows: int) -> RowSource:
         if batch:
             yield batch
 
-    return RowSource(str(path), "jsonl", tuple(first), None, batches)
+    return RowSource(str(path), "jsonl", tuple(first), None, batches, inputs=tuple(files))

@@ -31,8 +31,8 @@ from distill.data.schemas import (
     detect_schema,
     preset,
 )
-from distill.data.sources import SOURCE_FORMATS, RowSource, open_source
-from distill.data.store import read_manifest
+from distill.data.sources import SOURCE_FORMATS, RowSource, open_source, source_format
+from distill.data.store import read_manifest, shard_paths
 from distill.errors import DistillError
 
 # Which trace rows a reader keeps: "correct" (the verdict is true and the trace finished),
@@ -113,7 +113,7 @@ def read_traces(sources: Sequence[str | Path | TraceSource], weights: Sequence[f
     if not sources:
         raise DistillError("no trace dataset given")
     if weights is not None:
-        _check_weights(weights, len(sources))
+        check_weights(weights, len(sources))
 
     def in_split(prompt_id: str) -> bool:
         if split == "all" or heldout_fraction == 0:
@@ -126,7 +126,7 @@ def read_traces(sources: Sequence[str | Path | TraceSource], weights: Sequence[f
                    tuple(s.source for s in specs))
 
 
-def _check_weights(weights: Sequence[float], n: int) -> None:
+def check_weights(weights: Sequence[float], n: int) -> None:
     if len(weights) != n:
         raise DistillError(f"{len(weights)} mixture weights for {n} trace datasets")
     if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
@@ -204,18 +204,46 @@ def open_traces(spec: TraceSource, keep: str | None = None) -> OpenedTraces:
     return OpenedTraces(rows, name, chosen, spec)
 
 
+def trace_inputs(spec: TraceSource, keep: str | None = None) -> dict:
+    """What a tokenized cache of a source depends on, found without reading its rows: the
+    source's settings, the keep filter in force, and each input file's size and modification
+    time (for a run of ours also the manifest's shard checksums, not recomputed here)."""
+    if source_format(spec.source, spec.format) == "store":
+        manifest = read_manifest(spec.source)
+        files = shard_paths(spec.source, verify=False)
+        chosen, name = spec.keep or keep or manifest.get("default_keep", "correct"), "distill"
+        checksums = [s["sha256"] for s in manifest["shards"] if s["file"]]
+        rows = sum(int(s.get("records", 0)) for s in manifest["shards"]) or None
+    else:
+        opened = open_traces(spec, keep)
+        files, chosen, name, checksums = opened.rows.inputs, opened.keep, opened.preset, []
+        rows = opened.rows.num_rows
+    root = Path(spec.source)
+    stats = []
+    for f in files:
+        st = f.stat()
+        rel = f.relative_to(root) if root in f.parents else f
+        stats.append([str(rel), st.st_size, st.st_mtime_ns])
+    return {"source": spec.source, "spec": spec.model_dump(mode="json"), "keep": chosen,
+            "preset": name, "files": stats, "checksums": checksums, "rows": rows}
+
+
 def _read_dataset(spec: TraceSource, keep: str | None, with_teacher: bool,
                   in_split=lambda _: True) -> tuple[Trace, ...]:
     opened = open_traces(spec, keep)
     seen = Counter()
     kept = tuple(opened.traces(with_teacher, in_split, seen))
+    dataset_errors(opened, seen["traces"], len(kept))
+    return kept
+
+
+def dataset_errors(opened: OpenedTraces, read: int, kept: int) -> None:
+    """A dataset that gave no trace to train on is an error saying why."""
     where = opened.rows.where
-    if seen["traces"] == 0:
+    if read == 0:
         raise DistillError(f"{where}: the trace dataset is empty (0 traces)")
     if not kept:
-        raise DistillError(f"{where}: no trace passes keep={opened.keep!r} "
-                           f"(0 of {seen['traces']} traces)")
-    return kept
+        raise DistillError(f"{where}: no trace passes keep={opened.keep!r} (0 of {read} traces)")
 
 
 def _store_traces(opened: OpenedTraces, with_teacher: bool, in_split, seen: Counter

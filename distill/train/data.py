@@ -1,6 +1,7 @@
-"""`distill train`'s data stream: teacher traces (`distill.data.traces`) -> rendered samples
-(`distill.data.render`) -> packed rows (`distill.data.packing`), in an order that is a pure function
-of (seed, epoch), resumable from a two-number `DataState`.
+"""`distill train`'s data stream: teacher traces (`distill.data.traces`) -> rendered documents,
+tokenised once into the memory-mapped cache (`distill.data.tokens`) -> packed rows
+(`distill.data.packing`), in an order that is a pure function of (seed, epoch), resumable from a
+two-number `DataState`.
 
 Order. An epoch is the mixture of the datasets (each dataset's share of the epoch is its weight;
 a dataset is drawn as fresh seeded permutations, repeated to up-sample or cut to down-sample),
@@ -12,11 +13,12 @@ last batch of an epoch is completed with empty rows (loss mask 0). `DataState(ep
 counts the global batches consumed and is saved with the checkpoint; resuming from it gives the
 same subsequent batches.
 
-A plain NumPy pipeline rather than Grain: the order needs every document's student token count
-(for best-fit packing over windows) and must be recomputable from two integers on every process;
-that is a few array operations here, while Grain's packing iterators checkpoint their own iterator
-state and would add a dependency. Every process tokenises the whole dataset (the lengths decide the
-plan) but assembles only its own rows.
+The held-out split and the over-long policy are applied here, to the cache's per-document arrays
+(held-out rank, lengths, first loss token), so one cache serves every split, seq_len and policy.
+A plain NumPy pipeline rather than Grain: the order needs every document's token count (for
+best-fit packing over windows) and must be recomputable from two integers on every process; that
+is a few array operations over lengths the cache keeps in memory, while Grain's packing iterators
+checkpoint their own iterator state and would add a dependency.
 """
 
 from __future__ import annotations
@@ -28,17 +30,27 @@ from collections.abc import Iterator
 import numpy as np
 from pydantic import Field
 
-from distill.config import Frozen, validate
+from distill.config import Frozen, OutputPath, validate
 from distill.data.packing import (
     Documents,
     Overlong,
     PackStats,
     build_rows,
-    overlong_status,
+    doc_slots,
+    no_completion_left,
+    overlong_policy,
     plan_rows,
 )
-from distill.data.render import render_example
-from distill.data.traces import Keep, Mixture, Trace, TraceSpec, read_traces
+from distill.data.prompts import heldout_rank
+from distill.data.render import render_traces
+from distill.data.tokens import (
+    BATCH_TRACES,
+    BLOCK_TRACES,
+    content_digest,
+    open_cache,
+    trace_digest,
+)
+from distill.data.traces import Keep, Mixture, TraceSpec, check_weights, read_traces
 from distill.errors import DistillError
 
 
@@ -63,6 +75,11 @@ class DataConfig(StreamConfig):
     keep: Keep | None = None  # default: each source's (correct where rows carry verdicts)
     # prompts held out (by a hash of the prompt id) for the held-out trace loss, never trained on
     heldout_fraction: float = Field(0.0, ge=0, lt=1)
+    # the tokenized cache (distill.data.tokens): built once, shared by runs and processes;
+    # default <output_root>/.cache/tokens. cache: false tokenises in memory at every start.
+    cache: bool = True
+    cache_dir: OutputPath | None = None
+    cache_block: int = Field(BLOCK_TRACES, ge=1)  # traces per cache part (the unit processes share)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,15 +115,23 @@ class DataCounts:
 
 
 class TrainData:
-    """Packed training batches from a trace mixture, for one process of `process_count`.
+    """Packed training batches from tokenised documents, for one process of `process_count`.
 
-    `batches(state)` yields (local batch arrays, state after the batch) forever, epoch after epoch;
-    every array has `batch_size // process_count` rows of `seq_len` slots (see `build_rows`).
+    Build it with `from_config` (through the tokenized cache) or `from_mixture` (traces already
+    read, tokenised in memory). `batches(state)` yields (local batch arrays, state after the
+    batch) forever, epoch after epoch; every array has `batch_size // process_count` rows of
+    `seq_len` slots (see `build_rows`).
     """
 
-    def __init__(self, mixture: Mixture, tokenizer, *, seq_len: int, batch_size: int,
-                 seed: int = 0, overlong: str = "drop", window: int = 256, top_k: int = 0,
-                 process_index: int = 0, process_count: int = 1):
+    def __init__(self, docs, *, names: tuple[str, ...], traces: list[int], no_text: list[int],
+                 content: str, weights=None, in_split: np.ndarray | None = None, pad_id: int = 0,
+                 seq_len: int, batch_size: int, seed: int = 0, overlong: str = "drop",
+                 window: int = 256, top_k: int = 0, process_index: int = 0,
+                 process_count: int = 1, trace_id=None):
+        """`docs`: a `Documents` or `TokenCache` (their `dataset` per document, or all of
+        dataset 0 ...: see from_mixture); `traces` / `no_text`: per dataset, traces read and
+        those without assistant text; `content`: a digest of the trace ids; `in_split`: the
+        documents of the split trained on (default all); `trace_id(d)` names a document."""
         validate(StreamConfig, {"seq_len": seq_len, "batch_size": batch_size, "seed": seed,
                                 "overlong": overlong, "pack_window": window, "top_k": top_k},
                  "data")  # one definition of the bounds: DataConfig's
@@ -114,24 +139,104 @@ class TrainData:
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.window, self.top_k = window, top_k
         self.process_index, self.process_count = process_index, process_count
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.weights = mixture.weights or tuple(float(len(d)) for d in mixture.datasets)
-        self.counts = DataCounts()
-        self.docs, self.dataset_docs = _tokenise(mixture, tokenizer, seq_len, overlong, top_k,
-                                                 self.counts)
-        self.slots = self.docs.slots(seq_len)
-        self.fingerprint = _fingerprint(mixture, self.weights, seq_len, batch_size, seed, overlong,
-                                        window, top_k)
+        self.pad_id, self.docs = pad_id, docs
+        n = len(docs)
+        dataset = docs.dataset
+        in_split = np.ones(n, bool) if in_split is None else in_split
+        dropped, truncated, unusable = overlong_policy(docs.lengths, docs.first, seq_len, overlong)
+        bad = np.flatnonzero(unusable & in_split)
+        if len(bad):
+            d = int(bad[0])
+            where = f"{names[dataset[d]]}: trace {trace_id(d) if trace_id else d}"
+            raise no_completion_left(where, int(docs.first[d]), seq_len)
+        use = in_split & ~dropped
+        self.dataset_docs = []
+        for i, name in enumerate(names):
+            mine = dataset == i
+            docs_i = np.flatnonzero(use & mine)
+            if not len(docs_i):
+                raise DistillError(_none_usable(name, traces[i], no_text[i],
+                                                int((dropped & mine & in_split).sum()),
+                                                int((in_split & mine).sum()), seq_len))
+            self.dataset_docs.append(docs_i)
+        self.counts = DataCounts(
+            traces=int(sum(traces)), no_assistant_text=int(sum(no_text)),
+            dropped_overlong=int((dropped & in_split).sum()),
+            truncated=int((truncated & in_split).sum()), documents=int(use.sum()),
+            with_teacher=int((docs.has_teacher & use).sum()))
+        if top_k and not self.counts.with_teacher:
+            raise DistillError("logit distillation needs teacher top-k log-probabilities and no "
+                               f"trace in {', '.join(names)} has them (set top_k 0 for SFT)")
+        self.weights = weights or tuple(float(len(d)) for d in self.dataset_docs)
+        self.slots = doc_slots(docs.lengths, seq_len)
+        self.fingerprint = hashlib.sha256(repr((content, self.weights, seq_len, batch_size, seed,
+                                                overlong, window, top_k)).encode()).hexdigest()[:16]
         self._plan: tuple[int, list] | None = None
 
     @classmethod
+    def from_mixture(cls, mixture: Mixture, tokenizer, split: str = "all",
+                     heldout_fraction: float = 0.0, **settings) -> TrainData:
+        """From traces already read: rendered and tokenised in memory (`settings`: seq_len,
+        batch_size and the other stream settings of `__init__`); `split` "train" / "heldout"
+        keeps the prompts outside / inside `heldout_fraction`, as `read_traces` does."""
+        top_k = settings.get("top_k", 0)
+        rendered, dataset, ids, rank, no_text_rank = [], [], [], [], []
+        content = 0
+        for i, (name, group) in enumerate(zip(mixture.names, mixture.datasets, strict=True)):
+            no_text_rank.append([])
+            for start in range(0, len(group), BATCH_TRACES):
+                batch = group[start:start + BATCH_TRACES]
+                for j, (trace, r) in enumerate(zip(
+                        batch, render_traces(tokenizer, batch, top_k, name), strict=True)):
+                    content += trace_digest(i, start + j, trace.id)
+                    if r is None:
+                        no_text_rank[-1].append(heldout_rank(trace.prompt_id))
+                        continue
+                    rendered.append(r)
+                    ids.append(trace.id)
+                    rank.append(heldout_rank(trace.prompt_id))
+                    dataset.append(i)
+        docs = Documents.from_rendered(rendered)
+        docs.dataset, docs.rank = np.array(dataset, np.int32), np.array(rank, np.float64)
+        return cls._split(docs, mixture.names, [np.array(r) for r in no_text_rank],
+                          content_digest(content), tokenizer, ids.__getitem__, mixture.weights,
+                          split, heldout_fraction, **settings)
+
+    @classmethod
     def from_config(cls, cfg: DataConfig, tokenizer, process_index: int = 0,
-                    process_count: int = 1, split: str = "train") -> TrainData:
-        mixture = read_traces(cfg.traces, cfg.weights, cfg.keep, with_teacher=cfg.top_k > 0,
-                              split=split, heldout_fraction=cfg.heldout_fraction)
-        return cls(mixture, tokenizer, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                   seed=cfg.seed, overlong=cfg.overlong, window=cfg.pack_window, top_k=cfg.top_k,
-                   process_index=process_index, process_count=process_count)
+                    process_count: int = 1, split: str = "train", cache_root=None,
+                    progress: bool = False) -> TrainData:
+        """The data a config describes. With `cfg.cache` and a `cache_root` (cfg.cache_dir
+        wins), through the tokenized cache, built first if missing; else read and tokenised in
+        memory (the same batches). `split`: "train" or "heldout" (by cfg.heldout_fraction)."""
+        settings = dict(seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
+                        overlong=cfg.overlong, window=cfg.pack_window, top_k=cfg.top_k,
+                        process_index=process_index, process_count=process_count)
+        root = cfg.cache_dir or cache_root
+        if not cfg.cache or root is None:
+            mixture = read_traces(cfg.traces, cfg.weights, cfg.keep, with_teacher=cfg.top_k > 0)
+            return cls.from_mixture(mixture, tokenizer, split, cfg.heldout_fraction, **settings)
+        if cfg.weights is not None:
+            check_weights(cfg.weights, len(cfg.traces))
+        cache = open_cache(cfg.traces, cfg.keep, tokenizer, cfg.top_k, root,
+                           process_index=process_index, process_count=process_count,
+                           progress=progress, block=cfg.cache_block)
+        weights = None if cfg.weights is None else tuple(map(float, cfg.weights))
+        return cls._split(cache, cache.names, cache.no_text_rank, cache.digest, tokenizer,
+                          cache.trace_id, weights, split, cfg.heldout_fraction, **settings)
+
+    @classmethod
+    def _split(cls, docs, names, no_text_rank, digest: str, tokenizer, trace_id, weights,
+               split: str, fraction: float, **settings) -> TrainData:
+        """The documents of one split of `docs` (their `rank`s against the held-out fraction)."""
+        in_split = _in_split(docs.rank, split, fraction)
+        no_text = [int(_in_split(r, split, fraction).sum()) for r in no_text_rank]
+        traces = [int((in_split & (docs.dataset == i)).sum()) + no_text[i]
+                  for i in range(len(names))]
+        return cls(docs, names=names, traces=traces, no_text=no_text,
+                   content=f"{digest}/{split if fraction else 'all'}/{fraction}",
+                   in_split=in_split, weights=weights,
+                   pad_id=_pad_id(tokenizer), trace_id=trace_id, **settings)
 
     # -- the order ------------------------------------------------------------------------------
 
@@ -176,6 +281,18 @@ class TrainData:
             yield batch, DataState(epoch, index, self.fingerprint)
 
 
+def _in_split(rank: np.ndarray, split: str, fraction: float) -> np.ndarray:
+    """Which documents are in `split` ("all", "train", "heldout"): held out below `fraction`
+    (`distill.data.prompts.is_heldout`, on the stored ranks)."""
+    if split == "all" or fraction == 0:
+        return np.full(len(rank), split != "heldout")
+    return (np.asarray(rank) < fraction) == (split == "heldout")
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def _check_processes(batch_size: int, process_index: int, process_count: int) -> None:
     if not 0 <= process_index < process_count:
         raise DistillError(f"process index {process_index} is outside 0..{process_count - 1}")
@@ -201,85 +318,11 @@ def _mixture_order(dataset_docs: list[np.ndarray], weights, rng) -> np.ndarray:
     return rng.permutation(np.concatenate(parts))
 
 
-def _tokenise(mixture: Mixture, tokenizer, seq_len: int, overlong: str, top_k: int,
-              counts: DataCounts) -> tuple[Documents, list[np.ndarray]]:
-    """Render every kept trace, apply the over-long policy, align teacher top-k; count it all."""
-    examples, teacher, dataset_docs = [], [], []
-    for name, traces in zip(mixture.names, mixture.datasets, strict=True):
-        first = len(examples)
-        no_text = overlong_dropped = 0
-        for trace in traces:
-            counts.traces += 1
-            try:
-                ids, mask = render_example(tokenizer, trace.prompt, trace.reasoning, trace.answer)
-            except DistillError as e:
-                if not str(e).startswith("no assistant text"):
-                    raise
-                no_text += 1
-                continue
-            status = overlong_status(mask, seq_len, overlong, f"{name}: trace {trace.id}")
-            if status == "dropped":
-                overlong_dropped += 1
-                continue
-            counts.truncated += status == "truncated"
-            examples.append((ids, mask))
-            teacher.append(_align_teacher(trace, mask, top_k, tokenizer, name) if top_k else None)
-        counts.no_assistant_text += no_text
-        counts.dropped_overlong += overlong_dropped
-        if len(examples) == first:
-            raise DistillError(_none_usable(name, len(traces), no_text, overlong_dropped, seq_len))
-        dataset_docs.append(np.arange(first, len(examples)))
-    counts.documents = len(examples)
-    counts.with_teacher = sum(t is not None for t in teacher)
-    if top_k and not counts.with_teacher:
-        raise DistillError("logit distillation needs teacher top-k log-probabilities and no "
-                           f"trace in {', '.join(mixture.names)} has them (set top_k 0 for SFT)")
-    return Documents.build(examples, teacher if top_k else None), dataset_docs
-
-
-def _none_usable(name: str, n: int, no_text: int, overlong: int, seq_len: int) -> str:
+def _none_usable(name: str, n: int, no_text: int, overlong: int, in_split: int,
+                 seq_len: int) -> str:
     if no_text == n:
         return f"{name}: no trace has assistant text (reasoning and answer empty in all {n})"
+    if not in_split:
+        return f"{name}: no trace with assistant text is in this split (of {n - no_text})"
     return (f"{name}: no trace fits in seq_len {seq_len} ({overlong} of {n} too long, "
             f"{no_text} without assistant text); raise seq_len or set overlong: truncate")
-
-
-def _align_teacher(trace: Trace, mask: np.ndarray, top_k: int, tokenizer, name: str):
-    """(first completion token, ids [c, top_k], log-probs [c, top_k]) when the trace's top-k rows
-    match the student's completion tokens one to one (the tokenizers agree), else an error."""
-    if trace.top_ids is None:
-        return None
-    first = int(np.argmax(mask))
-    completion = len(mask) - first
-    rows = len(trace.top_ids)
-    if rows not in (completion, completion - 1):  # the teacher may stop before scoring EOS
-        raise DistillError(
-            f"{name}: trace {trace.id}: {rows} teacher top-k rows but the student tokenizer gives "
-            f"{completion} completion tokens; logit distillation needs the teacher's tokenizer "
-            "(set top_k 0 and alpha 0 for SFT only)")
-    if rows and int(trace.top_ids.max()) >= tokenizer.vocab_size:
-        raise DistillError(f"{name}: trace {trace.id}: teacher token id {int(trace.top_ids.max())}"
-                           f" is outside the student vocabulary ({tokenizer.vocab_size} ids)")
-    ids, lps = _fit_topk(trace.top_ids, trace.top_logprobs, top_k)
-    return first, ids, lps
-
-
-def _fit_topk(ids: np.ndarray, lps: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k most likely entries per row (by log-probability), padded with -inf entries."""
-    order = np.argsort(-lps, axis=1, kind="stable")[:, :k]
-    ids, lps = np.take_along_axis(ids, order, 1), np.take_along_axis(lps, order, 1)
-    pad = k - ids.shape[1]
-    if pad > 0:
-        ids = np.pad(ids, ((0, 0), (0, pad)))
-        lps = np.pad(lps, ((0, 0), (0, pad)), constant_values=-np.inf)
-    return ids.astype(np.int32), lps.astype(np.float32)
-
-
-def _fingerprint(mixture: Mixture, weights, *settings) -> str:
-    """A short hash of the trace ids, weights and stream settings the order depends on."""
-    h = hashlib.sha256(repr((weights, settings)).encode())
-    for traces in mixture.datasets:
-        for trace in traces:
-            h.update(trace.id.encode() + b"\0")
-        h.update(b"\1")
-    return h.hexdigest()[:16]

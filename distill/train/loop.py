@@ -27,7 +27,14 @@ from distill.config import DenseConfig, load_config, validate
 from distill.errors import DistillError
 from distill.parallel import make_mesh, parse_mesh
 from distill.pretrained import load_pretrained
-from distill.runs import CHECKPOINTS, METRICS, TENSORBOARD, abstract_with_shardings, write_run_files
+from distill.runs import (
+    CHECKPOINTS,
+    METRICS,
+    TENSORBOARD,
+    TOKEN_CACHE,
+    abstract_with_shardings,
+    write_run_files,
+)
 from distill.tokenizer import Tokenizer
 from distill.train.checkpoint import Checkpoints
 from distill.train.config import TrainConfig, check_layout, check_seq_len
@@ -152,8 +159,10 @@ def run_train(config_path: str | Path, overrides=(), *, progress: bool = True,
 
     model, tokenizer = load_student(cfg, mesh)
     check_seq_len(cfg.data.seq_len, model.config, str(config_path))
-    data = TrainData.from_config(cfg.data, tokenizer, jax.process_index(), jax.process_count())
-    heldout = _heldout_data(cfg, tokenizer)
+    cache_root = Path(cfg.output_root) / TOKEN_CACHE
+    data = TrainData.from_config(cfg.data, tokenizer, jax.process_index(), jax.process_count(),
+                                 cache_root=cache_root, progress=progress)
+    heldout = _heldout_data(cfg, tokenizer, cache_root)
     total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * data.steps_per_epoch(0)))
     tx = make_optimizer(cfg.optim, total)
     sched = schedule(cfg.optim, total)
@@ -233,12 +242,12 @@ def _flops_per_token(model_cfg, seq_len: int) -> float:
     return dense_flops_per_token(model_cfg, seq_len) if isinstance(model_cfg, DenseConfig) else 0.0
 
 
-def _heldout_data(cfg: TrainConfig, tokenizer) -> TrainData | None:
+def _heldout_data(cfg: TrainConfig, tokenizer, cache_root: Path) -> TrainData | None:
     if cfg.data.heldout_fraction <= 0:
         return None
     try:
         return TrainData.from_config(cfg.data, tokenizer, jax.process_index(),
-                                     jax.process_count(), split="heldout")
+                                     jax.process_count(), split="heldout", cache_root=cache_root)
     except DistillError as e:  # too few prompts to hold any out: train without the eval loss
         print(f"warning: no held-out traces ({e}); the held-out loss is not computed")
         return None
