@@ -125,9 +125,10 @@ from distill.tokenizer import Tokenizer
 tok = Tokenizer.from_pretrained({gguf!r})
 texts = []
 for source in {sources!r}:
-    table = pq.read_table(sorted(Path(source).glob("*.parquet"))[0]).slice(0, {traces})
-    for row in table.to_pylist():
-        texts.extend(render_texts(tok, row["prompt"], row["reasoning"], row["answer"]))
+    shards = sorted(Path(source).glob("*.parquet"))
+    for shard in shards[::max(1, len(shards) // 4)][:4]:  # spread over the dataset
+        for row in pq.read_table(shard).slice(0, {traces} // 4).to_pylist():
+            texts.extend(render_texts(tok, row["prompt"], row["reasoning"], row["answer"]))
 batch = 2 * BATCH_TRACES  # a prompt and a completion per trace, as the build encodes them
 wall, cpu = time.perf_counter(), time.process_time()
 n = sum(len(ids) for i in range(0, len(texts), batch) for ids in tok.encode_batch(texts[i:i + batch]))
@@ -137,9 +138,10 @@ result = {{"tokens_per_s": n / wall, "cpu_per_wall": cpu / wall}}
 
 
 def per_core_rate(gguf: str, sources: list[str], traces: int = 400) -> dict:
-    """The tokenizer alone on one core: the rendered texts of the first traces of each dataset,
-    encoded in the build's batches by the same call, in a process whose tokenizer runs one
-    thread (TOKENIZERS_PARALLELISM=false; `cpu_per_wall` ~1 shows it)."""
+    """The tokenizer alone on one core: the rendered texts of `traces` traces of each dataset
+    (from four shards spread over it), encoded in the build's batches by the same call, in a
+    process whose tokenizer runs one thread (TOKENIZERS_PARALLELISM=false; `cpu_per_wall` ~1
+    shows it)."""
     code = _PER_CORE.format(gguf=gguf, sources=sources, traces=traces)
     return in_fresh_process(code, {"TOKENIZERS_PARALLELISM": "false"})
 
@@ -284,12 +286,13 @@ def run(gguf: str, tokens: int, out: Path, steps: int) -> dict:
     kd = write_topk(out / "traces", tok)
     written = time.perf_counter() - t0
     cores = os.cpu_count() or 1
-    rate_before = per_core_rate(gguf, sources)
+    before = [per_core_rate(gguf, sources) for _ in range(2)]
     root = out / "cache"
     shutil.rmtree(root, ignore_errors=True)
     built = bench_build(gguf, sources, root)
-    rate_after = per_core_rate(gguf, sources)
-    per_core = (rate_before["tokens_per_s"] + rate_after["tokens_per_s"]) / 2
+    after = [per_core_rate(gguf, sources) for _ in range(2)]
+    # the machine's speed drifts: the limit is the mean of two runs before and two after
+    per_core = float(np.mean([r["tokens_per_s"] for r in before + after]))
     build = built["build"]
     build["tokens_per_s"] = build["tokens"] / build["open_s"]
     limit = cores * per_core
@@ -297,7 +300,7 @@ def run(gguf: str, tokens: int, out: Path, steps: int) -> dict:
     result = {
         "tokens": build["tokens"], "documents": build["documents"], "cores": cores,
         "write_synthetic_s": written,
-        "tokenizer_per_core_tokens_per_s": {"before": rate_before, "after": rate_after},
+        "tokenizer_per_core_tokens_per_s": {"before": before, "after": after, "mean": per_core},
         "limit_tokens_per_s": limit, "build": build,
         "build_vs_limit": build["tokens_per_s"] / limit,
         "second_start": built["second_start"], "plan_1m": bench_plan(),

@@ -18,7 +18,7 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from distill.data.tokens.build import Job, build
+from distill.data.tokens.build import Job, build_cache
 from distill.data.tokens.layout import (
     BATCH_TRACES,
     BLOCK_TRACES,
@@ -60,7 +60,7 @@ def open_cache(sources: Sequence, keep: str | None, tokenizer, top_k: int, root:
         if process_index == 0:
             log(f"tokenized cache: building {directory} ({_why_build(Path(root), directory, inputs)})")
         job = Job(directory, inputs, tuple(sources), keep, tokenizer, top_k, block)
-        build(job, process_index, process_count, progress and process_index == 0)
+        build_cache(job, process_index, process_count, progress and process_index == 0)
     return TokenCache.open(directory)
 
 

@@ -69,7 +69,7 @@ class Job:
     block: int
 
 
-def build(job: Job, process_index: int = 0, process_count: int = 1,
+def build_cache(job: Job, process_index: int = 0, process_count: int = 1,
           progress: bool = True) -> None:
     """Build this process's share of `job`'s cache (with the run's other processes), then seal
     it."""

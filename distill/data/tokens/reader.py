@@ -29,49 +29,47 @@ class TokenCache:
     interface of `distill.data.packing.Documents`. `traces`: kept traces read per dataset;
     `no_text_rank`: per dataset, the held-out ranks of its traces without assistant text."""
 
-    def __init__(self, directory: Path, complete: dict, parts: list[_Part], index: dict):
+    def __init__(self, directory: Path, complete: dict, parts: list[_Part],
+                 columns: dict[str, np.ndarray], no_text_rank: list[np.ndarray]):
+        """`columns`: the parts' index columns end to end, plus `dataset` and `part` (which
+        dataset and part each document is in)."""
         self.directory = directory
         self.names = tuple(d["source"] for d in complete["datasets"])
         self.traces = [d["traces"] for d in complete["datasets"]]  # kept traces read
-        self.digest = complete["digest"]
-        self.top_k = complete["top_k"]
+        self.digest, self.top_k = complete["digest"], complete["top_k"]
+        self.no_text_rank = no_text_rank
+        self.lengths = columns["lengths"].astype(np.int64)
+        self.first = columns["first"].astype(np.int64)
+        self.rank = columns["rank"].astype(np.float64)
+        self.dataset = columns["dataset"].astype(np.int32)
+        self.has_teacher = columns["teacher_rows"] >= 0
         self._parts = parts
-        for name, value in index.items():
-            setattr(self, name, value)
+        self._part_of = columns["part"].astype(np.int64)
+        self._prompt = columns["prompt"].astype(np.int64)  # where the teacher's rows start
+        self._teacher_rows = np.maximum(columns["teacher_rows"], 0).astype(np.int64)
+        # where each document starts in its part's token and teacher-row files
+        self._start = _starts(self.lengths, self._part_of)
+        self._teacher_start = _starts(self._teacher_rows, self._part_of)
 
     @classmethod
     def open(cls, directory: Path) -> TokenCache:
         complete = read_json(directory / COMPLETE, directory)
         if complete.get("format") != FORMAT:
             raise damaged(directory, f"not of format {FORMAT}")
-        parts, cols = [], {k: [] for k in ("lengths", "first", "prompt", "rank", "teacher_rows")}
-        dataset, part_of, no_text = [], [], []
+        names = ("lengths", "first", "prompt", "rank", "teacher_rows", "dataset", "part")
+        parts, cols, no_text = [], {k: [] for k in names}, []
         for i, d in enumerate(complete["datasets"]):
             no_text.append([])
             for b in range(d["blocks"]):
-                part_dir = directory / PARTS / part_name(i, b)
-                part, index = _open_part(part_dir, complete)
-                for k in cols:
+                part, index = _open_part(directory / PARTS / part_name(i, b), complete)
+                n = len(index["lengths"])
+                index.update(dataset=np.full(n, i), part=np.full(n, len(parts)))
+                for k in names:
                     cols[k].append(index[k])
                 no_text[-1].append(index["no_text_rank"])
-                dataset.append(np.full(len(index["lengths"]), i, np.int32))
-                part_of.append(np.full(len(index["lengths"]), len(parts), np.int32))
                 parts.append(part)
-        arrays = {k: np.concatenate(v) if v else np.zeros(0) for k, v in cols.items()}
-        lengths = arrays["lengths"].astype(np.int64)
-        part_of = np.concatenate(part_of).astype(np.int32)
-        # where each document starts in its part's token and teacher-row files
-        start = _starts(lengths, part_of)
-        rows = np.maximum(arrays["teacher_rows"], 0).astype(np.int64)
-        index = {"lengths": lengths, "first": arrays["first"].astype(np.int64),
-                 "_prompt": arrays["prompt"].astype(np.int64),
-                 "rank": arrays["rank"].astype(np.float64),
-                 "dataset": np.concatenate(dataset) if dataset else np.zeros(0, np.int32),
-                 "has_teacher": arrays["teacher_rows"] >= 0,
-                 "_teacher_rows": rows, "_teacher_start": _starts(rows, part_of),
-                 "_part_of": part_of, "_start": start,
-                 "no_text_rank": [np.concatenate(r) for r in no_text]}
-        return cls(directory, complete, parts, index)
+        columns = {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in cols.items()}
+        return cls(directory, complete, parts, columns, [np.concatenate(r) for r in no_text])
 
     def __len__(self) -> int:
         return len(self.lengths)
