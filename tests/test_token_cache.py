@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from distill.data.records import TRACE_SCHEMA
+from distill.data.traces import read_traces
 from distill.tokenizer import Tokenizer
 from distill.train.data import DataConfig, TrainData
 
@@ -72,6 +73,12 @@ def test_cached_batches_equal_tokenising_in_memory(tmp_path, tok):
             assert_same_batches(cached, memory)
     parts = list((tmp_path / "cache").glob("*/parts/d*"))
     assert len(parts) == 6 + 4  # 41 kept traces in blocks of 7, then 25
+    # default weights: each dataset's traces in the split (as read_traces counts them)
+    sizes = read_traces(sources, split="train", heldout_fraction=0.2).datasets
+    unweighted = data_config(sources, weights=None)
+    cached = TrainData.from_config(unweighted, tok, cache_root=tmp_path / "cache")
+    assert cached.weights == tuple(float(len(d)) for d in sizes)
+    assert_same_batches(cached, TrainData.from_config(unweighted, tok))
     train = TrainData.from_config(cfg, tok, cache_root=tmp_path / "cache")
     assert train.counts.with_teacher > 0 and train.counts.dropped_overlong > 0
     lps = train.batch(0, 0)["top_logprobs_btk"]

@@ -128,10 +128,10 @@ class TrainData:
                  seq_len: int, batch_size: int, seed: int = 0, overlong: str = "drop",
                  window: int = 256, top_k: int = 0, process_index: int = 0,
                  process_count: int = 1, trace_id=None):
-        """`docs`: a `Documents` or `TokenCache` (their `dataset` per document, or all of
-        dataset 0 ...: see from_mixture); `traces` / `no_text`: per dataset, traces read and
-        those without assistant text; `content`: a digest of the trace ids; `in_split`: the
-        documents of the split trained on (default all); `trace_id(d)` names a document."""
+        """`docs`: a `Documents` or `TokenCache` (per document: `lengths`, `first`, `dataset`,
+        `has_teacher`); `traces` / `no_text`: per dataset, the split's traces and those of them
+        without assistant text; `content`: a digest of the trace ids; `in_split`: the documents
+        of the split trained on (default all); `trace_id(d)` names document d in messages."""
         validate(StreamConfig, {"seq_len": seq_len, "batch_size": batch_size, "seed": seed,
                                 "overlong": overlong, "pack_window": window, "top_k": top_k},
                  "data")  # one definition of the bounds: DataConfig's
@@ -167,7 +167,7 @@ class TrainData:
         if top_k and not self.counts.with_teacher:
             raise DistillError("logit distillation needs teacher top-k log-probabilities and no "
                                f"trace in {', '.join(names)} has them (set top_k 0 for SFT)")
-        self.weights = weights or tuple(float(len(d)) for d in self.dataset_docs)
+        self.weights = weights or tuple(float(t) for t in traces)  # default: each one's size
         self.slots = doc_slots(docs.lengths, seq_len)
         self.fingerprint = hashlib.sha256(repr((content, self.weights, seq_len, batch_size, seed,
                                                 overlong, window, top_k)).encode()).hexdigest()[:16]
