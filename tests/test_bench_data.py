@@ -1,0 +1,24 @@
+"""`distill bench data`: a smoke test at toy size (the figures' presence and units, no timing)."""
+
+import json
+
+from distill.bench.data import main
+
+
+def test_bench_data_reports_every_figure(tmp_path, smollm2_gguf):
+    out = tmp_path / "bench"
+    result = json.loads(main(str(smollm2_gguf), 300_000, out, steps=0))
+    assert json.loads((out / "data.json").read_text()) == result
+    assert result["tokens"] >= 300_000 and result["documents"] > 10
+    build, again = result["build"], result["second_start"]
+    assert build["tokens"] == again["tokens"] == result["tokens"]
+    assert result["limit_tokens_per_s"] > 0 and 0 < result["build_vs_limit"]
+    assert build["tokens_per_s"] == result["build_vs_limit"] * result["limit_tokens_per_s"]
+    assert again["open_s"] < build["open_s"]  # opened, not built again
+    assert again["batch_ms"] > 0 and 0 < again["packing"] <= 1
+    assert result["plan_1m"]["documents"] == 1_000_000 and result["plan_1m"]["rows"] > 0
+    # SmolLM2's 49,152 ids are uint16, the loss mask a byte; 8 teacher entries add 32 bytes a
+    # completion token (uint16 id + float16 log-probability)
+    assert result["bytes_per_token"]["no_topk"] == 3.0
+    assert 3.0 + 30 < result["bytes_per_token"]["topk8"] < 3.0 + 32
+    assert "step_4x2048" not in result
