@@ -288,6 +288,17 @@ def test_teacher_topk_from_another_tokenizer_is_an_error(tmp_path, tok):
         TrainData.from_mixture(read_traces([path], with_teacher=True), tok, seq_len=512, batch_size=1, top_k=2)
 
 
+def test_a_rare_misaligned_top_k_trains_without_logit_targets(tmp_path, tok, capsys):
+    # e.g. a completion whose stored reasoning lost text: 1 trace of 120, not another tokenizer
+    rows = [_with_teacher(tok, i) for i in range(119)] + [_with_teacher(tok, 119, extra=4)]
+    path = write_traces(tmp_path / "kd", rows, shards=2)
+    data = TrainData.from_mixture(read_traces([path], with_teacher=True), tok, seq_len=512,
+                                  batch_size=4, top_k=2)
+    assert (data.counts.documents, data.counts.with_teacher) == (120, 119)
+    assert "warning: 1 of 120 traces with top-k train without logit targets" in (
+        capsys.readouterr().out)
+
+
 # --------------------------------------------------------------------------------- bad input
 
 

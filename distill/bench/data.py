@@ -201,7 +201,7 @@ class _Lengths:
         self.lengths = lengths
         self.first = np.full(len(lengths), 64, np.int64)
         self.dataset = (np.arange(len(lengths)) % datasets).astype(np.int32)
-        self.has_teacher = np.zeros(len(lengths), bool)
+        self.has_teacher = self.teacher_bad = np.zeros(len(lengths), bool)
 
     def __len__(self) -> int:
         return len(self.lengths)

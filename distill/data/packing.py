@@ -35,6 +35,7 @@ class Documents:
     teacher: list | None = None
     dataset: np.ndarray | None = None  # int32 [n]: which dataset of a mixture each came from
     rank: np.ndarray | None = None  # float64 [n]: each prompt's held-out rank (prompts.heldout_rank)
+    teacher_errors: dict | None = None  # document -> why its top-k could not be aligned
 
     @classmethod
     def build(cls, examples: Sequence[tuple[np.ndarray, np.ndarray]], teacher=None) -> Documents:
@@ -50,7 +51,20 @@ class Documents:
         """From `distill.data.render.Rendered` samples (their teacher entries kept)."""
         teacher = [None if r.top_ids is None else (r.first, r.top_ids, r.top_logprobs)
                    for r in rendered]
-        return cls.build([(r.ids, r.mask) for r in rendered], teacher)
+        docs = cls.build([(r.ids, r.mask) for r in rendered], teacher)
+        docs.teacher_errors = {d: r.teacher_error for d, r in enumerate(rendered)
+                               if r.teacher_error}
+        return docs
+
+    @property
+    def teacher_bad(self) -> np.ndarray:
+        """Documents whose teacher top-k could not be aligned (see `teacher_error`)."""
+        bad = np.zeros(len(self), bool)
+        bad[list(self.teacher_errors or ())] = True
+        return bad
+
+    def teacher_error(self, d: int) -> str | None:
+        return (self.teacher_errors or {}).get(d)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1

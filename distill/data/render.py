@@ -37,6 +37,7 @@ class Rendered:
     mask: np.ndarray
     top_ids: np.ndarray | None = None
     top_logprobs: np.ndarray | None = None
+    teacher_error: str | None = None  # why its top-k could not be aligned (raised if trained on)
 
     @property
     def first(self) -> int:
@@ -57,7 +58,8 @@ def render_example(tokenizer, prompt: str | list[dict], reasoning: str, answer: 
 def render_traces(tokenizer, traces: Sequence, top_k: int = 0, name: str = "") -> list:
     """Render a batch of traces: each a `Trace` (top-k read from it when `top_k`) or a
     (prompt, reasoning, answer) tuple. A trace without assistant text gives None; a trace whose
-    top-k rows do not match the student's completion tokens is an error naming it."""
+    top-k rows do not match the student's completion tokens has no teacher entries and its
+    `teacher_error` says why (training on it is that error; held out or dropped, it is not)."""
     eos = _eos_id(tokenizer)
     items = [t if isinstance(t, tuple) else (t.prompt, t.reasoning, t.answer) for t in traces]
     texts, live = [], []
@@ -75,10 +77,13 @@ def render_traces(tokenizer, traces: Sequence, top_k: int = 0, name: str = "") -
         ids[:p], ids[p:n - 1], ids[n - 1] = prompt_ids, completion_ids, eos
         mask = np.zeros(n, bool)
         mask[p:] = True
-        teacher = (None, None)
+        teacher, error = (None, None), None
         if top_k and getattr(traces[i], "top_ids", None) is not None:
-            teacher = align_teacher(traces[i], p, n, top_k, tokenizer.vocab_size, name)
-        out[i] = Rendered(ids, mask, *teacher)
+            try:
+                teacher = align_teacher(traces[i], p, n, top_k, tokenizer.vocab_size, name)
+            except DistillError as e:  # an error only where the trace is trained on
+                error = str(e)
+        out[i] = Rendered(ids, mask, *teacher, teacher_error=error)
     return out
 
 

@@ -129,7 +129,7 @@ class TrainData:
                  window: int = 256, top_k: int = 0, process_index: int = 0,
                  process_count: int = 1, trace_id=None):
         """`docs`: a `Documents` or `TokenCache` (per document: `lengths`, `first`, `dataset`,
-        `has_teacher`); `traces` / `no_text`: per dataset, the split's traces and those of them
+        `has_teacher`, `teacher_bad`); `traces` / `no_text`: per dataset, the split's traces and those of them
         without assistant text; `content`: a digest of the trace ids; `in_split`: the documents
         of the split trained on (default all); `trace_id(d)` names document d in messages."""
         validate(StreamConfig, {"seq_len": seq_len, "batch_size": batch_size, "seed": seed,
@@ -150,6 +150,8 @@ class TrainData:
             where = f"{names[dataset[d]]}: trace {trace_id(d) if trace_id else d}"
             raise no_completion_left(where, int(docs.first[d]), seq_len)
         use = in_split & ~dropped
+        if top_k:
+            _check_alignment(docs, use)
         self.dataset_docs = []
         for i, name in enumerate(names):
             mine = dataset == i
@@ -279,6 +281,21 @@ class TrainData:
             batch = self.batch(epoch, index)
             index += 1
             yield batch, DataState(epoch, index, self.fingerprint)
+
+
+def _check_alignment(docs, use: np.ndarray, tolerated: float = 0.01) -> None:
+    """Trained-on traces whose top-k rows do not match their tokens: a few (at most `tolerated`
+    of those with top-k; e.g. a completion whose stored reasoning lost text) train without logit
+    targets, with a warning; more mean another tokenizer, an error."""
+    bad = np.flatnonzero(docs.teacher_bad & use)
+    if not len(bad):
+        return
+    with_topk = int((docs.has_teacher & use).sum()) + len(bad)
+    first = docs.teacher_error(int(bad[0]))
+    if len(bad) > tolerated * with_topk:
+        raise DistillError(f"{first} ({len(bad)} of {with_topk} traces with top-k)")
+    print(f"warning: {len(bad)} of {with_topk} traces with top-k train without logit targets: "
+          f"their top-k rows do not line up with their tokens; the first: {first}")
 
 
 def _in_split(rank: np.ndarray, split: str, fraction: float) -> np.ndarray:

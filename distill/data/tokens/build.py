@@ -310,6 +310,7 @@ class _PartWriter:
         self.dataset, self.position = dataset, position  # of the block's first trace
         self.digest = 0
         self.no_text_rank: list[float] = []  # the held-out ranks of traces without text
+        self.teacher_errors: dict[int, str] = {}  # document -> why its top-k did not align
         self.traces = self.no_text = self.tokens = self.rows = 0
 
     @property
@@ -333,7 +334,10 @@ class _PartWriter:
             self.cols["rank"].append(heldout_rank(trace.prompt_id))
             self.tokens += len(r.ids)
             rows = -1
-            if self.top_k and r.top_ids is not None:
+            if r.teacher_error:
+                rows = -2  # misaligned: an error where the document is trained on
+                self.teacher_errors[self.documents - 1] = r.teacher_error
+            elif self.top_k and r.top_ids is not None:
                 rows = len(r.top_ids)
                 self.files["top_ids"].write(r.top_ids.astype(self.token_dtype).tobytes())
                 self.files["top_logprobs"].write(r.top_logprobs.astype(np.float16).tobytes())
@@ -362,7 +366,8 @@ class _PartWriter:
                  no_text_rank=np.array(self.no_text_rank, np.float64))
         meta = {"traces": self.traces, "no_text": self.no_text, "documents": self.documents,
                 "tokens": self.tokens, "teacher_rows": self.rows,
-                "digest": digest_hex(self.digest), "built_by": self.me}
+                "digest": digest_hex(self.digest), "built_by": self.me,
+                "teacher_errors": self.teacher_errors}
         write_atomic(self.tmp / "meta.json", json.dumps(meta).encode())
         try:
             os.rename(self.tmp, self.final)

@@ -43,6 +43,7 @@ class TokenCache:
         self.rank = columns["rank"].astype(np.float64)
         self.dataset = columns["dataset"].astype(np.int32)
         self.has_teacher = columns["teacher_rows"] >= 0
+        self.teacher_bad = columns["teacher_rows"] == -2  # top-k that did not align
         self._parts = parts
         self._part_of = columns["part"].astype(np.int64)
         self._prompt = columns["prompt"].astype(np.int64)  # where the teacher's rows start
@@ -86,11 +87,23 @@ class TokenCache:
         # the teacher's rows start at the first completion token (the prompt's length)
         return int(self._prompt[d]), part.top_ids[s:s + n], part.top_logprobs[s:s + n]
 
+    def _local(self, d: int) -> tuple[_Part, int]:
+        """Document d's part and its index there."""
+        return (self._parts[self._part_of[d]],
+                d - int(np.searchsorted(self._part_of, self._part_of[d])))
+
     def trace_id(self, d: int) -> str:
         """The trace id of document d (read from its part, for messages)."""
-        part = self._parts[self._part_of[d]]
-        ids = (part.directory / "ids.txt").read_text().split("\n")
-        return ids[d - int(np.searchsorted(self._part_of, self._part_of[d]))]
+        part, i = self._local(d)
+        return (part.directory / "ids.txt").read_text().split("\n")[i]
+
+    def teacher_error(self, d: int) -> str | None:
+        """Why document d's teacher top-k did not align with its tokens (None: it did)."""
+        if not self.teacher_bad[d]:
+            return None
+        part, i = self._local(d)
+        meta = read_json(part.directory / "meta.json", self.directory)
+        return meta["teacher_errors"][str(i)]
 
     def nbytes(self) -> int:
         """Bytes on disk of the memory-mapped files."""
