@@ -355,25 +355,46 @@ def plan(config, mesh, seq_len, batch, mode, device_memory, verdict, overrides):
 
 
 @cli.group(invoke_without_command=True)
+@click.option("--suite", "suites", multiple=True, default=("all",), show_default=True,
+              type=click.Choice(["all", "decode", "moe", "generate", "train", "data", "device"]),
+              help="Which suite to run (repeat for several); all = every suite, in this order.")
 @click.option("--compare", type=click.Choice(["transformers"]), default="transformers",
               show_default=True, help="The reference run side by side in the same process.")
 @click.option("--gguf", "gguf_path", type=click.Path(), default=None,
               help="SmolLM2 GGUF file (default: the one `make models` fetched).")
-@click.option("--out", "out_path", type=click.Path(), default="students/bench/bench.json",
-              show_default=True, help="JSON file for the results.")
+@click.option("--out", "out_dir", type=click.Path(), default="students/bench", show_default=True,
+              help="Folder for each suite's JSON file (<suite>.json).")
+@click.option("--small/--full", "small", default=None,
+              help="The device suite's shapes: tiny presets (default on CPU) or the Qwen2.5-1.5B "
+                   "/ 7B shapes at 8k tokens (default on GPU / TPU).")
 @click.pass_context
-def bench(ctx, compare, gguf_path, out_path):
-    """Side-by-side benchmarks (distill vs transformers + PyTorch), reported as ratios.
+def bench(ctx, suites, compare, gguf_path, out_dir, small):
+    """Benchmarks in suites, run one at a time, each table printed as soon as it is done.
 
-    Alone: greedy decode tokens/s on SmolLM2-135M at batch 1 and 16, and the MoE layer's time per
-    token with 8 vs 64 routed experts. `distill bench data`: the training-data pipeline.
+    \b
+      decode    greedy decode tokens/s, SmolLM2-135M, batch 1 and 16, vs transformers
+      moe       the MoE layer's time per token with 8 vs 64 routed experts
+      generate  trace generation in process and over HTTP (distill serve)
+      train     the training step vs transformers eager / torch.compile, MFU
+      data      the training-data pipeline at R1 scale (200M tokens; see `bench data`)
+      device    the accelerator path (one JSON): attention kernels' parity, training MFU of
+                the Qwen2.5-1.5B and 7B shapes at 8k packed tokens, decode at batch 1 and
+                64 beside the HBM-bandwidth limit, time to first step (< 8 min on an H200)
     """
     if ctx.invoked_subcommand is not None:
         return
-    from distill.bench import smollm2_path
-    from distill.bench.decode import main as run_bench
+    import logging
 
-    click.echo(run_bench(smollm2_path(gguf_path), Path(out_path)))
+    from distill.bench.suites import run_suites
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("  %(message)s"))
+    for name in ("distill.bench", "distill.models.attention"):
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).setLevel(logging.INFO)
+    settings = {"gguf": gguf_path, "out": Path(out_dir), "small": small,
+                "tokens": 200_000_000, "steps": 2}
+    run_suites(suites, settings, click.echo)
 
 
 @bench.command("data")

@@ -35,10 +35,17 @@ from distill.fsutil import write_atomic
 DTypeName = Literal["float32", "bfloat16", "float16"]
 # remat policies (`distill.models.layers.REMAT_POLICIES` implements exactly these)
 RematName = Literal["none", "full", "dots", "dots_no_batch"]
-# full-sequence attention: "dense" builds the [B, T, S] mask and float32 scores, "blockwise" attends
-# block by block in O(T) memory (online softmax), "auto" = blockwise from 2048 tokens on. Decoding
-# with the KV cache is always dense. distill-only: never written to config.json.
-AttentionName = Literal["auto", "dense", "blockwise"]
+# full-sequence attention (`distill.models.attention.choose_attention`): "dense" builds the
+# [B, T, S] mask and float32 scores, "blockwise" attends block by block in O(T) memory (online
+# softmax, every backend), "splash" (TPU), "cudnn" and "pallas_gpu" (GPU) are fused kernels;
+# "auto" = the platform's kernel where it supports the shapes (splash on TPU; cuDNN for unpacked
+# bfloat16 rows, else pallas_gpu on GPU), else blockwise, and on CPU dense below 2048 tokens.
+# Decoding with the KV cache is dense (it reads the cache once per step). distill-only: never
+# written to config.json.
+AttentionName = Literal["auto", "dense", "blockwise", "splash", "cudnn", "pallas_gpu"]
+# attention over a mesh's `context` axis (`distill.models.context`): gather every device's keys
+# and values ("all_gather") or pass them round a ring ("ring").
+ContextParallelName = Literal["all_gather", "ring"]
 
 
 class Frozen(BaseModel):
@@ -155,6 +162,7 @@ class DenseConfig(Frozen):
     dtype: DTypeName = "float32"  # compute dtype
     remat: RematName = "none"
     attention: AttentionName = "auto"  # see AttentionName
+    context_parallel: ContextParallelName = "all_gather"  # see ContextParallelName
 
     @field_validator("num_key_value_heads")
     @classmethod
@@ -224,6 +232,7 @@ class MoEConfig(Frozen):
     dtype: DTypeName = "float32"  # compute dtype
     remat: RematName = "none"
     attention: AttentionName = "auto"  # see AttentionName
+    context_parallel: ContextParallelName = "all_gather"  # see ContextParallelName
     # Routed-expert dispatch: "capacity" (sorted [E, C, D] buffer, exact overflow rounds; the
     # gradient replays the rounds), "ragged" (jax.lax.ragged_dot grouped matmuls), "auto" = ragged
     # on GPU/TPU, capacity on CPU (where ragged_dot is several times slower).

@@ -17,14 +17,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from distill.errors import DistillError
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
+# `context` splits each row's sequence (context parallelism, `distill.models.context`); it sits
+# between fsdp and tensor so that tensor, the chattiest axis, stays on the closest devices.
+MESH_AXES = ("data", "fsdp", "context", "tensor", "expert")
 
 # logical name -> mesh axis (or axes, tried in order of preference as a group), None = replicated.
 AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),
     ("seq", None),
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    # the context axis also shards the weights (as fsdp does): each of its devices holds a
+    # different part of every row, so it needs all the parameters only one layer at a time
+    ("embed", ("fsdp", "context")),
     ("mlp", "tensor"),
     ("q_heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -38,9 +42,10 @@ AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # Activations (`constrain`). Between layers the residual stream [B, T, D] is split over the
     # sequence on "tensor" (sequence parallelism): the tensor-parallel matmuls gather it and
     # scatter their outputs back, and the per-layer activations kept for the backward pass shrink
-    # by the tensor size, which long sequences need.
+    # by the tensor size, which long sequences need; with context parallelism the sequence is
+    # split over context x tensor.
     ("act_batch", ("data", "fsdp")),
-    ("act_seq", "tensor"),
+    ("act_seq", ("context", "tensor")),
     ("act_embed", None),
 )
 

@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from distill.config import load_config, load_model_config, read_yaml
 from distill.errors import DistillError
 from distill.models import hf
-from distill.parallel import make_mesh, parse_mesh, state_shardings
+from distill.parallel import MESH_AXES, make_mesh, parse_mesh, state_shardings
 from distill.pretrained import read_hf_config
 from distill.train.config import LossConfig, TrainConfig, check_layout, check_seq_len
 from distill.train.losses import make_loss_fn
@@ -33,6 +33,7 @@ from distill.train.optim import OptimConfig, make_optimizer, schedule
 from distill.train.step import TrainState, batch_sharding, make_step, state_sharding
 
 GiB = 2**30
+PLANNED_PLATFORM = "gpu"  # what a plan is for (student.dtype auto -> bfloat16), compiled on CPU
 _VERDICT_LABEL = {"larger": "the larger of the analytic and XLA totals",
                   "analytic": "the analytic total", "compiler": "the XLA total"}
 
@@ -103,8 +104,9 @@ class PlanReport:
         if not name.startswith(("activations", "temporaries")):
             hint = "spread it over more devices (a larger fsdp or tensor axis)"
         elif self.mode == "train":
-            hint = ("lower --batch or --seq-len, raise train.grad_accum, or set student.remat: "
-                    "full (keeps only each layer's input)")
+            hint = ("lower --batch or --seq-len, raise train.grad_accum, set student.remat: "
+                    "full (keeps only each layer's input), or split each row over a context "
+                    "axis (--mesh ...,context=N)")
         else:
             hint = "lower --batch or --seq-len (the KV cache), or add tensor devices"
         return (f"largest part ({source}): {name}, {_gib(size)} of {_gib(total)} per device "
@@ -146,16 +148,14 @@ def _configs(config_path: Path, overrides, mesh_text: str, batch: int | None,
     planned += [f"data.seq_len={seq_len}"] if seq_len is not None else []
     cfg = load_config(TrainConfig, config_path, [*overrides, *planned])
     init = Path(cfg.student.init)
+    dtype = cfg.student.compute_dtype(PLANNED_PLATFORM)
     if init.suffix in (".yaml", ".yml"):
         model = load_model_config(init, [f"model.param_dtype={cfg.student.param_dtype}",
-                                         f"model.dtype={cfg.student.dtype}"])
+                                         f"model.dtype={dtype}"])
     else:
         model = hf.config_from_hf(read_hf_config(init), str(init),
-                                  param_dtype=cfg.student.param_dtype, dtype=cfg.student.dtype)
-    update = dict(cfg.student.config_overrides)
-    if cfg.student.remat is not None:
-        update["remat"] = cfg.student.remat
-    return model.model_copy(update=update), cfg
+                                  param_dtype=cfg.student.param_dtype, dtype=dtype)
+    return model.model_copy(update=cfg.student.model_updates()), cfg
 
 
 def _shard_bytes(abstract_tree, shardings_tree) -> int:
@@ -214,11 +214,14 @@ def plan_train(model_cfg, train_cfg, mesh, batch: int, seq_len: int):
 def _train_activation_bytes(cfg, mesh, batch: int, seq_len: int, loss) -> int:
     """Saved residual stream per layer (remat keeps only layer inputs), plus one layer's working
     set recomputed in the backward pass, plus the chunked loss head; batch over data x fsdp, the
-    sequence over tensor (activations) and heads / MLP over tensor (inside a layer)."""
+    sequence over context x tensor (activations) and over context inside a layer, heads / MLP
+    over tensor; with context parallelism each device also holds the whole row's keys and values
+    of one layer (all-gather; the ring holds a chunk at a time, counted the same)."""
     shape = dict(mesh.shape)
     rows = max(1, math.ceil(batch / (shape["data"] * shape["fsdp"])))
-    tp = shape["tensor"]
-    t_local = math.ceil(seq_len / tp)
+    tp, cp = shape["tensor"], shape.get("context", 1)
+    t_local = math.ceil(seq_len / (tp * cp))
+    t_layer = math.ceil(seq_len / cp)  # tokens a device works on inside one layer
     act = np.dtype(cfg.dtype).itemsize
     d, layers = cfg.hidden_size, cfg.num_hidden_layers
     if hasattr(cfg, "head_size"):  # dense
@@ -228,9 +231,10 @@ def _train_activation_bytes(cfg, mesh, batch: int, seq_len: int, loss) -> int:
         n, k, h = cfg.num_attention_heads, cfg.num_attention_heads, cfg.qk_head_dim
         f = cfg.moe_intermediate_size * (cfg.num_experts_per_tok + cfg.n_shared_experts)
     saved = layers * rows * t_local * d * act
-    working = rows * seq_len * ((n + 2 * k) * h / tp + 3 * f / tp + 4 * d / tp) * 4 * 2
-    head = rows * min(loss.chunk, seq_len) * math.ceil(cfg.vocab_size / tp) * 4 * 3
-    return int(saved + working + head)
+    working = rows * t_layer * ((n + 2 * k) * h / tp + 3 * f / tp + 4 * d / tp) * 4 * 2
+    gathered = rows * seq_len * 2 * k * h / tp * act * 2 if cp > 1 else 0  # K, V and their grads
+    head = rows * min(loss.chunk, t_layer) * math.ceil(cfg.vocab_size / tp) * 4 * 3
+    return int(saved + working + gathered + head)
 
 
 def plan_generate(model_cfg, mesh, batch: int, seq_len: int):
@@ -288,7 +292,7 @@ def run_plan(config_path: str | Path, mesh_text: str, *, seq_len: int | None = N
     t0 = time.perf_counter()
     if mode == "train":  # exactly what `distill train` refuses, plan refuses
         check_layout(batch, train_cfg.train.grad_accum if train_cfg else 1, shape,
-                     str(config_path))
+                     str(config_path), seq_len)
         check_seq_len(seq_len, model_cfg, str(config_path))
         compiled, analytic = plan_train(model_cfg, train_cfg, mesh, batch, seq_len)
     elif mode == "generate":
@@ -300,7 +304,6 @@ def run_plan(config_path: str | Path, mesh_text: str, *, seq_len: int | None = N
     memory = parse_bytes(device_memory)
     figures = {"analytic": analytic["total"], "compiler": comp.get("total", analytic["total"])}
     figure = max(figures.values()) if verdict == "larger" else figures[verdict]
-    return PlanReport(config_path.stem, mode, {k: shape.get(k, 1) for k in ("data", "fsdp", "tensor",
-                                                                           "expert")},
+    return PlanReport(config_path.stem, mode, {k: shape.get(k, 1) for k in MESH_AXES},
                       batch, seq_len, hf.param_count(model_cfg), memory, comp, analytic,
                       compile_s, figure <= memory, verdict)

@@ -135,13 +135,13 @@ def test_models_give_the_same_logits_with_blockwise_attention(path, t):
                                np.asarray(run(dense, tokens, pos, seg))[real], atol=1e-5, rtol=0)
 
 
-def test_auto_attends_blockwise_from_2048_tokens():
+def test_auto_attends_blockwise_from_2048_tokens_on_cpu():
     auto = _random_model(load_model_config(TINY_QWEN2))
     assert auto.config.attention == "auto"
-    assert auto.attends_blockwise(BLOCKWISE_MIN_TOKENS)
-    assert not auto.attends_blockwise(BLOCKWISE_MIN_TOKENS - 1)
+    assert not auto.uses_dense_mask(BLOCKWISE_MIN_TOKENS)
+    assert auto.uses_dense_mask(BLOCKWISE_MIN_TOKENS - 1)
     dense, blockwise = _pair(auto)
-    assert blockwise.attends_blockwise(8) and not dense.attends_blockwise(1 << 16)
+    assert not blockwise.uses_dense_mask(8) and dense.uses_dense_mask(1 << 16)
 
 
 def _temp_bytes(model, tokens_shape, mesh=None, train=True) -> int:

@@ -1,5 +1,6 @@
 """`distill plan`: each student preset at 32k tokens fits some mesh of <= 64 devices of 80 GB;
-Llama-3.3-70B does not fit 8; nothing is allocated (the step is only compiled)."""
+Llama-3.3-70B does not fit 8; at 64k-128k tokens a row the 7B and 32B fit 64 devices with context
+parallelism and not without; nothing is allocated (the step is only compiled)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,26 @@ def test_every_student_preset_fits_a_mesh_at_32k(preset):
     # both counts are printed; the compiler's and the analytic one agree within a factor of 2
     analytic, compiler = total(proc.stdout, 0), total(proc.stdout, 1)
     assert 0.5 < compiler / analytic < 2.0, proc.stdout
+
+
+# (preset, tokens a row, mesh without context parallelism, mesh with it): 64 devices each, the
+# preset's own remat ("none"), bfloat16 compute
+LONG_ROWS = [("qwen2.5-math-7b", 131072, "fsdp=16,tensor=4", "context=16,tensor=4"),
+             ("qwen2.5-32b", 65536, "fsdp=8,tensor=8", "context=8,tensor=8")]
+
+
+@pytest.mark.parametrize("preset,tokens,plain,context", LONG_ROWS)
+def test_long_rows_fit_with_context_parallelism_and_not_without(preset, tokens, plain, context):
+    common = ("--seq-len", str(tokens), "--set", "model.dtype=bfloat16",
+              "--set", "model.max_position_embeddings=131072")
+    without = plan(f"configs/students/{preset}.yaml", "--mesh", plain, *common)
+    assert without.returncode == 1 and "DOES NOT FIT" in without.stdout, without.stdout
+    assert "context=N" in without.stdout  # the verdict names context parallelism as a way out
+    with_cp = plan(f"configs/students/{preset}.yaml", "--mesh", context, *common)
+    assert with_cp.returncode == 0 and "FITS" in with_cp.stdout, with_cp.stdout + with_cp.stderr
+    assert "context=16" in with_cp.stdout or "context=8" in with_cp.stdout  # the mesh line
+    print(without.stdout, with_cp.stdout)
+    assert total(with_cp.stdout, 1) < 0.2 * total(without.stdout, 1)
 
 
 def test_70b_does_not_fit_eight_devices():

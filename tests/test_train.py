@@ -82,11 +82,14 @@ def test_student_learns_the_task_from_traces(world, tmp_path):
     assert before <= 0.05 and after >= 0.3
 
 
-def test_sharded_training_equals_unsharded_and_accumulation_equals_batch(world, tmp_path):
+def test_sharded_context_parallel_and_accumulated_training_equal_unsharded(world, tmp_path):
     runs = {  # name: (sections, devices)
         "one": (dict(mesh="data=1,fsdp=1,tensor=1"), 1),
         "sharded": (dict(mesh="data=1,fsdp=4,tensor=2"), 8),
         "accum": (dict(mesh="data=1,fsdp=2,tensor=1", train={"grad_accum": 4}), 2),
+        # context parallelism: each 128-token row split over 4 (all-gather) / 8 (ring) devices
+        "context": (dict(mesh="fsdp=2,context=4"), 8),
+        "ring": (dict(mesh="context=8", student={"context_parallel": "ring"}), 8),
     }
     losses = {}
     for name, (sections, devices) in runs.items():
@@ -96,6 +99,11 @@ def test_sharded_training_equals_unsharded_and_accumulation_equals_batch(world, 
     assert len(losses["one"]) == 5
     np.testing.assert_allclose(losses["sharded"], losses["one"], rtol=1e-5)
     np.testing.assert_allclose(losses["accum"], losses["one"], rtol=1e-5)
+    for name in ("context", "ring"):
+        np.testing.assert_allclose(losses[name], losses["one"], rtol=1e-5, err_msg=name)
+        for ours, ref in zip(_params(tmp_path / "students" / name),
+                             _params(tmp_path / "students" / "one"), strict=True):
+            np.testing.assert_allclose(ours, ref, atol=1e-5, err_msg=name)
 
 
 def _train_cli(cfg: Path, env_extra=None) -> subprocess.Popen:

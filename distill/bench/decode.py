@@ -7,7 +7,6 @@ allocator warm-up) that is not counted.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -18,7 +17,6 @@ import numpy as np
 import distill
 from distill.backends.http import bench_http
 from distill.bench.moe import run
-from distill.bench.train import bench_train, bench_train_gpu_preset, train_table
 from distill.chat import prompt_ids
 from distill.models.experts import resolve_dispatch
 from distill.sampling import DecodeModel, SamplingParams, generate
@@ -153,9 +151,8 @@ def bench_generate(gguf: Path, prompts: int = 16, n: int = 4, new_tokens: int = 
     return rows
 
 
-def report(decode: list[dict], moe: list[dict], out: Path | None, generate: list[dict] = (),
-           train: list[dict] = ()) -> str:
-    """Markdown tables of the rows (and one JSON file when `out` is given)."""
+def decode_table(decode: list[dict]) -> list[str]:
+    """Markdown lines of the decode rows."""
     lines = ["| benchmark | batch | distill tok/s | transformers tok/s | ratio | prefill ms "
              "(distill / transformers) | step ms (distill / transformers / matmuls alone) | "
              "ratio reachable with these matmuls |", "|---|---|---|---|---|---|---|---|"]
@@ -165,28 +162,26 @@ def report(decode: list[dict], moe: list[dict], out: Path | None, generate: list
                      f"{r['distill_prefill_ms']:.0f} / {r['transformers_prefill_ms']:.0f} | "
                      f"{r['distill_step_ms']:.1f} / {r['transformers_step_ms']:.1f} / "
                      f"{r['matmul_floor_ms']:.1f} | {r['best_ratio']:.2f}x |")
-    lines += ["", "| MoE layer | tokens | dispatch | experts | us/token | vs 8 experts |",
-              "|---|---|---|---|---|---|"]
+    return lines
+
+
+def moe_table(moe: list[dict]) -> list[str]:
+    """Markdown lines of the MoE-layer rows."""
+    lines = ["| MoE layer | tokens | dispatch | experts | us/token | vs 8 experts |",
+             "|---|---|---|---|---|---|"]
     for r in moe:
         lines.append(f"| routed experts | {r['tokens']} | {r['path']} | {r['experts']} | "
                      f"{r['us_per_token']:.1f} | {r['ratio']:.2f}x |")
-    if generate:
-        lines += ["", "| trace generation | model | throughput |", "|---|---|---|"]
-        for r in generate:
-            value = (f"{r['tokens_per_s']:.1f} generated tok/s (batch {r['prompts']} x n {r['n']})"
-                     if r["benchmark"] == "generate_jax" else
-                     f"{r['requests_per_s']:.1f} requests/s, {r['completion_tokens_per_s']:.1f} "
-                     f"tok/s (concurrency {r['concurrency']})")
-            lines.append(f"| {r['benchmark']} | {r['model']} | {value} |")
-    if train:
-        lines += ["", *train_table(train)]
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(decode + moe + list(generate) + list(train), indent=2) + "\n")
-    return "\n".join(lines)
+    return lines
 
 
-def main(gguf: Path, out: Path | None) -> str:
-    """Run every benchmark that exists and return the tables."""
-    return report(bench_decode(gguf), bench_moe_experts(), out, bench_generate(gguf),
-                  bench_train(batch=4) + bench_train_gpu_preset())
+def generate_table(generate: list[dict]) -> list[str]:
+    """Markdown lines of the trace-generation rows."""
+    lines = ["| trace generation | model | throughput |", "|---|---|---|"]
+    for r in generate:
+        value = (f"{r['tokens_per_s']:.1f} generated tok/s (batch {r['prompts']} x n {r['n']})"
+                 if r["benchmark"] == "generate_jax" else
+                 f"{r['requests_per_s']:.1f} requests/s, {r['completion_tokens_per_s']:.1f} "
+                 f"tok/s (concurrency {r['concurrency']})")
+        lines.append(f"| {r['benchmark']} | {r['model']} | {value} |")
+    return lines

@@ -91,7 +91,8 @@ def bench_train(batch: int = 8, seq_len: int = 512, steps: int = 5,
     cfg = cfg.model_copy(update={"dtype": dtype, "param_dtype": "float32"})
     tokens, targets = _random_batch(cfg.vocab_size, batch, seq_len)
     # leave half of the free memory to the torch model's step when it runs too
-    fns, notes = _distill_steps(cfg, tokens, targets, remats, len(remats) * (warmup + steps),
+    fns, notes = _distill_steps(cfg, _distill_batch(tokens, targets), remats,
+                                len(remats) * (warmup + steps),
                                 memory_share=0.5 if compare else 0.9)
     optional = set()
     if compare:
@@ -157,10 +158,12 @@ def _free_bytes() -> int | None:
 # The two sides
 
 
-def _distill_steps(cfg: DenseConfig, tokens, targets, remats: Sequence[str], total_steps: int,
-                   memory_share: float) -> tuple[dict[tuple[str, str], StepFn], dict]:
+def _distill_steps(cfg: DenseConfig, batch: dict[str, np.ndarray], remats: Sequence[str],
+                   total_steps: int, memory_share: float
+                   ) -> tuple[dict[tuple[str, str], StepFn], dict]:
     """One compiled step per remat policy, all threading one shared (donated) TrainState, and
-    notes per policy: the step's temporary memory, or why it was skipped."""
+    notes per policy: the step's temporary memory, or why it was skipped. `batch`: the training
+    batch dict (`_distill_batch`, or packed rows with their segments and positions)."""
 
     mesh = make_mesh({}, jax.devices()[:1])  # one device: the same hardware torch gets
     model = init_model(cfg, seed=0, mesh=mesh)
@@ -169,7 +172,7 @@ def _distill_steps(cfg: DenseConfig, tokens, targets, remats: Sequence[str], tot
     state_sh = state_sharding(graphdef, tx, params, mesh)
     holder = [TrainState(params, jax.jit(tx.init, out_shardings=state_sh.opt_state)(params),
                          jax.device_put(jnp.zeros((), jnp.int32), state_sh.step))]
-    device_batch = jax.device_put(_distill_batch(tokens, targets), batch_sharding(mesh))
+    device_batch = jax.device_put(batch, batch_sharding(mesh))
     loss_fn = make_loss_fn(LossConfig())
     fns, notes = {}, {}
     for policy in remats:

@@ -1,6 +1,11 @@
-"""Attention over a full sequence or a KV cache: the dense path (a [B, T, S] mask, float32
-scores) and the pure-JAX blockwise flash attention (online softmax over tiles, O(T) memory, with a
-custom VJP), the portable path on every backend. `attention` picks one from the mask's type.
+"""Attention over a full sequence or a KV cache, behind one function, `attention`.
+
+Paths: the dense path (a [B, T, S] mask, float32 scores; the KV-cache decode step, which reads
+the cache once per step), the pure-JAX blockwise flash attention (`distill.models.flash`, every
+backend), fused kernels (`distill.models.kernels`: Pallas splash on TPU, cuDNN and Pallas flash
+on GPU) and context parallelism over a mesh's `context` axis (`distill.models.context`).
+`choose_attention` picks one per call from the model's `attention` setting, the platform, the
+dtype, the shapes and the mask, and logs its choice once.
 
 Dimension alphabet: B batch, T query length, S key/cache length, D model width, N query heads,
 K kv heads, G query heads per kv head (N = K * G), H head size, F MLP width, V vocab, L layers.
@@ -8,25 +13,23 @@ K kv heads, G query heads per kv head (N = K * G), H head size, F MLP width, V v
 
 from __future__ import annotations
 
-from functools import partial
-from typing import NamedTuple
+import logging
 
 import jax
 import jax.numpy as jnp
 
+from distill.models.context import context_parallel_attention, context_size
+from distill.models.flash import blockwise_attention
+from distill.models.kernels import INTERPRETABLE, KERNELS, PLATFORM, fused_attention, unsupported
+from distill.models.masks import MaskInfo, attention_mask
 
-def attention_mask(
-    q_slot_bt: jax.Array,
-    k_slot_bs: jax.Array,
-    k_valid_bs: jax.Array,
-    q_segment_bt: jax.Array | None = None,
-    k_segment_bs: jax.Array | None = None,
-) -> jax.Array:
-    """Boolean [B, T, S]: causal by slot index, padding removed, documents kept apart by segment."""
-    mask = (k_slot_bs[:, None, :] <= q_slot_bt[:, :, None]) & k_valid_bs[:, None, :]
-    if q_segment_bt is not None:
-        mask &= q_segment_bt[:, :, None] == k_segment_bs[:, None, :]
-    return mask
+__all__ = ["BLOCKWISE_MIN_TOKENS", "MaskInfo", "attention", "attention_mask",
+           "blockwise_attention", "choose_attention", "dot_product_attention"]
+
+BLOCKWISE_MIN_TOKENS = 2048  # on CPU "auto" attends blockwise from this many query tokens on
+
+log = logging.getLogger(__name__)
+_LOGGED: set = set()
 
 
 def dot_product_attention(
@@ -49,202 +52,69 @@ def dot_product_attention(
     return out.reshape(b, t, n, v.shape[-1])
 
 
-# ---------------------------------------------------------------------------------------------
-# Blockwise attention
+def choose_attention(setting: str, platform: str, *, dtype, t: int, s: int, h: int, hv: int,
+                     packed: bool) -> tuple[str, str]:
+    """(path, why) for a full-sequence attention: "blockwise", or a kernel of
+    `distill.models.kernels` (with "+interpret" when it runs in the Pallas interpreter because
+    `platform` is not the kernel's own).
 
-#
-# At long T the [B, T, S] mask and the float32 [B, N, T, S] scores of `dot_product_attention`
-# grow with T^2 (at T = 32768 one head's scores are 4 GiB per sequence), so long sequences
-# attend block by block with an online softmax and build neither.
-
-BLOCKWISE_MIN_TOKENS = 2048  # "auto" attends blockwise from this many query tokens on
-
-
-class MaskInfo(NamedTuple):
-    """What an attention mask is made of, O(T + S) instead of the [B, T, S] mask itself.
-
-    Key s is visible to query t when k_slots[s] <= q_slots[t] (causal by slot index), k_valid[s],
-    and (when segments are given) q_segments[t] == k_segments[s]. A pytree, so it passes through
-    `lax.scan` and `jax.jit` like the dense mask did.
+    "auto": TPU -> splash; GPU -> cuDNN for rows without segments in bfloat16 / float16, else the
+    Pallas flash kernel; anything a kernel does not support, and every other platform ->
+    blockwise. A kernel named explicitly must support the call (else ValueError); on a platform
+    that is not its own a Pallas kernel runs interpreted (slow: for tests), cuDNN not at all.
     """
-
-    q_slots: jax.Array  # [B, T] int32
-    k_slots: jax.Array  # [B, S] int32
-    k_valid: jax.Array  # [B, S] bool
-    q_segments: jax.Array | None = None  # [B, T] int, None = one document per row
-    k_segments: jax.Array | None = None  # [B, S]
-
-    def dense(self) -> jax.Array:
-        """The boolean [B, T, S] mask `dot_product_attention` takes."""
-        return attention_mask(*self)
+    shape = dict(t=t, s=s, h=h, hv=hv, packed=packed, dtype=dtype)
+    if setting in ("blockwise", "dense"):
+        return "blockwise", f"attention: {setting}"
+    if setting in KERNELS:
+        reason = unsupported(setting, **shape)
+        if reason:
+            raise ValueError(f"attention: {setting}: {reason}")
+        if PLATFORM[setting] == platform:
+            return setting, f"attention: {setting}"
+        if setting not in INTERPRETABLE:
+            raise ValueError(f"attention: {setting} needs a {PLATFORM[setting]}, not {platform}")
+        return f"{setting}+interpret", f"attention: {setting} on {platform} (Pallas interpreter)"
+    if setting != "auto":
+        raise ValueError(f"unknown attention setting {setting!r}")
+    candidates = {"tpu": ("splash",), "gpu": ("cudnn", "pallas_gpu")}.get(platform, ())
+    why = []
+    for kernel in candidates:
+        reason = unsupported(kernel, **shape)
+        if reason is None:
+            return kernel, f"auto on {platform}" + (f" ({'; '.join(why)})" if why else "")
+        why.append(f"not {kernel}: {reason}")
+    return "blockwise", f"auto on {platform}" + (f" ({'; '.join(why)})" if why else "")
 
 
 def attention(q_btnh: jax.Array, k: jax.Array, v: jax.Array, mask, scale: float,
               kv_layout: str = "bskh") -> jax.Array:
-    """`blockwise_attention` when `mask` is a `MaskInfo` (and k, v are [B, S, K, H]), else
-    `dot_product_attention` with the dense mask. Returns [B, T, N, H_v]."""
-    if isinstance(mask, MaskInfo):
-        if kv_layout == "bskh":
-            return blockwise_attention(q_btnh, k, v, mask, scale)
-        mask = mask.dense()
-    return dot_product_attention(q_btnh, k, v, mask, scale, kv_layout)
+    """Attention of q [B, T, N, H] over k, v; returns [B, T, N, H_v].
 
-
-def blockwise_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask: MaskInfo,
-                        scale: float, block_q: int = 512, block_k: int = 512) -> jax.Array:
-    """Grouped-query attention block by block (flash-style online softmax in float32).
-
-    Equals `dot_product_attention(q, k, v, mask.dense(), scale)` on every query that sees at least
-    one key; a query that sees none gets zeros (the dense path gives an average of all values
-    there). Each [block_q, block_k] tile's mask comes from the slot indices, validity and
-    segments, and tiles no query of which sees any key are skipped (half the tiles under a causal
-    mask). The backward pass recomputes the tiles, so what it keeps per call is O(T * N * H): the
-    inputs, the output and one log-sum-exp per query and head. v may have its own head size
-    (MLA). T and S need not be multiples of the block sizes. Returns [B, T, N, H_v] in v's dtype.
+    A dense [B, T, S] mask (the KV-cache path, short sequences on CPU): `dot_product_attention`.
+    A `MaskInfo` (a full-sequence forward) with k, v [B, S, K, H]: context-parallel attention
+    when the mesh has a `context` axis, else the path `choose_attention` picks for its setting.
     """
-    b, t, n, h = q_btnh.shape
-    s, kh = k_bskh.shape[1], k_bskh.shape[2]
-    bq, bk = min(block_q, t), min(block_k, s)
-    q_blocks = _to_blocks(q_btnh.reshape(b, t, kh, n // kh, h), bq)  # [nq, B, bq, K, G, H]
-    k_blocks, v_blocks = _to_blocks(k_bskh, bk), _to_blocks(v_bskh, bk)  # [nk, B, bk, K, H]
-    # padded query rows see nothing (lowest slot), padded keys are invalid
-    q_side = (_to_blocks(mask.q_slots, bq, jnp.iinfo(jnp.int32).min),
-              None if mask.q_segments is None else _to_blocks(mask.q_segments, bq))
-    k_side = (_to_blocks(mask.k_slots, bk), _to_blocks(mask.k_valid, bk, False),
-              None if mask.k_segments is None else _to_blocks(mask.k_segments, bk))
-    out = _flash(q_blocks, k_blocks, v_blocks, q_side, k_side, float(scale))
-    out = jnp.moveaxis(out, 0, 1).reshape(b, -1, n, v_bskh.shape[-1])  # [B, T_padded, N, H_v]
-    return out[:, :t]
+    if not isinstance(mask, MaskInfo):
+        return dot_product_attention(q_btnh, k, v, mask, scale, kv_layout)
+    if kv_layout != "bskh":
+        return dot_product_attention(q_btnh, k, v, mask.dense(), scale, kv_layout)
+    if context_size() > 1:
+        _log_once("context", f"attention: context parallel ({mask.context}) over "
+                  f"context={context_size()}, blockwise on each device")
+        return context_parallel_attention(q_btnh, k, v, mask, scale, mask.context)
+    path, why = choose_attention(mask.impl, jax.default_backend(), dtype=q_btnh.dtype,
+                                 t=q_btnh.shape[1], s=k.shape[1], h=q_btnh.shape[-1],
+                                 hv=v.shape[-1], packed=mask.q_segments is not None)
+    _log_once(path, f"attention: {path} ({why})")
+    if path == "blockwise":
+        return blockwise_attention(q_btnh, k, v, mask, scale)
+    kernel, _, interpret = path.partition("+")
+    return fused_attention(kernel, q_btnh, k, v, mask.q_segments, scale,
+                           interpret=bool(interpret))
 
 
-def _to_blocks(x: jax.Array, size: int, pad_value=0) -> jax.Array:
-    """[B, T, ...] -> [ceil(T / size), B, size, ...], the tail padded with `pad_value`."""
-    pad = -x.shape[1] % size
-    if pad:
-        widths = [(0, 0)] * x.ndim
-        widths[1] = (0, pad)
-        x = jnp.pad(x, widths, constant_values=pad_value)
-    x = x.reshape(x.shape[0], x.shape[1] // size, size, *x.shape[2:])
-    return jnp.moveaxis(x, 1, 0)
-
-
-def _tile_mask(q_side, k_side) -> jax.Array:
-    """Boolean [B, bq, bk] of one tile from its query and key blocks' mask pieces."""
-    (q_slots, q_seg), (k_slots, k_valid, k_seg) = q_side, k_side
-    return attention_mask(q_slots, k_slots, k_valid, q_seg, k_seg)
-
-
-def _scores(q_bqkgh, k_bskh, allowed_bqs, scale) -> jax.Array:
-    """float32 [B, K, G, bq, bk] scores, -inf where the key is hidden."""
-    s = jnp.einsum("bqkgh,bskh->bkgqs", q_bqkgh, k_bskh, preferred_element_type=jnp.float32)
-    return jnp.where(allowed_bqs[:, None, None], s * scale, -jnp.inf)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q_blocks, k_blocks, v_blocks, q_side, k_side, scale):
-    """[nq, B, bq, K, G, H_v] attention output of blocked inputs (see `blockwise_attention`)."""
-    return _flash_forward(q_blocks, k_blocks, v_blocks, q_side, k_side, scale)[0]
-
-
-def _flash_forward(q_blocks, k_blocks, v_blocks, q_side, k_side, scale):
-    """Output blocks and the float32 log-sum-exp [nq, B, K, G, bq] of every query row."""
-    # One barrier over all inputs: whenever q, k or v are unknown to partial evaluation, so are
-    # the mask pieces (see the note above `_flash.defvjp`).
-    q_blocks, k_blocks, v_blocks, q_side, k_side = jax.lax.optimization_barrier(
-        (q_blocks, k_blocks, v_blocks, q_side, k_side))
-    _, b, bq, kh, g, _ = q_blocks.shape
-    hv = v_blocks.shape[-1]
-
-    def one_q_block(_, q_in):
-        q, q_mask = q_in[0], q_in[1:]
-
-        def kv_step(carry, kv_in):
-            k, v, k_mask = kv_in[0], kv_in[1], kv_in[2:]
-            allowed = _tile_mask(q_mask, k_mask)
-
-            def update(carry):
-                m, l, acc = carry  # running max, normaliser [B, K, G, bq]; acc [B, K, G, bq, H_v]
-                s = _scores(q, k, allowed, scale)
-                m_new = jnp.maximum(m, s.max(-1))
-                m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)  # rows that saw no key yet
-                p = jnp.exp(s - m_safe[..., None])
-                rescale = jnp.exp(m - m_safe)
-                pv = jnp.einsum("bkgqs,bskh->bkgqh", p.astype(v.dtype), v,
-                                preferred_element_type=jnp.float32)
-                return m_new, l * rescale + p.sum(-1), acc * rescale[..., None] + pv
-
-            return jax.lax.cond(jnp.any(allowed), update, lambda c: c, carry), None
-
-        init = (jnp.full((b, kh, g, bq), -jnp.inf, jnp.float32),
-                jnp.zeros((b, kh, g, bq), jnp.float32), jnp.zeros((b, kh, g, bq, hv), jnp.float32))
-        (m, l, acc), _ = jax.lax.scan(kv_step, init, (k_blocks, v_blocks, *k_side))
-        seen = l > 0
-        out = acc / jnp.where(seen, l, 1.0)[..., None]  # zeros where no key was visible
-        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
-        return None, (jnp.einsum("bkgqh->bqkgh", out).astype(v_blocks.dtype), lse)
-
-    _, (out, lse) = jax.lax.scan(one_q_block, None, (q_blocks, *q_side))
-    return out, lse
-
-
-def _flash_fwd(q_blocks, k_blocks, v_blocks, q_side, k_side, scale):
-    out, lse = _flash_forward(q_blocks, k_blocks, v_blocks, q_side, k_side, scale)
-    return out, (q_blocks, k_blocks, v_blocks, q_side, k_side, out, lse)
-
-
-def _flash_bwd(scale, residuals, d_out):
-    """FlashAttention-2's backward: per key block, recompute each tile's probabilities from the
-    saved log-sum-exp; dK, dV accumulate over query blocks, dQ over key blocks (float32)."""
-    q_blocks, k_blocks, v_blocks, q_side, k_side, out, lse = residuals
-    # rowsum(dO * O) [nq, B, K, G, bq]: the softmax Jacobian's correction term
-    delta = jnp.einsum("nbqkgh,nbqkgh->nbkgq", d_out.astype(jnp.float32), out.astype(jnp.float32))
-    _, b, bk, kh, h = k_blocks.shape
-    hv = v_blocks.shape[-1]
-
-    def one_kv_block(dq_sum, kv_in):
-        k, v, k_mask = kv_in[0], kv_in[1], kv_in[2:]
-
-        def q_step(carry, q_in):
-            q, do, lse_q, delta_q, q_mask = q_in[0], q_in[1], q_in[2], q_in[3], q_in[4:]
-            allowed = _tile_mask(q_mask, k_mask)
-
-            def grads(_):
-                p = jnp.exp(_scores(q, k, allowed, scale) - lse_q[..., None])  # [B, K, G, bq, bk]
-                dv = jnp.einsum("bkgqs,bqkgh->bskh", p.astype(do.dtype), do,
-                                preferred_element_type=jnp.float32)
-                dp = jnp.einsum("bqkgh,bskh->bkgqs", do, v, preferred_element_type=jnp.float32)
-                ds = p * (dp - delta_q[..., None]) * scale
-                dq = jnp.einsum("bkgqs,bskh->bqkgh", ds.astype(k.dtype), k,
-                                preferred_element_type=jnp.float32)
-                dk = jnp.einsum("bkgqs,bqkgh->bskh", ds.astype(q.dtype), q,
-                                preferred_element_type=jnp.float32)
-                return dk, dv, dq
-
-            def skip(_):
-                return (jnp.zeros((b, bk, kh, h), jnp.float32),
-                        jnp.zeros((b, bk, kh, hv), jnp.float32),
-                        jnp.zeros(q.shape, jnp.float32))
-
-            dk, dv, dq = jax.lax.cond(jnp.any(allowed), grads, skip, None)
-            return (carry[0] + dk, carry[1] + dv), dq
-
-        init = (jnp.zeros((b, bk, kh, h), jnp.float32), jnp.zeros((b, bk, kh, hv), jnp.float32))
-        (dk, dv), dq = jax.lax.scan(q_step, init, (q_blocks, d_out, lse, delta, *q_side))
-        return dq_sum + dq, (dk, dv)
-
-    dq, (dk, dv) = jax.lax.scan(one_kv_block, jnp.zeros(q_blocks.shape, jnp.float32),
-                                (k_blocks, v_blocks, *k_side))
-    return (dq.astype(q_blocks.dtype), dk.astype(k_blocks.dtype), dv.astype(v_blocks.dtype),
-            None, None)
-
-
-# Two things would keep O(T * S) memory if partial evaluation could see into the tiles: a layer
-# remat policy that saves matmul outputs ("dots") would keep every tile's scores, and when the
-# layer scan is differentiated JAX hoists the work that depends on loop invariants alone (the
-# mask pieces, the same in every layer) out of the loop, stacking each tile's share of it (its
-# mask, its -inf fill, its float32 scores select) as [nq, nk, B, K, G, bq, bk] residuals.
-# optimize_remat makes the differentiated forward one opaque step. But under a layer remat
-# ("full", "dots") the forward pass needs only the output, so JAX swaps that step for the plain
-# `_flash` body, which is open again: the optimization barrier in `_flash_forward` makes the mask
-# pieces as unknown as q, k and v there, so nothing per tile is hoisted or saved.
-_flash.defvjp(_flash_fwd, _flash_bwd, optimize_remat=True)
+def _log_once(key: str, message: str) -> None:
+    if (key, message) not in _LOGGED:
+        _LOGGED.add((key, message))
+        log.info(message)

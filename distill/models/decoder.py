@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from distill.models.attention import BLOCKWISE_MIN_TOKENS, MaskInfo, attention_mask
+from distill.models.context import context_size
 from distill.models.layers import param, remat, rms_norm
 from distill.parallel import constrain
 
@@ -172,16 +173,23 @@ class CausalLM(nnx.Module):
         slots_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         positions_bt = slots_bt if positions_bt is None else positions_bt
         valid_bs = jnp.ones((b, t), bool) if segment_ids_bt is None else segment_ids_bt != 0
-        mask = MaskInfo(slots_bt, slots_bt, valid_bs, segment_ids_bt, segment_ids_bt)
-        if not self.attends_blockwise(t):
+        cfg = self.config
+        mask = MaskInfo(slots_bt, slots_bt, valid_bs, segment_ids_bt, segment_ids_bt,
+                        impl=cfg.attention, context=cfg.context_parallel)
+        if self.uses_dense_mask(t):
             mask = mask.dense()
         return self._run(tokens_bt, positions_bt, mask, None, None)[0]
 
-    def attends_blockwise(self, t: int) -> bool:
-        """Whether a full-sequence forward of `t` tokens uses `blockwise_attention` (config field
-        `attention`: "auto" = from `BLOCKWISE_MIN_TOKENS` tokens on). Decoding is always dense."""
-        mode = getattr(self.config, "attention", "auto")
-        return mode == "blockwise" or (mode == "auto" and t >= BLOCKWISE_MIN_TOKENS)
+    def uses_dense_mask(self, t: int) -> bool:
+        """Whether a full-sequence forward of `t` tokens builds the dense [B, T, T] mask (config
+        field `attention`: "dense", or "auto" on CPU below `BLOCKWISE_MIN_TOKENS`) rather than
+        handing a `MaskInfo` to `attention` (blockwise, a fused kernel, context parallelism,
+        which never takes the dense mask). Decoding with the cache is always dense."""
+        if context_size() > 1:
+            return False
+        mode = self.config.attention
+        return mode == "dense" or (mode == "auto" and jax.default_backend() == "cpu"
+                                   and t < BLOCKWISE_MIN_TOKENS)
 
     def forward_cached(self, tokens_bt, positions_bt, cache, cache_index, kv_valid_bs,
                        last_only: bool = False):

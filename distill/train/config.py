@@ -7,7 +7,14 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from distill.config import Frozen, InputPath, OutputPath, RematName
+from distill.config import (
+    AttentionName,
+    ContextParallelName,
+    Frozen,
+    InputPath,
+    OutputPath,
+    RematName,
+)
 from distill.errors import DistillError
 from distill.parallel import parse_mesh
 from distill.train.data import DataConfig
@@ -21,12 +28,28 @@ class StudentConfig(Frozen):
     init: InputPath
     tokenizer: InputPath | None = None
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights and optimizer state
-    dtype: Literal["float32", "bfloat16"] = "float32"  # compute (bfloat16 on TPU / GPU)
+    # compute dtype; "auto": bfloat16 on TPU / GPU (the R1-distill recipe), float32 on CPU. The
+    # loss is float32 either way.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     remat: RematName | None = None  # None: the model's own
+    attention: AttentionName | None = None  # None: the model's own ("auto")
+    context_parallel: ContextParallelName | None = None  # None: the model's own ("all_gather")
     # config fields changed on the loaded model that leave its weights' shapes alone, e.g. the
     # R1-Distill students' longer context: {max_position_embeddings: 131072}
     config_overrides: dict[Literal["max_position_embeddings", "rope_theta", "bos_token_id",
                                    "eos_token_id"], Any] = {}
+
+    def compute_dtype(self, platform: str) -> str:
+        """The compute dtype on `platform` ("cpu", "gpu", "tpu")."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "float32" if platform == "cpu" else "bfloat16"
+
+    def model_updates(self) -> dict:
+        """The model-config fields this section changes (config_overrides and the runtime
+        choices given)."""
+        runtime = {k: getattr(self, k) for k in ("remat", "attention", "context_parallel")}
+        return {**self.config_overrides, **{k: v for k, v in runtime.items() if v is not None}}
 
 
 class LossConfig(Frozen):
@@ -90,9 +113,15 @@ class TrainConfig(Frozen):
 # applies exactly the same checks, so a plan never passes a config that train refuses.
 
 
-def check_layout(batch_size: int, grad_accum: int, mesh: Mapping[str, int], source: str) -> int:
+def check_layout(batch_size: int, grad_accum: int, mesh: Mapping[str, int], source: str,
+                 seq_len: int | None = None) -> int:
     """Every micro-batch (`batch_size / grad_accum` rows) splits evenly over the mesh's batch
-    shards (data x fsdp). Returns the rows of one micro-batch; errors start with `source`."""
+    shards (data x fsdp), and each row's `seq_len` slots over its context axis. Returns the rows
+    of one micro-batch; errors start with `source`."""
+    context = mesh.get("context", 1)
+    if seq_len is not None and seq_len % context:
+        raise DistillError(f"{source}: data.seq_len {seq_len} does not split over the mesh's "
+                           f"context={context} devices (use a multiple of {context})")
     if batch_size % grad_accum:
         raise DistillError(f"{source}: train.grad_accum {grad_accum} must divide "
                            f"data.batch_size {batch_size}")

@@ -73,17 +73,15 @@ def init_distributed(cfg) -> None:
 def load_student(cfg: TrainConfig, mesh):
     """(model, tokenizer) placed sharded on `mesh`."""
     s = cfg.student
-    model, tokenizer = load_pretrained(s.init, param_dtype=s.param_dtype, dtype=s.dtype, mesh=mesh,
+    model, tokenizer = load_pretrained(s.init, param_dtype=s.param_dtype,
+                                       dtype=s.compute_dtype(jax.default_backend()), mesh=mesh,
                                        seed=cfg.train.seed)
     if s.tokenizer:
         tokenizer = Tokenizer.from_pretrained(s.tokenizer)
     if tokenizer is None:
         raise DistillError(f"{s.init}: no tokenizer with this model; set student.tokenizer")
-    update = dict(s.config_overrides)
-    if s.remat is not None:
-        update["remat"] = s.remat
+    update = s.model_updates()
     if update:  # validated again: a bad value names the field
-
         cfg = model.config
         model.config = validate(type(cfg), {**cfg.model_dump(), **update}, "student.config_overrides")
     return model, tokenizer
@@ -153,7 +151,8 @@ def run_train(config_path: str | Path, overrides=(), *, progress: bool = True,
     run_dir = Path(cfg.output_root) / cfg.name
     devices = list(devices if devices is not None else jax.devices())
     mesh = make_mesh(parse_mesh(cfg.mesh) if cfg.mesh else {"fsdp": len(devices)}, devices)
-    check_layout(cfg.data.batch_size, cfg.train.grad_accum, dict(mesh.shape), str(config_path))
+    check_layout(cfg.data.batch_size, cfg.train.grad_accum, dict(mesh.shape), str(config_path),
+                 cfg.data.seq_len)
     lead = jax.process_index() == 0
     run_dir.mkdir(parents=True, exist_ok=True)
 

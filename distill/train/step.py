@@ -64,7 +64,8 @@ def make_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn, sched
                                      jax.tree.map(lambda x: x[0], micro))))
             (grads, sums), _ = jax.lax.scan(body, zeros, micro)
         tokens = jnp.maximum(sums["tokens"], 1.0)
-        grads = jax.tree.map(lambda g: g / tokens, grads)
+        # in the parameters' dtype: bfloat16 parameters keep bfloat16 gradients and moments
+        grads = jax.tree.map(lambda g: (g / tokens).astype(g.dtype), grads)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -78,8 +79,8 @@ def make_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn, sched
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Batch rows over (data, fsdp); the sequence replicated."""
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    """Batch rows over (data, fsdp), the sequence over context (replicated without one)."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), "context"))
 
 
 def state_sharding(graphdef, tx, abstract_params, mesh: Mesh) -> TrainState:
