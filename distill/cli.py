@@ -149,12 +149,15 @@ def train(config, overrides, quiet):
 
     \b
     CONFIG is a training config (see configs/runs/r1-distill-qwen-7b.yaml) with sections:
-      student   init (MODEL path or preset), tokenizer, param_dtype, dtype, remat
+      student   init (MODEL path or preset), tokenizer, param_dtype, dtype (auto: bfloat16
+                on GPU / TPU), remat, attention (auto | splash | cudnn | pallas_gpu |
+                blockwise | dense), context_parallel (all_gather | ring)
       data      traces (teacher_traces/<run> dirs), weights, keep, seq_len, batch_size, top_k
       loss      kind sft | forward_kl | reverse_kl | jsd, alpha, beta, temperature
       optim     lr, warmup_steps, schedule, weight_decay, clip_norm
       train     steps or epochs, grad_accum, log/eval/checkpoint intervals
-      mesh      e.g. data=1,fsdp=8,tensor=1 (default: every device on fsdp)
+      mesh      e.g. data=1,fsdp=8,tensor=1, or fsdp=2,context=4 to split each row's
+                sequence over 4 devices (long rows) (default: every device on fsdp)
     Rerunning the same command resumes from the latest checkpoint. SIGTERM / Ctrl-C save a
     checkpoint before exiting (exit code 143 / 130).
     """
@@ -315,7 +318,8 @@ def serve(model_path, host, port, model_name, max_batch, batch_wait_ms, default_
 
 @cli.command()
 @click.argument("config", type=click.Path())
-@click.option("--mesh", required=True, help="e.g. data=1,fsdp=16,tensor=4")
+@click.option("--mesh", required=True,
+              help="e.g. data=1,fsdp=16,tensor=4; context=N splits each row over N devices")
 @click.option("--seq-len", type=click.IntRange(2), default=None,
               help="Tokens per row: data.seq_len (default: the config's).")
 @click.option("--batch", type=click.IntRange(1), default=None,
