@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from distill.config import load_model_config
+from distill.errors import DistillError
 from distill.models.attention import MaskInfo, blockwise_attention, choose_attention
 from distill.models.kernels import cudnn_attention, fused_attention
 from tests.test_attention import TINY_QWEN2, _packed_batch, _random_model
@@ -101,13 +102,14 @@ def test_auto_choice_per_platform(setting, platform, dtype, t, h, hv, packed, ex
 
 
 @pytest.mark.parametrize("setting,platform,dtype,packed,message", [
-    ("cudnn", "cpu", BF16, False, "needs a gpu"),
+    ("cudnn", "cpu", BF16, True, "needs a gpu"),
     ("cudnn", "gpu", BF16, True, "packed rows"),
     ("splash", "tpu", BF16, True, "multiple of 128"),
+    ("splash", "gpu", BF16, True, "needs a tpu"),  # interpreted on CPU only, never on a GPU
 ])
 def test_a_kernel_named_explicitly_must_apply(setting, platform, dtype, packed, message):
     t = 200 if setting == "splash" else 256
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(DistillError, match=message):
         choose_attention(setting, platform, dtype=dtype, t=t, s=t, h=64, hv=64, packed=packed)
 
 

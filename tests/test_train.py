@@ -201,7 +201,10 @@ def test_two_processes_train_like_one(world, tmp_path):
     (dict(data={"seq_len": 8}), "seq_len"),
     (dict(train={"grad_accum": 3}), "grad_accum"),
     (dict(mesh="data=1,fsdp=8,tensor=1", data={"batch_size": 4}), "batch shards do not divide"),
-], ids=["unknown-loss", "mesh", "short-seq", "accum", "batch-vs-mesh"])
+    (dict(mesh="fsdp=1,context=8", data={"seq_len": 100}), "does not split over the mesh's"),
+    (dict(student={"attention": "cudnn"}), "cudnn needs a gpu"),
+], ids=["unknown-loss", "mesh", "short-seq", "accum", "batch-vs-mesh", "seq-vs-context",
+        "kernel-platform"])
 def test_bad_config_fails_in_one_line(world, tmp_path, edit, message):
     cfg = config(world, tmp_path / "bad.yaml", **edit)
     with pytest.raises(DistillError, match=message):

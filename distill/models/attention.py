@@ -18,6 +18,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from distill.errors import DistillError
 from distill.models.context import context_parallel_attention, context_size
 from distill.models.flash import blockwise_attention
 from distill.models.kernels import INTERPRETABLE, KERNELS, PLATFORM, fused_attention, unsupported
@@ -60,23 +61,25 @@ def choose_attention(setting: str, platform: str, *, dtype, t: int, s: int, h: i
 
     "auto": TPU -> splash; GPU -> cuDNN for rows without segments in bfloat16 / float16, else the
     Pallas flash kernel; anything a kernel does not support, and every other platform ->
-    blockwise. A kernel named explicitly must support the call (else ValueError); on a platform
-    that is not its own a Pallas kernel runs interpreted (slow: for tests), cuDNN not at all.
+    blockwise. A kernel named explicitly must support the call and the platform (else a
+    DistillError); on CPU a Pallas kernel runs in the interpreter (slow: for tests).
     """
     shape = dict(t=t, s=s, h=h, hv=hv, packed=packed, dtype=dtype)
     if setting in ("blockwise", "dense"):
         return "blockwise", f"attention: {setting}"
     if setting in KERNELS:
+        native = PLATFORM[setting] == platform
+        if not native and not (platform == "cpu" and setting in INTERPRETABLE):
+            raise DistillError(f"attention: {setting} needs a {PLATFORM[setting]}, not {platform}"
+                               " (set student.attention: auto)")
         reason = unsupported(setting, **shape)
         if reason:
-            raise ValueError(f"attention: {setting}: {reason}")
-        if PLATFORM[setting] == platform:
+            raise DistillError(f"attention: {setting}: {reason} (set student.attention: auto)")
+        if native:
             return setting, f"attention: {setting}"
-        if setting not in INTERPRETABLE:
-            raise ValueError(f"attention: {setting} needs a {PLATFORM[setting]}, not {platform}")
         return f"{setting}+interpret", f"attention: {setting} on {platform} (Pallas interpreter)"
     if setting != "auto":
-        raise ValueError(f"unknown attention setting {setting!r}")
+        raise DistillError(f"unknown attention setting {setting!r}")
     candidates = {"tpu": ("splash",), "gpu": ("cudnn", "pallas_gpu")}.get(platform, ())
     why = []
     for kernel in candidates:
