@@ -383,7 +383,8 @@ def bench(ctx, suites, compare, gguf_path, out_dir, small):
       data      the training-data pipeline at R1 scale (200M tokens; see `bench data`)
       device    the accelerator path (one JSON): attention kernels' parity, training MFU of
                 the Qwen2.5-1.5B and 7B shapes at 8k packed tokens, decode at batch 1 and
-                64 beside the HBM-bandwidth limit, time to first step (< 8 min on an H200)
+                64 beside the HBM-bandwidth limit, time to first step (sized for < 8 min
+                on an H200; not yet run on one)
     """
     if ctx.invoked_subcommand is not None:
         return
