@@ -150,3 +150,11 @@ def test_a_step_with_bfloat16_parameters_keeps_the_state_dtypes():
     before = [x.dtype for x in jax.tree.leaves(state)]
     assert [x.dtype for x in jax.tree.leaves(new)] == before
     assert jnp.dtype(jnp.bfloat16) in before
+
+
+def test_tiles_are_powers_of_two_that_divide_the_row():
+    from distill.models.kernels import _tile
+
+    for t, block, smallest, expected in [(384, 512, 128, 128), (8192, 512, 128, 512),
+                                         (192, 512, 16, 64), (256, 64, 16, 64), (48, 512, 16, 16)]:
+        assert _tile(t, block, smallest) == expected, (t, block)

@@ -77,7 +77,9 @@ def fused_attention(kernel: str, q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: j
 
 
 def _tile(t: int, block: int, smallest: int) -> int:
-    tile = max(min(block, t), smallest)
+    """The largest power-of-two tile <= min(block, t) that divides t (Triton takes powers of two
+    only; `unsupported` has checked that `smallest`, a power of two, divides t)."""
+    tile = max(1 << (min(block, t).bit_length() - 1), smallest)
     while t % tile:
         tile //= 2
     return tile
