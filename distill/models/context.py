@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec
 
 from distill.models.flash import blockwise_attention, blockwise_attention_lse
 from distill.models.masks import MaskInfo
+from distill.parallel import logical_to_spec
 
 AXIS = "context"
 STRATEGIES = ("all_gather", "ring")
@@ -50,7 +51,7 @@ def context_parallel_attention(q_btnh, k_bskh, v_bskh, mask: MaskInfo, scale: fl
     if t % cp or k_bskh.shape[1] % cp:
         raise ValueError(f"context parallelism: {t} tokens a row do not split over "
                          f"context={cp} devices")
-    rows = _rows_spec(mesh, b)
+    rows = logical_to_spec(("batch",), (b,), mesh)[0]  # data x fsdp where they divide b
     tp = mesh.shape.get("tensor", 1)
     heads = "tensor" if tp > 1 and n % tp == 0 and kh % tp == 0 else None
     seq = PartitionSpec(rows, AXIS)
@@ -65,16 +66,6 @@ def context_parallel_attention(q_btnh, k_bskh, v_bskh, mask: MaskInfo, scale: fl
 
     return jax.shard_map(per_device, in_specs=(act, act, act, *(seq,) * len(side)),
                          out_specs=act, check_vma=False)(q_btnh, k_bskh, v_bskh, *side)
-
-
-def _rows_spec(mesh, b: int):
-    """The batch axes (data, fsdp) that divide b rows, as one PartitionSpec entry."""
-    axes, size = [], 1
-    for a in ("data", "fsdp"):
-        if a in mesh.axis_names and mesh.shape[a] > 1 and b % (size * mesh.shape[a]) == 0:
-            axes.append(a)
-            size *= mesh.shape[a]
-    return tuple(axes) or None
 
 
 def _all_gather(q, k, v, mask: MaskInfo, scale, cp):
