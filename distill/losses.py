@@ -211,32 +211,86 @@ def chunked_loss(hidden_btd: jax.Array, head_fn: Callable[[jax.Array], jax.Array
                  temperature: float = 1.0, chunk: int = 512):
     """`distill_loss(head_fn(hidden_btd), ...)` computed over sequence chunks of `chunk` positions.
 
-    head_fn maps hidden [B, c, D] to logits [B, c, V] (e.g. `model.logits`). The chunks run under
-    `lax.scan` and each is rematerialised (`jax.checkpoint`), so at most [B, chunk, V] float32
-    logits exist at once, in the forward and the backward pass. T need not divide by `chunk`:
-    the tail is padded with masked positions.
+    head_fn maps hidden [B, c, D] to logits [B, c, V] (e.g. `model.logits`); the arrays it closes
+    over (the output head's weights) get their gradients. The chunks run under `lax.scan`, so at
+    most [B, chunk, V] float32 logits exist at once. The gradient is computed in the same pass as
+    the loss (a custom VJP): the weights of the cross-entropy and divergence sums in the final
+    mean depend only on the mask and the teacher's entries, so each chunk's contribution to the
+    loss is known in the forward pass, and its gradients with respect to the hidden states and
+    the head are taken there and scaled by the incoming cotangent in the backward pass. The head
+    then runs three matmuls a chunk (logits, dHidden, dHead) instead of four (the backward pass
+    recomputing the logits), and no [B, chunk, V] tensor is kept or rebuilt for the backward
+    pass. The returned metrics carry no gradient (only the loss does). T need not divide by
+    `chunk`: the tail is padded with masked positions.
     """
     _check(kind, alpha, beta, temperature, teacher)
     t = hidden_btd.shape[1]
     chunk = max(1, min(int(chunk), t))
     n = -(-t // chunk)
     teacher = teacher if _uses_teacher(kind, alpha) else None
-    xs = (_chunks(hidden_btd, n, chunk, 0.0), _chunks(targets_bt, n, chunk, 0),
-          _chunks(mask_bt, n, chunk, 0),
-          None if teacher is None else TeacherTopK(
-              _chunks(teacher.top_ids_btk, n, chunk, 0),
-              _chunks(teacher.top_logprobs_btk, n, chunk, -jnp.inf)))
+    rest = (_chunks(targets_bt, n, chunk, 0), _chunks(mask_bt, n, chunk, 0),
+            None if teacher is None else TeacherTopK(
+                _chunks(teacher.top_ids_btk, n, chunk, 0),
+                _chunks(teacher.top_logprobs_btk, n, chunk, -jnp.inf)))
+    h_chunks = _chunks(hidden_btd, n, chunk, 0.0)
+    head, consts = jax.closure_convert(head_fn, h_chunks[0])
+    # d loss / d (each chunk's sums): what `_finish` divides them by
+    mask = mask_bt.astype(jnp.float32)
+    tokens = jnp.maximum(jnp.sum(mask), 1.0)
+    weights = {"ce_sum": (1.0 - alpha if teacher is not None else 1.0) / tokens}
+    if teacher is not None:
+        has_teacher = jnp.any(jnp.isfinite(teacher.top_logprobs_btk), axis=-1)
+        weights["kd_sum"] = alpha / jnp.maximum(jnp.sum(mask * has_teacher), 1.0)
+    static = (head, kind, alpha, beta, temperature)
+    loss, sums = _head_loss(static, jax.lax.stop_gradient(weights), h_chunks, consts, rest)
+    _, metrics = _finish(jax.lax.stop_gradient(sums), alpha)
+    metrics["loss"] = loss
+    return loss, metrics
 
-    @functools.partial(jax.checkpoint, prevent_cse=False)
-    def chunk_sums(h_bcd, tgt_bc, m_bc, teach):
-        return _sums(head_fn(h_bcd), tgt_bc, m_bc, teach, kind, alpha, beta, temperature)
+
+def _head_loss_forward(static, weights, h_chunks, consts, rest):
+    """(loss, sums, dLoss/dHidden chunks, dLoss/dHead) over the chunks, one scan."""
+    head, kind, alpha, beta, temperature = static
+
+    def chunk_objective(h_bcd, consts, tgt_bc, m_bc, teach):
+        sums = _sums(head(h_bcd, *consts), tgt_bc, m_bc, teach, kind, alpha, beta, temperature)
+        return sum(w * sums[k] for k, w in weights.items()), sums
 
     def body(acc, x):
-        return jax.tree.map(jnp.add, acc, chunk_sums(*x)), None
+        h_bcd, (tgt_bc, m_bc, teach) = x
+        loss, vjp, sums = jax.vjp(
+            lambda h, c: chunk_objective(h, c, tgt_bc, m_bc, teach), h_bcd, consts, has_aux=True)
+        d_h, d_consts = vjp(jnp.ones((), loss.dtype))
+        loss_acc, sums_acc, d_acc = acc
+        d_acc = jax.tree.map(lambda a, d: a + d.astype(jnp.float32), d_acc, d_consts)
+        return (loss_acc + loss, jax.tree.map(jnp.add, sums_acc, sums), d_acc), d_h
 
-    keys = ("ce_sum", "correct", "tokens") + (() if teacher is None else ("kd_sum", "kd_tokens"))
-    sums, _ = jax.lax.scan(body, {k: jnp.zeros((), jnp.float32) for k in keys}, xs)
-    return _finish(sums, alpha)
+    keys = ("ce_sum", "correct", "tokens") + (() if rest[2] is None else ("kd_sum", "kd_tokens"))
+    zeros = {k: jnp.zeros((), jnp.float32) for k in keys}
+    d_zeros = jax.tree.map(lambda c: jnp.zeros(c.shape, jnp.float32), consts)
+    (loss, sums, d_consts), d_h = jax.lax.scan(
+        body, (jnp.zeros((), jnp.float32), zeros, d_zeros), (h_chunks, rest))
+    return loss, sums, d_h, d_consts
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _head_loss(static, weights, h_chunks, consts, rest):
+    return _head_loss_forward(static, weights, h_chunks, consts, rest)[:2]
+
+
+def _head_loss_fwd(static, weights, h_chunks, consts, rest):
+    loss, sums, d_h, d_consts = _head_loss_forward(static, weights, h_chunks, consts, rest)
+    return (loss, sums), (d_h, d_consts, consts)
+
+
+def _head_loss_bwd(static, residuals, cotangents):
+    d_h, d_consts, consts = residuals
+    g = cotangents[0]  # the sums are metrics: their cotangents are dropped (see chunked_loss)
+    return (None, (g * d_h).astype(d_h.dtype),
+            jax.tree.map(lambda d, c: (g * d).astype(c.dtype), d_consts, consts), None)
+
+
+_head_loss.defvjp(_head_loss_fwd, _head_loss_bwd)
 
 
 def _chunks(x_bt: jax.Array, n: int, chunk: int, fill) -> jax.Array:

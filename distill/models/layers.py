@@ -61,9 +61,45 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 def swiglu(x_btd: jax.Array, w_gate_df: jax.Array, w_up_df: jax.Array, w_down_fd: jax.Array) -> jax.Array:
     """down(silu(gate(x)) * up(x)) over the last axis of x, in x's dtype."""
     dt = x_btd.dtype
-    gate = jnp.einsum("...d,df->...f", x_btd, w_gate_df.astype(dt))
-    up = jnp.einsum("...d,df->...f", x_btd, w_up_df.astype(dt))
-    return jnp.einsum("...f,fd->...d", jax.nn.silu(gate) * up, w_down_fd.astype(dt))
+    return _swiglu(x_btd, w_gate_df.astype(dt), w_up_df.astype(dt), w_down_fd.astype(dt))
+
+
+def _swiglu_forward(x, w_gate_df, w_up_df, w_down_fd):
+    gate = jnp.einsum("...d,df->...f", x, w_gate_df)
+    up = jnp.einsum("...d,df->...f", x, w_up_df)
+    return jnp.einsum("...f,fd->...d", jax.nn.silu(gate) * up, w_down_fd), (gate, up)
+
+
+@jax.custom_vjp
+def _swiglu(x, w_gate_df, w_up_df, w_down_fd):
+    return _swiglu_forward(x, w_gate_df, w_up_df, w_down_fd)[0]
+
+
+def _swiglu_fwd(x, w_gate_df, w_up_df, w_down_fd):
+    out, (gate, up) = _swiglu_forward(x, w_gate_df, w_up_df, w_down_fd)
+    return out, (x, gate, up, w_gate_df, w_up_df, w_down_fd)
+
+
+def _swiglu_bwd(residuals, d_out):
+    """The backward written out: autodiff's version of it on XLA:CPU writes the gate's and the
+    up projection's gradients transposed for the weight-gradient matmuls from inside their
+    elementwise fusions, which took 1.6x this version's time at SmolLM2's shape (208 vs 127 ms a
+    layer, batch 4 x 512, 2 cores; transformers eager: 115 ms)."""
+    x, gate, up, w_gate_df, w_up_df, w_down_fd = residuals
+    sig = jax.nn.sigmoid(gate)
+    silu = gate * sig
+    d_h = jnp.einsum("...d,fd->...f", d_out, w_down_fd)
+    d_up = d_h * silu
+    d_gate = d_h * up * sig * (1 + gate * (1 - sig))  # silu'(g) = sig(g) (1 + g (1 - sig(g)))
+    rows = (-1, x.shape[-1])
+    x_nd, h_nf = x.reshape(rows), (silu * up).reshape(-1, gate.shape[-1])
+    d_gate_nf, d_up_nf = d_gate.reshape(h_nf.shape), d_up.reshape(h_nf.shape)
+    return (jnp.einsum("...f,df->...d", d_gate, w_gate_df) + jnp.einsum("...f,df->...d", d_up, w_up_df),
+            jnp.einsum("nd,nf->df", x_nd, d_gate_nf), jnp.einsum("nd,nf->df", x_nd, d_up_nf),
+            jnp.einsum("nf,nd->fd", h_nf, d_out.reshape(-1, d_out.shape[-1])))
+
+
+_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 # ---------------------------------------------------------------------------------------------
