@@ -430,7 +430,12 @@ def bench_data(tokens, steps, gguf_path, out_dir):
 @click.option("--fresh", is_flag=True, help="Delete the work directory first (the cached teacher "
                                             "included).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def demo(work_dir, quick, fresh, quiet):
+@click.option("--student-tokenizer", type=click.Choice(["shared", "other"]), default="shared",
+              show_default=True,
+              help="other: the students get a vocabulary of their own (fewer merges, no "
+                   "'\\boxed{' piece), and the students are SFT, SFT + GOLD and SFT + ULD: "
+                   "logit distillation across tokenizers.")
+def demo(work_dir, quick, fresh, quiet, student_tokenizer):
     """The whole pipeline at toy scale on CPU, on data and models it makes itself.
 
     \b
@@ -443,7 +448,8 @@ def demo(work_dir, quick, fresh, quiet):
     """
     from distill.demo.pipeline import run_demo
 
-    run_demo(work_dir, "quick" if quick else "full", fresh=fresh, progress=not quiet)
+    run_demo(work_dir, "quick" if quick else "full", fresh=fresh, progress=not quiet,
+             student_tokenizer=student_tokenizer)
 
 
 def _ensure_cpu_devices(n: int) -> None:

@@ -27,6 +27,22 @@ multiplied by tau**2 so gradient sizes stay comparable across temperatures (Hint
   JSD = beta KL(q || M) + (1 - beta) KL(r || M); beta = 0 is forward_kl and beta = 1 is reverse_kl
   (TRL's special cases: the formula itself vanishes at both ends).
 
+Across tokenizers (the teacher's vocabulary is not the student's), the data pipeline aligns the
+teacher's tokens to the student's (`distill.data.align`) and gives each teacher entry the student
+id whose bytes it spells, or an id outside [0, V) where no single student token does (unmatched);
+a position carries entries only at the first token of an aligned span. forward_kl, reverse_kl and
+jsd leave unmatched entries out; two divergences read them:
+
+- gold (after TRL's GOLD hybrid): matched_weight * sum over matched entries of q_k (log q_k -
+  log p(k)) * tau**2 (today's forward_kl restricted to the matched entries, q still normalised
+  over the whole top-k, so with one tokenizer it is forward_kl) + unmatched_weight * ULD between
+  the unmatched entries' q and the student's most likely tokens outside the matched ids.
+- uld (Boizard et al. 2024): ULD between all of q and the student's most likely tokens, ids
+  ignored. ULD = sum_i |sort(p)_i - sort(q)_i| over the n largest probabilities of each side, n
+  the number of teacher entries compared (the L1 / Wasserstein-1 distance of sorted
+  distributions; the teacher is unknown past its top-k, so both sides stop at n). With no
+  unmatched entry gold's ULD term is 0, so gold with one tokenizer is forward_kl exactly.
+
 `distill_loss` mixes (1 - alpha) * cross-entropy + alpha * divergence; `chunked_loss` computes the same
 from hidden states over sequence chunks, so float32 [B, T, V] logits never exist at once.
 """
@@ -42,15 +58,26 @@ import jax.numpy as jnp
 
 from distill.errors import DistillError
 
-KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
+KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "gold", "uld")
+CROSS_TOKENIZER_KINDS = ("gold", "uld")  # the divergences that read unmatched entries
 _NEG = -1e30  # stands in for log(0): finite, so masked entries never turn gradients into NaN
 
 
 class TeacherTopK(NamedTuple):
     """The teacher's stored top-k per target position (a pytree, so it passes through jit/scan)."""
 
-    top_ids_btk: jax.Array  # int32 [B, T, K]
+    top_ids_btk: jax.Array  # int32 [B, T, K]; outside [0, V) where the entry is no student token
     top_logprobs_btk: jax.Array  # float32 [B, T, K]; -inf where absent
+
+
+class Divergence(NamedTuple):
+    """How the teacher term is computed (static: Python floats and a name)."""
+
+    kind: str = "forward_kl"
+    beta: float = 0.5
+    temperature: float = 1.0
+    matched_weight: float = 1.0  # gold only
+    unmatched_weight: float = 1.0  # gold only
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,44 +108,72 @@ def _kl(logp_btk: jax.Array, logq_btk: jax.Array, valid_btk: jax.Array) -> jax.A
     return jnp.sum(jnp.where(valid_btk, terms, 0.0), axis=-1)
 
 
-def _token_kd(logits_btv: jax.Array, teacher: TeacherTopK, kind: str, beta: float,
-              temperature: float) -> tuple[jax.Array, jax.Array]:
-    """Divergence [B, T] (times temperature**2) and whether the position has any teacher entry."""
-    tau = float(temperature)
+def _token_kd(logits_btv: jax.Array, teacher: TeacherTopK, div: Divergence
+              ) -> tuple[jax.Array, jax.Array]:
+    """Divergence [B, T] and whether the position has any teacher entry."""
+    tau = float(div.temperature)
     z_btv = logits_btv / tau
     ids = jnp.clip(teacher.top_ids_btk, 0, logits_btv.shape[-1] - 1)
     z_btk = jnp.take_along_axis(z_btv, ids, axis=-1)
     teacher_lp = jax.lax.stop_gradient(teacher.top_logprobs_btk.astype(jnp.float32))
     valid = jnp.isfinite(teacher_lp)
+    matched = valid & (teacher.top_ids_btk >= 0) & (teacher.top_ids_btk < logits_btv.shape[-1])
+    if div.kind not in CROSS_TOKENIZER_KINDS:
+        valid = matched  # an entry that is no student token means nothing to these divergences
     log_q = _log_normalise(jnp.where(valid, teacher_lp, 0.0) / tau, valid)
-    if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
-        log_p = jnp.where(valid, z_btk - _logsumexp_v(z_btv)[..., None], _NEG)
-        div = _kl(log_q, log_p, valid)
+    log_p = jnp.where(valid, z_btk - _logsumexp_v(z_btv)[..., None], _NEG)
+    beta = div.beta
+    if div.kind == "uld":
+        out = _uld(jax.nn.softmax(z_btv, axis=-1), jnp.where(valid, jnp.exp(log_q), 0.0), None)
+    elif div.kind == "gold":
+        kl = _kl(log_q, log_p, matched) * tau**2
+        unmatched_q = jnp.where(valid & ~matched, jnp.exp(log_q), 0.0)
+        uld = _uld(jax.nn.softmax(z_btv, axis=-1), unmatched_q, jnp.where(matched, ids, -1))
+        out = div.matched_weight * kl + div.unmatched_weight * uld
+    elif div.kind == "forward_kl" or (div.kind == "jsd" and beta == 0.0):
+        out = _kl(log_q, log_p, valid) * tau**2
     else:
         log_r = _log_normalise(z_btk, valid)  # the student restricted to the teacher's K ids
-        if kind == "reverse_kl" or beta == 1.0:
-            div = _kl(log_r, log_q, valid)
+        if div.kind == "reverse_kl" or beta == 1.0:
+            out = _kl(log_r, log_q, valid)
         else:
             log_m = jnp.logaddexp(log_q + jnp.log(beta), log_r + jnp.log1p(-beta))
-            div = beta * _kl(log_q, log_m, valid) + (1.0 - beta) * _kl(log_r, log_m, valid)
-    return div * tau**2, jnp.any(valid, axis=-1)
+            out = beta * _kl(log_q, log_m, valid) + (1.0 - beta) * _kl(log_r, log_m, valid)
+        out = out * tau**2
+    return out, jnp.any(valid, axis=-1)
+
+
+def _uld(p_btv: jax.Array, q_btk: jax.Array, exclude_btk: jax.Array | None) -> jax.Array:
+    """sum_i |sort(p)_i - sort(q)_i| [B, T] over the n largest of each side, n the number of
+    q's entries (its zeros are absent ones), p's ids in `exclude_btk` (-1: none) left out."""
+    k = q_btk.shape[-1]
+    q_sorted = -jnp.sort(-q_btk, axis=-1)
+    n_bt = jnp.sum(q_btk > 0, axis=-1)
+    if exclude_btk is None:
+        p_sorted = jax.lax.top_k(p_btv, k)[0]
+    else:  # the K largest outside at most K excluded ids are among the 2K largest
+        p_top, p_ids = jax.lax.top_k(p_btv, min(2 * k, p_btv.shape[-1]))
+        hit = jnp.any(p_ids[..., :, None] == exclude_btk[..., None, :], axis=-1)
+        p_sorted = jax.lax.top_k(jnp.where(hit, 0.0, p_top), k)[0]
+    return jnp.sum(jnp.where(jnp.arange(k) < n_bt[..., None], jnp.abs(p_sorted - q_sorted), 0.0),
+                   axis=-1)
 
 
 # ---------------------------------------------------------------------------------------------
 # Sums (what chunks add up) and the final mean
 
 
-def _sums(logits_btv, targets_bt, mask_bt, teacher, kind, alpha, beta, temperature) -> dict:
+def _sums(logits_btv, targets_bt, mask_bt, teacher, alpha, div: Divergence) -> dict:
     """Masked sums of one batch (or chunk): cross-entropy, hits, tokens and, with KD, divergence."""
     logits_btv = logits_btv.astype(jnp.float32)
     mask = mask_bt.astype(jnp.float32)
     nll, correct = _token_ce(logits_btv, targets_bt)
     out = {"ce_sum": jnp.sum(nll * mask), "correct": jnp.sum(correct * mask),
            "tokens": jnp.sum(mask)}
-    if _uses_teacher(kind, alpha):
-        div, has_teacher = _token_kd(logits_btv, teacher, kind, beta, temperature)
+    if _uses_teacher(div.kind, alpha):
+        per_token, has_teacher = _token_kd(logits_btv, teacher, div)
         kd_mask = mask * has_teacher
-        out["kd_sum"] = jnp.sum(div * kd_mask)
+        out["kd_sum"] = jnp.sum(per_token * kd_mask)
         out["kd_tokens"] = jnp.sum(kd_mask)
     return out
 
@@ -141,9 +196,13 @@ def _uses_teacher(kind: str, alpha: float) -> bool:
     return kind != "sft" and alpha != 0.0
 
 
-def _check(kind: str, alpha: float, beta: float, temperature: float, teacher) -> None:
+def _check(kind: str, alpha: float, beta: float, temperature: float, teacher,
+           matched_weight: float = 1.0, unmatched_weight: float = 1.0) -> None:
     """One-line errors for a loss configuration that cannot work."""
     get_loss(kind)
+    if min(matched_weight, unmatched_weight) < 0.0:
+        raise DistillError(f"loss matched_weight and unmatched_weight must be >= 0 (got "
+                           f"{matched_weight}, {unmatched_weight})")
     if not 0.0 <= alpha <= 1.0:
         raise DistillError(f"loss alpha must be in [0, 1] (got {alpha})")
     if not 0.0 <= beta <= 1.0:
@@ -169,46 +228,50 @@ def cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array, mask_bt: jax.Arr
     logits_btv: [B, T, V] (cast to float32); targets_bt: int [B, T]; mask_bt: [B, T] (1 = train).
     Metrics: loss, ce (the same), tokens (masked positions), accuracy (argmax hits the target).
     """
-    return _finish(_sums(logits_btv, targets_bt, mask_bt, None, "sft", 0.0, 0.0, 1.0), 0.0)
+    return _finish(_sums(logits_btv, targets_bt, mask_bt, None, 0.0, Divergence("sft")), 0.0)
 
 
 def kd_loss(student_logits_btv: jax.Array, top_ids_btk: jax.Array, top_logprobs_btk: jax.Array,
             mask_bt: jax.Array, kind: str = "forward_kl", beta: float = 0.5,
-            temperature: float = 1.0):
+            temperature: float = 1.0, matched_weight: float = 1.0,
+            unmatched_weight: float = 1.0):
     """Distillation from stored teacher top-k: the token-level mean of the chosen divergence over
-    the masked positions that carry a teacher entry. kind: forward_kl | reverse_kl | jsd (see the
-    module docstring). Metrics: loss, kd_tokens."""
+    the masked positions that carry a teacher entry. kind: forward_kl | reverse_kl | jsd | gold |
+    uld (see the module docstring). Metrics: loss, kd_tokens."""
     if kind not in KD_KINDS:
         raise DistillError(f"unknown distillation divergence {kind!r}; choose one of "
                            f"{', '.join(KD_KINDS)}")
     teacher = TeacherTopK(top_ids_btk, top_logprobs_btk)
-    _check(kind, 1.0, beta, temperature, teacher)
-    div, has_teacher = _token_kd(student_logits_btv.astype(jnp.float32), teacher, kind, beta,
-                                 temperature)
+    _check(kind, 1.0, beta, temperature, teacher, matched_weight, unmatched_weight)
+    per_token, has_teacher = _token_kd(
+        student_logits_btv.astype(jnp.float32), teacher,
+        Divergence(kind, beta, temperature, matched_weight, unmatched_weight))
     kd_mask = mask_bt.astype(jnp.float32) * has_teacher
     kd_tokens = jnp.sum(kd_mask)
-    loss = jnp.sum(div * kd_mask) / jnp.maximum(kd_tokens, 1.0)
+    loss = jnp.sum(per_token * kd_mask) / jnp.maximum(kd_tokens, 1.0)
     return loss, {"loss": loss, "kd_tokens": kd_tokens}
 
 
 def distill_loss(logits_btv: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array,
                  teacher: TeacherTopK | None = None, *, kind: str = "sft", alpha: float = 0.0,
-                 beta: float = 0.5, temperature: float = 1.0):
+                 beta: float = 0.5, temperature: float = 1.0, matched_weight: float = 1.0,
+                 unmatched_weight: float = 1.0):
     """(1 - alpha) * cross_entropy + alpha * divergence `kind` to the teacher's top-k.
 
-    kind "sft" (or alpha 0) is exactly `cross_entropy`: the teacher is not read. alpha, beta and
-    temperature are Python floats (static under jit). Metrics: loss, ce, tokens, accuracy, and with
-    a teacher term kd and kd_tokens.
+    kind "sft" (or alpha 0) is exactly `cross_entropy`: the teacher is not read. alpha, beta,
+    temperature and gold's two weights are Python floats (static under jit). Metrics: loss, ce,
+    tokens, accuracy, and with a teacher term kd and kd_tokens.
     """
-    _check(kind, alpha, beta, temperature, teacher)
-    return _finish(_sums(logits_btv, targets_bt, mask_bt, teacher, kind, alpha, beta,
-                         temperature), alpha)
+    _check(kind, alpha, beta, temperature, teacher, matched_weight, unmatched_weight)
+    div = Divergence(kind, beta, temperature, matched_weight, unmatched_weight)
+    return _finish(_sums(logits_btv, targets_bt, mask_bt, teacher, alpha, div), alpha)
 
 
 def chunked_loss(hidden_btd: jax.Array, head_fn: Callable[[jax.Array], jax.Array],
                  targets_bt: jax.Array, mask_bt: jax.Array, teacher: TeacherTopK | None = None, *,
                  kind: str = "sft", alpha: float = 0.0, beta: float = 0.5,
-                 temperature: float = 1.0, chunk: int = 512):
+                 temperature: float = 1.0, matched_weight: float = 1.0,
+                 unmatched_weight: float = 1.0, chunk: int = 512):
     """`distill_loss(head_fn(hidden_btd), ...)` computed over sequence chunks of `chunk` positions.
 
     head_fn maps hidden [B, c, D] to logits [B, c, V] (e.g. `model.logits`); the arrays it closes
@@ -223,7 +286,7 @@ def chunked_loss(hidden_btd: jax.Array, head_fn: Callable[[jax.Array], jax.Array
     pass. The returned metrics carry no gradient (only the loss does). T need not divide by
     `chunk`: the tail is padded with masked positions.
     """
-    _check(kind, alpha, beta, temperature, teacher)
+    _check(kind, alpha, beta, temperature, teacher, matched_weight, unmatched_weight)
     t = hidden_btd.shape[1]
     chunk = max(1, min(int(chunk), t))
     n = -(-t // chunk)
@@ -241,7 +304,7 @@ def chunked_loss(hidden_btd: jax.Array, head_fn: Callable[[jax.Array], jax.Array
     if teacher is not None:
         has_teacher = jnp.any(jnp.isfinite(teacher.top_logprobs_btk), axis=-1)
         weights["kd_sum"] = alpha / jnp.maximum(jnp.sum(mask * has_teacher), 1.0)
-    static = (head, kind, alpha, beta, temperature)
+    static = (head, alpha, Divergence(kind, beta, temperature, matched_weight, unmatched_weight))
     loss, sums = _head_loss(static, jax.lax.stop_gradient(weights), h_chunks, consts, rest)
     _, metrics = _finish(jax.lax.stop_gradient(sums), alpha)
     metrics["loss"] = loss
@@ -250,10 +313,10 @@ def chunked_loss(hidden_btd: jax.Array, head_fn: Callable[[jax.Array], jax.Array
 
 def _head_loss_forward(static, weights, h_chunks, consts, rest):
     """(loss, sums, dLoss/dHidden chunks, dLoss/dHead) over the chunks, one scan."""
-    head, kind, alpha, beta, temperature = static
+    head, alpha, div = static
 
     def chunk_objective(h_bcd, consts, tgt_bc, m_bc, teach):
-        sums = _sums(head(h_bcd, *consts), tgt_bc, m_bc, teach, kind, alpha, beta, temperature)
+        sums = _sums(head(h_bcd, *consts), tgt_bc, m_bc, teach, alpha, div)
         return sum(w * sums[k] for k, w in weights.items()), sums
 
     def body(acc, x):

@@ -276,6 +276,37 @@ class Tokenizer:
         """Token string of an id, or None if out of range."""
         return self.backend.id_to_token(int(i))
 
+    def vocabulary_fingerprint(self) -> str:
+        """A short hash of the token -> id map (added tokens included): equal iff ids mean the
+        same (unlike `fingerprint`, blind to the chat template and BOS/EOS addition)."""
+        vocab = self.backend.get_vocab(with_added_tokens=True)
+        text = json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def token_bytes(self) -> list[bytes]:
+        """The bytes each id stands for in decoded text, indexed by id: what cross-tokenizer
+        alignment compares. For byte-level BPE (GPT-2, Llama 3, Qwen, DeepSeek, SmolLM2) the
+        pieces' characters map back to bytes; for SentencePiece-style vocabularies "▁" is a
+        space and `<0xAB>` byte-fallback pieces are that byte; added tokens are their text. So
+        the bytes of a sequence of ids, joined, are its decoded text (UTF-8), except for the
+        one leading space a SentencePiece decoder strips from a text's start."""
+        if getattr(self, "_token_bytes", (None, -1))[1] != self.vocab_size:
+            self._token_bytes = (_token_bytes_table(self.backend), self.vocab_size)
+        return self._token_bytes[0]
+
+    def ids_by_bytes(self) -> dict[bytes, int]:
+        """bytes -> id over `token_bytes()`: the token that spells exactly these bytes. Where
+        several do, a vocabulary token wins over an added one, then the lower id."""
+        if getattr(self, "_ids_by_bytes", (None, -1))[1] != self.vocab_size:
+            table = self.token_bytes()
+            added = set(self.backend.get_added_tokens_decoder())
+            out: dict[bytes, int] = {}
+            for i in [*(i for i in range(len(table)) if i not in added), *sorted(added)]:
+                if table[i]:
+                    out.setdefault(table[i], i)
+            self._ids_by_bytes = (out, self.vocab_size)
+        return self._ids_by_bytes[0]
+
     def _set_post_processor(self, add_bos: bool, add_eos: bool) -> None:
         """Same template as transformers' `update_post_processor`."""
         bos, eos = self.bos_token, self.eos_token
@@ -505,6 +536,46 @@ def _gguf_merges(meta: dict, vocab: dict[str, int]) -> list[tuple[str, ...]]:
         merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
     merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
     return [(left, right) for left, right, _ in merges]
+
+
+def tokenizer_identity(tokenizer: Tokenizer, source) -> dict:
+    """What a trace manifest says of the teacher's tokenizer: where it was read from, the
+    fingerprint of its vocabulary (`Tokenizer.vocabulary_fingerprint`) and its number of ids."""
+    return {"source": str(source), "vocabulary": tokenizer.vocabulary_fingerprint(),
+            "vocab_size": tokenizer.vocab_size}
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _decoder_kinds(decoder: dict | None) -> set[str]:
+    """The types of a tokenizer.json decoder, a Sequence's members included."""
+    if not decoder:
+        return set()
+    return {decoder["type"]}.union(*(_decoder_kinds(d) for d in decoder.get("decoders", [])))
+
+
+def _token_bytes_table(backend: _Backend) -> list[bytes]:
+    """`Tokenizer.token_bytes` of a backend (see there)."""
+    kinds = _decoder_kinds(json.loads(backend.to_str()).get("decoder"))
+    table = [b""] * backend.get_vocab_size(with_added_tokens=True)
+    if "ByteLevel" in kinds:
+        to_byte = {c: b for b, c in _bytes_to_unicode().items()}
+
+        def piece_bytes(piece: str) -> bytes:
+            return bytes(to_byte[c] for c in piece) if all(c in to_byte for c in piece) \
+                else piece.encode()
+    else:
+        fallback = "ByteFallback" in kinds
+
+        def piece_bytes(piece: str) -> bytes:
+            m = _BYTE_FALLBACK.fullmatch(piece) if fallback else None
+            return bytes([int(m.group(1), 16)]) if m else piece.replace("▁", " ").encode()
+    for piece, i in backend.get_vocab(with_added_tokens=False).items():
+        table[i] = piece_bytes(piece)
+    for i, added in backend.get_added_tokens_decoder().items():
+        table[i] = added.content.encode()
+    return table
 
 
 @functools.cache

@@ -263,3 +263,33 @@ def test_quick_demo_reuses_the_cached_teacher(quick):
     run_dir, cached = _teacher(work, BUDGETS["quick"], presets["teacher"], progress=False)
     assert cached and run_dir == work / "teacher"
     assert sorted((p.name, p.stat().st_mtime_ns) for p in ckpt.iterdir()) == before
+
+
+@pytest.mark.slow
+def test_quick_demo_with_students_of_another_tokenizer(quick):
+    """`--student-tokenizer other` in the same work directory (the teacher is reused): the
+    students train on their own vocabulary, GOLD and ULD distil through the alignment of the
+    teacher's tokens to theirs, and the summary compares them with SFT. Runs last: it rewrites
+    the work directory's eval and summary."""
+    from distill.demo.pipeline import CROSS_STUDENTS
+    from distill.tokenizer import Tokenizer
+
+    proc = distill_cli("demo", "--quick", "--quiet", "--student-tokenizer", "other",
+                       cwd=quick["root"], env=quick["env"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    work = quick["work"]
+    s = json.loads((work / "summary.json").read_text())
+    assert s["teacher_cached"] and s["student_tokenizer"] == "other"
+    assert [st["name"] for st in s["stages"]] == [
+        "tokenizer", "teacher", "traces", *CROSS_STUDENTS, "eval", "export"]
+    teacher_tok = Tokenizer.from_pretrained(work / "tokenizer")
+    student_tok = Tokenizer.from_pretrained(work / "student-gold" / "tokenizer")
+    assert teacher_tok.vocabulary_fingerprint() != student_tok.vocabulary_fingerprint()
+    assert teacher_tok.token_to_id("\\boxed{") is not None
+    assert student_tok.token_to_id("\\boxed{") is None  # seven tokens on the student's side
+    for name in ("student-gold", "student-uld"):
+        logged = [json.loads(x) for x in (work / name / "metrics.jsonl").read_text().splitlines()]
+        kd = [m["kd"] for m in logged if "kd" in m]
+        assert kd and kd[-1] < kd[0], name  # a teacher term, and it fell
+    assert {"gold_vs_sft", "uld_vs_sft", "gold_vs_uld"} <= set(s["verdicts"])
+    assert "GOLD (across tokenizers) added to SFT" in proc.stdout

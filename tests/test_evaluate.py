@@ -287,6 +287,65 @@ def test_kl_and_top1_agreement_match_transformers(evaluated):
     assert models["oracle"]["agreement"] is None and "HTTP" in models["oracle"]["notes"][0]
 
 
+def test_kl_and_top1_agreement_across_tokenizers(tmp_path, dirs):
+    """Traces of a teacher with another vocabulary that keep their tokens' bytes: scored at the
+    first student token of each aligned span whose teacher top-1 is a student token (a
+    reference loop over `align` here); with the student's own tokenizer, the byte path scores
+    what the id path does."""
+    import jax
+    import jax.numpy as jnp
+
+    from distill.chat import completion_text
+    from distill.data.align import align
+    from distill.data.render import render_example
+    from distill.data.traces import Trace
+    from distill.eval.agreement import agreement
+    from distill.pretrained import load_pretrained
+    from distill.tokenizer import Tokenizer
+
+    model, tok = load_pretrained(dirs[0])
+    # bytes only (256 + 6 special ids): each student token of several bytes is a span
+    other = Tokenizer.from_pretrained(toy.write_tokenizer(tmp_path / "other", vocab_size=262))
+    reasoning, answer = "12 + 3 = 15, then 15 * 2 = 30.", "The answer is \\boxed{30}."
+    rng = np.random.default_rng(5)
+
+    def trace(teacher):
+        sampled = teacher.encode(completion_text(reasoning, answer))
+        top = np.stack([[i, *rng.choice(teacher.vocab_size, 2, replace=False)] for i in sampled])
+        lps = np.sort(np.log(rng.dirichlet(np.ones(4), len(sampled))[:, :3]), 1)[:, ::-1]
+        table = teacher.token_bytes()
+        return Trace("t", "p", "What is 12 + 3, times 2?", reasoning, answer, top.astype(np.int32),
+                     lps.astype(np.float32), [table[i] for i in sampled],
+                     [[table[i] for i in row] for row in top])
+
+    crossed = trace(other)
+    got = agreement(model, tok, [crossed])
+    ids, mask = render_example(tok, crossed.prompt, reasoning, answer)
+    first = int(np.argmax(mask))
+    logp = np.asarray(jax.nn.log_softmax(model(jnp.asarray([ids]))[0], -1), np.float64)
+    spans = align(crossed.token_bytes, [tok.token_bytes()[i] for i in ids[first:-1]])
+    by_bytes, kls, hits = tok.ids_by_bytes(), [], []
+    for row, j in zip(spans.teacher_start, spans.student_start, strict=True):
+        entries = [by_bytes.get(b) for b in crossed.top_bytes[row]]
+        if entries[0] is None:  # the teacher's top-1 is no student token: not scored
+            continue
+        q = np.exp(crossed.top_logprobs[row] - np.logaddexp.reduce(crossed.top_logprobs[row]))
+        pos = first + j - 1
+        kls.append(sum(qk * (np.log(qk) - logp[pos, e]) for qk, e in zip(q, entries, strict=True)
+                       if e is not None))
+        hits.append(np.argmax(logp[pos]) == entries[0])
+    assert kls and ((spans.teacher_stop - spans.teacher_start) > 1).any()  # the two differ
+    assert got["traces"] == 1 and got["tokens"] == len(kls)
+    assert got["kl"] == pytest.approx(np.mean(kls), rel=1e-4)
+    assert got["top1_agreement"] == pytest.approx(np.mean(hits))
+
+    own = trace(tok)
+    ids_only = Trace(**{**own.__dict__, "token_bytes": None, "top_bytes": None})
+    a, b = agreement(model, tok, [own]), agreement(model, tok, [ids_only])
+    assert a["kl"] == pytest.approx(b["kl"], rel=1e-5) and a["tokens"] == b["tokens"] > 0
+    assert a["top1_agreement"] == b["top1_agreement"]
+
+
 def test_a_different_tokenizer_is_not_scored(tmp_path):
     from distill.eval.config import JaxModelConfig
     from distill.eval.evaluate import _KL, _agreement

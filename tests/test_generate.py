@@ -20,6 +20,7 @@ import yaml
 import distill
 from distill.data import store as data_store
 from distill.data.records import TRACE_SCHEMA
+from distill.tokenizer import Tokenizer
 from distill.traces.generate import run_generate
 
 from . import toy
@@ -71,6 +72,8 @@ def test_in_process_teacher_writes_a_dataset_that_datasets_loads(tmp_path, teach
     summary = run_generate(cfg, progress=False)
     assert (summary.prompts, summary.samples, summary.records) == (10, 20, 20)
     rows = check_complete(summary.run_dir, 10, 2)
+    tokenizer = Tokenizer.from_pretrained(teacher_dir)
+    table = tokenizer.token_bytes()
     ds = datasets.load_dataset("parquet", data_dir=str(summary.run_dir / "data"), split="train")
     assert len(ds) == 20 and set(ds.column_names) == set(TRACE_SCHEMA.names)
     for r in rows:
@@ -82,8 +85,13 @@ def test_in_process_teacher_writes_a_dataset_that_datasets_loads(tmp_path, teach
         # top-3 log-probabilities for every completion token, best first
         assert len(r["top_ids"]) == r["completion_tokens"]
         assert all(len(t) == 3 and t[0] >= t[1] >= t[2] for t in r["top_logprobs"])
+        # the bytes of the sampled tokens spell the completion; each entry's bytes are its id's
+        assert b"".join(r["token_bytes"]).decode(errors="replace") == r["completion"]
+        assert [[table[i] for i in row] for row in r["top_ids"]] == r["top_bytes"]
     manifest = data_store.read_manifest(summary.run_dir)
     assert manifest["teacher"]["kind"] == "jax" and manifest["config"]["sampling"]["n"] == 2
+    assert manifest["tokenizer"] == {"source": str(teacher_dir), "vocab_size": len(tokenizer),
+                                     "vocabulary": tokenizer.vocabulary_fingerprint()}
     assert "datasets.load_dataset" in (summary.run_dir / "README.md").read_text()
 
     # rerunning the finished run regenerates nothing; a changed field is named

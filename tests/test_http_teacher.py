@@ -24,6 +24,7 @@ from distill.data.records import PromptRecord
 from distill.errors import DistillError
 from distill.sampling import SamplingParams, generate, stop_ids
 from distill.serve.app import ServerThread, build_app
+from distill.tokenizer import Tokenizer
 from tests import toy
 from tests.faults import FaultConfig, with_faults
 
@@ -33,8 +34,13 @@ PROMPTS.append(PromptRecord("chat", [{"role": "system", "content": "Be brief."},
 
 
 @pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    return distill.load_pretrained(toy.qwen2_dir(tmp_path_factory.mktemp("http") / "toy"))
+def toy_dir(tmp_path_factory):
+    return toy.qwen2_dir(tmp_path_factory.mktemp("http") / "toy")
+
+
+@pytest.fixture(scope="module")
+def loaded(toy_dir):
+    return distill.load_pretrained(toy_dir)
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +100,18 @@ def test_logprobs_come_with_token_ids(base_url):
     for ids, lps in zip(s.top_ids, s.top_logprobs, strict=True):
         assert len(ids) == 3 and all(0 <= i < 320 for i in ids)
         assert lps == sorted(lps, reverse=True)
+    assert s.token_bytes is None  # no tokenizer named: "token_id:N" tokens carry no bytes
+
+
+def test_logprobs_come_with_bytes_from_the_named_tokenizer(base_url, toy_dir):
+    params = SamplingParams(max_new_tokens=12, temperature=0.0, logprobs=3)
+    http = teacher(base_url, tokenizer=str(toy_dir))
+    [[s]] = http.complete(PROMPTS[:1], params)
+    table = Tokenizer.from_pretrained(toy_dir).token_bytes()
+    assert s.top_bytes == [[table[i] for i in row] for row in s.top_ids]
+    # greedy: each sampled token is its row's most likely entry
+    assert s.token_bytes == [table[row[0]] for row in s.top_ids] and len(s.token_bytes) == 12
+    assert http.tokenizer_identity["vocab_size"] == len(table)
 
 
 def warm_up(loaded, text, params, batch_sizes):
@@ -215,6 +233,11 @@ def test_answer_parsing():
                           "top_logprobs": [{"token": "a", "logprob": -0.1}]}]}
     s = t.parse_sample(answer({"content": "a"}, logprobs=named), 0, want_logprobs=True)
     assert s.top_ids is None and s.top_logprobs == [[-0.1]]  # the server did not name ids
+    assert s.token_bytes is None  # nor sent bytes
+    named["content"][0] |= {"bytes": [0xE6]}
+    named["content"][0]["top_logprobs"][0] |= {"bytes": [0xE6]}
+    s = t.parse_sample(answer({"content": "a"}, logprobs=named), 0, want_logprobs=True)
+    assert s.token_bytes == [b"\xe6"] and s.top_bytes == [[b"\xe6"]]  # the answer's own bytes
     with pytest.raises(DistillError, match="unexpected answer"):
         t.parse_sample({"choices": []}, 0)
     with pytest.raises(DistillError, match="asked for logprobs"):

@@ -60,7 +60,12 @@ def ref_ce(logits, targets, mask):
     return (nll * mask).sum() / mask.sum()
 
 
-def ref_kd(logits, ids, lps, mask, kind, beta, tau):
+def ref_uld(p, q):
+    """sum |sorted p - sorted q| over the len(q) largest of each."""
+    return np.abs(np.sort(p)[::-1][:len(q)] - np.sort(q)[::-1]).sum()
+
+
+def ref_kd(logits, ids, lps, mask, kind, beta, tau, w_matched=1.0, w_unmatched=1.0):
     """Loop over positions, in float64: the module docstring's definitions written out."""
     total, count = 0.0, 0
     for b in range(logits.shape[0]):
@@ -70,9 +75,21 @@ def ref_kd(logits, ids, lps, mask, kind, beta, tau):
                 continue
             k_ids = ids[b, t][valid]
             log_q = np_log_softmax(lps[b, t][valid] / tau)
-            log_p = np_log_softmax(logits[b, t] / tau)[k_ids]  # full-vocabulary student
+            p_full = np.exp(np_log_softmax(logits[b, t] / tau))
+            log_p = np.log(p_full[np.maximum(k_ids, 0)])  # full-vocabulary student
             log_r = np_log_softmax(logits[b, t][k_ids] / tau)  # student restricted to the top-k
             q, r = np.exp(log_q), np.exp(log_r)
+            matched = k_ids >= 0
+            if kind == "uld":
+                total += ref_uld(p_full, q)
+                count += 1
+                continue
+            if kind == "gold":
+                kl = (q * (log_q - log_p))[matched].sum() * tau**2
+                rest = np.delete(p_full, k_ids[matched])  # the student outside the matched ids
+                total += w_matched * kl + w_unmatched * ref_uld(rest, q[~matched])
+                count += 1
+                continue
             if kind == "forward_kl" or (kind == "jsd" and beta == 0):
                 d = (q * (log_q - log_p)).sum()
             elif kind == "reverse_kl" or beta == 1:
@@ -105,6 +122,35 @@ def test_kd_matches_numpy(batch, kind, beta, tau):
     loss, metrics = kd_loss(logits, ids, lps, mask, kind=kind, beta=beta, temperature=tau)
     np.testing.assert_allclose(loss, ref_kd(logits, ids, lps, mask, kind, beta, tau), rtol=2e-5)
     assert metrics["kd_tokens"] == mask.sum() - 1  # the position with no teacher entry is left out
+
+
+@pytest.mark.parametrize("kind,weights", [("gold", (1.0, 1.0)), ("gold", (0.3, 2.0)),
+                                          ("uld", (1.0, 1.0))])
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_cross_tokenizer_kd_matches_numpy(batch, kind, weights, tau):
+    """Teacher entries that are no student token (id -1) at a few positions."""
+    logits, _, mask, ids, lps = batch
+    ids = ids.copy()
+    ids[0, 0, :2] = ids[1, 3, 1] = ids[0, 4, :] = -1
+    loss, _ = kd_loss(logits, ids, lps, mask, kind=kind, temperature=tau,
+                      matched_weight=weights[0], unmatched_weight=weights[1])
+    want = ref_kd(logits, ids, lps, mask, kind, 0.5, tau, *weights)
+    assert want > 0.05
+    np.testing.assert_allclose(loss, want, rtol=2e-5)
+
+
+def test_gold_with_one_tokenizer_is_forward_kl(batch):
+    """Every entry matched: no ULD term, and the matched KL is today's forward KL (values and
+    gradients; the weights of gold's unmatched term do not matter then)."""
+    logits, _, mask, ids, lps = batch
+
+    def kd(kind, **kw):
+        return jax.value_and_grad(lambda z: kd_loss(z, ids, lps, mask, kind=kind, temperature=1.5,
+                                                    **kw)[0])(jnp.asarray(logits))
+
+    (want, want_grad), (got, got_grad) = kd("forward_kl"), kd("gold", unmatched_weight=5.0)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-7)
 
 
 def test_jsd_ends_are_forward_and_reverse_kl(batch):
@@ -159,9 +205,12 @@ def _head_problem(seed=1):
 
 
 @pytest.mark.parametrize("kind,alpha", [("sft", 0.0), ("forward_kl", 0.5), ("jsd", 0.5),
-                                        ("reverse_kl", 1.0)])
+                                        ("reverse_kl", 1.0), ("gold", 0.5), ("uld", 0.7)])
 def test_chunked_equals_unchunked_values_and_grads(batch, kind, alpha):
     _, targets, mask, ids, lps = batch
+    if kind in ("gold", "uld"):
+        ids = ids.copy()
+        ids[0, 0, :2] = ids[1, 5, :] = -1
     teacher = TeacherTopK(jnp.asarray(ids), jnp.asarray(lps))
     hidden, w_dv = _head_problem()
     kw = dict(kind=kind, alpha=alpha, beta=0.5, temperature=1.5)
@@ -236,7 +285,7 @@ def test_chunked_loss_with_model_head_and_nnx_grad():
 
 def test_unknown_loss_name_is_one_clear_line():
     with pytest.raises(DistillError, match=r"^unknown loss 'kl'; choose one of sft, forward_kl, "
-                                           r"reverse_kl, jsd$"):
+                                           r"reverse_kl, jsd, gold, uld$"):
         get_loss("kl")
     with pytest.raises(DistillError, match="unknown loss 'kl'"):
         distill_loss(jnp.zeros((1, 2, 3)), jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2)),
@@ -253,3 +302,39 @@ def test_bad_loss_settings_are_one_clear_line(batch):
         distill_loss(logits, targets, mask, None, kind="sft", temperature=0.0)
     with pytest.raises(DistillError, match="'sft' has no teacher term"):
         distill_loss(logits, targets, mask, None, kind="sft", alpha=0.5)
+
+
+@pytest.mark.parametrize("kind", ["gold", "uld"])
+def test_cross_tokenizer_loss_on_a_mesh_equals_unsharded(kind):
+    """Rows over `data`, the head's vocabulary over `tensor` (8 fake devices): the top-k the ULD
+    term takes over the vocabulary crosses the shards; loss and gradients as on one device."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from distill.parallel import make_mesh
+
+    rng = np.random.default_rng(4)
+    b, t, d, v, k = 4, 8, 8, 32, 4
+    hidden = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32)
+    mask = jnp.ones((b, t), jnp.float32)
+    ids = rng.integers(0, v, (b, t, k)).astype(np.int32)
+    ids[:, ::3, 1:] = -1  # unmatched entries
+    lps = np.log(rng.dirichlet(np.ones(k), (b, t))).astype(np.float32)
+    teacher = TeacherTopK(jnp.asarray(ids), jnp.asarray(lps))
+
+    def loss(h, w, teacher):
+        return chunked_loss(h, lambda x: x @ w, targets, mask, teacher, kind=kind, alpha=0.5,
+                            chunk=4)[0]
+
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    want, want_grads = fn(hidden, w, teacher)
+    mesh = make_mesh({"data": 2, "tensor": 4})  # the trainer's kind of mesh
+    rows = NamedSharding(mesh, P("data"))
+    got, got_grads = fn(jax.device_put(hidden, rows),
+                        jax.device_put(w, NamedSharding(mesh, P(None, "tensor"))),
+                        jax.device_put(teacher, rows))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, w_ in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, w_, rtol=1e-4, atol=1e-6)

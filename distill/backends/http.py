@@ -27,10 +27,11 @@ from typing import Any
 import httpx
 from pydantic import Field
 
-from distill.config import Frozen, read_api_key
+from distill.config import Frozen, InputPath, read_api_key
 from distill.data.records import PromptRecord, Sample
 from distill.errors import DistillError
 from distill.sampling import SamplingParams
+from distill.tokenizer import Tokenizer, tokenizer_identity
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,12 @@ class HttpTeacherConfig(Frozen):
     base_url: the API root, e.g. "http://127.0.0.1:8000/v1" or "https://api.deepseek.com" (a URL
     without a path gets "/v1"); requests go to base_url + "/chat/completions". api_key_env: the
     name of the environment variable holding the key (None: no key). extra_body: fields added to
-    every request as they are, e.g. {"chat_template_kwargs": {"thinking": true}}.
+    every request as they are, e.g. {"chat_template_kwargs": {"thinking": true}}. tokenizer: the
+    server model's tokenizer (any tokenizer path), which turns the "token_id:N" tokens of its
+    logprobs into the bytes they stand for (what distillation across tokenizers aligns) and
+    names the tokenizer in the manifest; without it the bytes come from the answer's `bytes`
+    fields, which servers fill from decoded text (not byte-exact for a token that splits a
+    character).
     """
 
     base_url: str
@@ -56,6 +62,7 @@ class HttpTeacherConfig(Frozen):
     backoff_initial_s: float = Field(1.0, ge=0)
     backoff_max_s: float = Field(60.0, ge=0)
     extra_body: dict[str, Any] = {}
+    tokenizer: InputPath | None = None
 
 
 def chat_url(base_url: str) -> str:
@@ -184,7 +191,12 @@ class HttpTeacher:
         self._sleep = sleep
         self._rng = random.Random()
         self._warned_ids = False
-        self.tokenizer_identity = None  # the server's tokenizer is not known
+        self._token_bytes = None
+        self.tokenizer_identity = None  # the server's tokenizer, where the config names it
+        if cfg.tokenizer:
+            tokenizer = Tokenizer.from_pretrained(cfg.tokenizer)
+            self._token_bytes = tokenizer.token_bytes()
+            self.tokenizer_identity = tokenizer_identity(tokenizer, cfg.tokenizer)
 
     @property
     def identity(self) -> dict:
@@ -329,16 +341,16 @@ class HttpTeacher:
         else:
             completion, reasoning = content or "", None
         usage = data.get("usage") or {}
-        top_ids, top_logprobs = self._logprobs(choice) if want_logprobs else (None, None)
+        top = self._logprobs(choice) if want_logprobs else {}
         return Sample(sample_index=index, completion=completion,
                       finish_reason="length" if finish == "length" else "stop",
                       prompt_tokens=int(usage.get("prompt_tokens") or 0),
                       completion_tokens=int(usage.get("completion_tokens") or 0),
-                      reasoning=reasoning, top_ids=top_ids, top_logprobs=top_logprobs)
+                      reasoning=reasoning, **top)
 
-    def _logprobs(self, choice: dict) -> tuple[list | None, list | None]:
+    def _logprobs(self, choice: dict) -> dict:
         """Per completion token, the top-k ids (None unless the server named tokens by id) and
-        log-probabilities."""
+        log-probabilities, and the bytes of the sampled tokens and of the entries where known."""
         entries = (choice.get("logprobs") or {}).get("content")
         if entries is None:
             raise DistillError(f"{self.url}: asked for logprobs but the answer has none")
@@ -346,6 +358,8 @@ class HttpTeacher:
             tops = [entry.get("top_logprobs") or [] for entry in entries]
             top_logprobs = [[float(t["logprob"]) for t in row] for row in tops]
             top_ids = [[_token_id(t.get("token")) for t in row] for row in tops]
+            sampled = [_token_id(entry.get("token")) for entry in entries]
+            token_bytes, top_bytes = self._bytes(entries, tops, sampled, top_ids)
         except (KeyError, TypeError, ValueError, AttributeError):
             raise DistillError(f"{self.url}: malformed logprobs in the answer") from None
         if any(i is None for row in top_ids for i in row):
@@ -354,7 +368,21 @@ class HttpTeacher:
                             "return_tokens_as_token_ids): top_ids are not stored", self.url)
                 self._warned_ids = True
             top_ids = None
-        return top_ids, top_logprobs
+        return {"top_ids": top_ids, "top_logprobs": top_logprobs, "token_bytes": token_bytes,
+                "top_bytes": top_bytes}
+
+    def _bytes(self, entries, tops, sampled, top_ids):
+        """(sampled tokens' bytes, entries' bytes): from the configured tokenizer's table by id,
+        else from the answer's `bytes` fields; (None, None) where neither is there."""
+        table = self._token_bytes
+        if table is not None and all(i is not None and 0 <= i < len(table)
+                                     for i in sampled + [j for row in top_ids for j in row]):
+            return [table[i] for i in sampled], [[table[j] for j in row] for row in top_ids]
+        if all(e.get("bytes") is not None and _token_id(e.get("token")) is None
+               for e in [*entries, *(t for row in tops for t in row)]):
+            return ([bytes(e["bytes"]) for e in entries],
+                    [[bytes(t["bytes"]) for t in row] for row in tops])
+        return None, None
 
 
 def bench_http(base_url: str, model: str, *, requests: int = 64, concurrency: int = 8,

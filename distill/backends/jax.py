@@ -14,7 +14,7 @@ from distill.errors import DistillError
 from distill.parallel import make_mesh, parse_mesh
 from distill.pretrained import load_pretrained
 from distill.sampling import DecodeModel, SamplingParams, generate, stop_ids
-from distill.tokenizer import Tokenizer
+from distill.tokenizer import Tokenizer, tokenizer_identity
 
 
 class JaxTeacherConfig(Frozen):
@@ -55,6 +55,15 @@ class JaxTeacher:
         self.identity = {"kind": "jax", "model": cfg.model, "dtype": cfg.dtype,
                          "architecture": type(self.model.config).__name__,
                          "family": self.model.config.family}
+        self.tokenizer_identity = tokenizer_identity(tokenizer, cfg.tokenizer or cfg.model)
+
+    def _bytes(self, c) -> dict:
+        """The sampled tokens' and the top-k entries' bytes (with logprobs asked for)."""
+        if c.top_ids is None:
+            return {}
+        table = self.tokenizer.token_bytes()
+        return {"token_bytes": [table[i] for i in c.token_ids],
+                "top_bytes": [[table[i] for i in row] for row in c.top_ids]}
 
     def prompt_ids(self, prompt: PromptRecord, system: str | None) -> list[int]:
         text = self.tokenizer.apply_chat_template(prompt.messages(system), add_generation_prompt=True)
@@ -77,7 +86,7 @@ class JaxTeacher:
                 s = Sample(sample_index=c.sample_index, completion=c.text,
                            finish_reason=c.finish_reason, prompt_tokens=len(ids[c.prompt_index]),
                            completion_tokens=len(c.token_ids), top_ids=c.top_ids,
-                           top_logprobs=c.top_logprobs)
+                           top_logprobs=c.top_logprobs, **self._bytes(c))
                 rows[c.prompt_index].append(s)
                 if on_sample:
                     on_sample(s)

@@ -39,6 +39,8 @@ class Sample:
     `reasoning` is set when the backend received it separately (an OpenAI-compatible server's
     `reasoning_content`); otherwise it is None and the reasoning is read from `<think>` in
     `completion`. `top_ids` / `top_logprobs`: per completion token, the teacher's top-k.
+    `token_bytes` / `top_bytes`: the bytes each sampled token and each top-k entry stands for in
+    the teacher's text (what aligns them to another tokenizer's tokens), where known.
     """
 
     sample_index: int
@@ -49,6 +51,8 @@ class Sample:
     reasoning: str | None = None
     top_ids: list[list[int]] | None = None
     top_logprobs: list[list[float]] | None = None
+    token_bytes: list[bytes] | None = None
+    top_bytes: list[list[bytes]] | None = None
 
 
 _MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
@@ -75,6 +79,8 @@ TRACE_SCHEMA = pa.schema([
     ("meta", pa.string()),  # the prompt's metadata as JSON (e.g. synthetic difficulty)
     ("top_ids", pa.list_(pa.list_(pa.int32()))),
     ("top_logprobs", pa.list_(pa.list_(pa.float32()))),
+    ("token_bytes", pa.list_(pa.binary())),
+    ("top_bytes", pa.list_(pa.list_(pa.binary()))),
 ])
 
 

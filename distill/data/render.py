@@ -10,6 +10,18 @@ is exact and the loss mask is 1 on the completion tokens (EOS included) and 0 on
 (Rendering the whole conversation instead would lose the reasoning: the R1 template drops
 everything before `</think>` from assistant turns.)
 
+The teacher's top-k reach the completion tokens in one of two ways. Where the traces keep the
+bytes of the teacher's tokens (`token_bytes`, `top_bytes`), the teacher's tokens are aligned to the
+student's over the completion text (`distill.data.align`): each aligned span's first student token
+gets the teacher's entries of the span's first teacher token, each entry as the student id that
+spells its bytes, or the largest id of the vocabulary's token type where no student token does
+(ids are unsigned in caches, and the batch's int32 reads uint32's largest as -1; the losses read
+any id outside [0, V) as unmatched, V the model's vocabulary, which may be padded past the
+tokenizer's), and the span's
+other tokens get none. This is exact for any two tokenizers, the same one included (then every
+span is one token on each side). Older traces keep ids only: their rows are taken one to one,
+which holds only when the student's tokenizer is the teacher's.
+
 Traces are rendered a batch at a time: the texts of a batch are tokenised together on every core
 (`Tokenizer.encode_batch`), the same ids as one by one.
 """
@@ -22,6 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from distill.chat import REASONING_START, completion_text
+from distill.data.align import UNMATCHED, align, map_entries
 from distill.errors import DistillError
 
 NO_TEXT = "no assistant text: the reasoning and the answer are both empty"
@@ -80,7 +93,10 @@ def render_traces(tokenizer, traces: Sequence, top_k: int = 0, name: str = "") -
         teacher, error = (None, None), None
         if top_k and getattr(traces[i], "top_ids", None) is not None:
             try:
-                teacher = align_teacher(traces[i], p, n, top_k, tokenizer.vocab_size, name)
+                if traces[i].top_bytes is not None:
+                    teacher = align_by_bytes(traces[i], tokenizer, completion_ids, top_k, name)
+                else:
+                    teacher = align_teacher(traces[i], p, n, top_k, tokenizer.vocab_size, name)
             except DistillError as e:  # an error only where the trace is trained on
                 error = str(e)
         out[i] = Rendered(ids, mask, *teacher, teacher_error=error)
@@ -126,6 +142,49 @@ def align_teacher(trace, first: int, n: int, top_k: int, vocab_size: int, name: 
                            f" is outside the student vocabulary ({vocab_size} ids)")
     ids, lps = fit_topk(trace.top_ids, trace.top_logprobs, top_k)
     return ids.astype(id_dtype(vocab_size)), lps
+
+
+def align_by_bytes(trace, tokenizer, completion_ids: Sequence[int], top_k: int, name: str):
+    """The trace's top-k for the student's completion tokens (and EOS), through the alignment of
+    the teacher's tokens to the student's (see the module): ids [c, top_k] (the id type's
+    largest where an entry is no student token), log-probs float16 [c, top_k] (-inf: none)."""
+    where = f"{name}: trace {trace.id}"
+    if len(trace.token_bytes) != len(trace.top_ids) or len(trace.top_bytes) != len(trace.top_ids):
+        raise DistillError(f"{where}: {len(trace.token_bytes)} teacher tokens but "
+                           f"{len(trace.top_ids)} top-k rows")
+    table, vocab = tokenizer.token_bytes(), tokenizer.vocab_size
+    student = [table[i] for i in completion_ids]
+    skip = _student_prefix(b"".join(student), b"".join(trace.token_bytes), student, where)
+    try:
+        spans = align(trace.token_bytes, student[skip:])
+    except DistillError as e:
+        raise DistillError(f"{where}: {e}") from None
+    rows, at = spans.teacher_start, spans.student_start + skip
+    entries = map_entries([trace.top_bytes[r] for r in rows], tokenizer.ids_by_bytes())
+    dtype = id_dtype(vocab)
+    unmatched = np.iinfo(dtype).max
+    if (entries == UNMATCHED).any() and unmatched < vocab:
+        raise DistillError(f"{where}: a vocabulary of exactly {vocab} ids leaves no room for "
+                           "the unmatched-entry id in its token type")
+    entries[entries == UNMATCHED] = unmatched
+    k = trace.top_ids.shape[1]
+    ids = np.zeros((len(completion_ids) + 1, k), np.int64)
+    lps = np.full((len(completion_ids) + 1, k), -np.inf, np.float32)
+    ids[at, :entries.shape[1]], lps[at] = entries, trace.top_logprobs[rows]
+    ids, lps = fit_topk(ids, lps, top_k)
+    return ids.astype(dtype), lps
+
+
+def _student_prefix(student: bytes, teacher: bytes, pieces: Sequence[bytes], where: str) -> int:
+    """How many leading student tokens spell text the teacher's completion does not have (the
+    `<think>\n` a template's generation prompt lacks): 0 when the two texts are the same."""
+    if student == teacher or not student.endswith(teacher):
+        return 0
+    ends = np.cumsum([len(p) for p in pieces])
+    cut = len(student) - len(teacher)
+    if cut not in ends:
+        raise DistillError(f"{where}: the teacher's completion starts inside a student token")
+    return int(np.searchsorted(ends, cut)) + 1
 
 
 def fit_topk(ids: np.ndarray, lps: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

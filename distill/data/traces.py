@@ -40,6 +40,7 @@ from distill.errors import DistillError
 Keep = Literal["correct", "complete", "all"]
 KEEP: tuple[str, ...] = get_args(Keep)
 _TEACHER_COLUMNS = ("top_ids", "top_logprobs")
+_BYTES_COLUMNS = ("token_bytes", "top_bytes")  # read where a shard has them (newer traces)
 
 
 class TraceSource(Frozen):
@@ -81,7 +82,9 @@ def as_source(spec: str | Path | TraceSource) -> TraceSource:
 @dataclasses.dataclass(frozen=True)
 class Trace:
     """What training reads of one trace row. top_ids / top_logprobs: per completion token the
-    teacher's top-k, as [n, k] arrays (k padded with -inf log-probabilities), or None."""
+    teacher's top-k, as [n, k] arrays (k padded with -inf log-probabilities), or None.
+    token_bytes / top_bytes: the bytes of the teacher's sampled tokens [n] and of its top-k
+    entries [n][k], where the traces keep them (cross-tokenizer distillation aligns on them)."""
 
     id: str
     prompt_id: str
@@ -90,6 +93,8 @@ class Trace:
     answer: str
     top_ids: np.ndarray | None = None
     top_logprobs: np.ndarray | None = None
+    token_bytes: list[bytes] | None = None
+    top_bytes: list[list[bytes]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,7 +265,8 @@ def _store_traces(opened: OpenedTraces, with_teacher: bool, in_split, seen: Coun
             missing = [c for c in columns if c not in names]
             if missing:
                 raise DistillError(f"{shard}: not a trace shard (no column {missing[0]!r})")
-            table = pq.read_table(shard, columns=list(columns))
+            extra = [c for c in _BYTES_COLUMNS if with_teacher and c in names]
+            table = pq.read_table(shard, columns=list(columns) + extra)
         except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
             raise DistillError(f"{shard}: cannot read parquet: {str(e).splitlines()[0]}") from e
         if limit is not None:
@@ -287,8 +293,13 @@ def _trace(row: dict, table, i: int) -> Trace:
     top_ids = top_lps = None
     if "top_ids" in table.column_names and table.column("top_ids")[i].is_valid:
         top_ids, top_lps = _topk_arrays(table.column("top_ids")[i], table.column("top_logprobs")[i])
+    token_bytes = top_bytes = None
+    if top_ids is not None and "top_bytes" in table.column_names:
+        token_bytes = table.column("token_bytes")[i].as_py()
+        top_bytes = table.column("top_bytes")[i].as_py()
     return Trace(id=row["id"], prompt_id=row["prompt_id"], prompt=prompt, reasoning=row["reasoning"] or "",
-                 answer=row["answer"] or "", top_ids=top_ids, top_logprobs=top_lps)
+                 answer=row["answer"] or "", top_ids=top_ids, top_logprobs=top_lps,
+                 token_bytes=token_bytes, top_bytes=top_bytes)
 
 
 def _topk_arrays(ids_scalar, lps_scalar) -> tuple[np.ndarray, np.ndarray]:

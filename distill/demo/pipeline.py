@@ -3,7 +3,8 @@
 Stages (each through the same library call the matching `distill` command makes):
 
 1. tokenizer  a SentencePiece BPE trained on the task's corpus (`distill.demo.tokenizer`), shared
-              by the teacher and the students, so logit distillation is possible
+              by the teacher and the students (`student_tokenizer="other"`: the students get one
+              of their own, and the logit losses are GOLD and ULD across the two)
 2. teacher    a tiny DeepSeek-V3-shaped MoE trained with distill's trainer on the worked solutions
               of 3-step arithmetic chains (`distill.data.synthetic`, compact style); cached: a
               later run reuses it when its tokenizer, shape and training config are unchanged
@@ -49,7 +50,7 @@ from distill.config import load_model_config, resolve_path, save_config, validat
 from distill.data.prompts import PromptsConfig
 from distill.data.synthetic import arithmetic_problems, final_answer, solution_reasoning
 from distill.demo.export_check import export_stage, stage_result, summary_line
-from distill.demo.tokenizer import train_tokenizer
+from distill.demo.tokenizer import OTHER_PIECES, OTHER_VOCAB, train_tokenizer
 from distill.errors import DistillError
 from distill.eval import metrics
 from distill.eval.evaluate import EvalConfig, run_eval
@@ -137,6 +138,16 @@ STUDENTS = {  # run name: (trace set, loss section, what the table calls it)
     "student-kd": ("traces", {"kind": "forward_kl", "alpha": 0.5}, "student: SFT + logit KD"),
     "student-answers": ("answers", {"kind": "sft"}, "student: answers only"),
 }
+# `--student-tokenizer other`: the students have a vocabulary of their own (`OTHER_PIECES`), so
+# logit distillation goes through the alignment of the teacher's tokens to theirs
+CROSS_STUDENTS = {
+    "student-sft": ("traces", {"kind": "sft"}, "student (own tokenizer): SFT on traces"),
+    "student-gold": ("traces", {"kind": "gold", "alpha": 0.5},
+                     "student (own tokenizer): SFT + GOLD (matched KL + ULD)"),
+    "student-uld": ("traces", {"kind": "uld", "alpha": 0.5},
+                    "student (own tokenizer): SFT + ULD"),
+}
+STUDENT_TOKENIZERS = ("shared", "other")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,10 +180,12 @@ class _Clock:
 
 
 def run_demo(work_dir: str | Path = "students/demo", budget: str | Budget = "full", *,
-             fresh: bool = False, progress: bool = True, console=None) -> dict:
+             fresh: bool = False, progress: bool = True, console=None,
+             student_tokenizer: str = "shared") -> dict:
     """Run every stage (see the module doc) under `work_dir`, print the summary and return its
     figures (also written to `work_dir`/summary.json). `budget`: "full", "quick" or a Budget;
-    `fresh` deletes `work_dir` first (the cached teacher included)."""
+    `fresh` deletes `work_dir` first (the cached teacher included). `student_tokenizer`:
+    "shared" (the teacher's) or "other" (the students' own: SFT vs SFT + GOLD vs SFT + ULD)."""
 
     if isinstance(budget, Budget):
         b, budget = budget, "custom"
@@ -180,6 +193,11 @@ def run_demo(work_dir: str | Path = "students/demo", budget: str | Budget = "ful
         b = BUDGETS[budget]
     else:
         raise DistillError(f"unknown demo budget {budget!r}; choose one of {', '.join(BUDGETS)}")
+    if student_tokenizer not in STUDENT_TOKENIZERS:
+        raise DistillError(f"unknown student tokenizer {student_tokenizer!r}; choose one of "
+                           f"{', '.join(STUDENT_TOKENIZERS)}")
+    cross = student_tokenizer == "other"
+    students = CROSS_STUDENTS if cross else STUDENTS
     console = console or Console()
     work = Path(resolve_path(work_dir))
     if fresh and work.exists():
@@ -190,8 +208,11 @@ def run_demo(work_dir: str | Path = "students/demo", budget: str | Budget = "ful
 
     with clock.stage("tokenizer", "SentencePiece BPE on the task's corpus") as row:
         tok = _tokenizer(work, b)
-        row.result = f"{len(tok)} tokens, R1 chat template"
-    presets = _write_presets(work, tok)
+        student_tok = _tokenizer(work, b, "student-tokenizer") if cross else tok
+        row.result = f"{len(tok)} tokens, R1 chat template" + (
+            f"; the students' own: {len(student_tok)} tokens" if cross else "")
+    presets = _write_presets(work, tok, student_tok)
+    student_tok_dir = work / ("student-tokenizer" if cross else "tokenizer")
     with clock.stage("teacher", "tiny MoE trained on worked solutions (cached after a run)") as row:
         teacher, cached = _teacher(work, b, presets["teacher"], progress)
         row.result = ("cached: " if cached else "trained: ") + str(teacher)
@@ -202,23 +223,26 @@ def run_demo(work_dir: str | Path = "students/demo", budget: str | Budget = "ful
                       "log-probs per token")
     answers = _answers_only(work, b)
     runs = {}
-    for name, (data, loss, label) in STUDENTS.items():
+    for name, (data, loss, label) in students.items():
         with clock.stage(name, label) as row:
             runs[name] = _student(work, b, name, traces["dir"] if data == "traces" else answers,
-                                  loss, presets["student"], progress)
+                                  loss, presets["student"], progress, student_tok_dir)
             row.result = f"{b.student.steps} steps, final loss {runs[name]:.3f}"
     with clock.stage("eval", f"{b.eval_prompts} held-out prompts x ({b.eval_k} samples + greedy), "
                              "every model") as row:
-        report = _evaluate(work, b, teacher, presets["student"], progress)
+        report = _evaluate(work, b, teacher, presets["student"], progress, students,
+                           student_tok_dir)
         row.result = f"report in {work / 'eval'}"
     scores = _scores(report, work / "eval" / "samples.jsonl")
-    best = max(("student-sft", "student-kd"), key=lambda n: scores[n]["pass@1"])
+    best = max((n for n, (data, _, _) in students.items() if data == "traces"),
+               key=lambda n: scores[n]["pass@1"])
     with clock.stage("export", f"{best} to Hugging Face, read back by distill and transformers"
                      ) as row:
         reload = export_stage(work, best, console)
         row.result = stage_result(reload)
     total = time.perf_counter() - t_start
-    summary = _summary(b, budget, clock.stages, scores, best, reload, traces, cached, total, work)
+    summary = _summary(b, budget, clock.stages, scores, best, reload, traces, cached, total, work,
+                       student_tokenizer)
     _print_summary(console, summary)
     (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     console.print(f"every stage's config is in {work / 'configs'}; rerun one with its command "
@@ -241,20 +265,24 @@ def _chains(b: Budget, seed: int = TRAIN_SEED) -> dict:
             "style": "compact"}
 
 
-def _tokenizer(work: Path, b: Budget):
-    """Train the tokenizer on the training problems with their solutions."""
+def _tokenizer(work: Path, b: Budget, name: str = "tokenizer"):
+    """Train the tokenizer on the training problems with their solutions ("student-tokenizer":
+    the students' own, with fewer merges and pieces)."""
     problems = arithmetic_problems(min(b.train_problems, 2000), **_chains(b))
     corpus = [f"{p.question}\n{solution_reasoning(p)}\n</think>\n\n{final_answer(p)}"
               for p in problems]
-    return train_tokenizer(corpus, work / "tokenizer")
+    if name == "student-tokenizer":
+        return train_tokenizer(corpus, work / name, OTHER_VOCAB, OTHER_PIECES)
+    return train_tokenizer(corpus, work / name)
 
 
-def _write_presets(work: Path, tok) -> dict[str, Path]:
-    """Model preset YAMLs for the teacher and the student, sized to the tokenizer."""
-    ids = {"vocab_size": len(tok), "bos_token_id": tok.bos_token_id,
-           "eos_token_id": tok.eos_token_id}
+def _write_presets(work: Path, tok, student_tok=None) -> dict[str, Path]:
+    """Model preset YAMLs for the teacher and the student, each sized to its tokenizer (the
+    student's: `tok` unless it has its own)."""
     out = {}
-    for name, shape in (("teacher", TEACHER), ("student", STUDENT)):
+    for name, shape, t in (("teacher", TEACHER, tok), ("student", STUDENT, student_tok or tok)):
+        ids = {"vocab_size": len(t), "bos_token_id": t.bos_token_id,
+               "eos_token_id": t.eos_token_id}
         out[name] = _write_yaml(work / "presets" / f"{name}.yaml", {"model": {**shape, **ids}})
     return out
 
@@ -272,9 +300,9 @@ def _write_config(schema, path: Path, data: dict) -> Path:
 
 
 def _train_config(work: Path, name: str, init: Path, traces: Path, sched: Schedule, loss: dict,
-                  top_k: int = 0) -> Path:
+                  top_k: int = 0, tokenizer: Path | None = None) -> Path:
     cfg = {"name": name,
-           "student": {"init": str(init), "tokenizer": str(work / "tokenizer")},
+           "student": {"init": str(init), "tokenizer": str(tokenizer or work / "tokenizer")},
            "data": {"traces": [str(traces)], "seq_len": sched.seq_len,
                     "batch_size": sched.batch_size, "top_k": top_k},
            "loss": loss,
@@ -347,9 +375,9 @@ def _answers_only(work: Path, b: Budget) -> Path:
 
 
 def _student(work: Path, b: Budget, name: str, traces: Path, loss: dict, preset: Path,
-             progress: bool) -> float:
+             progress: bool, tokenizer: Path) -> float:
     top_k = TOP_K if loss["kind"] != "sft" else 0
-    cfg = _train_config(work, name, preset, traces, b.student, loss, top_k)
+    cfg = _train_config(work, name, preset, traces, b.student, loss, top_k, tokenizer)
     return _train(cfg, progress)
 
 
@@ -372,12 +400,13 @@ def _eval_prompts(work: Path, b: Budget) -> Path:
     return path
 
 
-def _evaluate(work: Path, b: Budget, teacher: Path, student_preset: Path, progress: bool) -> dict:
+def _evaluate(work: Path, b: Budget, teacher: Path, student_preset: Path, progress: bool,
+              students: dict, student_tokenizer: Path) -> dict:
     models = [{"name": "teacher", "model": str(teacher), "role": "teacher", "batch_size": 256}]
-    models += [{"name": n, "model": str(work / n), "batch_size": 256} for n in STUDENTS]
+    models += [{"name": n, "model": str(work / n), "batch_size": 256} for n in students]
     if b.eval_untrained:
         models.append({"name": "student-untrained", "model": str(student_preset),
-                       "tokenizer": str(work / "tokenizer"), "batch_size": 256})
+                       "tokenizer": str(student_tokenizer), "batch_size": 256})
     cfg = {"name": "demo", "prompts": {"source": str(_eval_prompts(work, b))}, "models": models,
            "protocol": {"k": b.eval_k, "temperature": 0.6, "top_p": 0.95,
                         "max_new_tokens": MAX_NEW_TOKENS, "seed": 0, "greedy": True},
@@ -414,25 +443,35 @@ def _model_params(work: Path) -> dict[str, tuple[int, int]]:
             for name in ("teacher", "student")}
 
 
+# verdict: (model, baseline) whose paired difference of per-prompt accuracy it quotes
+VERDICTS = {"traces_vs_answers": ("student-sft", "student-answers"),
+            "logit_loss": ("student-kd", "student-sft"),
+            "gold_vs_sft": ("student-gold", "student-sft"),
+            "uld_vs_sft": ("student-uld", "student-sft"),
+            "gold_vs_uld": ("student-gold", "student-uld"),
+            "sft_vs_untrained": ("student-sft", "student-untrained")}
+
+
 def _summary(b: Budget, budget: str, stages: list[Stage], scores: dict, best: str, reload: dict,
-             traces: dict, cached: bool, total: float, work: Path) -> dict:
+             traces: dict, cached: bool, total: float, work: Path,
+             student_tokenizer: str = "shared") -> dict:
     params = _model_params(work)
     teacher = scores["teacher"]["pass@1"]
     verdicts = {}
-    for name in ("student-sft", "student-kd"):
+    trained = [n for n in scores if n not in ("teacher", "student-untrained", "student-answers")]
+    for name in trained:
         verdicts[f"{name}/teacher"] = scores[name]["pass@1"] / teacher if teacher else 0.0
     pp = {n: s["per_prompt"] for n, s in scores.items()}
-    for key, a, b_ in (("traces_vs_answers", "student-sft", "student-answers"),
-                       ("logit_loss", "student-kd", "student-sft"),
-                       ("sft_vs_untrained", "student-sft", "student-untrained")):
-        if b_ in pp:  # a list, as JSON reads it back
+    for key, (a, b_) in VERDICTS.items():
+        if a in pp and b_ in pp:  # a list, as JSON reads it back
             verdicts[key] = list(metrics.paired_difference(pp[a], pp[b_]))
     models = {}
     for name, s in scores.items():
         total_p, active_p = params["teacher" if name == "teacher" else "student"]
         models[name] = {k: v for k, v in s.items() if k != "per_prompt"}
         models[name].update(total_params=total_p, active_params=active_p)
-    return {"budget": budget, "settings": dataclasses.asdict(b), "teacher_cached": cached,
+    return {"budget": budget, "student_tokenizer": student_tokenizer,
+            "settings": dataclasses.asdict(b), "teacher_cached": cached,
             "stages": [dataclasses.asdict(s) for s in stages], "total_seconds": total,
             "models": models, "best_student": best, "verdicts": verdicts, "export": reload,
             "traces": {k: v for k, v in traces.items() if k != "dir"}}
@@ -444,8 +483,9 @@ def _print_summary(console, s: dict) -> None:
                         f"{s['settings']['eval_prompts']} prompts")
     for col in ("model", f"pass@1 (k={k}) [95% CI]", "greedy", "params (active)"):
         table.add_column(col, justify="left" if col == "model" else "right")
+    students = CROSS_STUDENTS if s.get("student_tokenizer") == "other" else STUDENTS
     labels = {"teacher": "teacher (MoE, worked solutions)",
-              **{n: label for n, (_, _, label) in STUDENTS.items()},
+              **{n: label for n, (_, _, label) in students.items()},
               "student-untrained": "student: untrained"}
     for name, m in s["models"].items():
         lo, hi = m["ci95"]
@@ -472,14 +512,23 @@ def verdict_lines(s: dict) -> list[str]:
     ok = "[green]met[/]" if ratio >= TARGET_RATIO else "[red]not met[/]"
     lines = [f"student/teacher ({best}, pass@1) = {ratio:.0%} (target >= "
              f"{TARGET_RATIO:.0%}): {ok}"]
-    d, h = v["traces_vs_answers"]
-    lines.append(f"traces vs answers-only (same student, steps and batch): {100 * d:+.1f} points "
-                 f"(95% CI +/- {100 * h:.1f})" + (" [green]clearly above[/]" if d - h > 0 else ""))
-    d, h = v["logit_loss"]
-    helped = "helped" if d - h > 0 else "hurt" if d + h < 0 else (
-        "made no clear difference (within noise)")
-    lines.append(f"logit loss added to SFT: {helped}, {100 * d:+.1f} points "
-                 f"(95% CI +/- {100 * h:.1f})")
+    if "traces_vs_answers" in v:
+        d, h = v["traces_vs_answers"]
+        lines.append(f"traces vs answers-only (same student, steps and batch): {100 * d:+.1f} "
+                     f"points (95% CI +/- {100 * h:.1f})"
+                     + (" [green]clearly above[/]" if d - h > 0 else ""))
+    for key, what in (("logit_loss", "logit loss added to SFT"),
+                      ("gold_vs_sft", "GOLD (across tokenizers) added to SFT"),
+                      ("uld_vs_sft", "ULD (across tokenizers) added to SFT"),
+                      ("gold_vs_uld", "GOLD vs ULD")):
+        if key in v:
+            d, h = v[key]
+            helped = "helped" if d - h > 0 else "hurt" if d + h < 0 else (
+                "made no clear difference (within noise)")
+            if key == "gold_vs_uld":
+                helped = ("GOLD ahead" if d - h > 0 else "ULD ahead" if d + h < 0
+                          else "no clear difference (within noise)")
+            lines.append(f"{what}: {helped}, {100 * d:+.1f} points (95% CI +/- {100 * h:.1f})")
 
 
     lines.append(escape(summary_line(s["export"])))  # plain text: "[hf]" is not a style

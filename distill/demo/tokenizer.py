@@ -15,7 +15,7 @@ BPE learns are in the questions: " +", " *", " -".)
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
@@ -30,14 +30,19 @@ UNK = "<unk>"
 # the template's markers, the newline and the answer's opening, each one piece (ids 4.. after
 # unk, bos, eos, pad)
 USER_DEFINED = ("\n", "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>", "\\boxed{")
+# `distill demo --student-tokenizer other`: the students' own vocabulary, from the same corpus with
+# fewer merges and without the answer's opening as one piece (so "\\boxed{" is seven tokens there)
+OTHER_PIECES, OTHER_VOCAB = USER_DEFINED[:-1], 36
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 
 
-def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 64) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 64,
+                    pieces: Sequence[str] = USER_DEFINED) -> Tokenizer:
     """Train the BPE model on `texts`, save it as a Hugging Face tokenizer directory in `out_dir`
     (tokenizer.json, tokenizer.model, chat template) and return it as loaded from there.
 
     `vocab_size` is an upper bound: a corpus with fewer distinct merges gives a smaller vocabulary.
+    `pieces`: the user-defined pieces (the template's markers must stay among them).
     """
     model = io.BytesIO()
     try:
@@ -45,7 +50,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
             sentence_iterator=iter(texts), model_writer=model, model_type="bpe",
             vocab_size=vocab_size, hard_vocab_limit=False, split_digits=True,
             normalization_rule_name="identity", remove_extra_whitespaces=False,
-            add_dummy_prefix=False, character_coverage=1.0, user_defined_symbols=list(USER_DEFINED),
+            add_dummy_prefix=False, character_coverage=1.0, user_defined_symbols=list(pieces),
             unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, unk_piece=UNK,
             bos_piece=BOS, eos_piece=EOS, pad_piece=PAD, minloglevel=2)
     except RuntimeError as e:  # e.g. an empty corpus

@@ -32,8 +32,6 @@ Both are token-level means over every scored completion token of every trace.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from functools import partial
 from pathlib import Path
 
@@ -43,7 +41,7 @@ import pyarrow.parquet as pq
 from flax import nnx
 
 from distill import runs
-from distill.data.render import render_example
+from distill.data.render import render_example, render_traces
 from distill.data.store import MANIFEST, read_manifest
 from distill.data.traces import as_source, open_traces
 from distill.errors import DistillError
@@ -55,10 +53,8 @@ _BUCKET = 64  # sequences are right-padded to a multiple of this (fewer recompil
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A short hash of the token -> id map (added tokens included): equal iff ids mean the same."""
-    vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
-    text = json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """`Tokenizer.vocabulary_fingerprint`: equal iff ids mean the same."""
+    return tokenizer.vocabulary_fingerprint()
 
 
 def load_tokenizer(path: str | Path):
@@ -124,6 +120,8 @@ def _has_topk(files) -> bool:
 def _prepare(trace, tokenizer) -> dict | None:
     """Padded [1, T] arrays for one trace, or None when it cannot be scored (no assistant text,
     or top-k rows that do not line up)."""
+    if trace.top_bytes is not None:
+        return _prepare_aligned(trace, tokenizer)
     try:
         ids, mask = render_example(tokenizer, trace.prompt, trace.reasoning, trace.answer)
     except DistillError:
@@ -154,6 +152,31 @@ def _prepare(trace, tokenizer) -> dict | None:
     return out
 
 
+def _prepare_aligned(trace, tokenizer) -> dict | None:
+    """`_prepare` for traces that keep their tokens' bytes, through the alignment training uses
+    (`distill.data.render`), so any student tokenizer can be scored: the positions are the
+    first student token of each aligned span whose teacher top-1 entry is a student token; the
+    target there is that token."""
+    (r,) = render_traces(tokenizer, [trace], trace.top_ids.shape[1])
+    if r is None or r.top_ids is None:
+        return None
+    v, first = tokenizer.vocab_size, r.first
+    ids, lps = r.top_ids.astype(np.int64), r.top_logprobs.astype(np.float32)
+    best = ids[np.arange(len(ids)), np.argmax(lps, axis=1)]
+    scored = np.isfinite(lps).any(1) & (best < v)
+    ids[ids >= v] = -1  # unmatched (the losses read any id outside [0, V) so)
+    t = -(-len(r.ids) // _BUCKET) * _BUCKET
+    out = {"tokens": np.zeros((1, t), np.int32), "targets": np.zeros((1, t), np.int32),
+           "mask": np.zeros((1, t), bool), "top_ids": np.zeros((1, t, ids.shape[1]), np.int32),
+           "top_lps": np.full((1, t, ids.shape[1]), -np.inf, np.float32)}
+    out["tokens"][0, :len(r.ids)] = r.ids
+    span = slice(first - 1, first - 1 + len(ids))  # completion token j: position first + j - 1
+    out["mask"][0, span] = scored
+    out["targets"][0, span] = np.where(scored, best, 0)
+    out["top_ids"][0, span], out["top_lps"][0, span] = ids, lps
+    return out
+
+
 def _score_fn():
 
     @partial(jax.jit, static_argnums=0)
@@ -162,8 +185,11 @@ def _score_fn():
         if top_ids is None:  # text only: cross-entropy on the trace's tokens
             _, m = chunked_loss(model.hidden(tokens), model.logits, targets, mask)
             return m["ce"] * m["tokens"], m["tokens"], m["accuracy"] * m["tokens"], m["tokens"]
+        # KL over the entries that are student tokens (q over the whole top-k): with one
+        # tokenizer every entry is, and this is forward KL
         _, m = chunked_loss(model.hidden(tokens), model.logits, targets, mask,
-                            TeacherTopK(top_ids, top_lps), kind="forward_kl", alpha=1.0)
+                            TeacherTopK(top_ids, top_lps), kind="gold", alpha=1.0,
+                            unmatched_weight=0.0)
         # sums, so traces add up to token-level means
         return m["kd"] * m["kd_tokens"], m["kd_tokens"], m["accuracy"] * m["tokens"], m["tokens"]
 

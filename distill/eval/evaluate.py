@@ -215,20 +215,23 @@ def _judge(sample: Sample, prompt: PromptRecord, pattern: str | None,
 
 
 def _agreement(entry, backend, kl: _KL | None) -> tuple[dict | None, list[str]]:
-    """The KL / top-1 agreement of a student that shares the teacher's tokenizer (traces with
-    top-k), or its NLL / top-1 agreement on text-only traces (any student), else a note."""
+    """The KL / top-1 agreement of a student against traces with top-k (any student when the
+    traces keep their tokens' bytes, which align the teacher's tokens to the student's; else
+    one that shares the teacher's tokenizer), or its NLL / top-1 agreement on text-only traces
+    (any student), else a note."""
     if kl is None:
         return None, []
     if entry.role == "teacher":
         return None, ["KL: not computed for the teacher itself"]
     if entry.kind != "jax":
         return None, ["KL: needs the model in process (an HTTP model gives no logits)"]
-    if kl.with_topk and kl.fingerprint is None:
+    aligned = kl.with_topk and bool(kl.traces) and all(t.top_bytes is not None for t in kl.traces)
+    if kl.with_topk and not aligned and kl.fingerprint is None:
         return None, [f"KL: {kl.note}"]
-
-    if kl.with_topk and tokenizer_fingerprint(backend.tokenizer) != kl.fingerprint:
-        return None, ["KL: the tokenizer differs from the teacher's, so the stored teacher "
-                      "token ids mean nothing to this model"]
+    if kl.with_topk and not aligned and tokenizer_fingerprint(backend.tokenizer) != kl.fingerprint:
+        return None, ["KL: the tokenizer differs from the teacher's, and the traces keep no "
+                      "token bytes to align the two, so the stored teacher token ids mean "
+                      "nothing to this model"]
     scores = agreement(backend.model, backend.tokenizer, kl.traces)
     why = ("top-k rows do not line up with the rendered completion" if kl.with_topk else
            "no assistant text")

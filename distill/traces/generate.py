@@ -102,6 +102,7 @@ def trace_row(prompt: PromptRecord, sample: Sample, verdict, teacher: str,
                      "max_new_tokens": sampling.max_new_tokens, "seed": sampling.seed},
         "meta": json.dumps(prompt.meta, sort_keys=True) if prompt.meta else None,
         "top_ids": sample.top_ids, "top_logprobs": sample.top_logprobs,
+        "token_bytes": sample.token_bytes, "top_bytes": sample.top_bytes,
     }
 
 

@@ -54,12 +54,16 @@ class StudentConfig(Frozen):
 
 class LossConfig(Frozen):
     """SFT cross-entropy, optionally mixed with logit distillation from the teacher's stored
-    top-k log-probabilities (same tokenizer only): loss = (1 - alpha) CE + alpha KD."""
+    top-k log-probabilities: loss = (1 - alpha) CE + alpha KD. forward_kl / reverse_kl / jsd
+    need the student to share the teacher's tokenizer; gold (matched-vocabulary KL plus ULD on
+    the rest) and uld (sorted-probability distance alone) work across tokenizers too."""
 
-    kind: Literal["sft", "forward_kl", "reverse_kl", "jsd"] = "sft"
+    kind: Literal["sft", "forward_kl", "reverse_kl", "jsd", "gold", "uld"] = "sft"
     alpha: float = Field(0.5, ge=0, le=1)  # ignored for sft
     beta: float = Field(0.5, ge=0, le=1)  # generalized JSD interpolation
     temperature: float = Field(1.0, gt=0)
+    matched_weight: float = Field(1.0, ge=0)  # gold: the KL over entries that are student tokens
+    unmatched_weight: float = Field(1.0, ge=0)  # gold: ULD over the teacher's other entries
     chunk: int = Field(1024, ge=1)  # sequence chunk of the loss head: never [B, T, V] logits at once
 
 

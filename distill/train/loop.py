@@ -45,6 +45,7 @@ from distill.train.optim import make_optimizer, schedule
 from distill.train.prefetch import Prefetch
 from distill.train.progress import TrainProgress
 from distill.train.step import TrainState, batch_sharding, compile_step, make_step, state_sharding
+from distill.train.teacher_vocab import check_teacher_vocabulary
 
 
 @dataclasses.dataclass
@@ -158,6 +159,7 @@ def run_train(config_path: str | Path, overrides=(), *, progress: bool = True,
 
     model, tokenizer = load_student(cfg, mesh)
     check_seq_len(cfg.data.seq_len, model.config, str(config_path))
+    check_teacher_vocabulary(cfg.data.traces, tokenizer, cfg.loss, cfg.data.top_k)
     cache_root = Path(cfg.output_root) / TOKEN_CACHE
     data = TrainData.from_config(cfg.data, tokenizer, jax.process_index(), jax.process_count(),
                                  cache_root=cache_root, progress=progress)

@@ -18,7 +18,9 @@ def make_loss_fn(cfg: LossConfig):
             teacher = losses.TeacherTopK(batch["top_ids_btk"], batch["top_logprobs_btk"])
         loss, m = losses.chunked_loss(hidden, model.logits, batch["targets_bt"],
                                       batch["loss_mask_bt"], teacher, kind=cfg.kind, alpha=alpha,
-                                      beta=cfg.beta, temperature=cfg.temperature, chunk=cfg.chunk)
+                                      beta=cfg.beta, temperature=cfg.temperature,
+                                      matched_weight=cfg.matched_weight,
+                                      unmatched_weight=cfg.unmatched_weight, chunk=cfg.chunk)
         t = m["tokens"]
         sums = {"tokens": t, "ce": m["ce"] * t, "accuracy": m["accuracy"] * t}
         if "kd" in m:

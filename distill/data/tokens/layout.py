@@ -27,7 +27,7 @@ from pathlib import Path
 from distill.errors import DistillError
 
 FORMAT = "distill-tokens/1"
-RENDER_VERSION = 1  # bump when rendering changes the ids a trace gets
+RENDER_VERSION = 2  # bump when rendering changes the ids a trace gets (2: top-k aligned by bytes)
 BLOCK_TRACES = 1024  # traces per part: the unit of work builders share
 BATCH_TRACES = 64  # traces rendered and tokenised together
 INPUTS, COMPLETE, PARTS, CLAIMS, WALKS = "inputs.json", "complete.json", "parts", "claims", "walks"
