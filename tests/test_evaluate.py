@@ -19,7 +19,6 @@ from distill.backends.http import sample_seed
 from distill.data.prompts import PromptsConfig, load_prompts
 from distill.errors import DistillError
 from distill.eval import metrics as M
-from distill.eval.agreement import tokenizer_fingerprint
 from distill.eval.evaluate import run_eval
 
 from . import toy
@@ -353,14 +352,14 @@ def test_a_different_tokenizer_is_not_scored(tmp_path):
 
     same = [Tokenizer.from_pretrained(toy.write_tokenizer(tmp_path / n)) for n in ("a", "b")]
     other = Tokenizer.from_pretrained(toy.write_tokenizer(tmp_path / "c", vocab_size=300))
-    assert tokenizer_fingerprint(same[0]) == tokenizer_fingerprint(same[1])
-    assert tokenizer_fingerprint(other) != tokenizer_fingerprint(same[0])
+    assert same[0].vocabulary_fingerprint() == same[1].vocabulary_fingerprint()
+    assert other.vocabulary_fingerprint() != same[0].vocabulary_fingerprint()
 
     class Backend:
         tokenizer = other
 
     scores, notes = _agreement(JaxModelConfig(model="x"), Backend(),
-                               _KL([], True, tokenizer_fingerprint(same[0]), None))
+                               _KL([], True, same[0].vocabulary_fingerprint(), None))
     assert scores is None and "tokenizer differs" in notes[0]
 
 

@@ -64,6 +64,18 @@ def shard_paths(run_dir: str | Path, verify: bool = True) -> list[Path]:
     return paths
 
 
+def column_filled(files, column: str) -> bool:
+    """Whether the first of `files` (shards) with rows has values in `column`: older shards lack
+    newer columns, and a run that could not fill one (no logprobs asked for) stores it null."""
+    for path in files:
+        if column not in pq.read_schema(path).names:
+            return False
+        values = pq.read_table(path, columns=[column]).column(0)
+        if len(values):
+            return values.null_count < len(values)
+    return False
+
+
 def read_table(run_dir: str | Path, verify: bool = True) -> pa.Table:
     """All records of a run as one Arrow table (checksums verified)."""
     paths = shard_paths(run_dir, verify)

@@ -37,12 +37,11 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import pyarrow.parquet as pq
 from flax import nnx
 
 from distill import runs
 from distill.data.render import render_example, render_traces
-from distill.data.store import MANIFEST, read_manifest
+from distill.data.store import MANIFEST, column_filled, read_manifest
 from distill.data.traces import as_source, open_traces
 from distill.errors import DistillError
 from distill.eval.config import KLConfig
@@ -50,11 +49,6 @@ from distill.losses import TeacherTopK, chunked_loss
 from distill.tokenizer import Tokenizer
 
 _BUCKET = 64  # sequences are right-padded to a multiple of this (fewer recompiles)
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """`Tokenizer.vocabulary_fingerprint`: equal iff ids mean the same."""
-    return tokenizer.vocabulary_fingerprint()
 
 
 def load_tokenizer(path: str | Path):
@@ -91,7 +85,7 @@ def load_kl_traces(cfg: KLConfig, prompt_ids: set[str]) -> tuple[list, bool]:
     (text only), of the evaluated prompts only when `only_eval_prompts`."""
     source = as_source(cfg.traces)
     opened = open_traces(source, keep="all")
-    with_topk = opened.preset == "distill" and _has_topk(opened.rows.files)
+    with_topk = opened.preset == "distill" and column_filled(opened.rows.files, "top_ids")
     kept = []
     for t in opened.traces(with_teacher=with_topk):  # streamed: a 1M-row source is not read
         if with_topk and (t.top_ids is None or not len(t.top_ids)):  # whole for 64 traces
@@ -106,15 +100,6 @@ def load_kl_traces(cfg: KLConfig, prompt_ids: set[str]) -> tuple[list, bool]:
             if cfg.only_eval_prompts else ""
         raise DistillError(f"{source.source}: no {what}{where}")
     return kept, with_topk
-
-
-def _has_topk(files) -> bool:
-    """Whether a store's first shard holds teacher top-k rows (runs without logprobs store the
-    column empty)."""
-    if not files or "top_ids" not in pq.read_schema(files[0]).names:
-        return False
-    column = pq.read_table(files[0], columns=["top_ids"]).column(0)
-    return column.null_count < len(column)
 
 
 def _prepare(trace, tokenizer) -> dict | None:
@@ -132,19 +117,11 @@ def _prepare(trace, tokenizer) -> dict | None:
         return None
     if trace.top_ids is not None and int(trace.top_ids.max()) >= tokenizer.vocab_size:
         return None
-    t = -(-len(ids) // _BUCKET) * _BUCKET
-    out = {"tokens": np.zeros((1, t), np.int32), "targets": np.zeros((1, t), np.int32),
-           "mask": np.zeros((1, t), bool)}
-    out["tokens"][0, :len(ids)] = ids
-    # completion token j is predicted at position first + j - 1
-    span = slice(first - 1, first - 1 + rows)
+    out, span = _arrays(ids, first, rows, None if trace.top_ids is None else trace.top_ids.shape[1])
     out["mask"][0, span] = True
     if trace.top_ids is None:  # text only: the trace's own next tokens
         out["targets"][0, span] = ids[first:first + rows]
         return out
-    k = trace.top_ids.shape[1]
-    out["top_ids"] = np.zeros((1, t, k), np.int32)
-    out["top_lps"] = np.full((1, t, k), -np.inf, np.float32)
     best = np.argmax(trace.top_logprobs, axis=1)
     out["targets"][0, span] = trace.top_ids[np.arange(rows), best]  # the teacher's top-1
     out["top_ids"][0, span] = trace.top_ids
@@ -165,16 +142,25 @@ def _prepare_aligned(trace, tokenizer) -> dict | None:
     best = ids[np.arange(len(ids)), np.argmax(lps, axis=1)]
     scored = np.isfinite(lps).any(1) & (best < v)
     ids[ids >= v] = -1  # unmatched (the losses read any id outside [0, V) so)
-    t = -(-len(r.ids) // _BUCKET) * _BUCKET
-    out = {"tokens": np.zeros((1, t), np.int32), "targets": np.zeros((1, t), np.int32),
-           "mask": np.zeros((1, t), bool), "top_ids": np.zeros((1, t, ids.shape[1]), np.int32),
-           "top_lps": np.full((1, t, ids.shape[1]), -np.inf, np.float32)}
-    out["tokens"][0, :len(r.ids)] = r.ids
-    span = slice(first - 1, first - 1 + len(ids))  # completion token j: position first + j - 1
+    out, span = _arrays(r.ids, first, len(ids), ids.shape[1])
     out["mask"][0, span] = scored
     out["targets"][0, span] = np.where(scored, best, 0)
     out["top_ids"][0, span], out["top_lps"][0, span] = ids, lps
     return out
+
+
+def _arrays(ids, first: int, rows: int, k: int | None) -> tuple[dict, slice]:
+    """Zeroed [1, T] arrays (T: len(ids) rounded up to _BUCKET) with the tokens filled in and,
+    with `k`, [1, T, k] top-k arrays (no entries); and the positions of completion tokens
+    0..rows-1 (completion token j is predicted at position first + j - 1)."""
+    t = -(-len(ids) // _BUCKET) * _BUCKET
+    out = {"tokens": np.zeros((1, t), np.int32), "targets": np.zeros((1, t), np.int32),
+           "mask": np.zeros((1, t), bool)}
+    out["tokens"][0, :len(ids)] = ids
+    if k is not None:
+        out["top_ids"] = np.zeros((1, t, k), np.int32)
+        out["top_lps"] = np.full((1, t, k), -np.inf, np.float32)
+    return out, slice(first - 1, first - 1 + rows)
 
 
 def _score_fn():

@@ -41,7 +41,6 @@ from distill.eval.agreement import (
     agreement,
     load_kl_traces,
     teacher_tokenizer,
-    tokenizer_fingerprint,
 )
 from distill.eval.config import EvalConfig, model_name
 from distill.eval.report import build_report, write_outputs
@@ -154,7 +153,7 @@ def _prepare_kl(cfg: EvalConfig, prompts: list[PromptRecord]) -> _KL | None:
     tokenizer, note = teacher_tokenizer(cfg.kl, teacher)
     if tokenizer is None and note is None:
         note = "the teacher model carries no tokenizer (set kl.tokenizer)"
-    return _KL(traces, True, tokenizer_fingerprint(tokenizer) if tokenizer else None, note)
+    return _KL(traces, True, tokenizer.vocabulary_fingerprint() if tokenizer else None, note)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +227,7 @@ def _agreement(entry, backend, kl: _KL | None) -> tuple[dict | None, list[str]]:
     aligned = kl.with_topk and bool(kl.traces) and all(t.top_bytes is not None for t in kl.traces)
     if kl.with_topk and not aligned and kl.fingerprint is None:
         return None, [f"KL: {kl.note}"]
-    if kl.with_topk and not aligned and tokenizer_fingerprint(backend.tokenizer) != kl.fingerprint:
+    if kl.with_topk and not aligned and backend.tokenizer.vocabulary_fingerprint() != kl.fingerprint:
         return None, ["KL: the tokenizer differs from the teacher's, and the traces keep no "
                       "token bytes to align the two, so the stored teacher token ids mean "
                       "nothing to this model"]

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
-from distill.data.store import MANIFEST, read_manifest, shard_paths
+from distill.data.store import MANIFEST, column_filled, read_manifest, shard_paths
 from distill.data.traces import as_source
 from distill.errors import DistillError
 from distill.losses import CROSS_TOKENIZER_KINDS
@@ -29,7 +27,7 @@ def check_teacher_vocabulary(sources, tokenizer, loss: LossConfig, top_k: int) -
         teacher = read_manifest(run).get("tokenizer")
         same = teacher is not None and teacher.get("vocabulary") == student
         if loss.kind in CROSS_TOKENIZER_KINDS:
-            if not same and not _keeps_token_bytes(run):
+            if not same and not column_filled(shard_paths(run, verify=False), "top_bytes"):
                 unknown = "" if teacher else ", nor do they name the teacher's tokenizer"
                 raise DistillError(
                     f"{run}: loss {loss.kind} distils across tokenizers through the bytes of the "
@@ -43,14 +41,3 @@ def check_teacher_vocabulary(sources, tokenizer, loss: LossConfig, top_k: int) -
                 f"ids): loss {loss.kind} reads the teacher's ids as the student's; set loss.kind "
                 "gold or uld to distil across tokenizers")
 
-
-def _keeps_token_bytes(run: Path) -> bool:
-    """Whether the run's first shard with rows has token bytes (older shards lack the column;
-    a teacher that could not tell its bytes leaves it null)."""
-    for path in shard_paths(run, verify=False):
-        if "top_bytes" not in pq.read_schema(path).names:
-            return False
-        column = pq.read_table(path, columns=["top_bytes"]).column(0)
-        if len(column):
-            return column.null_count < len(column)
-    return False
