@@ -484,6 +484,15 @@ def main() -> None:
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
+    except Exception as e:  # a failed write no stage put in words (stages say what is safe)
+        from distill.fsutil import write_error
+
+        reason = write_error(e)
+        if reason is None:
+            raise
+        where = getattr(e, "filename", None)
+        click.echo(f"error: {where + ': ' if where else ''}cannot write ({reason})", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import yaml
 
 from distill import runs
 from distill.errors import DistillError
-from distill.fsutil import write_atomic
 from distill.models import hf
 from distill.pretrained import hf_config, load_pretrained, model_kind, save_pretrained
 
@@ -37,12 +36,10 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, dtype: str = "bfloat1
     for caveat in tokenizer_caveats(model.config, tokenizer):
         (on_warning or warnings.warn)(caveat)
     # without a tokenizer (a bare HF checkpoint) the weights are exported alone; the card says so
-    out = save_pretrained(model, tokenizer, out_dir, dtype=dtype, overwrite=force,
-                          generation_config=R1_GENERATION)
     card = model_card(checkpoint if kind == "run" else None, str(checkpoint), model, eval_report,
                       tokenizer)
-    write_atomic(out / "README.md", card.encode())
-    return out
+    return save_pretrained(model, tokenizer, out_dir, dtype=dtype, overwrite=force,
+                           generation_config=R1_GENERATION, extra_files={"README.md": card.encode()})
 
 
 def tokenizer_caveats(cfg, tokenizer) -> list[str]:

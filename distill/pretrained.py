@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 
 from distill.config import DenseConfig, MoEConfig, load_model_config
 from distill.errors import DistillError
+from distill.fsutil import FREE, writing
 from distill.models import gguf, hf, hf_moe, safetensors_io
 from distill.parallel import state_shardings
 from distill.runs import is_run, load_run
@@ -110,19 +111,30 @@ def hf_config(cfg: DenseConfig | MoEConfig, dtype: str | None = None) -> dict:
 
 def save_pretrained(model, tokenizer, out_dir: str | Path, *, dtype: str = "float32",
                     max_shard_bytes: int = 5 * 10**9, overwrite: bool = False,
-                    generation_config: dict | None = None) -> Path:
-    """Write a Hugging Face model directory (config.json, safetensors, tokenizer files) of a
-    dense student (LlamaForCausalLM / Qwen2ForCausalLM) or a DeepSeek-V3 MoE
-    (DeepseekV3ForCausalLM).
+                    generation_config: dict | None = None,
+                    extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write a Hugging Face model directory (config.json, safetensors, tokenizer files, and
+    `extra_files` such as a model card) of a dense student (LlamaForCausalLM / Qwen2ForCausalLM)
+    or a DeepSeek-V3 MoE (DeepseekV3ForCausalLM).
 
     Everything is written into a temporary sibling directory that is renamed into place at the
-    end, so an interrupted save never leaves a directory that looks complete.
+    end, so an interrupted save never leaves a directory that looks complete, and a failed write
+    (a full disk) leaves `out_dir` as it was, with one line that says so.
     """
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise DistillError(f"{out}: already exists and is not empty (pass overwrite/--force)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    safe = (f"{out} is as it was" if out.exists() else f"nothing was written to {out}")
+    with writing(out, f"{safe}; {FREE} and rerun the same command"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        _save_into(tmp, out, model, tokenizer, dtype, max_shard_bytes, generation_config,
+                   extra_files or {})
+    return out
+
+
+def _save_into(tmp: Path, out: Path, model, tokenizer, dtype, max_shard_bytes,
+               generation_config, extra_files) -> None:
     try:
         cfg = model.config
         config = hf_config(cfg, dtype)
@@ -135,10 +147,11 @@ def save_pretrained(model, tokenizer, out_dir: str | Path, *, dtype: str = "floa
         hf.save_weights(model, tmp, dtype, max_shard_bytes, table)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, data in extra_files.items():
+            (tmp / name).write_bytes(data)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out

@@ -18,7 +18,10 @@ students/.cache/tokens/<key>/   the tokenized caches of the runs' trace mixtures
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -73,19 +76,91 @@ def abstract_with_shardings(state, shardings):
                         state, shardings)
 
 
+def committed_steps(checkpoints: str | Path) -> list[int]:
+    """The steps of a checkpoints/ folder's committed checkpoints, oldest first (orbax renames a
+    step's folder to its bare number only once the whole step is written)."""
+    p = Path(checkpoints)
+    return sorted(int(d.name) for d in p.iterdir() if d.name.isdigit()) if p.is_dir() else []
+
+
 def latest_step(run_dir: str | Path) -> int | None:
-    """The newest checkpoint's step, or None."""
-    manager = ocp.CheckpointManager(Path(run_dir, CHECKPOINTS).absolute())
-    try:
-        return manager.latest_step()
-    finally:
-        manager.close()
+    """The newest committed checkpoint's step, or None."""
+    steps = committed_steps(Path(run_dir, CHECKPOINTS))
+    return steps[-1] if steps else None
+
+
+def _leaf_name(path) -> str:
+    keys = (getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+    return "/".join(str(k) for k in keys)
+
+
+@jax.jit
+def _leaf_sums(leaves: list) -> list:
+    """Per leaf, the wrapping uint32 sum of its elements' bit patterns (a changed bit changes it)."""
+    def one(x):
+        bits = x.dtype.itemsize * 8
+        u = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{bits}"))
+        if bits == 64:  # fold the halves
+            u = (u >> 32) ^ (u & 0xFFFFFFFF)
+        return jnp.sum(u.astype(jnp.uint32), dtype=jnp.uint32)
+    return [one(x) for x in leaves]
+
+
+def checksums(tree) -> dict[str, int]:
+    """{leaf path ('params/layers/attn/wq_dnh/value'): checksum} of a pytree of arrays, computed
+    where the arrays live (sharded arrays on every process alike). A checkpoint stores them beside
+    its state so that a restore can tell a corrupted checkpoint from a good one."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    sums = jax.device_get(_leaf_sums([x for _, x in flat]))
+    return {_leaf_name(p): int(v) for (p, _), v in zip(flat, sums, strict=True)}
+
+
+def verify_checksums(tree, expected: dict[str, int] | None, where: str) -> None:
+    """Raise DistillError naming the first leaf of `tree` whose checksum is not `expected`'s
+    (leaves `expected` does not list, and checkpoints written before checksums, pass)."""
+    if not expected:
+        return
+    for name, value in checksums(tree).items():
+        if name in expected and expected[name] != value:
+            raise DistillError(f"{where}: {name} does not match its checksum (the checkpoint is "
+                               "corrupted)")
+
+
+def log_stderr(line: str) -> None:
+    """The default `log` of the functions here: one line to stderr."""
+    print(line, file=sys.stderr, flush=True)
+
+
+T = TypeVar("T")
+
+
+def restore_newest(checkpoints: Path, restore: Callable[[int], T], *, step: int | None = None,
+                   log: Callable[[str], None] = log_stderr) -> tuple[int, T]:
+    """(step, restore(step)) of the newest committed checkpoint that restores, or of `step` alone
+    when given. A checkpoint that fails (a truncated file, a checksum that does not match) gets one
+    line in `log` and the previous kept one is tried; DistillError when none restores."""
+    steps = [step] if step is not None else committed_steps(checkpoints)[::-1]
+    if not steps:
+        raise DistillError(f"{checkpoints}: no checkpoint yet")
+    failures = []
+    for i, s in enumerate(steps):
+        try:
+            return s, restore(s)
+        except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint means the next
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            failures.append(f"{s}: {why}")
+            if i + 1 < len(steps):
+                log(f"warning: {checkpoints}/{s} cannot be restored ({why}); trying step "
+                    f"{steps[i + 1]}")
+    raise DistillError(f"{checkpoints}: no checkpoint can be restored ({'; '.join(failures)})")
 
 
 def load_run(run_dir: str | Path, *, param_dtype: str = "float32", dtype: str = "float32",
-             mesh=None, step: int | None = None):
+             mesh=None, step: int | None = None, log: Callable[[str], None] = log_stderr):
     """(model, tokenizer) from a students/<run> directory: its model config, the parameters of its
-    latest checkpoint (or `step`), placed sharded on `mesh` when given, and its tokenizer."""
+    newest checkpoint that restores and matches its checksums (or of `step`), placed sharded on
+    `mesh` when given, and its tokenizer. `log` gets one line naming the step loaded (and one for
+    each newer checkpoint that could not be)."""
 
     run_dir = Path(run_dir)
     data = json.loads((run_dir / MODEL).read_text())
@@ -93,9 +168,6 @@ def load_run(run_dir: str | Path, *, param_dtype: str = "float32", dtype: str = 
     cfg = validate(ModelFile, {"model": data}, str(run_dir / MODEL)).model
     abstract = hf.abstract_model(cfg)
     graphdef, params = nnx.split(abstract)
-    step = latest_step(run_dir) if step is None else step
-    if step is None:
-        raise DistillError(f"{run_dir}: no checkpoint yet")
     shardings = (state_shardings(params, mesh) if mesh is not None
                  else jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
                                    params))
@@ -103,10 +175,25 @@ def load_run(run_dir: str | Path, *, param_dtype: str = "float32", dtype: str = 
     # checkpoints hold float32 master weights; restore as stored, then cast to param_dtype
     stored = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding),
                           target)
-    restored = ocp.PyTreeCheckpointer().restore(
-        Path(run_dir, CHECKPOINTS).absolute() / str(step) / "state",
-        args=ocp.args.PyTreeRestore(item={"params": stored}, partial_restore=True,
-                                    restore_args=ocp.checkpoint_utils.construct_restore_args(
-                                        {"params": stored})))
+    checkpoints = Path(run_dir, CHECKPOINTS).absolute()
+
+    def restore(s: int):
+        restored = ocp.PyTreeCheckpointer().restore(
+            checkpoints / str(s) / "state",
+            args=ocp.args.PyTreeRestore(item={"params": stored}, partial_restore=True,
+                                        restore_args=ocp.checkpoint_utils.construct_restore_args(
+                                            {"params": stored})))
+        verify_checksums(restored, read_extra(checkpoints, s).get("checksums"),
+                         f"{checkpoints}/{s}")
+        return restored
+
+    step, restored = restore_newest(checkpoints, restore, step=step, log=log)
+    log(f"{run_dir}: loaded the checkpoint of step {step}")
     params = jax.tree.map(lambda x, t: x.astype(t.dtype), restored["params"], target)
     return nnx.merge(graphdef, params), read_tokenizer(run_dir)
+
+
+def read_extra(checkpoints: Path, step: int) -> dict:
+    """A checkpoint's JSON part (data position, seed, checksums); {} when it has none."""
+    path = Path(checkpoints) / str(step) / "extra" / "metadata"
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -17,7 +17,7 @@ from distill.data.records import PromptRecord
 from distill.eval import metrics as M
 from distill.eval import plots
 from distill.eval.config import EvalConfig
-from distill.fsutil import fsync_dir
+from distill.fsutil import FREE, fsync_dir, writing
 
 
 def model_metrics(run, prompts: list[PromptRecord]) -> dict:
@@ -168,9 +168,18 @@ def sample_rows(runs: list, prompts: list[PromptRecord]):
 
 def write_outputs(out_dir: Path, report: dict, runs: list, prompts: list[PromptRecord],
                   loss_curves: dict[str, Path]) -> None:
-    """Write every file into a temporary sibling folder, then swap it in for `out_dir`."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    """Write every file into a temporary sibling folder, then swap it in for `out_dir`; a failed
+    write (a full disk) leaves `out_dir` as it was and ends in one line."""
+    safe = (f"the previous report in {out_dir} is untouched" if out_dir.exists() else
+            f"no report was written to {out_dir}") + f"; {FREE} and rerun the same command"
+    with writing(out_dir, safe):
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        _write_into(tmp, out_dir, report, runs, prompts, loss_curves)
+
+
+def _write_into(tmp: Path, out_dir: Path, report: dict, runs: list, prompts: list[PromptRecord],
+                loss_curves: dict[str, Path]) -> None:
     try:
         with open(tmp / "samples.jsonl", "w", encoding="utf-8") as f:
             for row in sample_rows(runs, prompts):

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from distill.data.records import TRACE_SCHEMA
 from distill.data.store import DATA, FORMAT, MANIFEST, read_manifest, sha256_file
 from distill.errors import DistillError
-from distill.fsutil import write_atomic
+from distill.fsutil import FREE, write_atomic, writing
 
 
 def shard_name(index: int) -> str:
@@ -77,8 +77,9 @@ class TraceStore:
             manifest = {"format": FORMAT, "created": now, "complete": False,
                         "config": run_config, "shards": []}
         store = cls(root, manifest)
-        store._remove_unlisted()
-        store._write_manifest()
+        with writing(root, store.safe):
+            store._remove_unlisted()
+            store._write_manifest()
         return store
 
     def _remove_unlisted(self) -> None:
@@ -102,26 +103,40 @@ class TraceStore:
         if index in self.done():
             raise ValueError(f"shard {index} is already stored")
         entry = {"index": index, "file": None, "records": len(rows), "sha256": None, **stats}
-        if rows:
-            name = shard_name(index)
-            table = pa.Table.from_pylist(rows, schema=TRACE_SCHEMA)
-            path = self.root / DATA / name
-            write_atomic(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
-            entry.update(file=name, sha256=sha256_file(path))
-        self.manifest["shards"] = sorted(self.manifest["shards"] + [entry], key=lambda s: s["index"])
-        self._write_manifest()
+        path = self.root / DATA / shard_name(index)
+        before = self.manifest["shards"]
+        with writing(path, self.safe):
+            try:
+                if rows:
+                    table = pa.Table.from_pylist(rows, schema=TRACE_SCHEMA)
+                    write_atomic(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+                    entry.update(file=path.name, sha256=sha256_file(path))
+                self.manifest["shards"] = sorted(before + [entry], key=lambda s: s["index"])
+                self._write_manifest()
+            except BaseException:  # the shard is not listed: the state stays the one on disk
+                self.manifest["shards"] = before
+                path.unlink(missing_ok=True)
+                raise
 
     def set_info(self, **info) -> None:
         """Record run information (teacher identity, tokenizer, prompt counts) in the manifest."""
         self.manifest.update(info)
-        self._write_manifest()
+        with writing(self.root / MANIFEST, self.safe):
+            self._write_manifest()
 
     def finish(self, card: str) -> dict:
         """Mark the run complete and write the dataset card; returns the totals."""
-        self.manifest["complete"] = True
-        self._write_manifest()
-        write_atomic(self.root / "README.md", card.encode())
+        with writing(self.root, self.safe):
+            write_atomic(self.root / "README.md", card.encode())
+            self.manifest["complete"] = True
+            self._write_manifest()
         return self.totals()
+
+    def safe(self) -> str:
+        """What a failed write leaves safe, in words (its error line's end)."""
+        n = len(self.manifest["shards"])
+        return (f"{n} shard{'s' * (n != 1)} ({self.totals()['records']} records) listed in "
+                f"{self.root / MANIFEST} are safe; {FREE} and rerun the same command to resume")
 
     def totals(self) -> dict:
         """Sums over the stored shards: records, prompts, samples, tokens, rejections by reason."""

@@ -25,6 +25,7 @@ from tensorboardX import SummaryWriter
 
 from distill.config import DenseConfig, load_config, validate
 from distill.errors import DistillError
+from distill.fsutil import FREE, writing
 from distill.parallel import make_mesh, parse_mesh
 from distill.pretrained import load_pretrained
 from distill.runs import (
@@ -179,15 +180,19 @@ def run_train(config_path: str | Path, overrides=(), *, progress: bool = True,
     ckpts = Checkpoints(run_dir / CHECKPOINTS, cfg.train.keep_checkpoints,
                         cfg.train.async_checkpoints)
     data_state = DataState()
-    if ckpts.latest() is not None:
-        state, extra = ckpts.restore(abstract_with_shardings(state, state_sh))
+    restored = ckpts.restore(abstract_with_shardings(state, state_sh))
+    if restored is not None:
+        _, state, extra = restored
         data_state = DataState.from_dict(extra["data"])
     elif lead:
-        write_run_files(run_dir, cfg, model, tokenizer)
+        with writing(run_dir, f"nothing was trained yet; {FREE} and rerun the same command"):
+            write_run_files(run_dir, cfg, model, tokenizer)
     model_cfg = model.config
     del model, params
 
-    log = MetricsLog(run_dir, lead)
+    safe = ckpts.safe  # what a failed write leaves, in its error line
+    with writing(run_dir / METRICS, safe):
+        log = MetricsLog(run_dir, lead)
     b_sh = batch_sharding(mesh)
     start = int(state.step)
     flops_tok = _flops_per_token(model_cfg, cfg.data.seq_len)
@@ -203,7 +208,8 @@ def run_train(config_path: str | Path, overrides=(), *, progress: bool = True,
     stream = map(prepare, data.batches(data_state))
     t_last, tokens_since = time.perf_counter(), 0
     # under the mesh, the model's activation constraints (sequence over `tensor`) take effect
-    with jax.set_mesh(mesh), StopFlag() as flag, \
+    with writing(run_dir, safe), _closing_on_error(ckpts), jax.set_mesh(mesh), \
+            StopFlag() as flag, \
             TrainProgress(total, start, enabled=progress and lead) as bar, \
             (Prefetch(stream, depth=cfg.train.prefetch) if cfg.train.prefetch
              else contextlib.nullcontext(stream)) as batches:
@@ -233,9 +239,21 @@ def run_train(config_path: str | Path, overrides=(), *, progress: bool = True,
             if halt:
                 stopped = flag.signal is not None
                 break
-    ckpts.close()
-    log.close()
+    with writing(run_dir, safe):
+        ckpts.close()
+        log.close()
     return TrainResult(run_dir, int(state.step), logged, stopped)
+
+
+@contextlib.contextmanager
+def _closing_on_error(ckpts: Checkpoints):
+    """On an error in the loop, let a checkpoint in flight land before the error propagates."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            ckpts.close()
+        raise
 
 
 def _flops_per_token(model_cfg, seq_len: int) -> float:

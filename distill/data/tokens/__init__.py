@@ -31,6 +31,7 @@ from distill.data.tokens.layout import (
 )
 from distill.data.tokens.reader import TokenCache
 from distill.data.traces import as_source, trace_inputs
+from distill.fsutil import FREE, writing
 
 __all__ = ["BATCH_TRACES", "BLOCK_TRACES", "TokenCache", "cache_inputs", "cache_key",
            "content_digest", "open_cache", "trace_digest"]
@@ -60,7 +61,9 @@ def open_cache(sources: Sequence, keep: str | None, tokenizer, top_k: int, root:
         if process_index == 0:
             log(f"tokenized cache: building {directory} ({_why_build(Path(root), directory, inputs)})")
         job = Job(directory, inputs, tuple(sources), keep, tokenizer, top_k, block)
-        build_cache(job, process_index, process_count, progress and process_index == 0)
+        with writing(directory, f"the traces are untouched and the cache's finished parts are "
+                                f"kept; {FREE} and rerun the same command to finish the build"):
+            build_cache(job, process_index, process_count, progress and process_index == 0)
     return TokenCache.open(directory)
 
 

@@ -20,6 +20,7 @@ dataset.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import os
@@ -347,7 +348,8 @@ class _PartWriter:
 
     def abort(self) -> None:
         for f in (*self.files.values(), self.ids_file):
-            f.close()
+            with contextlib.suppress(OSError):  # a full disk fails the flush of close() too
+                f.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.claim.unlink(missing_ok=True)
 
