@@ -161,8 +161,14 @@ def train(config, overrides, quiet):
     Rerunning the same command resumes from the latest checkpoint. SIGTERM / Ctrl-C save a
     checkpoint before exiting (exit code 143 / 130).
     """
-    from distill.train.loop import run_train
+    from distill import multihost
+    from distill.train.loop import distributed_settings, lost_host_words, resolved_config, run_train
 
+    cfg = resolved_config(config, overrides)
+    addr, num, pid = distributed_settings(cfg.distributed)
+    if addr is not None and not multihost.supervised():  # one of several processes
+        process = f"process {pid} of {num}" if pid is not None else "this process"
+        sys.exit(multihost.supervise(sys.argv[1:], lambda: lost_host_words(cfg), process))
     result = run_train(config, overrides, progress=not quiet)
     if result.stopped:
         click.echo(f"stopped at step {result.step}; checkpoint saved in {result.run_dir} "
@@ -420,6 +426,41 @@ def bench_data(tokens, steps, gguf_path, out_dir):
     from distill.bench.data import main as run_bench
 
     click.echo(run_bench(str(smollm2_path(gguf_path)), tokens, Path(out_dir), steps))
+
+
+@bench.command("soak")
+@click.option("--minutes", type=click.FloatRange(0.1), default=10.0, show_default=True,
+              help="How long the load runs.")
+@click.option("--concurrency", type=click.IntRange(1, 1024), default=64, show_default=True,
+              help="Clients, each with one request in flight at a time.")
+@click.option("--max-tokens", type=click.IntRange(1), default=64, show_default=True,
+              help="The largest completion budget (each request draws from max/4 to max).")
+@click.option("--warmup-s", type=click.FloatRange(0), default=60.0, show_default=True,
+              help="RSS growth is measured from this point on.")
+@click.option("--disconnect-every", type=click.IntRange(0), default=20, show_default=True,
+              help="Every N-th streaming client hangs up after its first delta (0: none).")
+@click.option("--max-batch", type=click.IntRange(1), default=16, show_default=True,
+              help="The server's --max-batch.")
+@click.option("--model", "model_path", type=click.Path(), default=None,
+              help="MODEL to serve (default: the SmolLM2 GGUF `make models` fetched).")
+@click.option("--out", "out_path", type=click.Path(), default="students/bench/soak.json",
+              show_default=True, help="Where the summary goes (JSON).")
+def bench_soak(minutes, concurrency, max_tokens, warmup_s, disconnect_every, max_batch,
+               model_path, out_path):
+    """`distill serve` under sustained load on 127.0.0.1: requests done and failed, p50 / p99
+    latency, completion tokens/s, and the server's resident memory after the warm-up and at the
+    end (the server runs as its own process)."""
+    from distill.bench import smollm2_path
+    from distill.bench.soak import run_soak, soak_table, write_json
+
+    summary = run_soak(model_path or smollm2_path(None), seconds=minutes * 60,
+                       concurrency=concurrency, max_tokens=max_tokens, warmup_s=warmup_s,
+                       disconnect_every=disconnect_every, max_batch=max_batch, echo=click.echo)
+    write_json(Path(out_path), summary)
+    click.echo(soak_table(summary))
+    if summary["requests_failed"]:
+        click.echo(f"failed requests, the first: {summary['errors']}")
+        sys.exit(1)
 
 
 @cli.command()

@@ -209,11 +209,12 @@ def _mark_stopped(carry: _DecodeState, tokenizer, stops: tuple[str, ...]) -> _De
     return carry._replace(done=jnp.asarray(done))
 
 
-def _report_chunk(carry: _DecodeState, reported: np.ndarray, on_chunk) -> np.ndarray:
-    """Hand each row's tokens generated since `reported` (tokens per row) to `on_chunk`."""
+def _report_chunk(carry: _DecodeState, reported: np.ndarray, on_chunk):
+    """Hand each row's tokens generated since `reported` (tokens per row) to `on_chunk`; returns
+    the new counts and the rows `on_chunk` drops."""
     out, count = np.asarray(carry.out), np.asarray(carry.count)
-    on_chunk([out[j, reported[j]: count[j]].tolist() for j in range(out.shape[0])])
-    return count.astype(np.int64)
+    dropped = on_chunk([out[j, reported[j]: count[j]].tolist() for j in range(out.shape[0])])
+    return count.astype(np.int64), dropped
 
 
 def stop_ids(model, tokenizer) -> list[int]:
@@ -226,14 +227,17 @@ def stop_ids(model, tokenizer) -> list[int]:
 
 def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams,
              eos_ids: Sequence[int] = (), tokenizer=None, pad_id: int = 0,
-             on_chunk: Callable[[list[list[int]]], None] | None = None) -> list[Completion]:
+             on_chunk: Callable[[list[list[int]]], Sequence[int] | None] | None = None
+             ) -> list[Completion]:
     """Generate for each prompt (token ids) `params.n` completions, in prompt-major order.
 
     model: a model, or a `DecodeModel` of one (which keeps its prepared weights across calls).
 
     on_chunk (for streaming): with it, decode runs in chunks of STOP_CHECK_EVERY tokens and after
     each one it is called on the host with every row's new token ids since the previous call (rows
-    in the output's order; an end-of-sequence token included, tokens past a stop string too).
+    in the output's order; an end-of-sequence token included, tokens past a stop string too). It
+    may return the indices of rows nobody wants any more (a client gone): they end there, and the
+    call returns once every other row has.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -273,7 +277,11 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams,
         if check:
             carry = _mark_stopped(carry, tokenizer, params.stop)
         if on_chunk is not None:
-            reported = _report_chunk(carry, reported, on_chunk)
+            reported, dropped = _report_chunk(carry, reported, on_chunk)
+            if dropped:
+                done = np.array(carry.done)
+                done[list(dropped)] = True
+                carry = carry._replace(done=jnp.asarray(done))
         if int(carry.t) >= params.max_new_tokens - 1 or bool(jnp.all(carry.done)):
             break
         t_end += chunk

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ from distill.data import store as data_store
 from . import toy
 from .disk import error_lines, run_on_small_disk
 from .test_generate import write_config as generate_config
-from .test_train import _params, _train_cli, world  # noqa: F401
+from .test_train import _free_port, _params, _train_cli, _wait_for, world  # noqa: F401
 from .test_train import config as train_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -216,3 +218,67 @@ def test_eval_on_a_full_disk_leaves_the_previous_report(tmp_path):
     assert line.endswith(f"the previous report in {out} is untouched; free space and rerun the "
                          "same command"), line
     assert (out / "samples.jsonl").read_text() == previous and (out / "eval.md").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# A lost host
+
+PAIR = dict(mesh="data=1,fsdp=2,tensor=1",
+            train={"steps": 200, "checkpoint_every": 20, "log_every": 20,
+                   "async_checkpoints": True})
+
+
+def _pair(cfg: Path, port: int) -> list[subprocess.Popen]:
+    return [_train_cli(cfg, {"XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+                             "DISTILL_COORDINATOR": f"127.0.0.1:{port}",
+                             "DISTILL_NUM_PROCESSES": "2", "DISTILL_PROCESS_ID": str(i)})
+            for i in range(2)]
+
+
+@pytest.fixture(scope="module")
+def pair_reference(world, tmp_path_factory):  # noqa: F811
+    """The parameters of an uninterrupted two-process run."""
+    root = tmp_path_factory.mktemp("pair")
+    cfg = train_config(world, root / "ref.yaml", **PAIR, data={"cache_dir": str(root / "cache")})
+    for p in _pair(cfg, _free_port()):
+        assert p.wait(timeout=300) == 0, p.stderr.read()
+    return _params(root / "students" / "ref")
+
+
+@pytest.mark.parametrize("victim", [0, 1], ids=["coordinator-lost", "worker-lost"])
+def test_a_lost_process_stops_the_other_in_one_line_and_the_pair_resumes_bitwise(
+        world, tmp_path, pair_reference, victim):  # noqa: F811
+    cfg = train_config(world, tmp_path / "run.yaml", **PAIR,
+                       data={"cache_dir": str(tmp_path / "cache")})
+    ckpts = tmp_path / "students" / "run" / "checkpoints"
+    procs = _pair(cfg, _free_port())
+    assert _wait_for(lambda: ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()))
+    procs[victim].send_signal(signal.SIGKILL)
+    killed = time.time()
+    survivor = procs[1 - victim]
+    code = survivor.wait(timeout=120)
+    elapsed = time.time() - killed
+    lines = error_lines(survivor.stderr.read())
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: process {1 - victim} of 2 lost contact with the run's "
+                               "other processes (")
+    assert lines[0].endswith("is safe; restart every process with the same command to resume "
+                             "from it"), lines[0]
+    assert elapsed < 60  # the watchdog's 10 s, or at once when the coordinator goes
+    print(f"victim {victim}: the survivor stopped {elapsed:.1f} s after the kill: {lines[0]}")
+    for p in _pair(cfg, _free_port()):
+        assert p.wait(timeout=300) == 0, p.stderr.read()
+    for a, b in zip(_params(tmp_path / "students" / "run"), pair_reference, strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_a_collective_whose_peer_left_is_told_from_other_runtime_errors():
+    from distill.multihost import peer_gone
+
+    gone = Exception("INTERNAL: Error dispatching computation: ...\nUNKNOWN: Gloo AllGather failed: "
+                     "[external/gloo/gloo/transport/tcp/pair.cc:538] Read error "
+                     "[127.0.0.1]:26549: Connection reset by peer")
+    assert peer_gone(gone) == ("Gloo AllGather failed: Read error [127.0.0.1]:26549: "
+                               "Connection reset by peer")
+    assert peer_gone(Exception("Gloo AllReduce failed: size mismatch")) is None
+    assert peer_gone(Exception("RESOURCE_EXHAUSTED: out of memory")) is None

@@ -312,6 +312,27 @@ def test_generate_on_chunk_reports_every_token_once(loaded):
         assert [t for t in streamed if t not in eos] == c.token_ids
 
 
+def test_rows_on_chunk_drops_end_there_and_the_others_run_on(loaded):
+    model, tok = loaded
+    ids = prompt_ids(tok, QUESTION)
+    params = SamplingParams(max_new_tokens=128, temperature=0.0)
+    chunks = []
+
+    def drop_the_second(rows):
+        chunks.append(rows)
+        return [1]
+
+    got = generate(model, [ids, ids], params, stop_ids(model, tok), tok,
+                   on_chunk=drop_the_second)
+    [plain] = generate(model, [ids], params, stop_ids(model, tok), tok)
+    assert len(plain.token_ids) == 128  # greedy runs the whole budget here
+    assert got[0].token_ids == plain.token_ids and len(chunks) == 4
+    first = len(chunks[0][1])  # the first chunk: the prefill's token and STOP_CHECK_EVERY more
+    assert first <= sampling.STOP_CHECK_EVERY + 1
+    assert got[1].token_ids == plain.token_ids[:first] and got[1].finish_reason == "length"
+    assert all(rows[1] == [] for rows in chunks[1:])
+
+
 def test_a_new_seed_does_not_compile_again(loaded):
     model, tok = loaded
     ids = prompt_ids(tok, QUESTION)
@@ -351,3 +372,36 @@ def test_cli_errors_are_one_line(tmp_path):
     proc = run_cli("serve", tmp_path, "--api-key-env", "DISTILL_TEST_NO_SUCH_KEY")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "DISTILL_TEST_NO_SUCH_KEY is not set" in proc.stderr
+
+
+def _wait_until(pred, timeout=60.0) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline and not pred():
+        time.sleep(0.05)
+    return pred()
+
+
+def test_clients_that_leave_free_their_batch_slot(loaded):
+    app = build_app(*loaded, "toy", max_batch=4)
+    engine = app.state.engine
+    long = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 1536,
+            "temperature": 0}
+    with ServerThread(app) as base_url, httpx.Client(base_url=base_url, timeout=120) as client:
+        whole = client.post("/v1/chat/completions", json=long).json()
+        assert whole["usage"]["completion_tokens"] == 1536  # greedy: the same request runs this long
+        before = engine.tokens_generated
+        # a streaming client reads its first delta and hangs up: its round ends at the next chunk
+        with client.stream("POST", "/v1/chat/completions", json={**long, "stream": True}) as r:
+            first_text = next(x for x in r.iter_lines() if x and '"role"' not in x)
+        assert '"delta"' in first_text  # the round was decoding when the client left
+        assert _wait_until(lambda: engine.jobs_cancelled == 1 and engine.jobs_done == 2)
+        assert engine.tokens_generated - before < 1536 // 2
+        # a plain client gives up while its request waits in the queue: it never runs
+        calls = engine.generate_calls
+        with engine.paused():
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{base_url}/v1/chat/completions", json=long, timeout=0.3)
+            time.sleep(1.0)  # the server notices within DISCONNECT_POLL_S
+        assert _wait_until(lambda: engine.jobs_cancelled == 2)
+        assert engine.generate_calls == calls and engine.pending == 0
+        assert chat(client).status_code == 200

@@ -36,6 +36,24 @@ from distill.serve.protocol import (
 # ---------------------------------------------------------------------------------------------
 # The app
 
+DISCONNECT_POLL_S = 0.5  # how often a waiting non-streaming request checks that its client is there
+
+
+class _JobStream(StreamingResponse):
+    """A job's SSE response; a client that leaves mid-stream (Starlette stops the stream when it
+    hears the disconnect) cancels the job, which frees its batch slot."""
+
+    def __init__(self, job: Job, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.job = job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self.job.result.done():
+                self.job.cancelled = True
+
 
 class _Server:
     """The endpoints' shared state: model, engine, name, key."""
@@ -73,10 +91,15 @@ class _Server:
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": self.name}
         if req.stream:
-            return StreamingResponse(self._events(req, job, meta), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return _JobStream(job, self._events(req, job, meta), media_type="text/event-stream",
+                              headers={"Cache-Control": "no-cache"})
+        while not job.result.done():  # a client that leaves frees its batch slot
+            await asyncio.wait([job.result], timeout=DISCONNECT_POLL_S)
+            if not job.result.done() and await request.is_disconnected():
+                job.cancelled = True
+                return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         try:
-            completions = await job.result
+            completions = job.result.result()
         except Exception as e:
             return error_response(500, f"generation failed: {e}")
         return JSONResponse(self._answer(req, job, meta, completions))
@@ -158,9 +181,13 @@ class _Server:
             yield event([choice(i, {"role": "assistant", "content": ""})])
         while not (job.result.done() and job.events.empty()):
             getter = asyncio.ensure_future(job.events.get())
-            await asyncio.wait([getter, job.result], return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                getter.cancel()
+            try:
+                await asyncio.wait([getter, job.result], return_when=asyncio.FIRST_COMPLETED)
+            finally:  # also when the client leaves while this waits
+                got = getter.done()
+                if not got:
+                    getter.cancel()
+            if not got:
                 continue
             _, i, delta = getter.result()
             yield event([choice(i, delta)])

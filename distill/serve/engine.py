@@ -37,6 +37,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     result: asyncio.Future  # list[Completion] (one per choice) or an exception
     events: asyncio.Queue | None = None  # streaming: ("delta", choice, delta) items
+    cancelled: bool = False  # the client left: not run if still queued, its rows end if running
 
     def post(self, fn, *args) -> None:
         """Run `fn(*args)` on the request's event loop (from the worker thread)."""
@@ -59,7 +60,10 @@ class BatchEngine:
     Each round takes the oldest waiting job and every other waiting job with the same sampling
     settings (up to `max_batch` choices), pads the batch to a power of two and the token budget
     to a power of two (fewer shapes to compile), calls `generate` once, and cuts each choice to
-    its own `max_tokens`. `generate_calls` and `jobs_done` count what it did.
+    its own `max_tokens`. A cancelled job (its client gone) is dropped from the queue, or its rows
+    end at the next chunk of the round it is in (as do the padding rows from the start), so a
+    round lasts only as long as someone waits for it. `generate_calls`, `jobs_done`,
+    `jobs_cancelled` and `tokens_generated` (the choices' tokens) count what it did.
     """
 
     def __init__(self, model, tokenizer, max_batch: int = 16, batch_wait_ms: float = 10.0):
@@ -68,7 +72,7 @@ class BatchEngine:
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_ms / 1000
         self.eos_ids = stop_ids(model, tokenizer)
         self.max_positions = model.config.max_position_embeddings
-        self.generate_calls = self.jobs_done = 0
+        self.generate_calls = self.jobs_done = self.jobs_cancelled = self.tokens_generated = 0
         self._queue: list[Job] = []
         self._cond = threading.Condition()
         self._gate = threading.Lock()  # held by `paused()`
@@ -122,6 +126,8 @@ class BatchEngine:
             time.sleep(self.batch_wait_s)  # let requests that arrive together share the round
             with self._gate:
                 group = self._take_group()
+                if not group:
+                    continue
                 try:
                     self._run_group(group)
                 except Exception as e:  # a failed round fails its requests, not the server
@@ -131,6 +137,13 @@ class BatchEngine:
 
     def _take_group(self) -> list[Job]:
         with self._cond:
+            for job in self._queue:
+                if job.cancelled:
+                    self.jobs_cancelled += 1
+                    job.post(job.result.cancel)
+            self._queue = [job for job in self._queue if not job.cancelled]
+            if not self._queue:
+                return []
             first, group, rest, rows = self._queue[0], [], [], 0
             for job in self._queue:
                 if job.key == first.key and (not group or rows + job.n <= self.max_batch):
@@ -163,22 +176,21 @@ class BatchEngine:
         size = min(_next_pow2(len(rows)), max(self.max_batch, len(rows)))
         prompts += [prompts[-1]] * (size - len(rows))  # padding rows, dropped below
         params = self._params(group)
-        hook = self._stream_hook(rows, params.stop) if any(job.stream for job in group) else None
+        hook = _ChunkHook(rows, size, self.tokenizer, set(self.eos_ids), params.stop)
         completions = generate(self.decoder, prompts, params, self.eos_ids, self.tokenizer,
                                pad_id=self.tokenizer.pad_token_id or 0, on_chunk=hook)
         self.generate_calls += 1
         for job in group:
             mine = [self._cut(c, job.max_tokens, params.stop)
                     for (owner, _), c in zip(rows, completions, strict=False) if owner is job]
+            self.tokens_generated += sum(len(c.token_ids) for c in mine)
             if job.events is not None:
                 for c, delta in enumerate(hook.final_deltas(job, mine)):
                     if delta:
                         job.post(job.events.put_nowait, ("delta", c, delta))
             job.post(_settle, job.result, mine)
             self.jobs_done += 1
-
-    def _stream_hook(self, rows, stops) -> _StreamHook:
-        return _StreamHook(rows, self.tokenizer, set(self.eos_ids), stops)
+            self.jobs_cancelled += job.cancelled
 
     def _cut(self, c: Completion, limit: int, stops) -> Completion:
         """`c` as if generated with max_new_tokens=limit (the round may have run longer)."""
@@ -195,19 +207,24 @@ class BatchEngine:
         return cut
 
 
-class _StreamHook:
-    """generate's on_chunk for a round with streaming jobs: decodes each streaming choice's text so
-    far and posts its deltas to the job's event queue."""
+class _ChunkHook:
+    """generate's on_chunk for a round: decodes each streaming choice's text so far and posts its
+    deltas to the job's event queue, and ends the rows of cancelled jobs and the padding rows."""
 
-    def __init__(self, rows, tokenizer, eos: set[int], stops):
-        self.rows, self.tokenizer, self.eos = rows, tokenizer, eos
+    def __init__(self, rows, size: int, tokenizer, eos: set[int], stops):
+        self.rows, self.size, self.tokenizer, self.eos = rows, size, tokenizer, eos
         self.ids: list[list[int]] = [[] for _ in rows]
         self.text = {id(job): [StreamText(job.opened, stops) for _ in range(job.n)]
                      for job, _ in rows if job.stream}
 
-    def __call__(self, new_rows: list[list[int]]) -> None:
+    def __call__(self, new_rows: list[list[int]]) -> list[int]:
+        self._stream(new_rows)
+        return [j for j, (job, _) in enumerate(self.rows) if job.cancelled] + list(
+            range(len(self.rows), self.size))
+
+    def _stream(self, new_rows: list[list[int]]) -> None:
         for j, (job, c) in enumerate(self.rows):
-            if not job.stream or not new_rows[j]:
+            if not job.stream or not new_rows[j] or job.cancelled:
                 continue
             ids = self.ids[j]
             ids += new_rows[j]

@@ -58,6 +58,9 @@ class Checkpoints:
         self.directory = Path(directory).absolute()
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep,
                                             enable_async_checkpointing=async_save)
+        if jax.process_index() == 0:  # a save killed midway (kill -9, a lost host) left these
+            for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
+                shutil.rmtree(tmp, ignore_errors=True)
         self.manager = ocp.CheckpointManager(self.directory, options=opts)
         self._saving: int | None = None  # the step of the save in flight
         _quiet_write_errors()
@@ -127,10 +130,14 @@ class Checkpoints:
             step = self._saving if step is None else step
             raise WriteFailed(self.directory / str(step), reason, self.safe()) from e
 
-    def safe(self) -> str:
-        """What a failed write during training leaves safe, in words (its error line's end)."""
-        last = self.latest()
-        if last is None:
-            return f"no checkpoint was saved yet; {FREE} and rerun the same command to start again"
-        return (f"the checkpoint of step {last} is safe; {FREE} and rerun the same command to "
-                "resume from it")
+    def safe(self, then: str = f"{FREE} and rerun the same command") -> str:
+        return safe_words(self.directory, then)
+
+
+def safe_words(directory: Path, then: str = f"{FREE} and rerun the same command") -> str:
+    """What a fault during training leaves safe (the newest committed checkpoint in
+    `directory`), and `then` what to do, in words: the end of its error line."""
+    steps = committed_steps(directory)
+    if not steps:
+        return f"no checkpoint was saved yet; {then} to start again"
+    return f"the checkpoint of step {steps[-1]} is safe; {then} to resume from it"

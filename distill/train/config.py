@@ -89,6 +89,8 @@ class DistributedConfig(Frozen):
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
+    # a process unheard of this long is lost: the others stop with one line (none: 10 s)
+    lost_after_s: int | None = Field(None, ge=1)
 
 
 class TrainConfig(Frozen):

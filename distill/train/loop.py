@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 from tensorboardX import SummaryWriter
 
+from distill import multihost
 from distill.config import DenseConfig, load_config, validate
 from distill.errors import DistillError
 from distill.fsutil import FREE, writing
@@ -37,7 +38,7 @@ from distill.runs import (
     write_run_files,
 )
 from distill.tokenizer import Tokenizer
-from distill.train.checkpoint import Checkpoints
+from distill.train.checkpoint import Checkpoints, safe_words
 from distill.train.config import TrainConfig, check_layout, check_seq_len
 from distill.train.data import DataState, TrainData
 from distill.train.flops import dense_flops_per_token
@@ -60,16 +61,21 @@ class TrainResult:
 def init_distributed(cfg) -> None:
     """jax.distributed.initialize from the config, else from DISTILL_* variables, else JAX's own
     cluster detection when a cluster is present (a single process needs nothing)."""
-    env = os.environ
-    addr = (cfg and cfg.coordinator_address) or env.get("DISTILL_COORDINATOR")
+    addr, num, pid = distributed_settings(cfg)
     if addr is None:
         return
+    multihost.initialize(addr, num, pid,
+                         lost_after_s=(cfg and cfg.lost_after_s) or multihost.LOST_AFTER_S)
+
+
+def distributed_settings(cfg) -> tuple[str | None, int | None, int | None]:
+    """(coordinator address, number of processes, this process's id) from the config's
+    `distributed` section, else the DISTILL_* variables (None where neither says)."""
+    env = os.environ
+    addr = (cfg and cfg.coordinator_address) or env.get("DISTILL_COORDINATOR")
     num = (cfg and cfg.num_processes) or int(env.get("DISTILL_NUM_PROCESSES", "0")) or None
     pid = cfg.process_id if cfg and cfg.process_id is not None else env.get("DISTILL_PROCESS_ID")
-    if jax.distributed.is_initialized():
-        return
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU only; GPU/TPU ignore it
-    jax.distributed.initialize(addr, num, None if pid is None else int(pid))
+    return addr, num, None if pid is None else int(pid)
 
 
 def load_student(cfg: TrainConfig, mesh):
@@ -146,10 +152,37 @@ def run_train(config_path: str | Path, overrides=(), *, progress: bool = True,
     many steps (the checkpoint logic is a preemption's); `devices`: the devices of the mesh
     (default: all)."""
     config_path = Path(config_path)
-    cfg = load_config(TrainConfig, config_path, overrides, check_paths=True)
-    if cfg.name is None:  # the run's name is the config's stem: the resolved config keeps it
-        cfg = cfg.model_copy(update={"name": config_path.stem})
+    cfg = resolved_config(config_path, overrides)
     init_distributed(cfg.distributed)
+    lost_after = (cfg.distributed and cfg.distributed.lost_after_s) or multihost.LOST_AFTER_S
+    multihost.on_lost(lambda: lost_host_words(cfg))
+    with multihost.Watchdog(lost_after):
+        try:
+            return _train(cfg, config_path, progress, stop_after, devices)
+        except jax.errors.JaxRuntimeError as e:
+            why = multihost.peer_gone(e) if jax.process_count() > 1 else None
+            if why is not None:
+                multihost.lost_process(why)
+            raise
+
+
+def resolved_config(config_path: str | Path, overrides=()) -> TrainConfig:
+    """The run's config, validated, its name set (default: the config file's stem)."""
+    config_path = Path(config_path)
+    cfg = load_config(TrainConfig, config_path, overrides, check_paths=True)
+    if cfg.name is None:  # the resolved config keeps the name
+        cfg = cfg.model_copy(update={"name": config_path.stem})
+    return cfg
+
+
+def lost_host_words(cfg: TrainConfig) -> str:
+    """What a lost process leaves safe, and what to do then (the end of its error line)."""
+    return safe_words(Path(cfg.output_root) / cfg.name / CHECKPOINTS,
+                      "restart every process with the same command")
+
+
+def _train(cfg: TrainConfig, config_path: Path, progress: bool, stop_after: int | None,
+           devices) -> TrainResult:
     run_dir = Path(cfg.output_root) / cfg.name
     devices = list(devices if devices is not None else jax.devices())
     mesh = make_mesh(parse_mesh(cfg.mesh) if cfg.mesh else {"fsdp": len(devices)}, devices)

@@ -1,0 +1,17 @@
+"""`distill bench soak`'s load generator, briefly, against `distill serve` over a toy model."""
+
+from __future__ import annotations
+
+from distill.bench.soak import run_soak, soak_table
+from tests import toy
+
+
+def test_soak_load_generator_counts_requests_departures_and_server_memory(tmp_path):
+    lines = []
+    s = run_soak(toy.qwen2_dir(tmp_path / "toy"), seconds=6, concurrency=8, max_tokens=16,
+                 warmup_s=2, disconnect_every=2, rss_every_s=0.5, echo=lines.append)
+    assert s["requests_failed"] == 0, s["errors"]
+    assert s["requests_ok"] > 8 and s["disconnected"] > 0
+    assert 0 < s["p50_s"] <= s["p99_s"] and s["completion_tokens_per_s"] > 0
+    assert 100 < s["rss_start_mb"] and 100 < s["rss_after_warmup_mb"] <= s["rss_max_after_warmup_mb"]
+    assert "| requests ok | failed |" in soak_table(s) and lines[0].startswith("soak: 8 clients")
