@@ -35,7 +35,7 @@ from typing import NoReturn
 
 import jax
 
-LOST_AFTER_S = 10  # a peer unheard of this long is lost (JAX's own heartbeat: 3x this)
+LOST_AFTER_S = 60  # a peer unheard of this long is lost (JAX's own heartbeat: 3x this)
 _ALIVE, _DONE = "distill/alive/", "distill/done/"
 
 _safe: list[Callable[[], str]] = []  # what a lost process leaves safe, in words
@@ -161,25 +161,28 @@ def supervised() -> bool:
 def supervise(argv: list[str], safe: Callable[[], str], process: str) -> int:
     """Run `python -m distill.cli ARGV` as a child with its stderr passed through until JAX's
     fatal output about a lost process begins; that ending becomes one line naming `process`
-    ("process 1 of 2") and `safe()`, with exit code 2. SIGTERM / SIGINT are passed on. Returns
-    the exit code to leave with."""
+    ("process 1 of 2") and `safe()`, with exit code 2. SIGTERM / SIGINT reach the child as
+    SIGTERM (it checkpoints and stops). Returns the exit code to leave with."""
     child = subprocess.Popen([sys.executable, "-m", "distill.cli", *argv],
                              env={**os.environ, SUPERVISED: "1"}, stderr=subprocess.PIPE,
                              preexec_fn=_die_with_parent)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda s, _f: child.send_signal(s))
-    fatal, pending = None, b""
+    for sig in (signal.SIGTERM, signal.SIGINT):  # as SIGTERM: a Ctrl-C reaches the child too,
+        signal.signal(sig, lambda _s, _f: child.send_signal(signal.SIGTERM))  # and each is one
+    fatal, pending, held = None, b"", []  # held: what follows the fatal line (bounded)
     while chunk := os.read(child.stderr.fileno(), 65536):
         if fatal is not None:
+            if sum(map(len, held)) < 2**20:
+                held.append(chunk)
             continue
         pending += chunk
         lines = pending.split(b"\n")
         pending = lines.pop()  # an unfinished line (a progress bar) waits for its end...
         out = []
-        for line in lines:
+        for i, line in enumerate(lines):
             text = line.decode(errors="replace")
             if not text.startswith("error: ") and any(m in text for m in _FATAL):
                 fatal = text
+                held = [b"\n".join(lines[i:]) + b"\n", pending]
                 break
             out.append(line + b"\n")
         if fatal is None and pending and b"\r" in pending:  # ...unless it redraws itself
@@ -188,8 +191,9 @@ def supervise(argv: list[str], safe: Callable[[], str], process: str) -> int:
         sys.stderr.buffer.write(b"".join(out))
         sys.stderr.flush()
     code = child.wait()
-    if fatal is None:
-        sys.stderr.buffer.write(pending)
+    if fatal is None or code == 0:  # not the end of a lost run after all: show what was held
+        sys.stderr.buffer.write(b"".join(held) if fatal is not None else pending)
+        sys.stderr.flush()
         return code if code >= 0 else 128 - code
     sys.stderr.write(_lost_line(process, fatal.split("] ", 1)[-1], safe()))
     return 2

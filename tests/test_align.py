@@ -162,3 +162,24 @@ def test_a_sentencepiece_dummy_prefix_is_not_a_difference():
 def test_different_texts_are_one_clear_error():
     with pytest.raises(DistillError, match="different texts.*byte 2"):
         align([b"abc", b"d"], [b"abx", b"d"])
+
+
+def test_loose_alignment_skips_whitespace_the_rendering_changed():
+    from distill.data.align import align_loose
+
+    # sampled: "=\n\n</think>"; rendered (reasoning stripped, <think> added): "=\n</think>"
+    teacher = [b"2", b"*", b"2", b"=", b"6", b"\n", b"6", b"+", b"6", b"=", b"\n", b"\n",
+               b"</think>", b"\n\n", b"\\boxed{", b"6", b"}"]
+    student = [b"<think>", b"\n", b"2", b"*", b"2", b"=", b"6", b"\n", b"6", b"+", b"6", b"=",
+               b"\n", b"</think>", b"\n\n", b"\\boxed{", b"6", b"}"]
+    spans = align_loose(teacher, student)
+    pairs = [(b"".join(teacher[a:b]), b"".join(student[c:d])) for a, b, c, d in zip(
+        spans.teacher_start, spans.teacher_stop, spans.student_start, spans.student_stop,
+        strict=True)]
+    assert all(t == s for t, s in pairs)  # every span spells the same bytes on both sides
+    covered = [s for _, s in pairs]
+    assert b"</think>" in covered and b"\\boxed{" in covered and b"+" in covered
+    assert b"<think>" not in covered  # the student's own prefix has no teacher
+    assert list(spans.student_start) == sorted(spans.student_start)
+    with pytest.raises(DistillError, match="spell different texts"):
+        align_loose(teacher[:-2] + [b"7", b"}"], student)

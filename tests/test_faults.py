@@ -223,7 +223,7 @@ def test_eval_on_a_full_disk_leaves_the_previous_report(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # A lost host
 
-PAIR = dict(mesh="data=1,fsdp=2,tensor=1",
+PAIR = dict(mesh="data=1,fsdp=2,tensor=1", distributed={"lost_after_s": 10},
             train={"steps": 200, "checkpoint_every": 20, "log_every": 20,
                    "async_checkpoints": True})
 

@@ -12,6 +12,7 @@ are one student token, exactly, by KL; the rest by ULD's sorted-probability dist
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -56,6 +57,40 @@ def align(teacher: Sequence[bytes], student: Sequence[bytes]) -> Spans:
     t_stop[-1], s_stop[-1] = len(teacher), len(student)  # trailing empty tokens join the last span
     return Spans(np.concatenate([[0], t_stop[:-1]]), t_stop,
                  np.concatenate([[0], s_stop[:-1]]), s_stop)
+
+
+def align_loose(teacher: Sequence[bytes], student: Sequence[bytes]) -> Spans:
+    """Spans over the parts two tokenizations share, when their texts differ in whitespace (a
+    sampled "=\n\n</think>" against a rendering's "=\n</think>") and in a prefix only the
+    student has (the `<think>` a template's generation prompt lacks), and in nothing else.
+
+    Within each run of bytes the two texts have in common (difflib's matching blocks), the tokens
+    between the first and the last byte where both sides have a token boundary are aligned as
+    `align` does; tokens that cross a difference get no span. Raises DistillError when the texts
+    differ in more than that."""
+    t_text, s_text = b"".join(teacher), b"".join(student)
+    if not b"".join(s_text.split()).endswith(b"".join(t_text.split())):
+        raise DistillError(f"the teacher's and the student's tokens spell different texts "
+                           f"(first difference at byte {_first_difference(t_text, s_text)})")
+    t_end, s_end = np.cumsum(_lengths(teacher)), np.cumsum(_lengths(student))
+    t_bounds, s_bounds = np.concatenate([[0], t_end]), np.concatenate([[0], s_end])
+    parts = []
+    matcher = difflib.SequenceMatcher(None, t_text, s_text, autojunk=False)
+    for a, b, size in matcher.get_matching_blocks():
+        t_in = t_bounds[(t_bounds >= a) & (t_bounds <= a + size)] - a
+        s_in = s_bounds[(s_bounds >= b) & (s_bounds <= b + size)] - b
+        common = np.intersect1d(t_in, s_in)
+        if len(common) < 2:
+            continue
+        lo, hi = int(common[0]), int(common[-1])
+        i0, i1 = (int(np.searchsorted(t_bounds, a + x)) for x in (lo, hi))
+        j0, j1 = (int(np.searchsorted(s_bounds, b + x)) for x in (lo, hi))
+        sub = align(teacher[i0:i1], student[j0:j1])
+        parts.append((sub.teacher_start + i0, sub.teacher_stop + i0,
+                      sub.student_start + j0, sub.student_stop + j0))
+    if not parts:
+        return Spans(*(np.zeros(0, np.int64) for _ in range(4)))
+    return Spans(*(np.concatenate(col) for col in zip(*parts, strict=True)))
 
 
 def _lengths(pieces: Sequence[bytes]) -> np.ndarray:

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from distill.chat import REASONING_START, completion_text
-from distill.data.align import UNMATCHED, align, map_entries
+from distill.data.align import UNMATCHED, align, align_loose, map_entries
 from distill.errors import DistillError
 
 NO_TEXT = "no assistant text: the reasoning and the answer are both empty"
@@ -154,11 +154,14 @@ def align_by_bytes(trace, tokenizer, completion_ids: Sequence[int], top_k: int, 
                            f"{len(trace.top_ids)} top-k rows")
     table, vocab = tokenizer.token_bytes(), tokenizer.vocab_size
     student = [table[i] for i in completion_ids]
-    skip = _student_prefix(b"".join(student), b"".join(trace.token_bytes), student, where)
     try:
+        skip = _student_prefix(b"".join(student), b"".join(trace.token_bytes), student, where)
         spans = align(trace.token_bytes, student[skip:])
-    except DistillError as e:
-        raise DistillError(f"{where}: {e}") from None
+    except DistillError as e:  # the sampled whitespace is not the rendering's: align the rest
+        try:
+            skip, spans = 0, align_loose(trace.token_bytes, student)
+        except DistillError:
+            raise DistillError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
     rows, at = spans.teacher_start, spans.student_start + skip
     entries = map_entries([trace.top_bytes[r] for r in rows], tokenizer.ids_by_bytes())
     dtype = id_dtype(vocab)

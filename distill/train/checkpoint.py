@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import sys
+import traceback
 from pathlib import Path
 
 import jax
@@ -43,6 +45,35 @@ class _QuietWriteErrors(logging.Filter):
         return write_error(exc or Exception(record.getMessage())) is None
 
 
+def _closed_loop(exc) -> bool:
+    """A callback into orbax's event loop after orbax closed it (see `_quiet_abandoned_writes`)."""
+    if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+        return False
+    frames = traceback.extract_tb(exc.__traceback__)
+    return any(f.name == "call_soon_threadsafe" for f in frames)
+
+
+def _quiet_abandoned_writes() -> None:
+    """When a save fails, tensorstore still settles the abandoned writes' futures on orbax's
+    event loop, closed by then, from its own threads: Python prints each RuntimeError with a
+    traceback (through sys.excepthook or, from C, as unraisable). Those alone are dropped, for
+    the rest of the process: the error line says what happened."""
+    if getattr(sys.excepthook, "distill_quiet", False):
+        return
+    except_hook, unraisable_hook = sys.excepthook, sys.unraisablehook
+
+    def on_except(kind, exc, tb) -> None:
+        if not _closed_loop(exc):
+            except_hook(kind, exc, tb)
+
+    def on_unraisable(u) -> None:
+        if not _closed_loop(u.exc_value):
+            unraisable_hook(u)
+
+    on_except.distill_quiet = True
+    sys.excepthook, sys.unraisablehook = on_except, on_unraisable
+
+
 def _quiet_write_errors() -> None:
     for name in ("absl", "asyncio"):
         log = logging.getLogger(name)
@@ -64,6 +95,7 @@ class Checkpoints:
         self.manager = ocp.CheckpointManager(self.directory, options=opts)
         self._saving: int | None = None  # the step of the save in flight
         _quiet_write_errors()
+        _quiet_abandoned_writes()
 
     def latest(self) -> int | None:
         steps = committed_steps(self.directory)

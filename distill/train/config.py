@@ -89,7 +89,7 @@ class DistributedConfig(Frozen):
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
-    # a process unheard of this long is lost: the others stop with one line (none: 10 s)
+    # a process unheard of this long is lost: the others stop with one line (none: 60 s)
     lost_after_s: int | None = Field(None, ge=1)
 
 
