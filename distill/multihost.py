@@ -80,6 +80,13 @@ class Watchdog:
         if kind is None:
             self.client.key_value_set(f"{_DONE}{self.me}", "1", allow_overwrite=True)
 
+    def settle(self) -> None:
+        """After a runtime error that may be a peer's death seen from afar ("Error dispatching
+        computation" after a failed collective): give the watchdog the time it needs to tell,
+        so that a lost peer ends this process in one line; return when none is lost."""
+        if self._thread is not None:
+            time.sleep(1.5 * self.lost_after_s)
+
     def _watch(self) -> None:
         beats, seen = 0, {}  # peer -> (its counter, when it last moved)
         while not self._stop.wait(self.lost_after_s / 10):

@@ -156,13 +156,15 @@ def run_train(config_path: str | Path, overrides=(), *, progress: bool = True,
     init_distributed(cfg.distributed)
     lost_after = (cfg.distributed and cfg.distributed.lost_after_s) or multihost.LOST_AFTER_S
     multihost.on_lost(lambda: lost_host_words(cfg))
-    with multihost.Watchdog(lost_after):
+    with multihost.Watchdog(lost_after) as watchdog:
         try:
             return _train(cfg, config_path, progress, stop_after, devices)
         except jax.errors.JaxRuntimeError as e:
-            why = multihost.peer_gone(e) if jax.process_count() > 1 else None
-            if why is not None:
-                multihost.lost_process(why)
+            if jax.process_count() > 1:
+                why = multihost.peer_gone(e)
+                if why is not None:
+                    multihost.lost_process(why)
+                watchdog.settle()
             raise
 
 
