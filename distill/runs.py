@@ -83,12 +83,6 @@ def committed_steps(checkpoints: str | Path) -> list[int]:
     return sorted(int(d.name) for d in p.iterdir() if d.name.isdigit()) if p.is_dir() else []
 
 
-def latest_step(run_dir: str | Path) -> int | None:
-    """The newest committed checkpoint's step, or None."""
-    steps = committed_steps(Path(run_dir, CHECKPOINTS))
-    return steps[-1] if steps else None
-
-
 def _leaf_name(path) -> str:
     keys = (getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
     return "/".join(str(k) for k in keys)

@@ -89,9 +89,7 @@ class Checkpoints:
         self.directory = Path(directory).absolute()
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep,
                                             enable_async_checkpointing=async_save)
-        if jax.process_index() == 0:  # a save killed midway (kill -9, a lost host) left these
-            for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
-                shutil.rmtree(tmp, ignore_errors=True)
+        self._remove_temporaries()  # a save killed midway (kill -9, a lost host) left them
         self.manager = ocp.CheckpointManager(self.directory, options=opts)
         self._saving: int | None = None  # the step of the save in flight
         _quiet_write_errors()
@@ -156,11 +154,15 @@ class Checkpoints:
             reason = write_error(e)
             if reason is None:
                 raise
-            if jax.process_index() == 0:
-                for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
-                    shutil.rmtree(tmp, ignore_errors=True)
+            self._remove_temporaries()
             step = self._saving if step is None else step
             raise WriteFailed(self.directory / str(step), reason, self.safe()) from e
+
+    def _remove_temporaries(self) -> None:
+        """The folders of saves that did not commit (process 0 removes them for all)."""
+        if jax.process_index() == 0:
+            for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def safe(self, then: str = f"{FREE} and rerun the same command") -> str:
         return safe_words(self.directory, then)

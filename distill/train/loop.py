@@ -64,8 +64,12 @@ def init_distributed(cfg) -> None:
     addr, num, pid = distributed_settings(cfg)
     if addr is None:
         return
-    multihost.initialize(addr, num, pid,
-                         lost_after_s=(cfg and cfg.lost_after_s) or multihost.LOST_AFTER_S)
+    multihost.initialize(addr, num, pid, lost_after_s=lost_after_s(cfg))
+
+
+def lost_after_s(cfg) -> int:
+    """How long a silent process may go before the others call it lost (`distributed` section)."""
+    return (cfg and cfg.lost_after_s) or multihost.LOST_AFTER_S
 
 
 def distributed_settings(cfg) -> tuple[str | None, int | None, int | None]:
@@ -154,9 +158,8 @@ def run_train(config_path: str | Path, overrides=(), *, progress: bool = True,
     config_path = Path(config_path)
     cfg = resolved_config(config_path, overrides)
     init_distributed(cfg.distributed)
-    lost_after = (cfg.distributed and cfg.distributed.lost_after_s) or multihost.LOST_AFTER_S
     multihost.on_lost(lambda: lost_host_words(cfg))
-    with multihost.Watchdog(lost_after) as watchdog:
+    with multihost.Watchdog(lost_after_s(cfg.distributed)) as watchdog:
         try:
             return _train(cfg, config_path, progress, stop_after, devices)
         except jax.errors.JaxRuntimeError as e:
