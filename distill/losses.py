@@ -45,6 +45,11 @@ jsd leave unmatched entries out; two divergences read them:
 
 `distill_loss` mixes (1 - alpha) * cross-entropy + alpha * divergence; `chunked_loss` computes the same
 from hidden states over sequence chunks, so float32 [B, T, V] logits never exist at once.
+
+The divergences are a registry (`DIVERGENCES`, filled by `@register_divergence`): a divergence is
+one function of the per-position views (`TokenView`) and its hyperparameters (`Divergence`), and
+whether it reads unmatched entries is registered with it. `LossConfig.kind` offers exactly these
+names (and "sft", cross-entropy alone).
 """
 
 from __future__ import annotations
@@ -58,8 +63,6 @@ import jax.numpy as jnp
 
 from distill.errors import DistillError
 
-KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "gold", "uld")
-CROSS_TOKENIZER_KINDS = ("gold", "uld")  # the divergences that read unmatched entries
 _NEG = -1e30  # stands in for log(0): finite, so masked entries never turn gradients into NaN
 
 
@@ -71,13 +74,57 @@ class TeacherTopK(NamedTuple):
 
 
 class Divergence(NamedTuple):
-    """How the teacher term is computed (static: Python floats and a name)."""
+    """The teacher term's hyperparameters: a registered divergence name and Python floats, so it
+    is hashable and static under jit. Bounds are checked where it is built from a config
+    (`distill.train.config.LossConfig`, by pydantic); a new hyperparameter is a field here and
+    one there."""
 
-    kind: str = "forward_kl"
-    beta: float = 0.5
+    kind: str = "forward_kl"  # a name in DIVERGENCES
+    beta: float = 0.5  # jsd: M = beta q + (1 - beta) r
     temperature: float = 1.0
     matched_weight: float = 1.0  # gold only
     unmatched_weight: float = 1.0  # gold only
+
+
+class TokenView(NamedTuple):
+    """What every divergence reads at each target position, at temperature tau (float32)."""
+
+    z_btv: jax.Array  # the student's logits / tau [B, T, V]
+    ids_btk: jax.Array  # the teacher's ids clipped into [0, V) [B, T, K]
+    z_btk: jax.Array  # z_btv read at ids_btk
+    valid_btk: jax.Array  # entries the divergence reads (matched only, unless it reads unmatched)
+    matched_btk: jax.Array  # present entries that are student tokens
+    log_q_btk: jax.Array  # the teacher's top-k renormalised over valid_btk, at tau
+    log_p_btk: jax.Array  # the student's full-vocabulary log-softmax read at ids_btk
+
+
+class DivergenceKind(NamedTuple):
+    """A registered divergence: its per-token value [B, T] and whether it reads the teacher's
+    unmatched entries (ids that are no student token: the cross-tokenizer divergences)."""
+
+    per_token: Callable[[TokenView, Divergence], jax.Array]
+    reads_unmatched: bool
+
+
+DIVERGENCES: dict[str, DivergenceKind] = {}
+"""The registry: divergence name -> implementation. `LossConfig.kind` accepts these and "sft"."""
+
+
+def register_divergence(name: str, *, reads_unmatched: bool = False):
+    """Decorator: register `fn(view: TokenView, div: Divergence) -> [B, T]` as divergence `name`
+    (multiplied by tau**2 inside `fn`, as the module docstring's divergences are)."""
+    def register(fn: Callable[[TokenView, Divergence], jax.Array]):
+        DIVERGENCES[name] = DivergenceKind(fn, reads_unmatched)
+        return fn
+    return register
+
+
+def divergence_kind(name: str) -> DivergenceKind:
+    """The divergence registered as `name`; a DistillError naming the choices otherwise."""
+    if name not in DIVERGENCES:
+        raise DistillError(f"unknown distillation divergence {name!r}; choose one of "
+                           f"{', '.join(DIVERGENCES)}")
+    return DIVERGENCES[name]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,41 +155,6 @@ def _kl(logp_btk: jax.Array, logq_btk: jax.Array, valid_btk: jax.Array) -> jax.A
     return jnp.sum(jnp.where(valid_btk, terms, 0.0), axis=-1)
 
 
-def _token_kd(logits_btv: jax.Array, teacher: TeacherTopK, div: Divergence
-              ) -> tuple[jax.Array, jax.Array]:
-    """Divergence [B, T] and whether the position has any teacher entry."""
-    tau = float(div.temperature)
-    z_btv = logits_btv / tau
-    ids = jnp.clip(teacher.top_ids_btk, 0, logits_btv.shape[-1] - 1)
-    z_btk = jnp.take_along_axis(z_btv, ids, axis=-1)
-    teacher_lp = jax.lax.stop_gradient(teacher.top_logprobs_btk.astype(jnp.float32))
-    valid = jnp.isfinite(teacher_lp)
-    matched = valid & (teacher.top_ids_btk >= 0) & (teacher.top_ids_btk < logits_btv.shape[-1])
-    if div.kind not in CROSS_TOKENIZER_KINDS:
-        valid = matched  # an entry that is no student token means nothing to these divergences
-    log_q = _log_normalise(jnp.where(valid, teacher_lp, 0.0) / tau, valid)
-    log_p = jnp.where(valid, z_btk - _logsumexp_v(z_btv)[..., None], _NEG)
-    beta = div.beta
-    if div.kind == "uld":
-        out = _uld(jax.nn.softmax(z_btv, axis=-1), jnp.where(valid, jnp.exp(log_q), 0.0), None)
-    elif div.kind == "gold":
-        kl = _kl(log_q, log_p, matched) * tau**2
-        unmatched_q = jnp.where(valid & ~matched, jnp.exp(log_q), 0.0)
-        uld = _uld(jax.nn.softmax(z_btv, axis=-1), unmatched_q, jnp.where(matched, ids, -1))
-        out = div.matched_weight * kl + div.unmatched_weight * uld
-    elif div.kind == "forward_kl" or (div.kind == "jsd" and beta == 0.0):
-        out = _kl(log_q, log_p, valid) * tau**2
-    else:
-        log_r = _log_normalise(z_btk, valid)  # the student restricted to the teacher's K ids
-        if div.kind == "reverse_kl" or beta == 1.0:
-            out = _kl(log_r, log_q, valid)
-        else:
-            log_m = jnp.logaddexp(log_q + jnp.log(beta), log_r + jnp.log1p(-beta))
-            out = beta * _kl(log_q, log_m, valid) + (1.0 - beta) * _kl(log_r, log_m, valid)
-        out = out * tau**2
-    return out, jnp.any(valid, axis=-1)
-
-
 def _uld(p_btv: jax.Array, q_btk: jax.Array, exclude_btk: jax.Array | None) -> jax.Array:
     """sum_i |sort(p)_i - sort(q)_i| [B, T] over the n largest of each side, n the number of
     q's entries (its zeros are absent ones), p's ids in `exclude_btk` (-1: none) left out."""
@@ -159,18 +171,91 @@ def _uld(p_btv: jax.Array, q_btk: jax.Array, exclude_btk: jax.Array | None) -> j
                    axis=-1)
 
 
+def _token_view(logits_btv: jax.Array, teacher: TeacherTopK, tau: float,
+                reads_unmatched: bool) -> TokenView:
+    """The student and teacher distributions at each position, as every divergence reads them."""
+    z_btv = logits_btv / tau
+    ids = jnp.clip(teacher.top_ids_btk, 0, logits_btv.shape[-1] - 1)
+    z_btk = jnp.take_along_axis(z_btv, ids, axis=-1)
+    teacher_lp = jax.lax.stop_gradient(teacher.top_logprobs_btk.astype(jnp.float32))
+    valid = jnp.isfinite(teacher_lp)
+    matched = valid & (teacher.top_ids_btk >= 0) & (teacher.top_ids_btk < logits_btv.shape[-1])
+    if not reads_unmatched:
+        valid = matched  # an entry that is no student token means nothing to these divergences
+    log_q = _log_normalise(jnp.where(valid, teacher_lp, 0.0) / tau, valid)
+    log_p = jnp.where(valid, z_btk - _logsumexp_v(z_btv)[..., None], _NEG)
+    return TokenView(z_btv, ids, z_btk, valid, matched, log_q, log_p)
+
+
+def _token_kd(logits_btv: jax.Array, teacher: TeacherTopK, div: Divergence
+              ) -> tuple[jax.Array, jax.Array]:
+    """Divergence [B, T] and whether the position has any teacher entry."""
+    kind = divergence_kind(div.kind)
+    view = _token_view(logits_btv, teacher, float(div.temperature), kind.reads_unmatched)
+    return kind.per_token(view, div), jnp.any(view.valid_btk, axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The divergences (the registry, in the order configs and errors list them)
+
+
+def _tau2(div: Divergence) -> float:
+    """tau**2: keeps gradient sizes comparable across temperatures (Hinton et al. 2015)."""
+    return float(div.temperature)**2
+
+
+@register_divergence("forward_kl")
+def _forward_kl(v: TokenView, div: Divergence) -> jax.Array:
+    return _kl(v.log_q_btk, v.log_p_btk, v.valid_btk) * _tau2(div)
+
+
+@register_divergence("reverse_kl")
+def _reverse_kl(v: TokenView, div: Divergence) -> jax.Array:
+    log_r = _log_normalise(v.z_btk, v.valid_btk)  # the student restricted to the teacher's K ids
+    return _kl(log_r, v.log_q_btk, v.valid_btk) * _tau2(div)
+
+
+@register_divergence("jsd")
+def _jsd(v: TokenView, div: Divergence) -> jax.Array:
+    beta = div.beta
+    if beta == 0.0:  # TRL's special cases: the formula itself vanishes at both ends
+        return _forward_kl(v, div)
+    if beta == 1.0:
+        return _reverse_kl(v, div)
+    log_r = _log_normalise(v.z_btk, v.valid_btk)
+    log_m = jnp.logaddexp(v.log_q_btk + jnp.log(beta), log_r + jnp.log1p(-beta))
+    out = (beta * _kl(v.log_q_btk, log_m, v.valid_btk)
+           + (1.0 - beta) * _kl(log_r, log_m, v.valid_btk))
+    return out * _tau2(div)
+
+
+@register_divergence("gold", reads_unmatched=True)
+def _gold(v: TokenView, div: Divergence) -> jax.Array:
+    kl = _kl(v.log_q_btk, v.log_p_btk, v.matched_btk) * _tau2(div)
+    unmatched_q = jnp.where(v.valid_btk & ~v.matched_btk, jnp.exp(v.log_q_btk), 0.0)
+    uld = _uld(jax.nn.softmax(v.z_btv, axis=-1), unmatched_q,
+               jnp.where(v.matched_btk, v.ids_btk, -1))
+    return div.matched_weight * kl + div.unmatched_weight * uld
+
+
+@register_divergence("uld", reads_unmatched=True)
+def _uld_divergence(v: TokenView, div: Divergence) -> jax.Array:
+    return _uld(jax.nn.softmax(v.z_btv, axis=-1),
+                jnp.where(v.valid_btk, jnp.exp(v.log_q_btk), 0.0), None)
+
+
 # ---------------------------------------------------------------------------------------------
 # Sums (what chunks add up) and the final mean
 
 
-def _sums(logits_btv, targets_bt, mask_bt, teacher, alpha, div: Divergence) -> dict:
+def _sums(logits_btv, targets_bt, mask_bt, teacher, alpha, div: Divergence | None) -> dict:
     """Masked sums of one batch (or chunk): cross-entropy, hits, tokens and, with KD, divergence."""
     logits_btv = logits_btv.astype(jnp.float32)
     mask = mask_bt.astype(jnp.float32)
     nll, correct = _token_ce(logits_btv, targets_bt)
     out = {"ce_sum": jnp.sum(nll * mask), "correct": jnp.sum(correct * mask),
            "tokens": jnp.sum(mask)}
-    if _uses_teacher(div.kind, alpha):
+    if _uses_teacher(div, alpha):
         per_token, has_teacher = _token_kd(logits_btv, teacher, div)
         kd_mask = mask * has_teacher
         out["kd_sum"] = jnp.sum(per_token * kd_mask)
@@ -192,28 +277,19 @@ def _finish(sums: dict, alpha: float) -> tuple[jax.Array, dict]:
     return loss, metrics
 
 
-def _uses_teacher(kind: str, alpha: float) -> bool:
-    return kind != "sft" and alpha != 0.0
+def _uses_teacher(div: Divergence | None, alpha: float) -> bool:
+    return div is not None and alpha != 0.0
 
 
-def _check(kind: str, alpha: float, beta: float, temperature: float, teacher,
-           matched_weight: float = 1.0, unmatched_weight: float = 1.0) -> None:
-    """One-line errors for a loss configuration that cannot work."""
-    get_loss(kind)
-    if min(matched_weight, unmatched_weight) < 0.0:
-        raise DistillError(f"loss matched_weight and unmatched_weight must be >= 0 (got "
-                           f"{matched_weight}, {unmatched_weight})")
-    if not 0.0 <= alpha <= 1.0:
-        raise DistillError(f"loss alpha must be in [0, 1] (got {alpha})")
-    if not 0.0 <= beta <= 1.0:
-        raise DistillError(f"loss beta must be in [0, 1] (got {beta})")
-    if not temperature > 0.0:
-        raise DistillError(f"loss temperature must be > 0 (got {temperature})")
-    if kind == "sft" and alpha != 0.0:
+def _check(div: Divergence | None, alpha: float, teacher) -> None:
+    """One-line errors for a combination that cannot work (bounds are the config's: LossConfig)."""
+    if div is None and alpha != 0.0:
         raise DistillError(f"loss 'sft' has no teacher term: alpha must be 0 (got {alpha}); "
-                           f"choose one of {', '.join(KD_KINDS)} to distil")
-    if _uses_teacher(kind, alpha) and teacher is None:
-        raise DistillError(f"loss {kind!r} with alpha {alpha} needs the teacher's top-k "
+                           f"choose one of {', '.join(DIVERGENCES)} to distil")
+    if div is not None:
+        divergence_kind(div.kind)
+    if _uses_teacher(div, alpha) and teacher is None:
+        raise DistillError(f"loss {div.kind!r} with alpha {alpha} needs the teacher's top-k "
                            "log-probabilities, and the batch carries none (set alpha to 0, or "
                            "generate traces with top-k log-probabilities)")
 
@@ -228,24 +304,17 @@ def cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array, mask_bt: jax.Arr
     logits_btv: [B, T, V] (cast to float32); targets_bt: int [B, T]; mask_bt: [B, T] (1 = train).
     Metrics: loss, ce (the same), tokens (masked positions), accuracy (argmax hits the target).
     """
-    return _finish(_sums(logits_btv, targets_bt, mask_bt, None, 0.0, Divergence("sft")), 0.0)
+    return _finish(_sums(logits_btv, targets_bt, mask_bt, None, 0.0, None), 0.0)
 
 
 def kd_loss(student_logits_btv: jax.Array, top_ids_btk: jax.Array, top_logprobs_btk: jax.Array,
-            mask_bt: jax.Array, kind: str = "forward_kl", beta: float = 0.5,
-            temperature: float = 1.0, matched_weight: float = 1.0,
-            unmatched_weight: float = 1.0):
-    """Distillation from stored teacher top-k: the token-level mean of the chosen divergence over
-    the masked positions that carry a teacher entry. kind: forward_kl | reverse_kl | jsd | gold |
-    uld (see the module docstring). Metrics: loss, kd_tokens."""
-    if kind not in KD_KINDS:
-        raise DistillError(f"unknown distillation divergence {kind!r}; choose one of "
-                           f"{', '.join(KD_KINDS)}")
+            mask_bt: jax.Array, div: Divergence):
+    """Distillation from stored teacher top-k: the token-level mean of the divergence `div`
+    over the masked positions that carry a teacher entry (see the module docstring and
+    DIVERGENCES). Metrics: loss, kd_tokens."""
     teacher = TeacherTopK(top_ids_btk, top_logprobs_btk)
-    _check(kind, 1.0, beta, temperature, teacher, matched_weight, unmatched_weight)
-    per_token, has_teacher = _token_kd(
-        student_logits_btv.astype(jnp.float32), teacher,
-        Divergence(kind, beta, temperature, matched_weight, unmatched_weight))
+    _check(div, 1.0, teacher)
+    per_token, has_teacher = _token_kd(student_logits_btv.astype(jnp.float32), teacher, div)
     kd_mask = mask_bt.astype(jnp.float32) * has_teacher
     kd_tokens = jnp.sum(kd_mask)
     loss = jnp.sum(per_token * kd_mask) / jnp.maximum(kd_tokens, 1.0)
@@ -253,25 +322,21 @@ def kd_loss(student_logits_btv: jax.Array, top_ids_btk: jax.Array, top_logprobs_
 
 
 def distill_loss(logits_btv: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array,
-                 teacher: TeacherTopK | None = None, *, kind: str = "sft", alpha: float = 0.0,
-                 beta: float = 0.5, temperature: float = 1.0, matched_weight: float = 1.0,
-                 unmatched_weight: float = 1.0):
-    """(1 - alpha) * cross_entropy + alpha * divergence `kind` to the teacher's top-k.
+                 teacher: TeacherTopK | None = None, *, div: Divergence | None = None,
+                 alpha: float = 0.0):
+    """(1 - alpha) * cross_entropy + alpha * the divergence `div` to the teacher's top-k.
 
-    kind "sft" (or alpha 0) is exactly `cross_entropy`: the teacher is not read. alpha, beta,
-    temperature and gold's two weights are Python floats (static under jit). Metrics: loss, ce,
-    tokens, accuracy, and with a teacher term kd and kd_tokens.
+    `div` None (SFT) or alpha 0 is exactly `cross_entropy`: the teacher is not read. alpha is a
+    Python float (static under jit), as `div`'s fields are. Metrics: loss, ce, tokens,
+    accuracy, and with a teacher term kd and kd_tokens.
     """
-    _check(kind, alpha, beta, temperature, teacher, matched_weight, unmatched_weight)
-    div = Divergence(kind, beta, temperature, matched_weight, unmatched_weight)
+    _check(div, alpha, teacher)
     return _finish(_sums(logits_btv, targets_bt, mask_bt, teacher, alpha, div), alpha)
 
 
 def chunked_loss(hidden_btd: jax.Array, head_fn: Callable[[jax.Array], jax.Array],
                  targets_bt: jax.Array, mask_bt: jax.Array, teacher: TeacherTopK | None = None, *,
-                 kind: str = "sft", alpha: float = 0.0, beta: float = 0.5,
-                 temperature: float = 1.0, matched_weight: float = 1.0,
-                 unmatched_weight: float = 1.0, chunk: int = 512):
+                 div: Divergence | None = None, alpha: float = 0.0, chunk: int = 512):
     """`distill_loss(head_fn(hidden_btd), ...)` computed over sequence chunks of `chunk` positions.
 
     head_fn maps hidden [B, c, D] to logits [B, c, V] (e.g. `model.logits`); the arrays it closes
@@ -286,11 +351,11 @@ def chunked_loss(hidden_btd: jax.Array, head_fn: Callable[[jax.Array], jax.Array
     pass. The returned metrics carry no gradient (only the loss does). T need not divide by
     `chunk`: the tail is padded with masked positions.
     """
-    _check(kind, alpha, beta, temperature, teacher, matched_weight, unmatched_weight)
+    _check(div, alpha, teacher)
     t = hidden_btd.shape[1]
     chunk = max(1, min(int(chunk), t))
     n = -(-t // chunk)
-    teacher = teacher if _uses_teacher(kind, alpha) else None
+    teacher = teacher if _uses_teacher(div, alpha) else None
     rest = (_chunks(targets_bt, n, chunk, 0), _chunks(mask_bt, n, chunk, 0),
             None if teacher is None else TeacherTopK(
                 _chunks(teacher.top_ids_btk, n, chunk, 0),
@@ -304,7 +369,7 @@ def chunked_loss(hidden_btd: jax.Array, head_fn: Callable[[jax.Array], jax.Array
     if teacher is not None:
         has_teacher = jnp.any(jnp.isfinite(teacher.top_logprobs_btk), axis=-1)
         weights["kd_sum"] = alpha / jnp.maximum(jnp.sum(mask * has_teacher), 1.0)
-    static = (head, alpha, Divergence(kind, beta, temperature, matched_weight, unmatched_weight))
+    static = (head, alpha, div)
     loss, sums = _head_loss(static, jax.lax.stop_gradient(weights), h_chunks, consts, rest)
     _, metrics = _finish(jax.lax.stop_gradient(sums), alpha)
     metrics["loss"] = loss
@@ -364,22 +429,3 @@ def _chunks(x_bt: jax.Array, n: int, chunk: int, fill) -> jax.Array:
         x_bt = jnp.pad(x_bt, widths, constant_values=fill)
     x = x_bt.reshape(x_bt.shape[0], n, chunk, *x_bt.shape[2:])
     return jnp.moveaxis(x, 1, 0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Registry
-
-
-LOSSES: dict[str, Callable] = {
-    "sft": functools.partial(distill_loss, kind="sft"),
-    **{k: functools.partial(distill_loss, kind=k) for k in KD_KINDS},
-}
-"""The `loss` names a training config accepts -> `fn(logits_btv, targets_bt, mask_bt,
-teacher=None, *, alpha, beta, temperature) -> (loss, metrics)`."""
-
-
-def get_loss(name: str) -> Callable:
-    """The loss function registered as `name`; a DistillError naming the choices otherwise."""
-    if name not in LOSSES:
-        raise DistillError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
-    return LOSSES[name]

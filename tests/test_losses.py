@@ -11,18 +11,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from distill.config import load_model_config
+from distill.config import load_model_config, validate
 from distill.errors import DistillError
 from distill.losses import (
-    LOSSES,
+    DIVERGENCES,
+    Divergence,
     TeacherTopK,
     chunked_loss,
     cross_entropy,
     distill_loss,
-    get_loss,
     kd_loss,
 )
 from distill.pretrained import init_model
+from distill.train.config import LossConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 B, T, V, K, D = 2, 7, 13, 4, 5
@@ -119,7 +120,7 @@ def test_cross_entropy_matches_numpy(batch):
 @pytest.mark.parametrize("tau", [1.0, 2.0])
 def test_kd_matches_numpy(batch, kind, beta, tau):
     logits, _, mask, ids, lps = batch
-    loss, metrics = kd_loss(logits, ids, lps, mask, kind=kind, beta=beta, temperature=tau)
+    loss, metrics = kd_loss(logits, ids, lps, mask, Divergence(kind, beta, tau))
     np.testing.assert_allclose(loss, ref_kd(logits, ids, lps, mask, kind, beta, tau), rtol=2e-5)
     assert metrics["kd_tokens"] == mask.sum() - 1  # the position with no teacher entry is left out
 
@@ -132,8 +133,9 @@ def test_cross_tokenizer_kd_matches_numpy(batch, kind, weights, tau):
     logits, _, mask, ids, lps = batch
     ids = ids.copy()
     ids[0, 0, :2] = ids[1, 3, 1] = ids[0, 4, :] = -1
-    loss, _ = kd_loss(logits, ids, lps, mask, kind=kind, temperature=tau,
-                      matched_weight=weights[0], unmatched_weight=weights[1])
+    loss, _ = kd_loss(logits, ids, lps, mask, Divergence(kind, temperature=tau,
+                                                         matched_weight=weights[0],
+                                                         unmatched_weight=weights[1]))
     want = ref_kd(logits, ids, lps, mask, kind, 0.5, tau, *weights)
     assert want > 0.05
     np.testing.assert_allclose(loss, want, rtol=2e-5)
@@ -145,8 +147,9 @@ def test_gold_with_one_tokenizer_is_forward_kl(batch):
     logits, _, mask, ids, lps = batch
 
     def kd(kind, **kw):
-        return jax.value_and_grad(lambda z: kd_loss(z, ids, lps, mask, kind=kind, temperature=1.5,
-                                                    **kw)[0])(jnp.asarray(logits))
+        div = Divergence(kind, temperature=1.5, **kw)
+        return jax.value_and_grad(lambda z: kd_loss(z, ids, lps, mask, div)[0])(
+            jnp.asarray(logits))
 
     (want, want_grad), (got, got_grad) = kd("forward_kl"), kd("gold", unmatched_weight=5.0)
     np.testing.assert_allclose(got, want, rtol=1e-6)
@@ -155,10 +158,10 @@ def test_gold_with_one_tokenizer_is_forward_kl(batch):
 
 def test_jsd_ends_are_forward_and_reverse_kl(batch):
     logits, _, mask, ids, lps = batch
-    fwd = kd_loss(logits, ids, lps, mask, kind="forward_kl")[0]
-    rev = kd_loss(logits, ids, lps, mask, kind="reverse_kl")[0]
-    np.testing.assert_allclose(kd_loss(logits, ids, lps, mask, kind="jsd", beta=0.0)[0], fwd)
-    np.testing.assert_allclose(kd_loss(logits, ids, lps, mask, kind="jsd", beta=1.0)[0], rev)
+    fwd = kd_loss(logits, ids, lps, mask, Divergence("forward_kl"))[0]
+    rev = kd_loss(logits, ids, lps, mask, Divergence("reverse_kl"))[0]
+    np.testing.assert_allclose(kd_loss(logits, ids, lps, mask, Divergence("jsd", beta=0.0))[0], fwd)
+    np.testing.assert_allclose(kd_loss(logits, ids, lps, mask, Divergence("jsd", beta=1.0))[0], rev)
     assert float(fwd) > 0 and float(rev) > 0
 
 
@@ -170,15 +173,16 @@ def test_student_equal_to_teacher_has_zero_divergence(batch):
     student = np.full((B, T, V), -1e4, np.float32)
     np.put_along_axis(student, ids, lps, axis=-1)
     for kind in ("forward_kl", "reverse_kl", "jsd"):
-        assert abs(float(kd_loss(student, ids, lps, mask, kind=kind, temperature=1.5)[0])) < 1e-5
+        div = Divergence(kind, temperature=1.5)
+        assert abs(float(kd_loss(student, ids, lps, mask, div)[0])) < 1e-5
 
 
 def test_alpha_zero_is_plain_sft(batch):
     logits, targets, mask, ids, lps = batch
     teacher = TeacherTopK(jnp.asarray(ids), jnp.asarray(lps))
     ce, ce_metrics = cross_entropy(logits, targets, mask)
-    for kind in LOSSES:
-        loss, metrics = distill_loss(logits, targets, mask, teacher, kind=kind, alpha=0.0)
+    for div in (None, *(Divergence(kind) for kind in DIVERGENCES)):  # sft and every divergence
+        loss, metrics = distill_loss(logits, targets, mask, teacher, div=div, alpha=0.0)
         assert float(loss) == float(ce)
         assert set(metrics) == set(ce_metrics)
 
@@ -186,8 +190,8 @@ def test_alpha_zero_is_plain_sft(batch):
 def test_alpha_mixes_ce_and_kd(batch):
     logits, targets, mask, ids, lps = batch
     teacher = TeacherTopK(jnp.asarray(ids), jnp.asarray(lps))
-    loss, metrics = distill_loss(logits, targets, mask, teacher, kind="jsd", alpha=0.3, beta=0.5,
-                                 temperature=2.0)
+    loss, metrics = distill_loss(logits, targets, mask, teacher,
+                                 div=Divergence("jsd", beta=0.5, temperature=2.0), alpha=0.3)
     want = 0.7 * ref_ce(logits, targets, mask) + 0.3 * ref_kd(logits, ids, lps, mask, "jsd",
                                                               0.5, 2.0)
     np.testing.assert_allclose(loss, want, rtol=2e-5)
@@ -213,7 +217,8 @@ def test_chunked_equals_unchunked_values_and_grads(batch, kind, alpha):
         ids[0, 0, :2] = ids[1, 5, :] = -1
     teacher = TeacherTopK(jnp.asarray(ids), jnp.asarray(lps))
     hidden, w_dv = _head_problem()
-    kw = dict(kind=kind, alpha=alpha, beta=0.5, temperature=1.5)
+    kw = dict(div=None if kind == "sft" else Divergence(kind, beta=0.5, temperature=1.5),
+              alpha=alpha)
 
     def full(h, w):
         return distill_loss(h @ w, targets, mask, teacher, **kw)[0]
@@ -247,8 +252,8 @@ def test_chunked_gradient_never_holds_full_logits(batch):
     hidden, w_dv = _head_problem()
 
     def chunked(h, w):
-        return chunked_loss(h, lambda x: x @ w, targets, mask, teacher, chunk=3, kind="jsd",
-                            alpha=0.5)[0]
+        return chunked_loss(h, lambda x: x @ w, targets, mask, teacher, chunk=3,
+                            div=Divergence("jsd"), alpha=0.5)[0]
 
     shapes = _shapes(jax.make_jaxpr(jax.grad(chunked, argnums=(0, 1)))(hidden, w_dv).jaxpr)
     assert (B, 3, V) in shapes
@@ -284,24 +289,45 @@ def test_chunked_loss_with_model_head_and_nnx_grad():
 
 
 def test_unknown_loss_name_is_one_clear_line():
-    with pytest.raises(DistillError, match=r"^unknown loss 'kl'; choose one of sft, forward_kl, "
-                                           r"reverse_kl, jsd, gold, uld$"):
-        get_loss("kl")
-    with pytest.raises(DistillError, match="unknown loss 'kl'"):
+    """The config offers "sft" and the registered divergences; a Python caller naming another
+    divergence gets the registry's choices."""
+    with pytest.raises(DistillError, match=r"^run.yaml: kind: Input should be 'sft', 'forward_kl', "
+                                           r"'reverse_kl', 'jsd', 'gold' or 'uld' \(got 'kl'\)$"):
+        validate(LossConfig, {"kind": "kl"}, "run.yaml")
+    with pytest.raises(DistillError, match=r"^unknown distillation divergence 'kl'; choose one of "
+                                           r"forward_kl, reverse_kl, jsd, gold, uld$"):
         distill_loss(jnp.zeros((1, 2, 3)), jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2)),
-                     kind="kl")
+                     div=Divergence("kl"), alpha=0.5)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("alpha", 1.5, r"alpha: Input should be less than or equal to 1 \(got 1.5\)"),
+    ("alpha", -0.1, r"alpha: Input should be greater than or equal to 0 \(got -0.1\)"),
+    ("beta", 1.5, r"beta: Input should be less than or equal to 1 \(got 1.5\)"),
+    ("temperature", 0.0, r"temperature: Input should be greater than 0 \(got 0.0\)"),
+    ("matched_weight", -1.0, r"matched_weight: Input should be greater than or equal to 0"),
+    ("unmatched_weight", -1.0, r"unmatched_weight: Input should be greater than or equal to 0"),
+])
+def test_out_of_bounds_loss_settings_are_one_clear_line(field, value, message):
+    """Bounds are the config's, checked once by pydantic (the loss functions trust them)."""
+    with pytest.raises(DistillError, match=rf"^run.yaml: {message}"):
+        validate(LossConfig, {"kind": "jsd", field: value}, "run.yaml")
 
 
 def test_bad_loss_settings_are_one_clear_line(batch):
     logits, targets, mask, _, _ = batch
     with pytest.raises(DistillError, match="needs the teacher's top-k log-probabilities"):
-        distill_loss(logits, targets, mask, None, kind="forward_kl", alpha=0.5)
-    with pytest.raises(DistillError, match=r"alpha must be in \[0, 1\] \(got 1.5\)"):
-        distill_loss(logits, targets, mask, None, kind="jsd", alpha=1.5)
-    with pytest.raises(DistillError, match="temperature must be > 0"):
-        distill_loss(logits, targets, mask, None, kind="sft", temperature=0.0)
+        distill_loss(logits, targets, mask, None, div=Divergence("forward_kl"), alpha=0.5)
     with pytest.raises(DistillError, match="'sft' has no teacher term"):
-        distill_loss(logits, targets, mask, None, kind="sft", alpha=0.5)
+        distill_loss(logits, targets, mask, None, div=None, alpha=0.5)
+
+
+def test_the_config_builds_the_divergence():
+    """Every Divergence field is read from LossConfig by name; sft has none."""
+    cfg = LossConfig(kind="gold", alpha=0.3, beta=0.2, temperature=2.0, matched_weight=0.5,
+                     unmatched_weight=3.0)
+    assert cfg.divergence() == Divergence("gold", 0.2, 2.0, 0.5, 3.0)
+    assert LossConfig(kind="sft").divergence() is None
 
 
 @pytest.mark.parametrize("kind", ["gold", "uld"])
@@ -325,8 +351,8 @@ def test_cross_tokenizer_loss_on_a_mesh_equals_unsharded(kind):
     teacher = TeacherTopK(jnp.asarray(ids), jnp.asarray(lps))
 
     def loss(h, w, teacher):
-        return chunked_loss(h, lambda x: x @ w, targets, mask, teacher, kind=kind, alpha=0.5,
-                            chunk=4)[0]
+        return chunked_loss(h, lambda x: x @ w, targets, mask, teacher, div=Divergence(kind),
+                            alpha=0.5, chunk=4)[0]
 
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     want, want_grads = fn(hidden, w, teacher)

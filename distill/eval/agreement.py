@@ -45,7 +45,7 @@ from distill.data.store import MANIFEST, column_filled, read_manifest
 from distill.data.traces import as_source, open_traces
 from distill.errors import DistillError
 from distill.eval.config import KLConfig
-from distill.losses import TeacherTopK, chunked_loss
+from distill.losses import Divergence, TeacherTopK, chunked_loss
 from distill.tokenizer import Tokenizer
 
 _BUCKET = 64  # sequences are right-padded to a multiple of this (fewer recompiles)
@@ -174,8 +174,8 @@ def _score_fn():
         # KL over the entries that are student tokens (q over the whole top-k): with one
         # tokenizer every entry is, and this is forward KL
         _, m = chunked_loss(model.hidden(tokens), model.logits, targets, mask,
-                            TeacherTopK(top_ids, top_lps), kind="gold", alpha=1.0,
-                            unmatched_weight=0.0)
+                            TeacherTopK(top_ids, top_lps),
+                            div=Divergence("gold", unmatched_weight=0.0), alpha=1.0)
         # sums, so traces add up to token-level means
         return m["kd"] * m["kd_tokens"], m["kd_tokens"], m["accuracy"] * m["tokens"], m["tokens"]
 

@@ -16,6 +16,7 @@ from distill.config import (
     RematName,
 )
 from distill.errors import DistillError
+from distill.losses import DIVERGENCES, Divergence
 from distill.parallel import parse_mesh
 from distill.train.data import DataConfig
 from distill.train.optim import OptimConfig
@@ -52,19 +53,31 @@ class StudentConfig(Frozen):
         return {**self.config_overrides, **{k: v for k, v in runtime.items() if v is not None}}
 
 
+# "sft" (cross-entropy alone) or a registered divergence (`distill.losses.DIVERGENCES`)
+LossName = Literal[("sft", *DIVERGENCES)]
+
+
 class LossConfig(Frozen):
     """SFT cross-entropy, optionally mixed with logit distillation from the teacher's stored
     top-k log-probabilities: loss = (1 - alpha) CE + alpha KD. forward_kl / reverse_kl / jsd
     need the student to share the teacher's tokenizer; gold (matched-vocabulary KL plus ULD on
-    the rest) and uld (sorted-probability distance alone) work across tokenizers too."""
+    the rest) and uld (sorted-probability distance alone) work across tokenizers too. The
+    bounds of the divergence's hyperparameters are checked here, once."""
 
-    kind: Literal["sft", "forward_kl", "reverse_kl", "jsd", "gold", "uld"] = "sft"
+    kind: LossName = "sft"
     alpha: float = Field(0.5, ge=0, le=1)  # ignored for sft
     beta: float = Field(0.5, ge=0, le=1)  # generalized JSD interpolation
     temperature: float = Field(1.0, gt=0)
     matched_weight: float = Field(1.0, ge=0)  # gold: the KL over entries that are student tokens
     unmatched_weight: float = Field(1.0, ge=0)  # gold: ULD over the teacher's other entries
     chunk: int = Field(1024, ge=1)  # sequence chunk of the loss head: never [B, T, V] logits at once
+
+    def divergence(self) -> Divergence | None:
+        """The teacher term's hyperparameters (every `Divergence` field, read from this config
+        by name); None for sft."""
+        if self.kind == "sft":
+            return None
+        return Divergence(**{f: getattr(self, f) for f in Divergence._fields})
 
 
 class LoopConfig(Frozen):

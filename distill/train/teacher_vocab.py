@@ -10,7 +10,7 @@ from pathlib import Path
 from distill.data.store import MANIFEST, column_filled, read_manifest, shard_paths
 from distill.data.traces import as_source
 from distill.errors import DistillError
-from distill.losses import CROSS_TOKENIZER_KINDS
+from distill.losses import DIVERGENCES
 from distill.train.config import LossConfig
 
 
@@ -26,7 +26,7 @@ def check_teacher_vocabulary(sources, tokenizer, loss: LossConfig, top_k: int) -
             continue
         teacher = read_manifest(run).get("tokenizer")
         same = teacher is not None and teacher.get("vocabulary") == student
-        if loss.kind in CROSS_TOKENIZER_KINDS:
+        if DIVERGENCES[loss.kind].reads_unmatched:
             if not same and not column_filled(shard_paths(run, verify=False), "top_bytes"):
                 unknown = "" if teacher else ", nor do they name the teacher's tokenizer"
                 raise DistillError(
@@ -39,5 +39,10 @@ def check_teacher_vocabulary(sources, tokenizer, loss: LossConfig, top_k: int) -
                 f"{run}: the teacher's tokenizer ({teacher.get('source')}, "
                 f"{teacher.get('vocab_size')} ids) is not the student's ({tokenizer.vocab_size} "
                 f"ids): loss {loss.kind} reads the teacher's ids as the student's; set loss.kind "
-                "gold or uld to distil across tokenizers")
+                f"{' or '.join(_across_tokenizers())} to distil across tokenizers")
+
+
+def _across_tokenizers() -> list[str]:
+    """The divergences that read the teacher's unmatched entries (they align tokenizers)."""
+    return [name for name, kind in DIVERGENCES.items() if kind.reads_unmatched]
 
