@@ -1,13 +1,9 @@
 """The standard reasoning benchmarks as prompt sets: where each one is, how a row becomes a prompt
-and a reference, how the final answer is read, and the R1 evaluation protocol for it.
-
-| name     | source (config, split)                 | answer                     | k  | new tokens |
-|----------|----------------------------------------|----------------------------|----|------------|
-| math500  | HuggingFaceH4/MATH-500 (test)          | last \\boxed{}              | 4  | 32768      |
-| aime24   | HuggingFaceH4/aime_2024 (train)        | last \\boxed{}              | 64 | 32768      |
-| aime25   | yentinglin/aime_2025 (train)           | last \\boxed{}              | 64 | 32768      |
-| gpqa     | Idavidrein/gpqa (gpqa_diamond, train)  | a letter A-D               | 8  | 32768      |
-| gsm8k    | openai/gsm8k (main, test)              | \\boxed{} or "#### N"       | 1  | 32768      |
+and a reference, how the final answer is read, and the R1 evaluation protocol for it. They are
+the registry `BENCHMARKS` (one `Benchmark` each: source, answer reading, k, token budget,
+aliases); the eval config, `distill eval --benchmark` and `--decontaminate` take these names,
+and the command line's help lists them, so this module imports only the standard library at
+load (numpy, math-verify and the dataset readers where they are used).
 
 Prompts are lighteval's at the commit open-r1 evaluates with (the math template for MATH-500 and
 AIME, the multiple-choice template for GPQA, its question and choices stripped as lighteval's
@@ -26,14 +22,12 @@ import dataclasses
 import hashlib
 import re
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from distill.data.prompts import prompt_hash_id
-from distill.data.records import PromptRecord
-from distill.data.sources import open_source
 from distill.errors import DistillError
-from distill.verify import answers_match, extract_answer, extract_choice
+
+if TYPE_CHECKING:
+    from distill.data.records import PromptRecord
 
 # lighteval's MATH_QUERY_TEMPLATE (two spaces after "clearly." included)
 MATH_TEMPLATE = (
@@ -74,9 +68,12 @@ class Benchmark:
     max_new_tokens: int
     answer: str  # "boxed" | "letter" | "number": how a completion's final answer is read
     build: Callable[[dict, int, int], tuple[str, str, str]]  # (row, index, seed) -> id, prompt, ref
+    aliases: tuple[str, ...] = ()  # other names it answers to (lower case, no "-" or "_")
 
     def extract(self, text: str) -> str | None:
         """The final answer of a completion's answer part, as this benchmark reads it."""
+        from distill.verify import extract_answer, extract_choice
+
         if self.answer == "letter":
             return extract_choice(text, LETTERS)
         boxed = extract_answer(text)
@@ -85,6 +82,8 @@ class Benchmark:
         return extract_answer(text, _GSM8K_ANSWER)
 
     def matches(self, predicted: str | None, reference: str) -> bool:
+        from distill.verify import answers_match
+
         if predicted is None:
             return False
         if self.answer == "letter":
@@ -102,18 +101,25 @@ def gsm8k_reference(answer: str) -> str:
     return answer.rsplit("####", 1)[1].strip().replace(",", "")
 
 
+def _prompt_id(text) -> str:
+    """`prompt_hash_id`, imported on use (see the module docstring)."""
+    from distill.data.prompts import prompt_hash_id
+
+    return prompt_hash_id(text)
+
+
 def _math(problem: str, id_column: str | None = None):
     def build(row: dict, index: int, seed: int) -> tuple[str, str, str]:
         text = row[problem]
         rid = str(row[id_column]) if id_column and row.get(id_column) is not None else None
-        return rid or prompt_hash_id(text), MATH_TEMPLATE.replace("{prompt}", text), str(
+        return rid or _prompt_id(text), MATH_TEMPLATE.replace("{prompt}", text), str(
             row["answer"]).strip()
     return build
 
 
 def _gsm8k(row: dict, index: int, seed: int) -> tuple[str, str, str]:
     text = row["question"]
-    return (prompt_hash_id(text), GSM8K_TEMPLATE.replace("{prompt}", text),
+    return (_prompt_id(text), GSM8K_TEMPLATE.replace("{prompt}", text),
             gsm8k_reference(row["answer"]))
 
 
@@ -121,12 +127,16 @@ def gpqa_position(index: int, seed: int) -> int:
     """Where question `index` puts its correct answer: a seeded permutation of 0,1,2,3,0,1,... over
     the benchmark, so every letter is right for a quarter of the questions. Blocks of four
     questions take the four positions in a seeded order; the result depends only on (seed, index)."""
+    import numpy as np
+
     block, offset = divmod(index, 4)
     rng = np.random.default_rng([seed, block, 0x6770])
     return int(rng.permutation(4)[offset])
 
 
 def _gpqa(row: dict, index: int, seed: int) -> tuple[str, str, str]:
+    import numpy as np
+
     right = row["Correct Answer"]
     wrong = [row[f"Incorrect Answer {j}"] for j in (1, 2, 3)]
     key = int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "big")
@@ -139,37 +149,42 @@ def _gpqa(row: dict, index: int, seed: int) -> tuple[str, str, str]:
     prompt = GPQA_TEMPLATE.format(prompt=str(row["Question"]).strip(),
                                   **{k: str(c).strip() for k, c in zip(LETTERS, choices,
                                                                        strict=True)})
-    rid = row.get("Record ID") or prompt_hash_id(row["Question"])
+    rid = row.get("Record ID") or _prompt_id(row["Question"])
     return str(rid), prompt, LETTERS[position]
 
 
+# The registry: name, title, hub source (config, split), columns, R1's k and token budget, answer
+# reading, row builder, aliases.
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
     Benchmark("math500", "MATH-500", "HuggingFaceH4/MATH-500", None, "test",
-              ("problem", "answer"), 4, 32768, "boxed", _math("problem", "unique_id")),
+              ("problem", "answer"), 4, 32768, "boxed", _math("problem", "unique_id"),
+              ("math",)),
     Benchmark("aime24", "AIME 2024", "HuggingFaceH4/aime_2024", None, "train",
-              ("problem", "answer"), 64, 32768, "boxed", _math("problem", "id")),
+              ("problem", "answer"), 64, 32768, "boxed", _math("problem", "id"), ("aime2024",)),
     Benchmark("aime25", "AIME 2025", "yentinglin/aime_2025", None, "train",
-              ("problem", "answer"), 64, 32768, "boxed", _math("problem", "id")),
+              ("problem", "answer"), 64, 32768, "boxed", _math("problem", "id"), ("aime2025",)),
     Benchmark("gpqa", "GPQA-Diamond", "Idavidrein/gpqa", "gpqa_diamond", "train",
               ("Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
-               "Incorrect Answer 3"), 8, 32768, "letter", _gpqa),
+               "Incorrect Answer 3"), 8, 32768, "letter", _gpqa, ("gpqadiamond", "gpqad")),
     Benchmark("gsm8k", "GSM8K", "openai/gsm8k", "main", "test", ("question", "answer"), 1, 32768,
               "number", _gsm8k),
 )}
 
 
 def benchmark(name: str) -> Benchmark:
+    """The benchmark called `name` or one of its aliases (case, "-" and "_" ignored); a
+    DistillError naming the benchmarks otherwise."""
     key = name.lower().replace("-", "").replace("_", "")
-    aliases = {"gpqadiamond": "gpqa", "gpqad": "gpqa", "math": "math500", "aime2024": "aime24",
-               "aime2025": "aime25"}
-    key = aliases.get(key, key)
-    if key not in BENCHMARKS:
-        raise DistillError(f"unknown benchmark {name!r} (known: {', '.join(BENCHMARKS)})")
-    return BENCHMARKS[key]
+    for bench in BENCHMARKS.values():
+        if key == bench.name or key in bench.aliases:
+            return bench
+    raise DistillError(f"unknown benchmark {name!r} (known: {', '.join(BENCHMARKS)})")
 
 
 def _open(bench: Benchmark, source: str | None):
     """The benchmark's rows, from `source` (a local copy) or the hub, its columns checked."""
+    from distill.data.sources import open_source
+
     rows = open_source(source or bench.source, config=None if source else bench.config,
                        split=bench.split)
     missing = [c for c in bench.columns if c not in rows.columns]
@@ -182,6 +197,8 @@ def _open(bench: Benchmark, source: str | None):
 def load_benchmark(bench: Benchmark, source: str | None = None, seed: int = 0,
                    limit: int | None = None) -> list[PromptRecord]:
     """The benchmark's prompts with their references, from `source` (a local copy) or the hub."""
+    from distill.data.records import PromptRecord
+
     rows = _open(bench, source)
     records, seen = [], set()
     for index, (where, row) in enumerate(rows.rows()):
