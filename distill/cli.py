@@ -7,16 +7,50 @@ Every command imports its library inside its body: the command line itself impor
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
+from distill.data.benchmarks import BENCHMARKS  # names only: imports nothing beyond the stdlib
 from distill.errors import DistillError
 
 MODEL_HELP = ("a Hugging Face model directory, a GGUF file, a students/<run> training directory "
               "(its latest checkpoint), or a model preset YAML (random weights)")
+
+
+class _RegistryChoice(click.Choice):
+    """A click.Choice over a registry's names, read on first use (parsing the option, or its own
+    command's --help), so importing the command line still imports only click."""
+
+    def __init__(self, names: Callable[[], tuple[str, ...]]) -> None:
+        self._names, self.case_sensitive = names, True
+
+    @functools.cached_property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(self._names())
+
+
+class _RegistryOption(click.Option):
+    """An option whose choices and help come from a registry: `load() -> (names, help)`, read on
+    first use as `_RegistryChoice` reads them."""
+
+    def __init__(self, *args, load: Callable[[], tuple[tuple[str, ...], str]], **kwargs) -> None:
+        self._load = functools.cache(load)
+        super().__init__(*args, type=_RegistryChoice(lambda: self._load()[0]), **kwargs)
+
+    def get_help_record(self, ctx: click.Context):
+        self.help = self._load()[1]
+        return super().get_help_record(ctx)
+
+
+def _presets() -> tuple[tuple[str, ...], str]:
+    from distill.data.schemas import SCHEMAS, preset_help
+
+    return ("auto", *SCHEMAS), preset_help()
 
 
 def _configure_jax() -> None:
@@ -77,12 +111,7 @@ def traces() -> None:
 @click.argument("source")
 @click.option("--name", default=None,
               help="The run directory under --out (default: the source's last part).")
-@click.option("--preset", default="auto", show_default=True,
-              type=click.Choice(["auto", "distill", "messages", "sharegpt", "columns",
-                                 "openr1_math"]),
-              help="The schema: messages (Mixture-of-Thoughts, AM), sharegpt (OpenThoughts, "
-                   "Bespoke-Stratos), columns (s1K-1.1), openr1_math; auto tells it from the "
-                   "columns.")
+@click.option("--preset", default="auto", show_default=True, cls=_RegistryOption, load=_presets)
 @click.option("--config", "hub_config", default=None, help="The hub dataset's configuration.")
 @click.option("--split", default="train", show_default=True, help="The split to read.")
 @click.option("--system", type=click.Choice(["keep", "drop"]), default="keep",
@@ -91,9 +120,8 @@ def traces() -> None:
 @click.option("--tokenizer", default=None, type=click.Path(),
               help="Counts tokens (needed by filters.max_completion_tokens).")
 @click.option("--decontaminate", "benchmarks", multiple=True, metavar="BENCHMARK",
-              help="Reject prompts that share an 8-gram with a benchmark (math500, aime24, "
-                   "aime25, gpqa, gsm8k; from the hub cache). Local copies: --set "
-                   "filters.decontaminate=[PATH].")
+              help=f"Reject prompts that share an 8-gram with a benchmark ({', '.join(BENCHMARKS)}"
+                   "; from the hub cache). Local copies: --set filters.decontaminate=[PATH].")
 @click.option("--out", "root", default="teacher_traces", show_default=True, type=click.Path(),
               help="The output root.")
 @click.option("--overwrite", is_flag=True, help="Start over instead of resuming.")
@@ -180,8 +208,8 @@ def train(config, overrides, quiet):
 @cli.command(name="eval")
 @click.argument("config", type=click.Path(), required=False)
 @click.option("--benchmark", default=None, metavar="NAME",
-              help="A standard benchmark instead of CONFIG's prompts: math500, aime24, aime25, "
-                   "gpqa, gsm8k (its template, answer reading and R1 protocol).")
+              help=f"A standard benchmark instead of CONFIG's prompts: {', '.join(BENCHMARKS)} "
+                   "(its template, answer reading and R1 protocol).")
 @click.option("--model", "model", default=None, metavar="MODEL|URL",
               help="With --benchmark and no CONFIG: the model, a MODEL path (in process) or the "
                    "http(s) URL of an OpenAI-compatible server (distill serve, vLLM, SGLang).")

@@ -3,24 +3,9 @@
 A preset turns one dataset row into the traces it holds (`Turn`s): the conversation before a reply
 (system prompt kept unless dropped, earlier assistant replies as their answers only, which is what
 an R1-style client sends back), the reply's reasoning and answer, the dataset's own verdict and
-finish reason. Presets:
-
-- `messages`   `messages: [{role, content}]`, the reasoning inside `<think>…</think>` in assistant
-               contents: open-r1/Mixture-of-Thoughts; also a-m-team/AM-DeepSeek-R1-Distilled-1.4M,
-               whose assistant answers sit in `<answer>…</answer>` (unwrapped) and whose user turns
-               carry `info.reference_answer` (the reference).
-- `sharegpt`   `system`, `conversations: [{from, value}]`, the reply marked
-               `<|begin_of_thought|>…<|end_of_thought|>` then `<|begin_of_solution|>…
-               <|end_of_solution|>` (or `<think>`): OpenThoughts-114k, OpenThoughts3-1.2M,
-               Bespoke-Stratos-17k.
-- `columns`    prompt, reasoning and answer in their own columns (defaults: simplescaling/s1K-1.1's
-               question, deepseek_thinking_trajectory, deepseek_attempt, verdict deepseek_grade).
-- `openr1_math` open-r1/OpenR1-Math-220k: `problem`, `answer` (the reference), and per R1
-               generation the lists `generations`, `correctness_math_verify`,
-               `correctness_llama` (the Llama judge the card describes for the ~12% math-verify
-               could not parse; null where it did not judge) and `finish_reasons`
-               (`is_reasoning_complete` where a finish reason is null): each generation is a
-               turn, correct when either check says so, with its finish reason.
+finish reason. The presets are the registry `PRESETS` (each function's docstring says what it
+reads); the config's `preset` values (`SchemaName`) and the command line's `--preset` choices come
+from it, with "auto" (told from the columns) and "distill" (our own store).
 
 Multi-turn conversations give one turn per assistant reply, each with its history, so every reply
 is trained on exactly as the chat template renders that conversation at inference. A row with no
@@ -32,15 +17,13 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable
-from typing import Literal, get_args
+from typing import Literal
 
 from distill.chat import THINK_CLOSE, THINK_OPEN, split_think
 from distill.config import Frozen
 from distill.data.prompts import prompt_hash_id
 from distill.errors import DistillError
 
-SchemaName = Literal["auto", "distill", "messages", "sharegpt", "columns", "openr1_math"]
-SCHEMAS: tuple[str, ...] = get_args(SchemaName)[1:]
 # our own store's columns (read by distill.data.traces directly, top-k arrays included)
 TRACE_COLUMNS = ("id", "prompt_id", "prompt", "messages", "reasoning", "answer", "correct",
                  "finish_reason")
@@ -86,7 +69,7 @@ class Preset:
     needs: tuple[str, ...]
     turns: Callable[..., list[Turn]]
     verdicts: str | None  # the column holding the dataset's verdicts, if any
-    about: str
+    datasets: str  # the public datasets it reads (the command line's help names them)
 
 
 def detect_schema(columns: tuple[str, ...], where: str) -> str:
@@ -100,7 +83,7 @@ def detect_schema(columns: tuple[str, ...], where: str) -> str:
             return preset.name
     known = "; ".join(f"{p.name} ({', '.join(p.needs)})" for p in PRESETS.values())
     raise DistillError(f"{where}: unknown trace schema (columns: {', '.join(columns) or 'none'}); "
-                       f"known: distill (our store), {known}; set schema: to one of them")
+                       f"known: distill (our store), {known}; set preset: to one of them")
 
 
 def check_columns(preset: Preset, columns: tuple[str, ...], where: str) -> None:
@@ -189,6 +172,10 @@ def _list(row: dict, column: str) -> list:
 
 
 def _messages(row: dict, drop_system: bool, columns: ReasoningColumns) -> list[Turn]:
+    """`messages: [{role, content}]`, the reasoning inside `<think>…</think>` in assistant
+    contents: open-r1/Mixture-of-Thoughts; also a-m-team/AM-DeepSeek-R1-Distilled-1.4M, whose
+    assistant answers sit in `<answer>…</answer>` (unwrapped) and whose user turns carry
+    `info.reference_answer` (the reference)."""
     return conversation_turns(_list(row, "messages"), drop_system=drop_system)
 
 
@@ -197,6 +184,9 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
 
 
 def _sharegpt(row: dict, drop_system: bool, columns: ReasoningColumns) -> list[Turn]:
+    """`system`, `conversations: [{from, value}]`, the reply marked `<|begin_of_thought|>…
+    <|end_of_thought|>` then `<|begin_of_solution|>…<|end_of_solution|>` (or `<think>`):
+    OpenThoughts-114k, OpenThoughts3-1.2M, Bespoke-Stratos-17k."""
     messages = []
     system = row.get("system")
     if isinstance(system, str) and system.strip():
@@ -226,6 +216,8 @@ def _joined(value):
 
 
 def _columns(row: dict, drop_system: bool, columns: ReasoningColumns) -> list[Turn]:
+    """Prompt, reasoning and answer in their own columns (defaults: simplescaling/s1K-1.1's
+    question, deepseek_thinking_trajectory, deepseek_attempt, verdict deepseek_grade)."""
     prompt = _text(row.get(columns.prompt), f"column {columns.prompt!r}")
     # (s1K-1.1 stored these as lists of strings at one revision)
     reasoning, answer = (_joined(row.get(c)) for c in (columns.reasoning, columns.answer))
@@ -241,6 +233,11 @@ def _columns(row: dict, drop_system: bool, columns: ReasoningColumns) -> list[Tu
 
 
 def _openr1_math(row: dict, drop_system: bool, columns: ReasoningColumns) -> list[Turn]:
+    """open-r1/OpenR1-Math-220k: `problem`, `answer` (the reference), and per R1 generation the
+    lists `generations`, `correctness_math_verify`, `correctness_llama` (the Llama judge the card
+    describes for the ~12% math-verify could not parse; null where it did not judge) and
+    `finish_reasons` (`is_reasoning_complete` where a finish reason is null): each generation is
+    a turn, correct when either check says so, with its finish reason."""
     problem = _text(row.get("problem"), "column 'problem'")
     generations = _list(row, "generations")
     verdicts = _list(row, "correctness_math_verify")
@@ -267,16 +264,23 @@ def _openr1_math(row: dict, drop_system: bool, columns: ReasoningColumns) -> lis
     return turns
 
 
+# The registry, in the order `auto` tries them (the first whose columns a dataset has).
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("openr1_math", ("problem", "generations", "correctness_math_verify"), _openr1_math,
-           "correctness_math_verify", "OpenR1-Math-220k: one trace per R1 generation"),
-    Preset("sharegpt", ("conversations",), _sharegpt, None,
-           "OpenThoughts / Bespoke-Stratos: system, conversations [{from, value}]"),
-    Preset("messages", ("messages",), _messages, None,
-           "Mixture-of-Thoughts / AM: messages [{role, content}] with <think>"),
+           "correctness_math_verify", "OpenR1-Math-220k"),
+    Preset("sharegpt", ("conversations",), _sharegpt, None, "OpenThoughts, Bespoke-Stratos"),
+    Preset("messages", ("messages",), _messages, None, "Mixture-of-Thoughts, AM"),
     Preset("columns", ("question", "deepseek_thinking_trajectory", "deepseek_attempt"), _columns,
-           "deepseek_grade", "s1K-1.1: reasoning and answer in their own columns"),
+           "deepseek_grade", "s1K-1.1"),
 )}
+SCHEMAS: tuple[str, ...] = ("distill", *PRESETS)  # what `preset` names besides "auto"
+SchemaName = Literal[("auto", *SCHEMAS)]  # type: ignore[valid-type]
+
+
+def preset_help() -> str:
+    """The command line's `--preset` help, from the registry."""
+    each = ", ".join(f"{p.name} ({p.datasets})" for p in PRESETS.values())
+    return f"The schema: {each}, distill (our store); auto tells it from the columns."
 
 
 def preset(name: str, columns: ReasoningColumns | None = None) -> Preset:
