@@ -78,6 +78,17 @@ def test_answer_extraction(name, text, expected, reference, correct):
     assert b.matches(b.extract(text), reference) is correct
 
 
+@pytest.mark.parametrize("name, want", [
+    ("MATH-500", "math500"), ("math", "math500"), ("AIME_2024", "aime24"), ("aime2025", "aime25"),
+    ("GPQA-Diamond", "gpqa"), ("gpqa_d", "gpqa"), ("GSM8K", "gsm8k")])
+def test_names_and_aliases(name, want):
+    """Case, "-" and "_" are ignored; each benchmark's aliases are registered with it."""
+    assert benchmark(name) is BENCHMARKS[want]
+    with pytest.raises(DistillError, match=r"^unknown benchmark 'mmlu' \(known: math500, "
+                                           r"aime24, aime25, gpqa, gsm8k\)$"):
+        benchmark("mmlu")
+
+
 def test_gpqa_shuffle_is_seeded_and_balanced(local):
     positions = [gpqa_position(i, seed=0) for i in range(198)]
     counts = collections.Counter(positions)

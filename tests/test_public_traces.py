@@ -169,6 +169,8 @@ def test_an_unknown_schema_names_the_columns_and_the_presets(tmp_path):
     assert msg.startswith(f"{path}: unknown trace schema (columns: text, label); known: distill")
     for name in ("openr1_math", "sharegpt", "messages", "columns"):
         assert name in msg
+    assert msg.endswith("; set preset: to one of them")  # the key a trace source has
+    assert "preset" in TraceSource.model_fields
 
 
 def test_a_missing_column_of_a_named_preset(files):
@@ -325,11 +327,28 @@ def test_the_import_benchmark_file_has_the_card_schema(tmp_path):
 
 
 def test_the_command_line_offers_every_preset():
+    from click.testing import CliRunner
+
     from distill.cli import traces
-    from distill.data.schemas import SCHEMAS
+    from distill.data.schemas import PRESETS, SCHEMAS
 
     [preset] = [p for p in traces.commands["import"].params if p.name == "preset"]
     assert list(preset.type.choices) == ["auto", *SCHEMAS]
+    shown = " ".join(CliRunner().invoke(traces, ["import", "--help"]).output.split())
+    for p in PRESETS.values():
+        assert f"{p.name} ({p.datasets})" in shown
+
+
+def test_the_command_line_names_every_benchmark():
+    from click.testing import CliRunner
+
+    from distill.cli import cli
+    from distill.data.benchmarks import BENCHMARKS
+
+    names = ", ".join(BENCHMARKS)
+    for args in (["eval", "--help"], ["traces", "import", "--help"]):
+        shown = " ".join(CliRunner().invoke(cli, args).output.split())
+        assert f"({names}" in shown or f": {names} (" in shown, args
 
 
 def test_a_local_benchmark_copy_decontaminates(tmp_path):
