@@ -212,7 +212,7 @@ def eval_(config, benchmark, model, model_name, source, limit, overrides, quiet)
     \b
     The common case needs no config:
       distill eval --benchmark math500 --model students/qwen-7b
-      distill eval --benchmark gpqa --model http://127.0.0.1:8000/v1 --set protocol.k=1
+      distill eval --benchmark gpqa --model http://127.0.0.1:8000/v1 --set protocol.n=1
     Prints the Markdown table (with the published pass@1 of a model of the same name, where
     there is one), then the report directory (eval.json, eval.md, samples.jsonl, plots/).
     """

@@ -287,7 +287,7 @@ def test_eval_scores_students_on_public_traces_by_nll(files, tmp_path):
     student = toy.qwen2_dir(tmp_path / "student")
     cfg = {"prompts": {"source": "synthetic", "synthetic": {"n": 2}},
            "models": [{"name": "s", "model": str(student)}],
-           "protocol": {"k": 1, "max_new_tokens": 2, "greedy": False},
+           "protocol": {"n": 1, "max_new_tokens": 2, "greedy": False},
            "kl": {"traces": {"source": str(files["openthoughts3"]), "limit": 2},
                   "only_eval_prompts": False},
            "output": str(tmp_path / "out")}
