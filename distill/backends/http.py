@@ -202,7 +202,7 @@ class OpenAISampler:
     @property
     def identity(self) -> dict:
         """What the traces record as their teacher (no key)."""
-        return {"kind": "openai", "base_url": self.cfg.base_url, "model": self.cfg.model}
+        return {"kind": self.cfg.kind, "base_url": self.cfg.base_url, "model": self.cfg.model}
 
     def __repr__(self) -> str:
         return f"OpenAISampler(url={self.url!r}, model={self.cfg.model!r})"
