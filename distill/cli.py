@@ -100,8 +100,8 @@ def traces() -> None:
               help="Override a field: filters.* (as in generate), output.rows_per_shard, "
                    "source.columns.*.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def import_(source, name, preset, hub_config, split, drop_system, limit, tokenizer, benchmarks, root,
-            overwrite, overrides, quiet):
+def import_(source, name, preset, hub_config, split, drop_system, limit, tokenizer, benchmarks,
+            root, overwrite, overrides, quiet):
     """Write SOURCE's reasoning traces into teacher_traces/<name>/ as if generated (resumable).
 
     \b

@@ -49,11 +49,12 @@ class SamplingFields(Frozen):
     n: Samples = 1
     seed: int = 0
 
-    def params(self, **update) -> SamplingParams:
-        """The engine's settings this table describes (its other fields left out); `update`
-        replaces some, e.g. `params(temperature=0.0)`."""
-        mine = {k: getattr(self, k) for k in SamplingParams.model_fields if k in type(self).model_fields}
-        return SamplingParams(**{**mine, **update})
+    def params(self) -> SamplingParams:
+        """The engine's settings this table describes (its other fields, such as the system
+        prompt, left out): the one conversion from a config's sampling table."""
+        fields = type(self).model_fields
+        return SamplingParams(**{k: getattr(self, k) for k in SamplingParams.model_fields
+                                 if k in fields})
 
 
 class SamplingParams(SamplingFields):

@@ -212,7 +212,8 @@ def test_api_key_is_sent_and_never_shown(keyed_url, monkeypatch, caplog):
 
 
 def test_missing_key_variable():
-    cfg = OpenAISamplerConfig(base_url="http://x.test", model="m", api_key_env="DISTILL_NO_SUCH_VAR")
+    cfg = OpenAISamplerConfig(base_url="http://x.test", model="m",
+                              api_key_env="DISTILL_NO_SUCH_VAR")
     with pytest.raises(DistillError, match="environment variable DISTILL_NO_SUCH_VAR is not set"):
         OpenAISampler(cfg)
 

@@ -1,5 +1,5 @@
-"""The OpenAI-compatible sampler (`kind: openai`): samples from any `/v1/chat/completions` server (vLLM, SGLang, the
-DeepSeek API, `distill serve`).
+"""The OpenAI-compatible sampler (`kind: openai`): samples from any `/v1/chat/completions` server
+(vLLM, SGLang, the DeepSeek API, `distill serve`).
 
 One request per (prompt, sample) with `n=1` and its own seed, because many servers ignore `n`;
 up to `concurrency` requests in flight. Rate limits, server errors, timeouts and dropped

@@ -19,8 +19,8 @@ from distill.tokenizer import Tokenizer, tokenizer_identity
 
 
 class JaxSamplerConfig(Frozen):
-    """A model sampled in process. `model` is any MODEL path (HF directory, GGUF, preset YAML, student
-    run); `tokenizer` overrides where the tokenizer is read from (needed for presets)."""
+    """A model sampled in process. `model` is any MODEL path (HF directory, GGUF, preset YAML,
+    student run); `tokenizer` overrides where the tokenizer is read from (needed for presets)."""
 
     kind: Literal["jax"] = "jax"
     model: InputPath
@@ -96,7 +96,6 @@ class JaxSampler:
 
     def close(self) -> None:
         """Nothing to release: the model's buffers go with the object."""
-
 
 
 def sample_text(model_path, prompt: str, params: SamplingParams, *, system=None, raw=False,
