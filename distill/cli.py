@@ -114,8 +114,7 @@ def traces() -> None:
 @click.option("--preset", default="auto", show_default=True, cls=_RegistryOption, load=_presets)
 @click.option("--config", "hub_config", default=None, help="The hub dataset's configuration.")
 @click.option("--split", default="train", show_default=True, help="The split to read.")
-@click.option("--system", type=click.Choice(["keep", "drop"]), default="keep",
-              show_default=True, help="Keep or drop the dataset's system prompts.")
+@click.option("--drop-system", is_flag=True, help="Leave the dataset's system prompts out.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N rows.")
 @click.option("--tokenizer", default=None, type=click.Path(),
               help="Counts tokens (needed by filters.max_completion_tokens).")
@@ -129,8 +128,8 @@ def traces() -> None:
               help="Override a field: filters.* (as in generate), output.rows_per_shard, "
                    "source.columns.*.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def import_(source, name, preset, hub_config, split, system, limit, tokenizer, benchmarks, root,
-            overwrite, overrides, quiet):
+def import_(source, name, preset, hub_config, split, drop_system, limit, tokenizer, benchmarks,
+            root, overwrite, overrides, quiet):
     """Write SOURCE's reasoning traces into teacher_traces/<name>/ as if generated (resumable).
 
     \b
@@ -145,7 +144,7 @@ def import_(source, name, preset, hub_config, split, system, limit, tokenizer, b
     from distill.traces.importer import import_config, run_import
     from distill.traces.progress import import_table
 
-    fields = {"preset": preset, "config": hub_config, "split": split, "system": system,
+    fields = {"preset": preset, "config": hub_config, "split": split, "drop_system": drop_system,
               "limit": limit}
     cfg = import_config(source, name or _source_name(source, hub_config), overrides,
                         source_fields={k: v for k, v in fields.items() if v is not None},
@@ -240,7 +239,7 @@ def eval_(config, benchmark, model, model_name, source, limit, overrides, quiet)
     \b
     The common case needs no config:
       distill eval --benchmark math500 --model students/qwen-7b
-      distill eval --benchmark gpqa --model http://127.0.0.1:8000/v1 --set protocol.k=1
+      distill eval --benchmark gpqa --model http://127.0.0.1:8000/v1 --set protocol.n=1
     Prints the Markdown table (with the published pass@1 of a model of the same name, where
     there is one), then the report directory (eval.json, eval.md, samples.jsonl, plots/).
     """

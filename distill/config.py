@@ -14,14 +14,16 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -278,8 +280,25 @@ class MoEConfig(Frozen):
 
 # Any model config; the `family` field picks the schema.
 ModelConfig = Annotated[DenseConfig | MoEConfig, Field(discriminator="family")]
-# union tags (model families, teacher / model kinds), left out of error locations
-_UNION_TAGS = ("llama", "qwen2", "deepseek_v3", "jax", "openai", "source-name", "source-table")
+# union tags (model families, trace source forms, and those `tagged_union` adds: sampler
+# kinds), left out of error locations
+_UNION_TAGS = {"llama", "qwen2", "deepseek_v3", "source-name", "source-table"}
+
+
+def tagged_union(members: dict[str, type[BaseModel]], default: str, known: str) -> Any:
+    """The type of a table that is one of `members`, picked by its `kind` key (`default` where the
+    table has none). An unknown kind is one error, "kind must be <known>"; the tags stay out of
+    error locations, so errors name the keys users write."""
+    _UNION_TAGS.update(members)
+
+    def kind(value) -> str | None:
+        if isinstance(value, dict):
+            return value.get("kind", default)
+        return getattr(value, "kind", None)
+
+    tagged = tuple(Annotated[cls, Tag(tag)] for tag, cls in members.items())
+    return Annotated[Union[tagged], Discriminator(  # noqa: UP007 (a tuple of members)
+        kind, custom_error_type="invalid_kind", custom_error_message=f"kind must be {known}")]
 
 T = TypeVar("T", bound=BaseModel)
 

@@ -37,9 +37,10 @@ Samples = Annotated[int, Field(ge=1)]  # completions per prompt
 TopLogprobs = Annotated[int, Field(ge=0, le=20)]  # stored top-k log-probabilities (OpenAI's cap)
 
 
-class SamplingParams(Frozen):
-    """How to sample. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters.
-    Invalid values raise pydantic's ValidationError (a ValueError)."""
+class SamplingFields(Frozen):
+    """The settings every sampling table shares, declared once: the engine's `SamplingParams`,
+    `distill generate`'s `sampling` and `distill eval`'s `protocol` add to these (and may change
+    their defaults). `n` is the number of samples per prompt everywhere."""
 
     max_new_tokens: NewTokens = 256
     temperature: Temperature = 0.0
@@ -47,8 +48,32 @@ class SamplingParams(Frozen):
     top_k: TopK = 0
     n: Samples = 1
     seed: int = 0
+
+    def params(self) -> SamplingParams:
+        """The engine's settings this table describes (its other fields, such as the system
+        prompt, left out): the one conversion from a config's sampling table."""
+        fields = type(self).model_fields
+        return SamplingParams(**{k: getattr(self, k) for k in SamplingParams.model_fields
+                                 if k in fields})
+
+
+class SamplingParams(SamplingFields):
+    """How to sample. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters.
+    Invalid values raise pydantic's ValidationError (a ValueError)."""
+
     stop: tuple[str, ...] = ()  # stop strings, applied to the decoded text
     logprobs: Annotated[int, Field(ge=0)] = 0  # also return each token's top-k log-probabilities
+
+    def greedy(self) -> SamplingParams:
+        """One sample at temperature 0, no filters, the same budget, seed and stop strings."""
+        return self.model_copy(update={"temperature": 0.0, "top_p": 1.0, "top_k": 0, "n": 1})
+
+
+class SystemPrompt(Frozen):
+    """The system prompt a config asks every prompt with (None: none; R1 recommends none, all
+    instructions in the user prompt). Part of a sampling table, not of the engine's settings."""
+
+    system: str | None = None
 
 
 @dataclasses.dataclass

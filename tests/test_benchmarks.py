@@ -145,11 +145,11 @@ def test_each_benchmark_loads_from_a_local_copy(local):
 def test_protocol_defaults_come_from_the_benchmark_unless_set(local):
     base = benchmark_config("aime24", "students/x", source=local["aime24"])
     cfg = validate(EvalConfig, base, "test")
-    assert (cfg.protocol.k, cfg.protocol.max_new_tokens, cfg.protocol.temperature,
+    assert (cfg.protocol.n, cfg.protocol.max_new_tokens, cfg.protocol.temperature,
             cfg.protocol.top_p) == (64, 32768, 0.6, 0.95)
-    cfg = validate(EvalConfig, {**base, "protocol": {"k": 2}}, "test")
-    assert (cfg.protocol.k, cfg.protocol.max_new_tokens) == (2, 32768)
-    assert validate(EvalConfig, benchmark_config("gpqa-diamond", "m"), "t").protocol.k == 8
+    cfg = validate(EvalConfig, {**base, "protocol": {"n": 2}}, "test")
+    assert (cfg.protocol.n, cfg.protocol.max_new_tokens) == (2, 32768)
+    assert validate(EvalConfig, benchmark_config("gpqa-diamond", "m"), "t").protocol.n == 8
     with pytest.raises(DistillError, match="benchmark.name: Value error, unknown benchmark "
                                            "'mmlu'"):
         validate(EvalConfig, benchmark_config("math500", "m") | {"benchmark": {"name": "mmlu"}},
@@ -199,7 +199,7 @@ def test_eval_benchmark_over_http_reads_the_answers(local, tmp_path, monkeypatch
         for name in ("math500", "gpqa"):
             data = benchmark_config(name, f"{url}/v1", served_name="oracle",
                                     source=local[name])
-            report = run_eval(None, ["protocol.k=2", "protocol.greedy=false"], progress=False,
+            report = run_eval(None, ["protocol.n=2", "protocol.greedy=false"], progress=False,
                               data=data)
             [model] = report["models"]
             assert report["benchmark"] == name and model["pass@1"]["value"] == 1.0
@@ -214,7 +214,7 @@ def test_eval_benchmark_in_process_and_served_agree(local, tmp_path):
     from distill.serve.app import ServerThread, build_app
 
     student = toy.qwen2_dir(tmp_path / "DeepSeek-R1-Distill-Qwen-7B")
-    common = ["--source", local["math500"], "--limit", "2", "--quiet", "--set", "protocol.k=1",
+    common = ["--source", local["math500"], "--limit", "2", "--quiet", "--set", "protocol.n=1",
               "--set", "protocol.max_new_tokens=6", "--set", "protocol.temperature=0"]
     local_run = run_cli(["eval", "--benchmark", "math500", "--model", str(student), *common],
                         tmp_path)

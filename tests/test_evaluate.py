@@ -182,7 +182,7 @@ def write_config(path: Path, student: Path, teacher: Path, url: str, out: Path, 
                        "metrics": str(path.parent / "metrics.jsonl")},
                       {"name": "oracle", "kind": "openai", "base_url": url, "model": "oracle"},
                       {"name": "teacher", "model": str(teacher), "role": "teacher"}],
-           "protocol": {"k": K, "max_new_tokens": 16, "seed": SEED},
+           "protocol": {"n": K, "max_new_tokens": 16, "seed": SEED},
            "kl": {"traces": str(path.parent / "traces"), "max_samples": 64},
            "output": str(out), **extra}
     path.write_text(yaml.safe_dump(cfg))
@@ -227,7 +227,7 @@ def test_report_files(evaluated):
     table = (out / "eval.md").read_text()
     header = next(line for line in table.splitlines() if line.startswith("| metric"))
     assert header == "| metric | student | oracle | **teacher** (teacher) |"
-    assert f"| pass@1 (k={K}) [95% CI] |" in table and "| top-1 agreement |" in table
+    assert f"| pass@1 (n={K}) [95% CI] |" in table and "| top-1 agreement |" in table
     assert not list(out.parent.glob(".out.*"))  # no temporary folder left behind
 
 
@@ -240,7 +240,7 @@ def test_same_seed_same_numbers(evaluated):
 
 
 def test_metrics_of_a_model_of_known_answers(evaluated, prompts):
-    """The oracle's answers are known from its request seeds: pass@1, cons@k, greedy, format
+    """The oracle's answers are known from its request seeds: pass@1, cons@n, greedy, format
     and lengths follow by hand."""
     oracle = by_name(evaluated["first"])["oracle"]
     per_prompt, votes = [], []
@@ -254,7 +254,7 @@ def test_metrics_of_a_model_of_known_answers(evaluated, prompts):
     assert oracle["pass@1"]["value"] == pytest.approx(np.mean(per_prompt))
     lo, hi = oracle["pass@1"]["ci95"]
     assert lo < oracle["pass@1"]["value"] < hi
-    assert oracle["cons@k"]["value"] == pytest.approx(np.mean(votes))
+    assert oracle["cons@n"]["value"] == pytest.approx(np.mean(votes))
     assert oracle["greedy"]["value"] == 1.0 and oracle["format"] == 1.0
     assert oracle["lengths"] == {"mean": 7.0, "p50": 7.0, "p90": 7.0}
     assert sum(v["prompts"] for v in oracle["by_difficulty"].values()) == 6
@@ -346,7 +346,9 @@ def test_kl_and_top1_agreement_across_tokenizers(tmp_path, dirs):
 
 
 def test_a_different_tokenizer_is_not_scored(tmp_path):
-    from distill.eval.config import JaxModelConfig
+    from pydantic import TypeAdapter
+
+    from distill.eval.config import ModelEntry
     from distill.eval.evaluate import _KL, _agreement
     from distill.tokenizer import Tokenizer
 
@@ -358,7 +360,8 @@ def test_a_different_tokenizer_is_not_scored(tmp_path):
     class Backend:
         tokenizer = other
 
-    scores, notes = _agreement(JaxModelConfig(model="x"), Backend(),
+    entry = TypeAdapter(ModelEntry).validate_python({"model": "x"})  # kind jax by default
+    scores, notes = _agreement(entry, Backend(),
                                _KL([], True, same[0].vocabulary_fingerprint(), None))
     assert scores is None and "tokenizer differs" in notes[0]
 
@@ -391,7 +394,7 @@ def test_no_prompts_in_common_is_one_line_and_exit_2(tmp_path, dirs):
     ({"models": [{"kind": "vllm", "model": "x"}]}, "models.0: kind must be jax"),
     ({"models": [{"model": "m", "colour": 1}]}, "models.0.colour: unknown key"),
     ({"models": [{"model": "a/m"}, {"model": "b/m"}]}, "two models are named 'm'"),
-    ({"protocol": {"k": 0}}, "protocol.k"),
+    ({"protocol": {"n": 0}}, "protocol.n"),
     ({"models": [{"model": "student", "metrics": "nope.jsonl"}]},
      "models.0.metrics: not found: {tmp}/nope.jsonl"),
     ({"kl": {"traces": "no-traces"}}, "kl.traces: not found: {tmp}/no-traces"),

@@ -209,7 +209,7 @@ def test_eval_on_a_full_disk_leaves_the_previous_report(tmp_path):
         "prompts": {"source": "synthetic", "synthetic": {"n": 40, "seed": 1}, "split": "heldout",
                     "heldout_fraction": 0.25},
         "models": [{"name": "student", "model": str(student)}],
-        "protocol": {"k": 2, "max_new_tokens": 8, "seed": 0}, "output": str(out)}))
+        "protocol": {"n": 2, "max_new_tokens": 8, "seed": 0}, "output": str(out)}))
     argv = [*CLI, "eval", str(cfg), "--quiet"]
     first = subprocess.run(argv, cwd=REPO, env=ENV, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]

@@ -84,6 +84,15 @@ def test_keep_all_keeps_wrong_answers_with_their_verdict():
     assert judge.counts == {"accepted": 2}
 
 
+def test_keep_complete_keeps_wrong_answers_but_not_truncated_ones():
+    judge = Judge(FiltersConfig(keep="complete", reject_truncated=False))
+    wrong = judge.judge(PROMPT, sample(answer=r"\boxed{41}"))
+    assert (wrong.reason, wrong.correct) == (None, False)
+    cut = judge.judge(PROMPT, sample(OTHER_REASONING, answer=r"\boxed{40}", finish="length",
+                                     index=1))
+    assert cut.reason == "truncated"
+
+
 def test_no_reference_means_correct_is_none():
     judge = Judge(FiltersConfig())
     v = judge.judge(PromptRecord("open", "Write a haiku."), sample(answer="Autumn wind blows"))

@@ -13,8 +13,8 @@ import pytest
 
 import distill
 from distill.backends.http import (
-    HttpTeacher,
-    HttpTeacherConfig,
+    OpenAISampler,
+    OpenAISamplerConfig,
     bench_http,
     chat_url,
     retry_after_s,
@@ -56,7 +56,7 @@ def keyed_url(loaded):
 
 
 def teacher(url, **kw):
-    return HttpTeacher(HttpTeacherConfig(base_url=url, model="toy", **kw))
+    return OpenAISampler(OpenAISamplerConfig(base_url=url, model="toy", **kw))
 
 
 PARAMS = SamplingParams(max_new_tokens=12, temperature=1.0, n=2, seed=7)
@@ -156,7 +156,7 @@ def test_retry_after_is_honoured():
         requests.append(json.loads(request.content))
         return answers[len(requests) - 1]
 
-    t = HttpTeacher(HttpTeacherConfig(base_url="http://teacher.test/v1", model="m",
+    t = OpenAISampler(OpenAISamplerConfig(base_url="http://teacher.test/v1", model="m",
                                       backoff_initial_s=0.5, backoff_max_s=1.0),
                     transport=httpx.MockTransport(handler), sleep=delays.append)
     [[s]] = t.complete(PROMPTS[:1], SamplingParams(max_new_tokens=4))
@@ -176,7 +176,7 @@ def test_retry_after_parsing():
 def test_rejections_fail_at_once_with_the_servers_message(base_url, keyed_url, monkeypatch):
     monkeypatch.setenv("DISTILL_TEST_KEY", "wrong-key")
     delays = []
-    t = HttpTeacher(HttpTeacherConfig(base_url=keyed_url, model="toy",
+    t = OpenAISampler(OpenAISamplerConfig(base_url=keyed_url, model="toy",
                                       api_key_env="DISTILL_TEST_KEY"), sleep=delays.append)
     with pytest.raises(DistillError, match=r"HTTP 401: invalid API key$"):
         t.complete(PROMPTS[:1], SamplingParams(max_new_tokens=4))
@@ -191,7 +191,7 @@ def test_unreachable_server_is_one_line():
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    t = HttpTeacher(HttpTeacherConfig(base_url=f"http://127.0.0.1:{port}", model="m",
+    t = OpenAISampler(OpenAISamplerConfig(base_url=f"http://127.0.0.1:{port}", model="m",
                                       max_retries=2), sleep=lambda _: None)
     with pytest.raises(DistillError) as e:
         t.complete(PROMPTS[:2], SamplingParams(max_new_tokens=4))
@@ -201,8 +201,8 @@ def test_unreachable_server_is_one_line():
 
 def test_api_key_is_sent_and_never_shown(keyed_url, monkeypatch, caplog):
     monkeypatch.setenv("DISTILL_TEST_KEY", "sekrit-123")
-    cfg = HttpTeacherConfig(base_url=keyed_url, model="toy", api_key_env="DISTILL_TEST_KEY")
-    t = HttpTeacher(cfg)
+    cfg = OpenAISamplerConfig(base_url=keyed_url, model="toy", api_key_env="DISTILL_TEST_KEY")
+    t = OpenAISampler(cfg)
     with caplog.at_level(logging.DEBUG):
         [[s]] = t.complete(PROMPTS[:1], SamplingParams(max_new_tokens=4))
     assert s.completion_tokens > 0  # the server accepted the key
@@ -212,9 +212,10 @@ def test_api_key_is_sent_and_never_shown(keyed_url, monkeypatch, caplog):
 
 
 def test_missing_key_variable():
-    cfg = HttpTeacherConfig(base_url="http://x.test", model="m", api_key_env="DISTILL_NO_SUCH_VAR")
+    cfg = OpenAISamplerConfig(base_url="http://x.test", model="m",
+                              api_key_env="DISTILL_NO_SUCH_VAR")
     with pytest.raises(DistillError, match="environment variable DISTILL_NO_SUCH_VAR is not set"):
-        HttpTeacher(cfg)
+        OpenAISampler(cfg)
 
 
 def test_answer_parsing():
@@ -255,3 +256,18 @@ def test_chat_url():
 def test_bench_http(base_url):
     result = bench_http(base_url, "toy", requests=8, concurrency=4, max_new_tokens=8)
     assert result["requests"] == 8 and result["requests_per_s"] > 0
+
+
+def test_every_backend_is_a_registered_sampler(toy_dir):
+    from distill.backends import BACKENDS, Sampler, make_sampler
+
+    assert set(BACKENDS) == {"jax", "openai"}
+    url = "http://teacher.test/v1"
+    jax_sampler = make_sampler(BACKENDS["jax"].config(model=str(toy_dir)))
+    http_sampler = make_sampler(BACKENDS["openai"].config(base_url=url, model="toy"))
+    for sampler in (jax_sampler, http_sampler):
+        assert isinstance(sampler, Sampler)
+        sampler.close()
+    assert jax_sampler.identity["kind"] == "jax" and jax_sampler.tokenizer_identity is not None
+    assert http_sampler.identity == {"kind": "openai", "base_url": url, "model": "toy"}
+    assert http_sampler.tokenizer_identity is None

@@ -89,7 +89,7 @@ def test_openr1_counts_the_llama_judge_where_math_verify_failed(tmp_path):
 def test_system_prompts_are_kept_or_dropped(files):
     kept = read_traces([str(files["openthoughts"])]).datasets[0]
     assert kept[0].prompt[0] == {"role": "system", "content": pub.SYSTEM_SKY_T1}
-    dropped = read_traces([TraceSource(source=str(files["openthoughts"]), system="drop")])
+    dropped = read_traces([TraceSource(source=str(files["openthoughts"]), drop_system=True)])
     assert [m["role"] for m in dropped.datasets[0][0].prompt] == ["user"]
 
 
@@ -289,7 +289,7 @@ def test_eval_scores_students_on_public_traces_by_nll(files, tmp_path):
     student = toy.qwen2_dir(tmp_path / "student")
     cfg = {"prompts": {"source": "synthetic", "synthetic": {"n": 2}},
            "models": [{"name": "s", "model": str(student)}],
-           "protocol": {"k": 1, "max_new_tokens": 2, "greedy": False},
+           "protocol": {"n": 1, "max_new_tokens": 2, "greedy": False},
            "kl": {"traces": {"source": str(files["openthoughts3"]), "limit": 2},
                   "only_eval_prompts": False},
            "output": str(tmp_path / "out")}

@@ -1,12 +1,12 @@
-"""The OpenAI-compatible teacher: samples from any `/v1/chat/completions` server (vLLM, SGLang, the
-DeepSeek API, `distill serve`).
+"""The OpenAI-compatible sampler (`kind: openai`): samples from any `/v1/chat/completions` server
+(vLLM, SGLang, the DeepSeek API, `distill serve`).
 
 One request per (prompt, sample) with `n=1` and its own seed, because many servers ignore `n`;
 up to `concurrency` requests in flight. Rate limits, server errors, timeouts and dropped
 connections are retried with exponential backoff and full jitter (honouring `Retry-After`);
 a rejected request (400, 401, 403, 404, 422) fails at once with the server's message. The API key
 is read from an environment variable and only ever sent in the Authorization header: it is never
-part of the config, the teacher's identity, a log line or an error.
+part of the config, the sampler's identity, a log line or an error.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 from pydantic import Field
@@ -39,8 +39,8 @@ RETRY_AFTER_MAX_S = 600.0  # a longer Retry-After is honoured only this far
 _NOT_RETRIED_5XX = {501, 505}  # "not implemented" and "HTTP version not supported" will not change
 
 
-class HttpTeacherConfig(Frozen):
-    """A teacher behind an OpenAI-compatible endpoint.
+class OpenAISamplerConfig(Frozen):
+    """A model behind an OpenAI-compatible /v1/chat/completions endpoint.
 
     base_url: the API root, e.g. "http://127.0.0.1:8000/v1" or "https://api.deepseek.com" (a URL
     without a path gets "/v1"); requests go to base_url + "/chat/completions". api_key_env: the
@@ -53,6 +53,7 @@ class HttpTeacherConfig(Frozen):
     character).
     """
 
+    kind: Literal["openai"] = "openai"
     base_url: str
     model: str
     api_key_env: str | None = None
@@ -169,14 +170,14 @@ class _Cancelled(Exception):
     """Another request of the same call failed; this one stops quietly."""
 
 
-class HttpTeacher:
-    """Samples completions from an OpenAI-compatible chat completions server.
+class OpenAISampler:
+    """Samples completions from an OpenAI-compatible chat completions server (a `Sampler`).
 
     `transport` and `sleep` are for tests (an httpx transport, and a function that receives each
     backoff delay in seconds instead of waiting it).
     """
 
-    def __init__(self, cfg: HttpTeacherConfig, *, transport: httpx.BaseTransport | None = None,
+    def __init__(self, cfg: OpenAISamplerConfig, *, transport: httpx.BaseTransport | None = None,
                  sleep: Callable[[float], None] | None = None):
         self.cfg = cfg
         self.url = chat_url(cfg.base_url)
@@ -201,12 +202,13 @@ class HttpTeacher:
     @property
     def identity(self) -> dict:
         """What the traces record as their teacher (no key)."""
-        return {"kind": "openai", "base_url": self.cfg.base_url, "model": self.cfg.model}
+        return {"kind": self.cfg.kind, "base_url": self.cfg.base_url, "model": self.cfg.model}
 
     def __repr__(self) -> str:
-        return f"HttpTeacher(url={self.url!r}, model={self.cfg.model!r})"
+        return f"OpenAISampler(url={self.url!r}, model={self.cfg.model!r})"
 
     def close(self) -> None:
+        """Close the connection pool."""
         self._client.close()
 
     # -- sampling
@@ -388,18 +390,19 @@ class HttpTeacher:
 def bench_http(base_url: str, model: str, *, requests: int = 64, concurrency: int = 8,
                max_new_tokens: int = 32, temperature: float = 0.0,
                api_key_env: str | None = None) -> dict:
-    """Completed requests per second of HttpTeacher against a server (e.g. `distill serve`): the
+    """Completed requests per second of OpenAISampler against a server (e.g. `distill serve`): the
     number `distill bench` reports. Prompts are distinct short arithmetic questions."""
-    teacher = HttpTeacher(HttpTeacherConfig(base_url=base_url, model=model, api_key_env=api_key_env,
-                                            concurrency=concurrency, max_retries=2))
+    sampler = OpenAISampler(OpenAISamplerConfig(
+        base_url=base_url, model=model, api_key_env=api_key_env, concurrency=concurrency,
+        max_retries=2))
     prompts = [PromptRecord(f"bench-{i}", f"Start with {i}. Add 3, then multiply by 2. "
                             "What is the result?") for i in range(requests)]
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
     start = time.perf_counter()
     try:
-        samples = teacher.complete(prompts, params)
+        samples = sampler.complete(prompts, params)
     finally:
-        teacher.close()
+        sampler.close()
     seconds = time.perf_counter() - start
     tokens = sum(s.completion_tokens for group in samples for s in group)
     return {"requests": requests, "concurrency": concurrency, "max_new_tokens": max_new_tokens,

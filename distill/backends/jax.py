@@ -1,5 +1,6 @@
-"""The in-process teacher: any `distill.load_pretrained` model (the DeepSeek-V3 MoE or a dense
-model) sampled in batches by distill's own engine, optionally with top-k log-probabilities."""
+"""The in-process sampler (`kind: jax`): any `distill.load_pretrained` model (the DeepSeek-V3 MoE
+or a dense model) sampled in batches by distill's own engine, optionally with top-k
+log-probabilities."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from distill.sampling import DecodeModel, SamplingParams, generate, stop_ids
 from distill.tokenizer import Tokenizer, tokenizer_identity
 
 
-class JaxTeacherConfig(Frozen):
-    """An in-process teacher. `model` is any MODEL path (HF directory, GGUF, preset YAML, student
-    run); `tokenizer` overrides where the tokenizer is read from (needed for presets)."""
+class JaxSamplerConfig(Frozen):
+    """A model sampled in process. `model` is any MODEL path (HF directory, GGUF, preset YAML,
+    student run); `tokenizer` overrides where the tokenizer is read from (needed for presets)."""
 
     kind: Literal["jax"] = "jax"
     model: InputPath
@@ -36,10 +37,10 @@ def batch_seed(seed: int, first_prompt_id: str) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-class JaxTeacher:
-    """Samples completions from a model loaded in this process."""
+class JaxSampler:
+    """Samples completions from a model loaded in this process (a `Sampler`)."""
 
-    def __init__(self, cfg: JaxTeacherConfig):
+    def __init__(self, cfg: JaxSamplerConfig):
         self.cfg = cfg
         mesh = make_mesh(parse_mesh(cfg.mesh)) if cfg.mesh else None
         self.model, tokenizer = load_pretrained(cfg.model, param_dtype=cfg.dtype, mesh=mesh)
@@ -93,6 +94,8 @@ class JaxTeacher:
             out += rows
         return out
 
+    def close(self) -> None:
+        """Nothing to release: the model's buffers go with the object."""
 
 
 def sample_text(model_path, prompt: str, params: SamplingParams, *, system=None, raw=False,

@@ -1,6 +1,6 @@
 """The standard reasoning benchmarks as prompt sets: where each one is, how a row becomes a prompt
 and a reference, how the final answer is read, and the R1 evaluation protocol for it. They are
-the registry `BENCHMARKS` (one `Benchmark` each: source, answer reading, k, token budget,
+the registry `BENCHMARKS` (one `Benchmark` each: source, answer reading, n, token budget,
 aliases); the eval config, `distill eval --benchmark` and `--decontaminate` take these names,
 and the command line's help lists them, so this module imports only the standard library at
 load (numpy, math-verify and the dataset readers where they are used).
@@ -8,7 +8,7 @@ load (numpy, math-verify and the dataset readers where they are used).
 Prompts are lighteval's at the commit open-r1 evaluates with (the math template for MATH-500 and
 AIME, the multiple-choice template for GPQA, its question and choices stripped as lighteval's
 later versions do), so pass@1 is comparable with the published tables;
-sampling is R1's (temperature 0.6, top-p 0.95, pass@1 averaged over k samples). GPQA's four
+sampling is R1's (temperature 0.6, top-p 0.95, pass@1 averaged over n samples). GPQA's four
 choices are shuffled with a seed: the correct answer's position is balanced over the benchmark
 (each letter holds it for n/4 questions, +-1) and the order is a pure function of (seed, row).
 
@@ -56,7 +56,7 @@ PUBLISHED: dict[str, dict[str, tuple[float, str]]] = {
 @dataclasses.dataclass(frozen=True)
 class Benchmark:
     """One benchmark: its hub source, the row -> (id, prompt, reference) rule, the answer reader
-    and checker, and the R1 protocol defaults (k samples, token budget)."""
+    and checker, and the R1 protocol defaults (n samples, token budget)."""
 
     name: str
     title: str
@@ -64,7 +64,7 @@ class Benchmark:
     config: str | None
     split: str
     columns: tuple[str, ...]
-    k: int
+    n: int  # samples per prompt
     max_new_tokens: int
     answer: str  # "boxed" | "letter" | "number": how a completion's final answer is read
     build: Callable[[dict, int, int], tuple[str, str, str]]  # (row, index, seed) -> id, prompt, ref

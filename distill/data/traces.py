@@ -48,7 +48,7 @@ class TraceSource(Frozen):
     files or folders of them, a save_to_disk folder) or a hub dataset name with its `config` and
     `split`. `preset` names its schema (`distill.data.schemas`; "auto": told from the columns).
     `keep` (default: "correct" when the rows carry verdicts, else "complete"; a run's manifest
-    may say otherwise: an import stores `default_keep`); `system: drop`
+    may say otherwise: an import stores `default_keep`); `drop_system: true`
     leaves the dataset's system prompts out; `limit` reads only the first N rows."""
 
     # (format comes first: `format: hub` keeps a bare name such as "gsm8k" a hub name)
@@ -58,7 +58,7 @@ class TraceSource(Frozen):
     split: str = "train"
     preset: SchemaName = "auto"
     keep: Keep | None = None
-    system: Literal["keep", "drop"] = "keep"
+    drop_system: bool = False
     columns: ReasoningColumns = ReasoningColumns()  # the `columns` preset's column names
     limit: int | None = Field(None, ge=1)
 
@@ -153,7 +153,7 @@ class OpenedTraces:
         so ids stay unique when a dataset holds a problem twice."""
         p = preset(self.preset, self.spec.columns)
         seen: Counter[str] = Counter()
-        drop = self.spec.system == "drop"
+        drop = self.spec.drop_system
         for n, (where, row) in enumerate(self.rows.rows()):
             if self.spec.limit is not None and n >= self.spec.limit:
                 return

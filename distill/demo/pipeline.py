@@ -15,7 +15,7 @@ Stages (each through the same library call the matching `distill` command makes)
               and the baseline: SFT on final answers only (the same prompts' reference answers,
               no reasoning; `write_reference_traces(answers_only=True)`)
 5. eval       `run_eval` on held-out problems (a different seed, any question also in the training
-              set removed): pass@1 over k samples with a 95% interval, greedy accuracy, for the
+              set removed): pass@1 over n samples with a 95% interval, greedy accuracy, for the
               teacher and the three students (and the untrained student in the quick budget)
 6. export     the best distilled student to a Hugging Face directory, read back by distill and,
               where transformers is installed, reloaded with transformers (AutoModelForCausalLM +
@@ -89,7 +89,7 @@ class Budget:
     student: Schedule  # each student: SFT, SFT + KD, answers only
     trace_prompts: int  # training prompts the teacher answers for the students
     eval_prompts: int  # held-out prompts
-    eval_k: int  # samples per held-out prompt (plus one greedy)
+    eval_n: int  # samples per held-out prompt (plus one greedy)
     eval_untrained: bool  # also evaluate the untrained student (the suite's baseline)
 
 
@@ -99,12 +99,12 @@ BUDGETS = {
     "full": Budget(chain_steps=3, train_problems=20000,
                    teacher=Schedule(steps=300, batch_size=24, seq_len=128, lr=3e-3),
                    student=Schedule(steps=300, batch_size=64, seq_len=48, lr=2e-3),
-                   trace_prompts=4096, eval_prompts=200, eval_k=3, eval_untrained=False),
+                   trace_prompts=4096, eval_prompts=200, eval_n=3, eval_untrained=False),
     # the test suite's demo: 2-step chains (about 32 tokens a problem), a fraction of the steps
     "quick": Budget(chain_steps=2, train_problems=1500,
                     teacher=Schedule(steps=100, batch_size=16, seq_len=128, lr=3e-3),
                     student=Schedule(steps=60, batch_size=32, seq_len=48, lr=3e-3),
-                    trace_prompts=512, eval_prompts=64, eval_k=2, eval_untrained=True),
+                    trace_prompts=512, eval_prompts=64, eval_n=2, eval_untrained=True),
 }
 
 TRAIN_SEED, EVAL_SEED = 0, 1
@@ -228,7 +228,7 @@ def run_demo(work_dir: str | Path = "students/demo", budget: str | Budget = "ful
             runs[name] = _student(work, b, name, traces["dir"] if data == "traces" else answers,
                                   loss, presets["student"], progress, student_tok_dir)
             row.result = f"{b.student.steps} steps, final loss {runs[name]:.3f}"
-    with clock.stage("eval", f"{b.eval_prompts} held-out prompts x ({b.eval_k} samples + greedy), "
+    with clock.stage("eval", f"{b.eval_prompts} held-out prompts x ({b.eval_n} samples + greedy), "
                              "every model") as row:
         report = _evaluate(work, b, teacher, presets["student"], progress, students,
                            student_tok_dir)
@@ -408,7 +408,7 @@ def _evaluate(work: Path, b: Budget, teacher: Path, student_preset: Path, progre
         models.append({"name": "student-untrained", "model": str(student_preset),
                        "tokenizer": str(student_tokenizer), "batch_size": 256})
     cfg = {"name": "demo", "prompts": {"source": str(_eval_prompts(work, b))}, "models": models,
-           "protocol": {"k": b.eval_k, "temperature": 0.6, "top_p": 0.95,
+           "protocol": {"n": b.eval_n, "temperature": 0.6, "top_p": 0.95,
                         "max_new_tokens": MAX_NEW_TOKENS, "seed": 0, "greedy": True},
            "output": str(work / "eval")}
     return run_eval(_write_config(EvalConfig, work / "configs" / "eval.yaml", cfg),
@@ -478,10 +478,10 @@ def _summary(b: Budget, budget: str, stages: list[Stage], scores: dict, best: st
 
 
 def _print_summary(console, s: dict) -> None:
-    k = s["settings"]["eval_k"]
+    n = s["settings"]["eval_n"]
     table = Table(title=f"distill demo ({s['budget']} budget): held-out accuracy, "
                         f"{s['settings']['eval_prompts']} prompts")
-    for col in ("model", f"pass@1 (k={k}) [95% CI]", "greedy", "params (active)"):
+    for col in ("model", f"pass@1 (n={n}) [95% CI]", "greedy", "params (active)"):
         table.add_column(col, justify="left" if col == "model" else "right")
     students = CROSS_STUDENTS if s.get("student_tokenizer") == "other" else STUDENTS
     labels = {"teacher": "teacher (MoE, worked solutions)",

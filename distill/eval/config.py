@@ -3,84 +3,66 @@
 ```yaml
 name: qwen-1.5b-vs-r1            # default: the config file's stem
 prompts: {source: synthetic, split: heldout, heldout_fraction: 0.2}
-# or a standard benchmark instead of prompts (its template, answer reading, k and token budget):
+# or a standard benchmark instead of prompts (its template, answer reading, n and token budget):
 # benchmark: {name: math500, source: null, limit: null}
 models:
   - {name: student, model: students/qwen-1.5b}            # kind jax (default): in process
   - {name: r1, role: teacher, kind: openai, base_url: http://127.0.0.1:8000/v1, model: r1}
-protocol: {k: 4, temperature: 0.6, top_p: 0.95, max_new_tokens: 4096, seed: 0, greedy: true}
+protocol: {n: 4, temperature: 0.6, top_p: 0.95, max_new_tokens: 4096, seed: 0, greedy: true}
 answer_pattern: null             # regex with one group, used when there is no \\boxed{}
 kl: {traces: teacher_traces/r1-math, max_samples: 64}
 output: null                     # default: students/eval/<name>
 ```
 
-A model entry is a `distill generate` teacher config (`kind: jax` with any MODEL path, or
-`kind: openai`) plus `name` (default: the model path's last part), `role` (student | teacher; at
-most one teacher) and `metrics` (a metrics.jsonl for the loss-curve plot; a students/<run> model
-uses its own).
+A model entry is a sampler config as `distill generate`'s teacher is (`kind: jax` with any MODEL
+path, or `kind: openai`: `distill.backends`) plus `name` (default: the model path's last part),
+`role` (student | teacher; at most one teacher) and `metrics` (a metrics.jsonl for the loss-curve
+plot; a students/<run> model uses its own).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from distill.backends import OpenAITeacherConfig
-from distill.backends.jax import JaxTeacherConfig
+from distill.backends import sampler_union
 from distill.config import DataSource, Frozen, InputPath, OutputPath
 from distill.data.benchmarks import benchmark
 from distill.data.prompts import PromptsConfig
 from distill.data.traces import TraceSpec
 from distill.errors import DistillError
-from distill.sampling import NewTokens, Samples, Temperature, TopK, TopP
+from distill.sampling import NewTokens, Samples, SamplingFields, SystemPrompt, Temperature, TopP
 from distill.verify import AnswerPattern
 
 
 class EntryFields(Frozen):
-    """What an evaluated model adds to a teacher config."""
+    """What an evaluated model adds to its backend's config table: `name` (default: the model
+    path's last part), `role` (at most one teacher) and `metrics` (the loss-curve plot)."""
 
     name: str | None = None
     role: Literal["student", "teacher"] = "student"
     metrics: InputPath | None = None  # metrics.jsonl of the model's training run (loss-curve plot)
 
 
-class JaxModelConfig(JaxTeacherConfig, EntryFields):
-    """A model sampled in process (any MODEL path, a students/<run> directory included)."""
+# A `models` entry: any backend's table (kind jax by default: in process, a students/<run>
+# directory included) plus the entry fields.
+ModelEntry = sampler_union(EntryFields)
 
 
-class OpenAIModelConfig(OpenAITeacherConfig, EntryFields):
-    """A model behind an OpenAI-compatible chat completions endpoint."""
+class ProtocolConfig(SystemPrompt, SamplingFields):
+    """How every model is sampled (the shared sampling table, `distill.sampling`). Defaults:
+    DeepSeek-R1's evaluation protocol (n samples per prompt at temperature 0.6, top-p 0.95, pass@1
+    averaged over them), except the token budget: R1 allowed 32768 tokens; 4096 keeps an
+    in-process KV cache modest (raise it for long traces). `params()` gives the engine's
+    settings."""
 
-
-def _kind(value) -> str | None:
-    """The union tag: `kind`, "jax" when left out."""
-    if isinstance(value, dict):
-        return value.get("kind", "jax")
-    return getattr(value, "kind", None)
-
-
-ModelEntry = Annotated[
-    Annotated[JaxModelConfig, Tag("jax")] | Annotated[OpenAIModelConfig, Tag("openai")],
-    Discriminator(_kind, custom_error_type="invalid_kind",
-                  custom_error_message="kind must be jax (in process) or openai (an "
-                                       "OpenAI-compatible server)")]
-
-
-class ProtocolConfig(Frozen):
-    """How every model is sampled (the bounds are the engine's, `distill.sampling`). Defaults: DeepSeek-R1's evaluation protocol (k samples per
-    prompt at temperature 0.6, top-p 0.95, pass@1 averaged over them), except the token budget:
-    R1 allowed 32768 tokens; 4096 keeps an in-process KV cache modest (raise it for long traces)."""
-
-    k: Samples = 4  # samples per prompt
+    n: Samples = 4
     temperature: Temperature = 0.6
     top_p: TopP = 0.95
-    top_k: TopK = 0
     max_new_tokens: NewTokens = 4096
-    seed: int = 0
     greedy: bool = True  # one extra greedy (temperature 0) sample per prompt
-    system: str | None = None  # R1 recommends none: all instructions in the user prompt
 
 
 class KLConfig(Frozen):
@@ -102,7 +84,7 @@ class KLConfig(Frozen):
 
 class BenchmarkConfig(Frozen):
     """A standard benchmark as the prompt set (`distill.data.benchmarks`): its prompt template,
-    answer reading and R1 protocol (k, token budget: defaults of `protocol` that the config
+    answer reading and R1 protocol (n, token budget: defaults of `protocol` that the config
     leaves unset). `source`: a local copy instead of the hub; `limit`: the first N problems."""
 
     name: str
@@ -134,7 +116,7 @@ class EvalConfig(Frozen):
     @model_validator(mode="before")
     @classmethod
     def _benchmark_protocol(cls, data):
-        """A benchmark's k and token budget fill what `protocol` leaves unset."""
+        """A benchmark's n and token budget fill what `protocol` leaves unset."""
         bench = data.get("benchmark") if isinstance(data, dict) else None
         name = bench.get("name") if isinstance(bench, dict) else None
         if not isinstance(name, str) or not isinstance(data.get("protocol", {}), dict):
@@ -143,7 +125,7 @@ class EvalConfig(Frozen):
             b = benchmark(name)
         except DistillError:
             return data  # the field validator names it
-        protocol = {"k": b.k, "max_new_tokens": b.max_new_tokens, **data.get("protocol", {})}
+        protocol = {"n": b.n, "max_new_tokens": b.max_new_tokens, **data.get("protocol", {})}
         return {**data, "protocol": protocol}
 
     @model_validator(mode="after")

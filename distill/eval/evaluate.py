@@ -1,8 +1,8 @@
 """`distill eval`: students and the teacher side by side on the same held-out prompts.
 
-Every model (in process or over HTTP) samples `protocol.k` completions per prompt (and one greedy
+Every model (in process or over HTTP) samples `protocol.n` completions per prompt (and one greedy
 completion), each is checked against the reference answer, and the report gives per model: pass@1
-with a 95% interval, cons@k, greedy accuracy, format compliance (a closed think block), response
+with a 95% interval, cons@n, greedy accuracy, format compliance (a closed think block), response
 lengths, generated tokens/s, accuracy by difficulty, and, for students sharing the teacher's
 tokenizer, per-token KL and top-1 agreement on the teacher's traces (see
 `distill.eval.metrics` and `distill.eval.agreement` for the definitions).
@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from distill import runs
-from distill.backends import make_teacher
+from distill.backends import make_sampler
 from distill.chat import split_think
 from distill.config import apply_overrides, load_config, parse_overrides, resolve_path, validate
 from distill.data.benchmarks import Benchmark, benchmark, load_benchmark
@@ -45,7 +45,6 @@ from distill.eval.agreement import (
 from distill.eval.config import EvalConfig, model_name
 from distill.eval.report import build_report, write_outputs
 from distill.pretrained import model_kind
-from distill.sampling import SamplingParams
 from distill.verify import answers_match, extract_answer
 
 log = logging.getLogger(__name__)
@@ -68,7 +67,7 @@ class Outcome:
 
 @dataclasses.dataclass
 class ModelRun:
-    """Everything one model produced: samples [P][k], greedy [P] (or None), sampling wall time,
+    """Everything one model produced: samples [P][n], greedy [P] (or None), sampling wall time,
     teacher agreement (or None) and notes on what was skipped."""
 
     entry: object
@@ -165,13 +164,11 @@ def evaluate_model(entry, prompts: list[PromptRecord], cfg: EvalConfig, kl: _KL 
     """Sample, check and (when it applies) score one model."""
     name = model_name(entry)
     p = cfg.protocol
-    params = SamplingParams(max_new_tokens=p.max_new_tokens, temperature=p.temperature,
-                            top_p=p.top_p, top_k=p.top_k, n=p.k, seed=p.seed)
-    greedy_params = SamplingParams(max_new_tokens=p.max_new_tokens, temperature=0.0, n=1,
-                                   seed=p.seed)
-    backend = make_teacher(entry)
+    params = p.params()
+    greedy_params = params.greedy()
+    backend = make_sampler(entry)
     try:
-        on_sample = bar.model(name, len(prompts) * (p.k + p.greedy)) if bar else None
+        on_sample = bar.model(name, len(prompts) * (p.n + p.greedy)) if bar else None
         t0 = time.perf_counter()
         samples = backend.complete(prompts, params, p.system, on_sample=on_sample)
         greedy = (backend.complete(prompts, greedy_params, p.system, on_sample=on_sample)
@@ -179,11 +176,10 @@ def evaluate_model(entry, prompts: list[PromptRecord], cfg: EvalConfig, kl: _KL 
         seconds = time.perf_counter() - t0
         scores, notes = _agreement(entry, backend, kl)
     finally:
-        if hasattr(backend, "close"):
-            backend.close()
+        backend.close()
         del backend
     judged = [[_judge(s, prompt, cfg.answer_pattern, bench)
-               for s in _in_order(group, p.k, prompt)]
+               for s in _in_order(group, p.n, prompt)]
               for prompt, group in zip(prompts, samples, strict=True)]
     greedy_judged = None if greedy is None else [
         _judge(_in_order(g, 1, prompt)[0], prompt, cfg.answer_pattern, bench)
@@ -258,7 +254,7 @@ def _loss_curves(cfg: EvalConfig) -> dict[str, Path]:
 
 
 class _Progress:
-    """A rich progress bar per model: samples done of all (k per prompt, plus greedy)."""
+    """A rich progress bar per model: samples done of all (n per prompt, plus greedy)."""
 
     def __init__(self, enabled: bool):
         self.bar = Progress(TextColumn("[bold]eval {task.description}"), BarColumn(),

@@ -12,7 +12,7 @@ Shapes: P prompts, k samples per prompt; `correct_pk` is a bool (or 0/1) array [
   capped at P * k and taken as P * k when SE is 0. Wilson rather than p +/- z SE keeps the interval
   inside [0, 1] and non-empty when every sample is right or wrong. With k = 1 it is (nearly) the
   plain Wilson interval over prompts. A simulation test checks ~95% coverage.
-- cons@k: per prompt, the answer most samples gave (answers compared after
+- cons@n: per prompt, the answer most samples gave (answers compared after
   `distill.verify.normalize_answer`, whitespace ignored; samples without an answer do not
   vote; a tie goes to the answer seen first) is checked; the fraction of prompts where it is right.
 """

@@ -3,7 +3,7 @@
 Figures are built with `matplotlib.figure.Figure` and an Agg canvas, never `pyplot`: no global
 backend switch, no GUI, safe in any process.
 
-- accuracy_ci.png: pass@1 per model with its 95% interval, cons@k and greedy accuracy as markers.
+- accuracy_ci.png: pass@1 per model with its 95% interval, cons@n and greedy accuracy as markers.
 - accuracy_by_difficulty.png: pass@1 per difficulty level per model, with intervals (only when
   prompts carry a difficulty).
 - lengths.png: the distribution of completion lengths (tokens) per model.
@@ -42,7 +42,7 @@ def _ordered(models: list[dict]) -> list[dict]:
 
 
 def accuracy_ci(models: list[dict], path: Path) -> None:
-    """Bars of pass@1 with 95% interval whiskers; cons@k and greedy as markers."""
+    """Bars of pass@1 with 95% interval whiskers; cons@n and greedy as markers."""
     models = _ordered(models)
     fig, ax = _figure()
     x = np.arange(len(models))
@@ -52,8 +52,8 @@ def accuracy_ci(models: list[dict], path: Path) -> None:
     colors = ["tab:orange" if m["role"] == "teacher" else "tab:blue" for m in models]
     ax.bar(x, value, color=colors, alpha=0.8, label="pass@1 (95% CI)")
     ax.errorbar(x, value, yerr=[value - lo, hi - value], fmt="none", ecolor="black", capsize=5)
-    ax.scatter(x, [m["cons@k"]["value"] for m in models], marker="D", color="black",
-               zorder=3, label="cons@k")
+    ax.scatter(x, [m["cons@n"]["value"] for m in models], marker="D", color="black",
+               zorder=3, label="cons@n")
     greedy = [(i, m["greedy"]["value"]) for i, m in enumerate(models) if m["greedy"]]
     if greedy:
         ax.scatter(*zip(*greedy, strict=True), marker="x", s=60, color="tab:red", zorder=3,

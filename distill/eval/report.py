@@ -30,7 +30,7 @@ def model_metrics(run, prompts: list[PromptRecord]) -> dict:
     out = {
         "name": run.name, "role": entry.role, "kind": entry.kind, "model": entry.model,
         "pass@1": {"value": M.pass_at_1(correct), "ci95": [lo, hi]},
-        "cons@k": M.proportion(M.cons_correct(answers, correct)),
+        "cons@n": M.proportion(M.cons_correct(answers, correct)),
         "greedy": None if run.greedy is None else M.proportion([o.correct for o in run.greedy]),
         "format": sum(o.think_closed for o in flat) / len(flat),
         "truncated": sum(o.finish_reason == "length" for o in flat) / len(flat),
@@ -103,12 +103,12 @@ def _num(x, fmt: str = ".3f") -> str:
     return "–" if x is None else format(x, fmt)
 
 
-def _rows(model: dict, timing_: dict, k: int) -> dict[str, str]:
+def _rows(model: dict, timing_: dict, n: int) -> dict[str, str]:
     a = model["agreement"] or {}
     lengths = model["lengths"]
     rows = {
-        f"pass@1 (k={k}) [95% CI]": _with_ci(model["pass@1"]),
-        f"cons@{k} [95% CI]": _with_ci(model["cons@k"]),
+        f"pass@1 (n={n}) [95% CI]": _with_ci(model["pass@1"]),
+        f"cons@{n} [95% CI]": _with_ci(model["cons@n"]),
         "greedy [95% CI]": _with_ci(model["greedy"]),
         "format (think closed)": _pct(model["format"]),
         "truncated": _pct(model["truncated"]),
@@ -128,14 +128,14 @@ def _rows(model: dict, timing_: dict, k: int) -> dict[str, str]:
 def markdown(report: dict) -> str:
     """A table: a row per metric, a column per model, students first and the teacher last."""
     models = sorted(report["models"], key=lambda m: m["role"] == "teacher")
-    k = report["protocol"]["k"]
-    cols = [_rows(m, report["timing"][m["name"]], k) for m in models]
+    n = report["protocol"]["n"]
+    cols = [_rows(m, report["timing"][m["name"]], n) for m in models]
     names = [f"**{m['name']}** (teacher)" if m["role"] == "teacher" else m["name"] for m in models]
     keys = list(dict.fromkeys(key for c in cols for key in c))
     lines = [f"# eval: {report['name']}", "",
              f"{report['prompts']['count']} prompts ({report['prompts']['source']}, split "
              f"{report['prompts']['split']}); temperature {report['protocol']['temperature']}, "
-             f"top-p {report['protocol']['top_p']}, {k} samples per prompt, seed "
+             f"top-p {report['protocol']['top_p']}, {n} samples per prompt, seed "
              f"{report['protocol']['seed']}.", "",
              "| metric | " + " | ".join(names) + " |",
              "|---|" + "---|" * len(names)]

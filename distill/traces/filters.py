@@ -6,7 +6,8 @@ verdict's `reason` (None = accepted); `Judge.counts` counts every verdict by rea
 
 1. `contaminated`  — the prompt shares a word n-gram (`decontam_ngram`, 8) with an evaluation prompt
                      from one of the `decontaminate` files.
-2. `truncated`     — the teacher stopped at its token limit (finish_reason "length").
+2. `truncated`     — (`reject_truncated`, or keep "complete") the teacher stopped at its token
+                     limit (finish_reason "length").
 3. `no_think`      — (`require_think`) the completion has neither `<think>` nor `</think>`;
    `unclosed_think` — it opened a think block and never closed it.
 4. `too_long`      — more than `max_completion_tokens` completion tokens.
@@ -47,6 +48,7 @@ from distill.chat import split_think
 from distill.config import Frozen, InputPath
 from distill.data.records import PromptRecord, Sample
 from distill.data.sources import open_source
+from distill.data.traces import Keep
 from distill.errors import DistillError
 from distill.verify import AnswerPattern, answers_match, extract_answer
 
@@ -61,7 +63,9 @@ class FiltersConfig(Frozen):
     """Answer checking and the rejection filters of `distill generate` (see the module docstring
     for the order and the reasons)."""
 
-    keep: Literal["correct", "all"] = "correct"  # "all" keeps wrong answers, with correct=False
+    # the readers' vocabulary (`distill.data.traces.Keep`): "correct" rejects wrong answers;
+    # "complete" keeps them (with correct=False) and rejects truncated samples; "all" keeps them
+    keep: Keep = "correct"
     answer_pattern: AnswerPattern = None  # regex with one group, used when there is no \boxed{}
     reject_truncated: bool = True
     require_think: bool = True
@@ -290,7 +294,7 @@ class Judge:
         cfg = self.cfg
         if self.is_contaminated(prompt):
             return "contaminated"
-        if cfg.reject_truncated and sample.finish_reason == "length":
+        if (cfg.reject_truncated or cfg.keep == "complete") and sample.finish_reason == "length":
             return "truncated"
         if cfg.require_think and think_reason is not None:
             return think_reason

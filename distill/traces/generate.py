@@ -16,30 +16,26 @@ from pathlib import Path
 
 from pydantic import Field
 
-from distill.backends import TeacherConfig, make_teacher
+from distill.backends import Sampler, SamplerConfig, make_sampler
 from distill.config import Frozen, OutputPath, load_config
 from distill.data.prompts import PromptsConfig, load_prompts
 from distill.data.records import PromptRecord, Sample, record_id
 from distill.errors import DistillError
-from distill.sampling import NewTokens, SamplingParams, Temperature, TopLogprobs, TopP
+from distill.sampling import NewTokens, SamplingParams, SystemPrompt, Temperature, TopLogprobs, TopP
 from distill.traces.filters import FiltersConfig, Judge
 from distill.traces.progress import GenerateProgress
 from distill.traces.store import TraceStore
 
 
-class SamplingConfig(SamplingParams):
+class SamplingConfig(SystemPrompt, SamplingParams):
     """How the teacher samples (the engine's settings, with R1's recommended defaults: temperature
-    0.6, top-p 0.95); `n` samples per prompt feed rejection sampling."""
+    0.6, top-p 0.95); `n` samples per prompt feed rejection sampling; `system`: the system prompt.
+    `params()` gives the engine's settings."""
 
     temperature: Temperature = 0.6
     top_p: TopP = 0.95
     max_new_tokens: NewTokens = 1024
     logprobs: TopLogprobs = 0  # store the teacher's top-k log-probabilities per token
-    system: str | None = None  # R1 recommends none: all instructions in the user prompt
-
-    def params(self) -> SamplingParams:
-        """The engine's settings (the system prompt left out)."""
-        return SamplingParams(**self.model_dump(exclude={"system"}))
 
 
 class OutputConfig(Frozen):
@@ -52,7 +48,7 @@ class GenerateConfig(Frozen):
 
     name: str | None = None  # the run directory under output.root; default: the config file's stem
     prompts: PromptsConfig
-    teacher: TeacherConfig
+    teacher: SamplerConfig
     sampling: SamplingConfig = SamplingConfig()
     filters: FiltersConfig = FiltersConfig()
     output: OutputConfig = Field(default_factory=OutputConfig)  # made at load: root resolved then
@@ -148,23 +144,32 @@ def run_generate(config_path: str | Path, overrides=(), *, overwrite: bool = Fal
         # dedup is per prompt and a prompt's samples share a shard, so a resumed run needs no
         # state from the stored shards to judge exactly as an uninterrupted one
         judge = Judge(cfg.filters)
-        teacher = make_teacher(cfg.teacher)
-        teacher_name = _teacher_name(teacher.identity)
-        store.set_info(teacher=teacher.identity, prompt_count=len(prompts),
-                       tokenizer=getattr(teacher, "tokenizer_identity", None))
-
-        with GenerateProgress(len(prompts), cfg.sampling.n, store.totals(),
-                              enabled=progress) as bar:
-            for k in todo:
-                samples = teacher.complete(shards[k], cfg.sampling.params(), cfg.sampling.system,
-                                           on_sample=bar.on_sample)
-                rows, stats = judge_shard(judge, shards[k], samples, teacher_name, cfg.sampling)
-                store.add_shard(k, rows, stats)
-                bar.on_shard(stats, len(rows))
+        teacher = make_sampler(cfg.teacher)
+        try:
+            store.set_info(teacher=teacher.identity, prompt_count=len(prompts),
+                           tokenizer=teacher.tokenizer_identity)
+            _generate_shards(cfg, teacher, judge, store, {k: shards[k] for k in todo},
+                             len(prompts), progress)
+        finally:
+            teacher.close()
     totals = store.finish(dataset_card(name, run_dir, store.manifest))
     return Summary(run_dir, totals["prompts"], totals["samples"], totals["records"],
                    totals["rejected"], totals["completion_tokens"], time.perf_counter() - t0,
                    resumed)
+
+
+def _generate_shards(cfg: GenerateConfig, teacher: Sampler, judge: Judge, store: TraceStore,
+                     shards: dict[int, list[PromptRecord]], total: int, progress: bool) -> None:
+    """Sample, judge and store each shard ({index in the run: its prompts}; `total` prompts in
+    the run)."""
+    teacher_name = _teacher_name(teacher.identity)
+    with GenerateProgress(total, cfg.sampling.n, store.totals(), enabled=progress) as bar:
+        for k, shard in shards.items():
+            samples = teacher.complete(shard, cfg.sampling.params(), cfg.sampling.system,
+                                       on_sample=bar.on_sample)
+            rows, stats = judge_shard(judge, shard, samples, teacher_name, cfg.sampling)
+            store.add_shard(k, rows, stats)
+            bar.on_shard(stats, len(rows))
 
 
 def _teacher_name(identity: dict) -> str:

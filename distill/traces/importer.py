@@ -103,7 +103,8 @@ def _check(cfg: ImportConfig) -> None:
         benchmark(name)  # an unknown name is one line listing the known ones
     if cfg.source.keep is not None:
         raise DistillError("source.keep does not apply to an import: filters.keep decides what "
-                           "is stored (correct: re-checked or per the dataset's verdict; all)")
+                           "is stored (correct: re-checked or per the dataset's verdict; "
+                           "complete; all)")
     if cfg.filters.max_completion_tokens is not None and cfg.tokenizer is None:
         raise DistillError("filters.max_completion_tokens needs token counts: give a tokenizer "
                            "(--tokenizer PATH, e.g. the teacher's or the student's)")
@@ -223,9 +224,9 @@ def run_import(cfg: ImportConfig, *, overwrite: bool = False, progress: bool = T
 
 def _default_keep(cfg: ImportConfig, verdicts: int) -> str:
     """What training keeps of this store by default: everything stored passed the filters, so
-    "complete", unless wrong traces were stored too (filters.keep: all) with verdicts to tell
-    them apart."""
-    return "correct" if cfg.filters.keep == "all" and verdicts else "complete"
+    "complete", unless wrong traces were stored too (filters.keep: complete or all) with verdicts
+    to tell them apart."""
+    return "correct" if cfg.filters.keep != "correct" and verdicts else "complete"
 
 
 def _flush(store: TraceStore, shard: int, rows: list[dict], stats: _Stats, done: set) -> None:

@@ -69,7 +69,7 @@ class DataConfig(StreamConfig):
     """The `data:` table of a training config: which traces, then how they become batches."""
 
     # teacher_traces/<run> dirs, trace files or folders, hub names, or TraceSource tables
-    # ({source, preset, config, split, keep, system, columns, limit}: distill.data.traces)
+    # ({source, preset, config, split, keep, drop_system, columns, limit}: distill.data.traces)
     traces: list[TraceSpec] = Field(min_length=1)
     weights: list[float] | None = None  # mixture weights, one per dataset (default: their sizes)
     keep: Keep | None = None  # default: each source's (correct where rows carry verdicts)
