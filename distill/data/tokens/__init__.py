@@ -18,9 +18,8 @@ import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from distill.data.tokens.build import Job, build_cache
+from distill.data.tokens.build import CacheSpec, Job, build_cache
 from distill.data.tokens.layout import (
     BATCH_TRACES,
     BLOCK_TRACES,
@@ -37,18 +36,6 @@ from distill.fsutil import FREE, writing
 
 __all__ = ["BATCH_TRACES", "BLOCK_TRACES", "CacheSpec", "TokenCache", "cache_inputs", "cache_key",
            "content_digest", "open_cache", "trace_digest"]
-
-
-@dataclasses.dataclass(frozen=True)
-class CacheSpec:
-    """What a cache holds: the traces of `sources` that pass `keep`, rendered by `tokenizer` with
-    `top_k` teacher entries per position, in parts of `block` traces."""
-
-    sources: tuple
-    keep: str | None
-    tokenizer: Any
-    top_k: int = 0
-    block: int = BLOCK_TRACES
 
 
 def cache_inputs(spec: CacheSpec) -> dict:
@@ -74,8 +61,7 @@ def open_cache(spec: CacheSpec, root: str | Path, *, process_index: int = 0,
     if not (directory / COMPLETE).is_file():
         if process_index == 0:
             log(f"tokenized cache: building {directory} ({_why_build(Path(root), directory, inputs)})")
-        job = Job(directory, inputs, tuple(spec.sources), spec.keep, spec.tokenizer, spec.top_k,
-                  spec.block)
+        job = Job(directory, inputs, dataclasses.replace(spec, sources=tuple(spec.sources)))
         with writing(directory, f"the traces are untouched and the cache's finished parts are "
                                 f"kept; {FREE} and rerun the same command to finish the build"):
             build_cache(job, process_index, process_count, progress and process_index == 0)
