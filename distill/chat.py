@@ -1,6 +1,7 @@
-"""Chat formatting in one place: rendering a prompt with a tokenizer's chat template, the think
-tags, how an R1-style completion is written (`completion_text`) and how it splits into reasoning and
-answer (`split_think` for traces and eval, `split_reasoning` for the server's `reasoning_content`).
+"""Chat formatting in one place: the R1 chat template (`R1_DISTILL_CHAT_TEMPLATE`), rendering a
+prompt with a tokenizer's chat template, the think tags, how an R1-style completion is written
+(`completion_text`) and how it splits into reasoning and answer (`split_think` for traces and
+eval, `split_reasoning` for the server's `reasoning_content`).
 
 R1-style chat templates end the generation prompt with `<think>\\n` (`REASONING_START`), so a
 completion usually closes a think block it never opened.
@@ -15,6 +16,41 @@ from distill.errors import DistillError
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 REASONING_START = THINK_OPEN + "\n"  # what an R1 generation prompt ends with
+
+# The DeepSeek-R1-Distill template (tokenizer_config.json of the six distills, current version):
+# the last system message goes raw after BOS, reasoning up to `</think>` is dropped from assistant
+# turns, and the generation prompt opens a think block.
+R1_DISTILL_CHAT_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{% set ns = namespace(is_first=false, is_tool=false, is_output_first=true, system_prompt='') %}"
+    "{%- for message in messages %}{%- if message['role'] == 'system' %}"
+    "{% set ns.system_prompt = message['content'] %}{%- endif %}{%- endfor %}"
+    "{{bos_token}}{{ns.system_prompt}}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' %}{%- set ns.is_tool = false -%}"
+    "{{'<｜User｜>' + message['content']}}{%- endif %}"
+    "{%- if message['role'] == 'assistant' and message['content'] is none %}{%- set ns.is_tool = false -%}"
+    "{%- for tool in message['tool_calls']%}{%- if not ns.is_first %}"
+    "{{'<｜Assistant｜><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>'"
+    " + tool['function']['name'] + '\\n' + '```json' + '\\n' + tool['function']['arguments'] + '\\n'"
+    " + '```' + '<｜tool▁call▁end｜>'}}{%- set ns.is_first = true -%}"
+    "{%- else %}{{'\\n' + '<｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>'"
+    " + tool['function']['name'] + '\\n' + '```json' + '\\n' + tool['function']['arguments'] + '\\n'"
+    " + '```' + '<｜tool▁call▁end｜>'}}{{'<｜tool▁calls▁end｜><｜end▁of▁sentence｜>'}}"
+    "{%- endif %}{%- endfor %}{%- endif %}"
+    "{%- if message['role'] == 'assistant' and message['content'] is not none %}"
+    "{%- if ns.is_tool %}{{'<｜tool▁outputs▁end｜>' + message['content'] + '<｜end▁of▁sentence｜>'}}"
+    "{%- set ns.is_tool = false -%}{%- else %}{% set content = message['content'] %}"
+    "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "{{'<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>'}}{%- endif %}{%- endif %}"
+    "{%- if message['role'] == 'tool' %}{%- set ns.is_tool = true -%}{%- if ns.is_output_first %}"
+    "{{'<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>'}}"
+    "{%- set ns.is_output_first = false %}{%- else %}"
+    "{{'\\n<｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>'}}"
+    "{%- endif %}{%- endif %}{%- endfor -%}"
+    "{% if ns.is_tool %}{{'<｜tool▁outputs▁end｜>'}}{% endif %}"
+    "{% if add_generation_prompt and not ns.is_tool %}{{'<｜Assistant｜><think>\\n'}}{% endif %}"
+)
 
 
 def completion_text(reasoning: str, answer: str) -> str:

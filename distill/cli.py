@@ -72,7 +72,10 @@ def cli() -> None:
     The pipeline:  generate -> train -> eval -> export
     Try `distill demo` for the whole flow at toy scale, or `distill sample MODEL --prompt TEXT`.
     """
+    from distill.train.orbax_logs import quiet_orbax_logs  # no JAX: --help stays fast
+
     _configure_jax()
+    quiet_orbax_logs()  # a failed checkpoint write is said in one line, not orbax's tracebacks
 
 
 @cli.command()

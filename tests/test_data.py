@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from distill.chat import prompt_ids
-from distill.config import load_model_config
+from distill.config import load_model_config, validate
 from distill.data.packing import Documents, build_rows, pack
 from distill.data.records import TRACE_SCHEMA
 from distill.data.render import render_example
@@ -22,7 +22,7 @@ from distill.data.traces import read_traces
 from distill.errors import DistillError
 from distill.pretrained import init_model
 from distill.tokenizer import Tokenizer
-from distill.train.data import DataConfig, DataState, TrainData
+from distill.train.data import DataConfig, DataState, StreamConfig, TrainData
 
 from . import toy
 
@@ -136,7 +136,8 @@ def test_overlong_documents_are_dropped_or_truncated_and_counted():
 
 
 def test_packing_efficiency_on_synthetic_traces(traces_dir, tok):
-    data = TrainData.from_mixture(read_traces([traces_dir], keep="all"), tok, seq_len=512, batch_size=8)
+    data = TrainData.from_mixture(read_traces([traces_dir], keep="all"), tok,
+                                  StreamConfig(seq_len=512, batch_size=8))
     stats = data.pack_stats(epoch=0)
     print(f"\npacking efficiency on {data.counts.documents} synthetic traces at seq_len 512: "
           f"{stats.efficiency:.2%} ({stats.rows} rows)")
@@ -146,7 +147,8 @@ def test_packing_efficiency_on_synthetic_traces(traces_dir, tok):
 
 
 def test_every_document_is_packed_once_with_its_loss_mask(traces_dir, tok):
-    data = TrainData.from_mixture(read_traces([traces_dir], keep="all"), tok, seq_len=512, batch_size=8)
+    data = TrainData.from_mixture(read_traces([traces_dir], keep="all"), tok,
+                                  StreamConfig(seq_len=512, batch_size=8))
     rows = data.epoch_rows(0)
     assert sorted(d for r in rows for d in r) == list(range(data.counts.documents))
     batch = build_rows(data.docs, rows, 512)
@@ -188,13 +190,13 @@ def _take(stream, n):
 
 def test_resume_from_state_gives_the_same_batches(traces_dir, tok):
     mixture = read_traces([traces_dir])
-    data = TrainData.from_mixture(mixture, tok, seq_len=256, batch_size=6, seed=3)
+    data = TrainData.from_mixture(mixture, tok, StreamConfig(seq_len=256, batch_size=6, seed=3))
     steps = data.steps_per_epoch(0)
     run = _take(data.batches(), steps + 3)  # crosses into epoch 1
     assert run[steps - 1][1] == DataState(0, steps, data.fingerprint)
     assert run[steps][1] == DataState(1, 1, data.fingerprint)
     saved = DataState.from_dict(run[steps - 2][1].to_dict())  # as read back from a checkpoint
-    fresh = TrainData.from_mixture(mixture, tok, seq_len=256, batch_size=6, seed=3)
+    fresh = TrainData.from_mixture(mixture, tok, StreamConfig(seq_len=256, batch_size=6, seed=3))
     resumed = _take(fresh.batches(saved), 4)
     for (want, want_state), (got, got_state) in zip(run[steps - 1:], resumed, strict=True):
         assert want_state == got_state
@@ -202,13 +204,14 @@ def test_resume_from_state_gives_the_same_batches(traces_dir, tok):
             np.testing.assert_array_equal(got[key], want[key])
     # each epoch is shuffled on its own, and the seed matters
     assert data.epoch_rows(0) != data.epoch_rows(1)
-    other = TrainData.from_mixture(mixture, tok, seq_len=256, batch_size=6, seed=4)
+    other = TrainData.from_mixture(mixture, tok, StreamConfig(seq_len=256, batch_size=6, seed=4))
     assert other.epoch_rows(0) != fresh.epoch_rows(0)
 
 
 def test_data_config_builds_the_same_stream(traces_dir, tok):
     cfg = DataConfig(traces=[str(traces_dir)], seq_len=256, batch_size=6, seed=3)
-    direct = TrainData.from_mixture(read_traces([traces_dir]), tok, seq_len=256, batch_size=6, seed=3)
+    direct = TrainData.from_mixture(read_traces([traces_dir]), tok,
+                                    StreamConfig(seq_len=256, batch_size=6, seed=3))
     from_cfg = TrainData.from_config(cfg, tok)
     assert from_cfg.fingerprint == direct.fingerprint
     assert from_cfg.epoch_rows(0) == direct.epoch_rows(0)
@@ -216,17 +219,19 @@ def test_data_config_builds_the_same_stream(traces_dir, tok):
 
 def test_resume_with_other_data_settings_is_an_error(traces_dir, tok):
     mixture = read_traces([traces_dir])
-    state = DataState(0, 2, TrainData.from_mixture(mixture, tok, seq_len=256, batch_size=6).fingerprint)
-    moved = TrainData.from_mixture(mixture, tok, seq_len=256, batch_size=4)
+    state = DataState(0, 2, TrainData.from_mixture(
+        mixture, tok, StreamConfig(seq_len=256, batch_size=6)).fingerprint)
+    moved = TrainData.from_mixture(mixture, tok, StreamConfig(seq_len=256, batch_size=4))
     with pytest.raises(DistillError, match="changed since the checkpoint"):
         next(moved.batches(state))
 
 
 def test_processes_share_each_global_batch(traces_dir, tok):
     mixture = read_traces([traces_dir])
-    kw = dict(seq_len=256, batch_size=6, seed=1)
-    whole = TrainData.from_mixture(mixture, tok, **kw)
-    shares = [TrainData.from_mixture(mixture, tok, process_index=p, process_count=3, **kw) for p in range(3)]
+    stream = StreamConfig(seq_len=256, batch_size=6, seed=1)
+    whole = TrainData.from_mixture(mixture, tok, stream)
+    shares = [TrainData.from_mixture(mixture, tok, stream, process_index=p, process_count=3)
+              for p in range(3)]
     last = whole.steps_per_epoch(0) - 1  # the last batch is completed with empty rows
     for index in (0, last):
         want = whole.batch(0, index)
@@ -242,7 +247,8 @@ def test_processes_share_each_global_batch(traces_dir, tok):
 def test_mixture_weights_set_each_datasets_share(tmp_path, tok):
     a = write_traces(tmp_path / "a", [trace_row(i, 2) for i in range(40)], shards=1)
     b = write_traces(tmp_path / "b", [trace_row(100 + i, 2) for i in range(40)], shards=1)
-    data = TrainData.from_mixture(read_traces([a, b], weights=[3, 1]), tok, seq_len=512, batch_size=4)
+    data = TrainData.from_mixture(read_traces([a, b], weights=[3, 1]), tok,
+                                  StreamConfig(seq_len=512, batch_size=4))
     for epoch in (0, 1):
         docs = [d for r in data.epoch_rows(epoch) for d in r]
         from_a = sum(d < 40 for d in docs)
@@ -267,8 +273,8 @@ def _with_teacher(tok, i: int, drop_eos: bool = False, extra: int = 0) -> dict:
 def test_teacher_topk_lines_up_with_the_targets(tmp_path, tok):
     rows = [_with_teacher(tok, 0), _with_teacher(tok, 1, drop_eos=True), trace_row(2, 3)]
     path = write_traces(tmp_path / "kd", rows, shards=1)
-    data = TrainData.from_mixture(read_traces([path], with_teacher=True), tok, seq_len=512, batch_size=3,
-                     top_k=4)
+    data = TrainData.from_mixture(read_traces([path], with_teacher=True), tok,
+                                  StreamConfig(seq_len=512, batch_size=3, top_k=4))
     assert (data.counts.documents, data.counts.with_teacher) == (3, 2)
     batch = data.batch(0, 0)
     has = np.isfinite(batch["top_logprobs_btk"][..., 0])
@@ -285,15 +291,16 @@ def test_teacher_topk_from_another_tokenizer_is_an_error(tmp_path, tok):
     path = write_traces(tmp_path / "kd", [_with_teacher(tok, 0, extra=4)], shards=1)
     with pytest.raises(DistillError, match=r"trace p0#0: \d+ teacher top-k rows but the student "
                                            r"tokenizer gives \d+ completion tokens"):
-        TrainData.from_mixture(read_traces([path], with_teacher=True), tok, seq_len=512, batch_size=1, top_k=2)
+        TrainData.from_mixture(read_traces([path], with_teacher=True), tok,
+                               StreamConfig(seq_len=512, batch_size=1, top_k=2))
 
 
 def test_a_rare_misaligned_top_k_trains_without_logit_targets(tmp_path, tok, capsys):
     # e.g. a completion whose stored reasoning lost text: 1 trace of 120, not another tokenizer
     rows = [_with_teacher(tok, i) for i in range(119)] + [_with_teacher(tok, 119, extra=4)]
     path = write_traces(tmp_path / "kd", rows, shards=2)
-    data = TrainData.from_mixture(read_traces([path], with_teacher=True), tok, seq_len=512,
-                                  batch_size=4, top_k=2)
+    data = TrainData.from_mixture(read_traces([path], with_teacher=True), tok,
+                                  StreamConfig(seq_len=512, batch_size=4, top_k=2))
     assert (data.counts.documents, data.counts.with_teacher) == (120, 119)
     assert "warning: 1 of 120 traces with top-k train without logit targets" in (
         capsys.readouterr().out)
@@ -319,9 +326,9 @@ def test_traces_without_assistant_text(tmp_path, tok):
     path = write_traces(tmp_path / "blank", rows, shards=1)
     with pytest.raises(DistillError, match=r"blank: no trace has assistant text \(reasoning and "
                                            r"answer empty in all 3\)$"):
-        TrainData.from_mixture(read_traces([path]), tok, seq_len=256, batch_size=2)
+        TrainData.from_mixture(read_traces([path]), tok, StreamConfig(seq_len=256, batch_size=2))
     mixed = write_traces(tmp_path / "mixed", rows + [trace_row(9, 2)], shards=1)
-    data = TrainData.from_mixture(read_traces([mixed]), tok, seq_len=256, batch_size=2)
+    data = TrainData.from_mixture(read_traces([mixed]), tok, StreamConfig(seq_len=256, batch_size=2))
     assert (data.counts.documents, data.counts.no_assistant_text) == (1, 3)
 
 
@@ -329,18 +336,19 @@ def test_seq_len_shorter_than_the_prompt(traces_dir, tok):
     mixture = read_traces([traces_dir])
     with pytest.raises(DistillError, match=r"trace p\d+#0: the prompt is \d+ tokens, so seq_len 16 "
                                            r"leaves no completion token"):
-        TrainData.from_mixture(mixture, tok, seq_len=16, batch_size=2, overlong="truncate")
+        TrainData.from_mixture(mixture, tok, StreamConfig(seq_len=16, batch_size=2, overlong="truncate"))
     with pytest.raises(DistillError, match=r"run: no trace fits in seq_len 16 \(270 of 270 too "
                                            r"long, 0 without assistant text\)"):
-        TrainData.from_mixture(mixture, tok, seq_len=16, batch_size=2, overlong="drop")
+        TrainData.from_mixture(mixture, tok, StreamConfig(seq_len=16, batch_size=2, overlong="drop"))
 
 
 def test_bad_stream_settings(traces_dir, tok):
     mixture = read_traces([traces_dir])
     with pytest.raises(DistillError, match="batch_size 5 must be a positive multiple of the 2"):
-        TrainData.from_mixture(mixture, tok, seq_len=64, batch_size=5, process_count=2)
+        TrainData.from_mixture(mixture, tok, StreamConfig(seq_len=64, batch_size=5), process_count=2)
     with pytest.raises(DistillError, match=r"^data: overlong: .*'drop' or 'truncate' \(got 'cut'\)$"):
-        TrainData.from_mixture(mixture, tok, seq_len=64, batch_size=2, overlong="cut")
+        # the stream's bounds are checked once, where its settings are validated (DataConfig's)
+        validate(StreamConfig, {"seq_len": 64, "batch_size": 2, "overlong": "cut"}, "data")
     with pytest.raises(DistillError, match="2 mixture weights for 1 trace datasets"):
         read_traces([traces_dir], weights=[1, 2])
     with pytest.raises(DistillError, match="unknown keep filter 'good'"):

@@ -15,13 +15,13 @@ from distill.train.prefetch import Prefetch
 def test_the_order_and_the_states_are_the_stream_s(tmp_path):
     from distill.data.traces import read_traces
     from distill.tokenizer import Tokenizer
-    from distill.train.data import DataState, TrainData
+    from distill.train.data import DataState, StreamConfig, TrainData
     from tests import public_datasets as pub
     from tests import toy
 
     tok = Tokenizer.from_pretrained(toy.write_tokenizer(tmp_path / "tok"))
     data = TrainData.from_mixture(read_traces([str(pub.mixture_of_thoughts(tmp_path / "m.parquet", n=30))]),
-                     tok, seq_len=128, batch_size=2)
+                                  tok, StreamConfig(seq_len=128, batch_size=2))
     direct = list(itertools.islice(data.batches(DataState(0, 1)), 12))
     with Prefetch(data.batches(DataState(0, 1)), depth=3) as ahead:
         prefetched = list(itertools.islice(ahead, 12))

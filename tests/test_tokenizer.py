@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from distill.chat import R1_DISTILL_CHAT_TEMPLATE
 from distill.errors import DistillError
-from distill.tokenizer import R1_DISTILL_CHAT_TEMPLATE, Tokenizer
+from distill.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 spm = pytest.importorskip("sentencepiece")

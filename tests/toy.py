@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from distill.tokenizer import R1_DISTILL_CHAT_TEMPLATE
+from distill.chat import R1_DISTILL_CHAT_TEMPLATE
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 SPECIALS = [BOS, EOS, "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"]

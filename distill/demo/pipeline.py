@@ -167,6 +167,11 @@ class _Clock:
     def __init__(self, console):
         self.console = console
         self.stages: list[Stage] = []
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Seconds since the clock started (the demo's total)."""
+        return time.perf_counter() - self.start
 
     @contextlib.contextmanager
     def stage(self, name: str, doing: str):
@@ -179,14 +184,28 @@ class _Clock:
         self.console.print(f"  done in {row.seconds:.1f} s: {row.result}")
 
 
-def run_demo(work_dir: str | Path = "students/demo", budget: str | Budget = "full", *,
-             fresh: bool = False, progress: bool = True, console=None,
-             student_tokenizer: str = "shared") -> dict:
-    """Run every stage (see the module doc) under `work_dir`, print the summary and return its
-    figures (also written to `work_dir`/summary.json). `budget`: "full", "quick" or a Budget;
-    `fresh` deletes `work_dir` first (the cached teacher included). `student_tokenizer`:
-    "shared" (the teacher's) or "other" (the students' own: SFT vs SFT + GOLD vs SFT + ULD)."""
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """One demo run's settings: where it works, its budget (and the budget's name) and whose
+    tokenizer the students have ("shared": the teacher's, "other": their own)."""
 
+    work: Path
+    budget: Budget
+    budget_name: str
+    student_tokenizer: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _StudentModel:
+    """The students' starting point: their model preset (random weights) and tokenizer folder."""
+
+    preset: Path
+    tokenizer: Path
+
+
+def _setup(work_dir: str | Path, budget: str | Budget, student_tokenizer: str,
+           fresh: bool) -> _Run:
+    """The run's settings, checked; its work directory made (emptied first with `fresh`)."""
     if isinstance(budget, Budget):
         b, budget = budget, "custom"
     elif budget in BUDGETS:
@@ -196,15 +215,27 @@ def run_demo(work_dir: str | Path = "students/demo", budget: str | Budget = "ful
     if student_tokenizer not in STUDENT_TOKENIZERS:
         raise DistillError(f"unknown student tokenizer {student_tokenizer!r}; choose one of "
                            f"{', '.join(STUDENT_TOKENIZERS)}")
-    cross = student_tokenizer == "other"
-    students = CROSS_STUDENTS if cross else STUDENTS
-    console = console or Console()
     work = Path(resolve_path(work_dir))
     if fresh and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
+    return _Run(work, b, budget, student_tokenizer)
+
+
+def run_demo(work_dir: str | Path = "students/demo", budget: str | Budget = "full", *,
+             fresh: bool = False, progress: bool = True, console=None,
+             student_tokenizer: str = "shared") -> Summary:
+    """Run every stage (see the module doc) under `work_dir`, print the summary and return its
+    figures (also written to `work_dir`/summary.json). `budget`: "full", "quick" or a Budget;
+    `fresh` deletes `work_dir` first (the cached teacher included). `student_tokenizer`:
+    "shared" (the teacher's) or "other" (the students' own: SFT vs SFT + GOLD vs SFT + ULD)."""
+
+    run = _setup(work_dir, budget, student_tokenizer, fresh)
+    work, b = run.work, run.budget
+    cross = student_tokenizer == "other"
+    students = CROSS_STUDENTS if cross else STUDENTS
+    console = console or Console()
     clock = _Clock(console)
-    t_start = time.perf_counter()
 
     with clock.stage("tokenizer", "SentencePiece BPE on the task's corpus") as row:
         tok = _tokenizer(work, b)
@@ -212,7 +243,8 @@ def run_demo(work_dir: str | Path = "students/demo", budget: str | Budget = "ful
         row.result = f"{len(tok)} tokens, R1 chat template" + (
             f"; the students' own: {len(student_tok)} tokens" if cross else "")
     presets = _write_presets(work, tok, student_tok)
-    student_tok_dir = work / ("student-tokenizer" if cross else "tokenizer")
+    student = _StudentModel(presets["student"],
+                            work / ("student-tokenizer" if cross else "tokenizer"))
     with clock.stage("teacher", "tiny MoE trained on worked solutions (cached after a run)") as row:
         teacher, cached = _teacher(work, b, presets["teacher"], progress)
         row.result = ("cached: " if cached else "trained: ") + str(teacher)
@@ -222,16 +254,14 @@ def run_demo(work_dir: str | Path = "students/demo", budget: str | Budget = "ful
                       f"({traces['records'] / max(traces['samples'], 1):.0%}), top-{TOP_K} "
                       "log-probs per token")
     answers = _answers_only(work, b)
-    runs = {}
     for name, (data, loss, label) in students.items():
         with clock.stage(name, label) as row:
-            runs[name] = _student(work, b, name, traces["dir"] if data == "traces" else answers,
-                                  loss, presets["student"], progress, student_tok_dir)
-            row.result = f"{b.student.steps} steps, final loss {runs[name]:.3f}"
+            final = _student(run, name, traces["dir"] if data == "traces" else answers, loss,
+                             student, progress)
+            row.result = f"{b.student.steps} steps, final loss {final:.3f}"
     with clock.stage("eval", f"{b.eval_prompts} held-out prompts x ({b.eval_n} samples + greedy), "
                              "every model") as row:
-        report = _evaluate(work, b, teacher, presets["student"], progress, students,
-                           student_tok_dir)
+        report = _evaluate(run, teacher, student, students, progress)
         row.result = f"report in {work / 'eval'}"
     scores = _scores(report, work / "eval" / "samples.jsonl")
     best = max((n for n, (data, _, _) in students.items() if data == "traces"),
@@ -240,11 +270,9 @@ def run_demo(work_dir: str | Path = "students/demo", budget: str | Budget = "ful
                      ) as row:
         reload = export_stage(work, best, console)
         row.result = stage_result(reload)
-    total = time.perf_counter() - t_start
-    summary = _summary(b, budget, clock.stages, scores, best, reload, traces, cached, total, work,
-                       student_tokenizer)
+    summary = _summary(run, clock, scores, best, reload, traces, cached)
     _print_summary(console, summary)
-    (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (work / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
     console.print(f"every stage's config is in {work / 'configs'}; rerun one with its command "
                   f"from any directory, e.g. distill eval {work / 'configs' / 'eval.yaml'}")
     return summary
@@ -300,7 +328,10 @@ def _write_config(schema, path: Path, data: dict) -> Path:
 
 
 def _train_config(work: Path, name: str, init: Path, traces: Path, sched: Schedule, loss: dict,
-                  top_k: int = 0, tokenizer: Path | None = None) -> Path:
+                  tokenizer: Path | None = None) -> Path:
+    """A training run's config (`init`: a model preset), written under `work`/configs; a logit
+    loss reads the teacher's top-k entries, SFT none."""
+    top_k = TOP_K if loss["kind"] != "sft" else 0
     cfg = {"name": name,
            "student": {"init": str(init), "tokenizer": str(tokenizer or work / "tokenizer")},
            "data": {"traces": [str(traces)], "seq_len": sched.seq_len,
@@ -374,10 +405,11 @@ def _answers_only(work: Path, b: Budget) -> Path:
     return write_reference_traces(prompts, work / "data" / "answers-only", answers_only=True)
 
 
-def _student(work: Path, b: Budget, name: str, traces: Path, loss: dict, preset: Path,
-             progress: bool, tokenizer: Path) -> float:
-    top_k = TOP_K if loss["kind"] != "sft" else 0
-    cfg = _train_config(work, name, preset, traces, b.student, loss, top_k, tokenizer)
+def _student(run: _Run, name: str, traces: Path, loss: dict, student: _StudentModel,
+             progress: bool) -> float:
+    """Train student `name` on `traces` with `loss`; returns its last logged loss."""
+    cfg = _train_config(run.work, name, student.preset, traces, run.budget.student, loss,
+                        student.tokenizer)
     return _train(cfg, progress)
 
 
@@ -400,13 +432,14 @@ def _eval_prompts(work: Path, b: Budget) -> Path:
     return path
 
 
-def _evaluate(work: Path, b: Budget, teacher: Path, student_preset: Path, progress: bool,
-              students: dict, student_tokenizer: Path) -> dict:
+def _evaluate(run: _Run, teacher: Path, student: _StudentModel, students: dict,
+              progress: bool) -> dict:
+    work, b = run.work, run.budget
     models = [{"name": "teacher", "model": str(teacher), "role": "teacher", "batch_size": 256}]
     models += [{"name": n, "model": str(work / n), "batch_size": 256} for n in students]
     if b.eval_untrained:
-        models.append({"name": "student-untrained", "model": str(student_preset),
-                       "tokenizer": str(student_tokenizer), "batch_size": 256})
+        models.append({"name": "student-untrained", "model": str(student.preset),
+                       "tokenizer": str(student.tokenizer), "batch_size": 256})
     cfg = {"name": "demo", "prompts": {"source": str(_eval_prompts(work, b))}, "models": models,
            "protocol": {"n": b.eval_n, "temperature": 0.6, "top_p": 0.95,
                         "max_new_tokens": MAX_NEW_TOKENS, "seed": 0, "greedy": True},
@@ -452,10 +485,40 @@ VERDICTS = {"traces_vs_answers": ("student-sft", "student-answers"),
             "sft_vs_untrained": ("student-sft", "student-untrained")}
 
 
-def _summary(b: Budget, budget: str, stages: list[Stage], scores: dict, best: str, reload: dict,
-             traces: dict, cached: bool, total: float, work: Path,
-             student_tokenizer: str = "shared") -> dict:
-    params = _model_params(work)
+@dataclasses.dataclass
+class Summary:
+    """What a demo run found: written to summary.json (`to_dict`), printed as its tables."""
+
+    budget: str  # the budget's name ("custom" for a Budget passed in)
+    student_tokenizer: str
+    settings: Budget
+    teacher_cached: bool
+    stages: list[Stage]
+    total_seconds: float
+    models: dict[str, dict]  # per model: pass@1, ci95, greedy, format, total/active params
+    best_student: str
+    verdicts: dict  # "<student>/teacher": pass@1 ratio; VERDICTS keys: [difference, half-width]
+    export: dict  # the export stage's checks (`distill.demo.export_check`)
+    traces: dict  # records, samples, rejected
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _summary(run: _Run, clock: _Clock, scores: dict, best: str, reload: dict, traces: dict,
+             cached: bool) -> Summary:
+    """The run's figures: `scores` per model (`_scores`), the `best` student, its export check
+    `reload`, the `traces` stage's counts and whether the teacher was `cached`."""
+    return Summary(budget=run.budget_name, student_tokenizer=run.student_tokenizer,
+                   settings=run.budget, teacher_cached=cached, stages=list(clock.stages),
+                   total_seconds=clock.elapsed(), models=_models(scores, _model_params(run.work)),
+                   best_student=best, verdicts=_verdicts(scores), export=reload,
+                   traces={k: v for k, v in traces.items() if k != "dir"})
+
+
+def _verdicts(scores: dict) -> dict:
+    """Each trained student's pass@1 over the teacher's, and the paired differences VERDICTS
+    names (where both models ran)."""
     teacher = scores["teacher"]["pass@1"]
     verdicts = {}
     trained = [n for n in scores if n not in ("teacher", "student-untrained", "student-answers")]
@@ -465,49 +528,50 @@ def _summary(b: Budget, budget: str, stages: list[Stage], scores: dict, best: st
     for key, (a, b_) in VERDICTS.items():
         if a in pp and b_ in pp:  # a list, as JSON reads it back
             verdicts[key] = list(metrics.paired_difference(pp[a], pp[b_]))
+    return verdicts
+
+
+def _models(scores: dict, params: dict[str, tuple[int, int]]) -> dict[str, dict]:
+    """Per model its scores (without the per-prompt ones) and its total and active parameters."""
     models = {}
     for name, s in scores.items():
         total_p, active_p = params["teacher" if name == "teacher" else "student"]
         models[name] = {k: v for k, v in s.items() if k != "per_prompt"}
         models[name].update(total_params=total_p, active_params=active_p)
-    return {"budget": budget, "student_tokenizer": student_tokenizer,
-            "settings": dataclasses.asdict(b), "teacher_cached": cached,
-            "stages": [dataclasses.asdict(s) for s in stages], "total_seconds": total,
-            "models": models, "best_student": best, "verdicts": verdicts, "export": reload,
-            "traces": {k: v for k, v in traces.items() if k != "dir"}}
+    return models
 
 
-def _print_summary(console, s: dict) -> None:
-    n = s["settings"]["eval_n"]
-    table = Table(title=f"distill demo ({s['budget']} budget): held-out accuracy, "
-                        f"{s['settings']['eval_prompts']} prompts")
+def _print_summary(console, s: Summary) -> None:
+    n = s.settings.eval_n
+    table = Table(title=f"distill demo ({s.budget} budget): held-out accuracy, "
+                        f"{s.settings.eval_prompts} prompts")
     for col in ("model", f"pass@1 (n={n}) [95% CI]", "greedy", "params (active)"):
         table.add_column(col, justify="left" if col == "model" else "right")
-    students = CROSS_STUDENTS if s.get("student_tokenizer") == "other" else STUDENTS
+    students = CROSS_STUDENTS if s.student_tokenizer == "other" else STUDENTS
     labels = {"teacher": "teacher (MoE, worked solutions)",
               **{n: label for n, (_, _, label) in students.items()},
               "student-untrained": "student: untrained"}
-    for name, m in s["models"].items():
+    for name, m in s.models.items():
         lo, hi = m["ci95"]
         params = f"{m['total_params'] / 1e6:.2f}M ({m['active_params'] / 1e6:.2f}M)"
         table.add_row(labels.get(name, name), f"{m['pass@1']:.1%} [{lo:.1%}, {hi:.1%}]",
                       "-" if m["greedy"] is None else f"{m['greedy']:.1%}", params)
     console.print(table)
 
-    stages = Table(title=f"time per stage (total {s['total_seconds']:.0f} s)")
+    stages = Table(title=f"time per stage (total {s.total_seconds:.0f} s)")
     for col in ("stage", "seconds", "result"):
         stages.add_column(col, justify="right" if col == "seconds" else "left")
-    for st in s["stages"]:
-        stages.add_row(st["name"], f"{st['seconds']:.1f}", st["result"])
+    for st in s.stages:
+        stages.add_row(st.name, f"{st.seconds:.1f}", st.result)
     console.print(stages)
     for line in verdict_lines(s):
         console.print(line)
 
 
-def verdict_lines(s: dict) -> list[str]:
+def verdict_lines(s: Summary) -> list[str]:
     """The summary's conclusions, one line each."""
-    v = s["verdicts"]
-    best = s["best_student"]
+    v = s.verdicts
+    best = s.best_student
     ratio = v[f"{best}/teacher"]
     ok = "[green]met[/]" if ratio >= TARGET_RATIO else "[red]not met[/]"
     lines = [f"student/teacher ({best}, pass@1) = {ratio:.0%} (target >= "
@@ -531,5 +595,5 @@ def verdict_lines(s: dict) -> list[str]:
             lines.append(f"{what}: {helped}, {100 * d:+.1f} points (95% CI +/- {100 * h:.1f})")
 
 
-    lines.append(escape(summary_line(s["export"])))  # plain text: "[hf]" is not a style
+    lines.append(escape(summary_line(s.export)))  # plain text: "[hf]" is not a style
     return lines

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from distill.chat import R1_DISTILL_CHAT_TEMPLATE
 from distill.errors import DistillError
-from distill.tokenizer import R1_DISTILL_CHAT_TEMPLATE, Tokenizer
+from distill.tokenizer import Tokenizer
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"

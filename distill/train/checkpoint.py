@@ -6,17 +6,15 @@ bit for bit and a corrupted checkpoint is detected instead of half-loaded.
 Resuming takes the newest checkpoint that restores and matches its checksums; a newer one that does
 not is moved aside (to `<step>.unrestorable`) with one line. A save that fails for want of space (or
 any other write error) removes its temporary folder and ends in one line naming the checkpoint that
-is safe.
+is safe (`distill.train.orbax_logs.quiet_orbax_logs`, called by the command line, keeps orbax's own
+tracebacks of it off stderr).
 
 On several hosts every process calls save/restore (orbax coordinates who writes what)."""
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import shutil
-import sys
-import traceback
 from pathlib import Path
 
 import jax
@@ -35,52 +33,6 @@ from distill.runs import (
 UNRESTORABLE = ".unrestorable"  # suffix of a checkpoint folder moved aside
 
 
-class _QuietWriteErrors(logging.Filter):
-    """orbax logs a failed write with a traceback from each of its threads (absl), and asyncio
-    each of its failed writes' tasks; the error line that `Checkpoints` raises says it once. Kept
-    for the rest of the process: those tasks are logged when they are collected."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return write_error(exc or Exception(record.getMessage())) is None
-
-
-def _closed_loop(exc) -> bool:
-    """A callback into orbax's event loop after orbax closed it (see `_quiet_abandoned_writes`)."""
-    if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
-        return False
-    frames = traceback.extract_tb(exc.__traceback__)
-    return any(f.name == "call_soon_threadsafe" for f in frames)
-
-
-def _quiet_abandoned_writes() -> None:
-    """When a save fails, tensorstore still settles the abandoned writes' futures on orbax's
-    event loop, closed by then, from its own threads: Python prints each RuntimeError with a
-    traceback (through sys.excepthook or, from C, as unraisable). Those alone are dropped, for
-    the rest of the process: the error line says what happened."""
-    if getattr(sys.excepthook, "distill_quiet", False):
-        return
-    except_hook, unraisable_hook = sys.excepthook, sys.unraisablehook
-
-    def on_except(kind, exc, tb) -> None:
-        if not _closed_loop(exc):
-            except_hook(kind, exc, tb)
-
-    def on_unraisable(u) -> None:
-        if not _closed_loop(u.exc_value):
-            unraisable_hook(u)
-
-    on_except.distill_quiet = True
-    sys.excepthook, sys.unraisablehook = on_except, on_unraisable
-
-
-def _quiet_write_errors() -> None:
-    for name in ("absl", "asyncio"):
-        log = logging.getLogger(name)
-        if not any(isinstance(f, _QuietWriteErrors) for f in log.filters):
-            log.addFilter(_QuietWriteErrors())
-
-
 class Checkpoints:
     """students/<run>/checkpoints/<step>/{state, extra} (the layout of `distill.runs`; a finished
     run's parameters are read back by `distill.runs.load_run`)."""
@@ -92,8 +44,6 @@ class Checkpoints:
         self._remove_temporaries()  # a save killed midway (kill -9, a lost host) left them
         self.manager = ocp.CheckpointManager(self.directory, options=opts)
         self._saving: int | None = None  # the step of the save in flight
-        _quiet_write_errors()
-        _quiet_abandoned_writes()
 
     def latest(self) -> int | None:
         steps = committed_steps(self.directory)

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 from pydantic import Field
 
-from distill.config import Frozen, OutputPath, validate
+from distill.config import Frozen, OutputPath
 from distill.data.packing import (
     Documents,
     Overlong,
@@ -46,6 +47,7 @@ from distill.data.render import render_traces
 from distill.data.tokens import (
     BATCH_TRACES,
     BLOCK_TRACES,
+    CacheSpec,
     content_digest,
     open_cache,
     trace_digest,
@@ -114,6 +116,43 @@ class DataCounts:
     with_teacher: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """Tokenised documents and what `TrainData` needs to know of the traces they came from.
+
+    `docs`: a `Documents` or `TokenCache` (per document: `lengths`, `first`, `dataset`, `rank`,
+    `has_teacher`, `teacher_bad`); `names`: the datasets; `no_text_rank`: per dataset, the held-out
+    ranks of its traces without assistant text (they made no document); `digest`: of the trace
+    ids; `trace_id(d)` names document d in messages; `weights`: the mixture weights (default:
+    each dataset's size)."""
+
+    docs: Any
+    names: tuple[str, ...]
+    no_text_rank: list[np.ndarray]
+    digest: str
+    trace_id: Callable[[int], str] | None = None
+    weights: tuple[float, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """Which prompts a stream trains on: "all", or "train" / "heldout" (held out below
+    `fraction`, by `distill.data.prompts.is_heldout` on the stored ranks)."""
+
+    name: str = "all"
+    fraction: float = 0.0
+
+    def members(self, rank: np.ndarray) -> np.ndarray:
+        """Which of the documents (or traces) with these held-out ranks are in the split."""
+        if self.name == "all" or self.fraction == 0:
+            return np.full(len(rank), self.name != "heldout")
+        return (np.asarray(rank) < self.fraction) == (self.name == "heldout")
+
+    @property
+    def tag(self) -> str:
+        return f"{self.name if self.fraction else 'all'}/{self.fraction}"
+
+
 class TrainData:
     """Packed training batches from tokenised documents, for one process of `process_count`.
 
@@ -123,34 +162,28 @@ class TrainData:
     `seq_len` slots (see `build_rows`).
     """
 
-    def __init__(self, docs, *, names: tuple[str, ...], traces: list[int], no_text: list[int],
-                 content: str, weights=None, in_split: np.ndarray | None = None, pad_id: int = 0,
-                 seq_len: int, batch_size: int, seed: int = 0, overlong: str = "drop",
-                 window: int = 256, top_k: int = 0, process_index: int = 0,
-                 process_count: int = 1, trace_id=None):
-        """`docs`: a `Documents` or `TokenCache` (per document: `lengths`, `first`, `dataset`,
-        `has_teacher`, `teacher_bad`); `traces` / `no_text`: per dataset, the split's traces and those of them
-        without assistant text; `content`: a digest of the trace ids; `in_split`: the documents
-        of the split trained on (default all); `trace_id(d)` names document d in messages."""
-        validate(StreamConfig, {"seq_len": seq_len, "batch_size": batch_size, "seed": seed,
-                                "overlong": overlong, "pack_window": window, "top_k": top_k},
-                 "data")  # one definition of the bounds: DataConfig's
-        _check_processes(batch_size, process_index, process_count)
-        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
-        self.window, self.top_k = window, top_k
+    def __init__(self, corpus: Corpus, stream: StreamConfig, *, split: Split = Split(),
+                 pad_id: int = 0, process_index: int = 0, process_count: int = 1):
+        """The documents of `corpus` in `split`, batched as `stream` says (its bounds were
+        checked where it was validated: one definition, DataConfig's)."""
+        _check_processes(stream.batch_size, process_index, process_count)
+        self.stream, self.pad_id, self.docs = stream, pad_id, corpus.docs
         self.process_index, self.process_count = process_index, process_count
-        self.pad_id, self.docs = pad_id, docs
-        n = len(docs)
+        docs, names, seq_len = corpus.docs, corpus.names, stream.seq_len
         dataset = docs.dataset
-        in_split = np.ones(n, bool) if in_split is None else in_split
-        dropped, truncated, unusable = overlong_policy(docs.lengths, docs.first, seq_len, overlong)
+        in_split = split.members(docs.rank)
+        no_text = [int(split.members(r).sum()) for r in corpus.no_text_rank]
+        traces = [int((in_split & (dataset == i)).sum()) + no_text[i] for i in range(len(names))]
+        dropped, truncated, unusable = overlong_policy(docs.lengths, docs.first, seq_len,
+                                                       stream.overlong)
         bad = np.flatnonzero(unusable & in_split)
         if len(bad):
             d = int(bad[0])
-            where = f"{names[dataset[d]]}: trace {trace_id(d) if trace_id else d}"
-            raise no_completion_left(where, int(docs.first[d]), seq_len)
+            trace = corpus.trace_id(d) if corpus.trace_id else d
+            raise no_completion_left(f"{names[dataset[d]]}: trace {trace}", int(docs.first[d]),
+                                     seq_len)
         use = in_split & ~dropped
-        if top_k:
+        if stream.top_k:
             _check_alignment(docs, use)
         self.dataset_docs = []
         for i, name in enumerate(names):
@@ -166,22 +199,24 @@ class TrainData:
             dropped_overlong=int((dropped & in_split).sum()),
             truncated=int((truncated & in_split).sum()), documents=int(use.sum()),
             with_teacher=int((docs.has_teacher & use).sum()))
-        if top_k and not self.counts.with_teacher:
+        if stream.top_k and not self.counts.with_teacher:
             raise DistillError("logit distillation needs teacher top-k log-probabilities and no "
                                f"trace in {', '.join(names)} has them (set top_k 0 for SFT)")
-        self.weights = weights or tuple(float(t) for t in traces)  # default: each one's size
+        # default: each one's size
+        self.weights = corpus.weights or tuple(float(t) for t in traces)
         self.slots = doc_slots(docs.lengths, seq_len)
-        self.fingerprint = hashlib.sha256(repr((content, self.weights, seq_len, batch_size, seed,
-                                                overlong, window, top_k)).encode()).hexdigest()[:16]
+        content = f"{corpus.digest}/{split.tag}"
+        self.fingerprint = hashlib.sha256(repr((
+            content, self.weights, seq_len, stream.batch_size, stream.seed, stream.overlong,
+            stream.pack_window, stream.top_k)).encode()).hexdigest()[:16]
         self._plan: tuple[int, list] | None = None
 
     @classmethod
-    def from_mixture(cls, mixture: Mixture, tokenizer, split: str = "all",
-                     heldout_fraction: float = 0.0, **settings) -> TrainData:
-        """From traces already read: rendered and tokenised in memory (`settings`: seq_len,
-        batch_size and the other stream settings of `__init__`); `split` "train" / "heldout"
-        keeps the prompts outside / inside `heldout_fraction`, as `read_traces` does."""
-        top_k = settings.get("top_k", 0)
+    def from_mixture(cls, mixture: Mixture, tokenizer, stream: StreamConfig,
+                     split: Split = Split(), *, process_index: int = 0,
+                     process_count: int = 1) -> TrainData:
+        """From traces already read: rendered and tokenised in memory; `split` "train" /
+        "heldout" keeps the prompts outside / inside its fraction, as `read_traces` does."""
         rendered, dataset, ids, rank, no_text_rank = [], [], [], [], []
         content = 0
         for i, (name, group) in enumerate(zip(mixture.names, mixture.datasets, strict=True)):
@@ -189,7 +224,7 @@ class TrainData:
             for start in range(0, len(group), BATCH_TRACES):
                 batch = group[start:start + BATCH_TRACES]
                 for j, (trace, r) in enumerate(zip(
-                        batch, render_traces(tokenizer, batch, top_k, name), strict=True)):
+                        batch, render_traces(tokenizer, batch, stream.top_k, name), strict=True)):
                     content += trace_digest(i, start + j, trace.id)
                     if r is None:
                         no_text_rank[-1].append(heldout_rank(trace.prompt_id))
@@ -200,9 +235,10 @@ class TrainData:
                     dataset.append(i)
         docs = Documents.from_rendered(rendered)
         docs.dataset, docs.rank = np.array(dataset, np.int32), np.array(rank, np.float64)
-        return cls._split(docs, mixture.names, [np.array(r) for r in no_text_rank],
-                          content_digest(content), tokenizer, ids.__getitem__, mixture.weights,
-                          split, heldout_fraction, **settings)
+        corpus = Corpus(docs, mixture.names, [np.array(r) for r in no_text_rank],
+                        content_digest(content), ids.__getitem__, mixture.weights)
+        return cls(corpus, stream, split=split, pad_id=_pad_id(tokenizer),
+                   process_index=process_index, process_count=process_count)
 
     @classmethod
     def from_config(cls, cfg: DataConfig, tokenizer, process_index: int = 0,
@@ -211,60 +247,47 @@ class TrainData:
         """The data a config describes. With `cfg.cache` and a `cache_root` (cfg.cache_dir
         wins), through the tokenized cache, built first if missing; else read and tokenised in
         memory (the same batches). `split`: "train" or "heldout" (by cfg.heldout_fraction)."""
-        settings = dict(seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
-                        overlong=cfg.overlong, window=cfg.pack_window, top_k=cfg.top_k,
-                        process_index=process_index, process_count=process_count)
+        process = dict(process_index=process_index, process_count=process_count)
+        chosen = Split(split, cfg.heldout_fraction)
         root = cfg.cache_dir or cache_root
         if not cfg.cache or root is None:
             mixture = read_traces(cfg.traces, cfg.weights, cfg.keep, with_teacher=cfg.top_k > 0)
-            return cls.from_mixture(mixture, tokenizer, split, cfg.heldout_fraction, **settings)
+            return cls.from_mixture(mixture, tokenizer, cfg, chosen, **process)
         if cfg.weights is not None:
             check_weights(cfg.weights, len(cfg.traces))
-        cache = open_cache(cfg.traces, cfg.keep, tokenizer, cfg.top_k, root,
-                           process_index=process_index, process_count=process_count,
-                           progress=progress, block=cfg.cache_block)
+        spec = CacheSpec(tuple(cfg.traces), cfg.keep, tokenizer, cfg.top_k, cfg.cache_block)
+        cache = open_cache(spec, root, progress=progress, **process)
         weights = None if cfg.weights is None else tuple(map(float, cfg.weights))
-        return cls._split(cache, cache.names, cache.no_text_rank, cache.digest, tokenizer,
-                          cache.trace_id, weights, split, cfg.heldout_fraction, **settings)
-
-    @classmethod
-    def _split(cls, docs, names, no_text_rank, digest: str, tokenizer, trace_id, weights,
-               split: str, fraction: float, **settings) -> TrainData:
-        """The documents of one split of `docs` (their `rank`s against the held-out fraction)."""
-        in_split = _in_split(docs.rank, split, fraction)
-        no_text = [int(_in_split(r, split, fraction).sum()) for r in no_text_rank]
-        traces = [int((in_split & (docs.dataset == i)).sum()) + no_text[i]
-                  for i in range(len(names))]
-        return cls(docs, names=names, traces=traces, no_text=no_text,
-                   content=f"{digest}/{split if fraction else 'all'}/{fraction}",
-                   in_split=in_split, weights=weights,
-                   pad_id=_pad_id(tokenizer), trace_id=trace_id, **settings)
+        corpus = Corpus(cache, cache.names, cache.no_text_rank, cache.digest, cache.trace_id,
+                        weights)
+        return cls(corpus, cfg, split=chosen, pad_id=_pad_id(tokenizer), **process)
 
     # -- the order ------------------------------------------------------------------------------
 
     def epoch_rows(self, epoch: int) -> list[list]:
         """The packed rows of `epoch` in training order (the same on every process)."""
         if self._plan is None or self._plan[0] != epoch:
-            rng = np.random.default_rng([self.seed, epoch])
+            rng = np.random.default_rng([self.stream.seed, epoch])
             order = _mixture_order(self.dataset_docs, self.weights, rng)
-            rows = plan_rows(order, self.slots, self.seq_len, self.window)
+            rows = plan_rows(order, self.slots, self.stream.seq_len, self.stream.pack_window)
             self._plan = (epoch, [rows[i] for i in rng.permutation(len(rows))])
         return self._plan[1]
 
     def pack_stats(self, epoch: int = 0) -> PackStats:
         rows = self.epoch_rows(epoch)
-        return PackStats(len(rows), int(sum(self.slots[d] for r in rows for d in r)), self.seq_len)
+        slots = int(sum(self.slots[d] for r in rows for d in r))
+        return PackStats(len(rows), slots, self.stream.seq_len)
 
     def steps_per_epoch(self, epoch: int) -> int:
-        return -(-len(self.epoch_rows(epoch)) // self.batch_size)
+        return -(-len(self.epoch_rows(epoch)) // self.stream.batch_size)
 
     def batch(self, epoch: int, index: int) -> dict[str, np.ndarray]:
         """This process's share of global batch `index` of `epoch`."""
-        local = self.batch_size // self.process_count
-        start = index * self.batch_size + self.process_index * local
+        local = self.stream.batch_size // self.process_count
+        start = index * self.stream.batch_size + self.process_index * local
         rows = self.epoch_rows(epoch)[start:start + local]
         rows = list(rows) + [[] for _ in range(local - len(rows))]  # complete the last batch
-        return build_rows(self.docs, rows, self.seq_len, self.pad_id, self.top_k)
+        return build_rows(self.docs, rows, self.stream.seq_len, self.pad_id, self.stream.top_k)
 
     def batches(self, state: DataState | None = None) -> Iterator[tuple[dict, DataState]]:
         """Batches from `state` on, each with the state to save after it."""
@@ -296,14 +319,6 @@ def _check_alignment(docs, use: np.ndarray, tolerated: float = 0.01) -> None:
         raise DistillError(f"{first} ({len(bad)} of {with_topk} traces with top-k)")
     print(f"warning: {len(bad)} of {with_topk} traces with top-k train without logit targets: "
           f"their top-k rows do not line up with their tokens; the first: {first}")
-
-
-def _in_split(rank: np.ndarray, split: str, fraction: float) -> np.ndarray:
-    """Which documents are in `split` ("all", "train", "heldout"): held out below `fraction`
-    (`distill.data.prompts.is_heldout`, on the stored ranks)."""
-    if split == "all" or fraction == 0:
-        return np.full(len(rank), split != "heldout")
-    return (np.asarray(rank) < fraction) == (split == "heldout")
 
 
 def _pad_id(tokenizer) -> int:

@@ -13,12 +13,13 @@ memory-mapped `TokenCache`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
-from distill.data.tokens.build import Job, build_cache
+from distill.data.tokens.build import CacheSpec, Job, build_cache
 from distill.data.tokens.layout import (
     BATCH_TRACES,
     BLOCK_TRACES,
@@ -33,34 +34,34 @@ from distill.data.tokens.reader import TokenCache
 from distill.data.traces import as_source, trace_inputs
 from distill.fsutil import FREE, writing
 
-__all__ = ["BATCH_TRACES", "BLOCK_TRACES", "TokenCache", "cache_inputs", "cache_key",
+__all__ = ["BATCH_TRACES", "BLOCK_TRACES", "CacheSpec", "TokenCache", "cache_inputs", "cache_key",
            "content_digest", "open_cache", "trace_digest"]
 
 
-def cache_inputs(sources: Sequence, keep: str | None, tokenizer, top_k: int,
-                 block: int = BLOCK_TRACES) -> dict:
-    """What a cache of these trace sources depends on (its key is a hash of this)."""
+def cache_inputs(spec: CacheSpec) -> dict:
+    """What a cache of `spec` depends on (its key is a hash of this)."""
+    tokenizer = spec.tokenizer
     return {"format": FORMAT, "tokenizer": tokenizer.fingerprint(),
-            "render": {"version": RENDER_VERSION, "top_k": top_k, "block": block,
+            "render": {"version": RENDER_VERSION, "top_k": spec.top_k, "block": spec.block,
                        "vocab": tokenizer.vocab_size},
-            "datasets": [trace_inputs(as_source(s), keep) for s in sources]}
+            "datasets": [trace_inputs(as_source(s), spec.keep) for s in spec.sources]}
 
 
 def cache_key(inputs: dict) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def open_cache(sources: Sequence, keep: str | None, tokenizer, top_k: int, root: str | Path, *,
-               process_index: int = 0, process_count: int = 1, progress: bool = True,
-               block: int = BLOCK_TRACES, log: Callable[[str], None] = print) -> TokenCache:
-    """The cache of `sources` rendered by `tokenizer` (with `top_k` teacher entries), built
-    first where it is missing or incomplete (together with the other processes of the run)."""
-    inputs = cache_inputs(sources, keep, tokenizer, top_k, block)
+def open_cache(spec: CacheSpec, root: str | Path, *, process_index: int = 0,
+               process_count: int = 1, progress: bool = True,
+               log: Callable[[str], None] = print) -> TokenCache:
+    """The cache of `spec` under `root`, built first where it is missing or incomplete
+    (together with the other processes of the run)."""
+    inputs = cache_inputs(spec)
     directory = Path(root) / cache_key(inputs)
     if not (directory / COMPLETE).is_file():
         if process_index == 0:
             log(f"tokenized cache: building {directory} ({_why_build(Path(root), directory, inputs)})")
-        job = Job(directory, inputs, tuple(sources), keep, tokenizer, top_k, block)
+        job = Job(directory, inputs, dataclasses.replace(spec, sources=tuple(spec.sources)))
         with writing(directory, f"the traces are untouched and the cache's finished parts are "
                                 f"kept; {FREE} and rerun the same command to finish the build"):
             build_cache(job, process_index, process_count, progress and process_index == 0)

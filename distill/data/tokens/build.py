@@ -31,6 +31,7 @@ import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,6 +40,7 @@ from distill.data.prompts import heldout_rank
 from distill.data.render import id_dtype, render_traces
 from distill.data.tokens.layout import (
     BATCH_TRACES,
+    BLOCK_TRACES,
     CLAIMS,
     COMPLETE,
     FORMAT,
@@ -58,16 +60,24 @@ STALE_S = 300.0  # a claim untouched this long (its builder gone) is taken over
 
 
 @dataclasses.dataclass(frozen=True)
+class CacheSpec:
+    """What a cache holds: the traces of `sources` that pass `keep`, rendered by `tokenizer` with
+    `top_k` teacher entries per position, in parts of `block` traces."""
+
+    sources: tuple
+    keep: str | None
+    tokenizer: Any
+    top_k: int = 0
+    block: int = BLOCK_TRACES
+
+
+@dataclasses.dataclass(frozen=True)
 class Job:
-    """What every process building one cache needs."""
+    """What every process building one cache needs: where, the inputs its key hashes, and what."""
 
     directory: Path
     inputs: dict
-    sources: tuple
-    keep: str | None
-    tokenizer: object
-    top_k: int
-    block: int
+    spec: CacheSpec
 
 
 def build_cache(job: Job, process_index: int = 0, process_count: int = 1,
@@ -104,9 +114,9 @@ class _Builder:
     """Process `process_index` of `process_count`'s share of a cache (see the module docstring)."""
 
     def __init__(self, job: Job, process_index: int, process_count: int, bar):
-        self.job, self.dir, self.block = job, job.directory, job.block
+        self.job, self.dir, self.block = job, job.directory, job.spec.block
         self.p, self.P, self.bar = process_index, process_count, bar
-        self.token_dtype = id_dtype(job.tokenizer.vocab_size)
+        self.token_dtype = id_dtype(job.spec.tokenizer.vocab_size)
         self.me = {"host": socket.gethostname(), "pid": os.getpid(), "process": process_index}
         self.blocks: list[int] = []
         self.built = collections.Counter()  # tokens and documents this process wrote
@@ -114,7 +124,7 @@ class _Builder:
     def run(self) -> None:
         todo = None  # first walk: every dataset, own blocks first
         while True:
-            for i, source in enumerate(self.job.sources):
+            for i, source in enumerate(self.job.spec.sources):
                 if todo is None or todo.get(i):
                     self._walk(i, as_source(source), todo)
             missing = [(i, b) for i, n in enumerate(self.blocks) for b in range(n)
@@ -132,12 +142,12 @@ class _Builder:
 
     def _walk(self, i: int, source, todo: dict | None) -> None:
         """Read dataset i's kept traces in order, building the blocks this process claims."""
-        opened = open_traces(source, self.job.keep)
+        opened = open_traces(source, self.job.spec.keep)
         seen: collections.Counter = collections.Counter()
         writer, pending, n, shown = None, [], 0, 0
-        renderer = _Renderer(self.job.tokenizer, self.job.top_k, opened.rows.where)
+        renderer = _Renderer(self.job.spec.tokenizer, self.job.spec.top_k, opened.rows.where)
         try:
-            for n, trace in enumerate(opened.traces(self.job.top_k > 0, seen=seen), start=1):
+            for n, trace in enumerate(opened.traces(self.job.spec.top_k > 0, seen=seen), start=1):
                 if (n - 1) % self.block == 0:
                     if writer is not None:
                         renderer.submit(writer, pending)
@@ -184,7 +194,7 @@ class _Builder:
             claim.unlink(missing_ok=True)
             return None
         return _PartWriter(self.dir / PARTS / part_name(i, b), claim, self.token_dtype,
-                           self.job.top_k, self.me, i, b * self.block)
+                           self.job.spec.top_k, self.me, i, b * self.block)
 
     def _close(self, writer: _PartWriter, renderer: _Renderer) -> None:
         renderer.drain()
@@ -248,8 +258,8 @@ def _finish(job: Job) -> None:
         datasets.append({"source": d["source"], "blocks": n,
                          **{k: sum(m[k] for m in metas)
                             for k in ("traces", "no_text", "documents", "tokens")}})
-    complete = {"format": FORMAT, "top_k": job.top_k,
-                "token_dtype": id_dtype(job.tokenizer.vocab_size).name,
+    complete = {"format": FORMAT, "top_k": job.spec.top_k,
+                "token_dtype": id_dtype(job.spec.tokenizer.vocab_size).name,
                 "datasets": datasets, "digest": content_digest(digest)}
     write_atomic(directory / COMPLETE, json.dumps(complete, indent=1).encode(), unique=True)
     shutil.rmtree(directory / CLAIMS, ignore_errors=True)
