@@ -7,14 +7,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from distill.config import load_model_config
-from distill.models import hf
 from distill.models.attention import (
     BLOCKWISE_MIN_TOKENS,
     MaskInfo,
     blockwise_attention,
     dot_product_attention,
 )
+from distill.models.families import load_model_config, model_class
 from distill.parallel import make_mesh, state_shardings
 
 TINY_QWEN2 = "configs/students/tiny-qwen2.yaml"
@@ -83,7 +82,7 @@ def test_blockwise_equals_dense_values_and_gradients(name):
 def _random_model(cfg, mesh=None):
     """A model of `cfg` with random weights drawn on the host (norm weights near 1), placed on
     `mesh` as the rules say: much quicker to make than compiling the initialiser."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: hf.model_class(cfg)(cfg, nnx.Rngs(0))))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: model_class(cfg)(cfg, nnx.Rngs(0))))
     rng = np.random.RandomState(0)
 
     def draw(path, x):

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill.config import load_model_config
 from distill.models.attention import MaskInfo, attention, blockwise_attention
+from distill.models.families import load_model_config
 from distill.parallel import make_mesh
 from distill.pretrained import init_model
 

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill.config import load_model_config
 from distill.errors import DistillError
 from distill.models.attention import MaskInfo, blockwise_attention, choose_attention
+from distill.models.families import load_model_config
 from distill.models.kernels import cudnn_attention, fused_attention
 from tests.test_attention import TINY_QWEN2, _packed_batch, _random_model
 

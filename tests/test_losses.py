@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from distill.config import load_model_config
 from distill.errors import DistillError
 from distill.losses import (
     LOSSES,
@@ -22,6 +21,7 @@ from distill.losses import (
     get_loss,
     kd_loss,
 )
+from distill.models.families import load_model_config
 from distill.pretrained import init_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -144,6 +144,21 @@ class PreNormBlocks(nnx.Module):
         return x_btd, kv
 
 
+class Embed(nnx.Module):
+    """Token embedding [V, D]; `attend` is the tied output projection."""
+
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        self.embedding_vd = param(rngs.params(), (cfg.vocab_size, cfg.hidden_size),
+                                  ("vocab", "embed"), jnp.dtype(cfg.param_dtype))
+
+    def __call__(self, tokens_bt, dtype):
+        return jnp.take(self.embedding_vd[...], tokens_bt, axis=0).astype(dtype)
+
+    def attend(self, x_btd):
+        return jnp.einsum("btd,vd->btv", x_btd, self.embedding_vd[...].astype(x_btd.dtype),
+                          preferred_element_type=jnp.float32)
+
+
 class CausalLM(nnx.Module):
     """The public forward API every decoder shares.
 

@@ -2,7 +2,7 @@
 
 Parameters of all layers are stacked on a leading L axis and the blocks run under `jax.lax.scan`,
 so compile time does not grow with depth. Weight layouts follow Hugging Face up to a transpose
-(half-split RoPE, unscaled queries), so conversion is the table in `distill.models.hf`.
+(half-split RoPE, unscaled queries), so conversion is the table in `distill.models.llama.hf`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from distill.config import DenseConfig
 from distill.models import layers
 from distill.models.attention import attention
-from distill.models.decoder import CausalLM, PreNormBlocks, scan_blocks
+from distill.models.decoder import CausalLM, Embed, PreNormBlocks, scan_blocks
+from distill.models.llama.config import DenseConfig
 from distill.models.rope import apply_rope, rope_tables
 
 
@@ -94,21 +94,6 @@ class Blocks(PreNormBlocks):
         super().__init__(cfg.num_hidden_layers, cfg.hidden_size, cfg.rms_norm_eps,
                          jnp.dtype(cfg.param_dtype), lambda: Attention(cfg, rngs),
                          lambda: MLP(cfg, rngs), rngs)
-
-
-class Embed(nnx.Module):
-    """Token embedding [V, D]; `attend` is the tied output projection."""
-
-    def __init__(self, cfg: DenseConfig, rngs: nnx.Rngs):
-        self.embedding_vd = layers.param(rngs.params(), (cfg.vocab_size, cfg.hidden_size),
-                                         ("vocab", "embed"), jnp.dtype(cfg.param_dtype))
-
-    def __call__(self, tokens_bt, dtype):
-        return jnp.take(self.embedding_vd[...], tokens_bt, axis=0).astype(dtype)
-
-    def attend(self, x_btd):
-        return jnp.einsum("btd,vd->btv", x_btd, self.embedding_vd[...].astype(x_btd.dtype),
-                          preferred_element_type=jnp.float32)
 
 
 class DenseDecoder(CausalLM):

@@ -6,7 +6,7 @@ cached, (C + R) numbers per token and layer instead of N * (H_k + H_v).
 
 Extra dimension letters: Q query latent (q_lora_rank), C kv latent, R rope width. The head widths
 differ per projection and are named where used: P = qk_nope_head_dim, H_v = v_head_dim.
-Layouts follow transformers' `DeepseekV3Attention` up to a transpose (see `distill.models.hf_moe`).
+Layouts follow transformers' `DeepseekV3Attention` up to a transpose (see `distill.models.deepseek.hf`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from distill.config import MoEConfig
 from distill.models import layers
 from distill.models.attention import MaskInfo, attention
+from distill.models.deepseek.config import MoEConfig
 from distill.models.rope import apply_rope, yarn_mscale
 
 
