@@ -9,7 +9,9 @@ from flax import nnx
 
 from distill.models.attention import (
     BLOCKWISE_MIN_TOKENS,
+    AttentionCall,
     MaskInfo,
+    attention_path,
     blockwise_attention,
     dot_product_attention,
 )
@@ -135,12 +137,16 @@ def test_models_give_the_same_logits_with_blockwise_attention(path, t):
 
 
 def test_auto_attends_blockwise_from_2048_tokens_on_cpu():
-    auto = _random_model(load_model_config(TINY_QWEN2))
-    assert auto.config.attention == "auto"
-    assert not auto.uses_dense_mask(BLOCKWISE_MIN_TOKENS)
-    assert auto.uses_dense_mask(BLOCKWISE_MIN_TOKENS - 1)
-    dense, blockwise = _pair(auto)
-    assert not blockwise.uses_dense_mask(8) and dense.uses_dense_mask(1 << 16)
+    cfg = load_model_config(TINY_QWEN2)
+    assert cfg.attention == "auto"
+
+    def path(setting: str, t: int) -> str:
+        call = AttentionCall(jnp.float32, t, t, cfg.head_size, cfg.head_size)
+        return attention_path(setting, jax.default_backend(), call)[0]
+
+    assert path(cfg.attention, BLOCKWISE_MIN_TOKENS) == "blockwise"
+    assert path(cfg.attention, BLOCKWISE_MIN_TOKENS - 1) == "dense"
+    assert path("blockwise", 8) == "blockwise" and path("dense", 1 << 16) == "dense"
 
 
 def _temp_bytes(model, tokens_shape, mesh=None, train=True) -> int:

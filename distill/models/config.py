@@ -9,20 +9,13 @@ from __future__ import annotations
 from typing import Literal
 
 from distill.config import Frozen
+from distill.models.settings import ATTENTION
 
 DTypeName = Literal["float32", "bfloat16", "float16"]
 # remat policies (`distill.models.layers.REMAT_POLICIES` implements exactly these)
 RematName = Literal["none", "full", "dots", "dots_no_batch"]
-# The attention settings, one line each; `distill.models.attention.attention_path` is the rule
-# that turns a setting into the path of one call. distill-only: never written to config.json.
-ATTENTION = {
-    "auto": "the platform's fused kernel where it applies, else blockwise (dense on CPU for short rows)",
-    "dense": "the [B, T, S] mask and float32 scores",
-    "blockwise": "block by block in O(T) memory (online softmax, every backend)",
-    "splash": "Pallas splash attention (TPU)",
-    "cudnn": "cuDNN flash attention (GPU)",
-    "pallas_gpu": "Pallas (Triton) flash attention (GPU)",
-}
+# the names of `distill.models.settings.ATTENTION` (`distill.models.attention.attention_path`
+# turns one into the path of a call)
 AttentionName = Literal[tuple(ATTENTION)]  # type: ignore[valid-type]
 # attention over a mesh's `context` axis (`distill.models.context`): gather every device's keys
 # and values ("all_gather") or pass them round a ring ("ring").
@@ -84,7 +77,7 @@ class DecoderConfig(Frozen):
     param_dtype: DTypeName = "float32"
     dtype: DTypeName = "float32"  # compute dtype
     remat: RematName = "none"
-    attention: AttentionName = "auto"  # see ATTENTION
+    attention: AttentionName = "auto"  # see AttentionName
     context_parallel: ContextParallelName = "all_gather"  # see ContextParallelName
 
     @property

@@ -128,6 +128,5 @@ class MoEDecoder(CausalLM):
 
     def _scan(self, blocks, x_btd, rope, mask_bts, cache: MLACache | None, cache_index):
         kv = None if cache is None else tuple(cache)
-        x_btd, kv = scan_blocks(blocks, x_btd, rope, mask_bts, kv, cache_index,
-                                self.config.remat)
+        x_btd, kv = scan_blocks(blocks, x_btd, rope, mask_bts, kv, cache_index, self.config)
         return x_btd, None if cache is None else MLACache(*kv)

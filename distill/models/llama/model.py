@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from distill.models import layers
-from distill.models.attention import attention
+from distill.models.attention import DEFAULT_SETTINGS, AttentionSettings, attention
 from distill.models.decoder import CausalLM, Embed, PreNormBlocks, scan_blocks
 from distill.models.llama.config import DenseConfig
 from distill.models.rope import apply_rope, rope_tables
@@ -45,10 +45,12 @@ class Attention(nnx.Module):
         self.bias = cfg.attention_bias
         self.scale = cfg.head_size**-0.5
 
-    def __call__(self, x_btd, rope, mask_bts, kv=None, cache_index=None):
+    def __call__(self, x_btd, rope, mask_bts, kv=None, cache_index=None,
+                 settings: AttentionSettings = DEFAULT_SETTINGS):
         """One layer (called on per-layer slices inside the scan). kv: this layer's ([B,K,S,H]) x 2.
 
-        mask_bts: dense [B, T, S] or a `MaskInfo` (blockwise attention without a cache)."""
+        mask_bts: a `MaskInfo` (a full sequence) or the dense [B, T, S] mask (with a cache);
+        settings: the model's, for `attention`."""
         dt = x_btd.dtype
         q = jnp.einsum("btd,dnh->btnh", x_btd, self.wq_dnh[...].astype(dt))
         k = jnp.einsum("btd,dkh->btkh", x_btd, self.wk_dkh[...].astype(dt))
@@ -60,7 +62,7 @@ class Attention(nnx.Module):
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is None:
-            out_btnh = attention(q, k, v, mask_bts, self.scale)
+            out_btnh = attention(q, k, v, mask_bts, self.scale, settings=settings)
         else:  # write this step's keys/values into the cache, attend over all of it
             k_cache, v_cache = kv
             k = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype),
@@ -69,7 +71,7 @@ class Attention(nnx.Module):
                                              (0, 0, cache_index, 0))
             kv = (k, v)
             out_btnh = attention(q, k.astype(dt), v.astype(dt), mask_bts, self.scale,
-                                 kv_layout="bksh")
+                                 kv_layout="bksh", settings=settings)
         return jnp.einsum("btnh,nhd->btd", out_btnh, self.wo_nhd[...].astype(dt)), kv
 
 
@@ -124,7 +126,6 @@ class DenseDecoder(CausalLM):
         x = self.embed(tokens_bt, jnp.dtype(cfg.dtype))
         rope = rope_tables(positions_bt, cfg.head_size, cfg.rope_theta, cfg.rope_scaling)
         kv = None if cache is None else (cache.k, cache.v)
-        x, kv = scan_blocks(self.blocks, x, rope, mask_bts, kv, cache_index, cfg.remat,
-                            slot_axis=2)
+        x, kv = scan_blocks(self.blocks, x, rope, mask_bts, kv, cache_index, cfg, slot_axis=2)
         cache = None if cache is None else KVCache(*kv)
         return layers.rms_norm(x, self.final_norm_d[...], cfg.rms_norm_eps), cache
