@@ -117,10 +117,11 @@ _dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 class AttentionSettings(NamedTuple):
-    """A model's attention settings (its config's fields of the same names), handed by the layers
-    to `attention` at every call, so a config changed on a built model takes effect."""
+    """A model's attention settings (its config's fields of the same names). `scan_blocks` reads
+    them from the config at every forward and hands them to each layer's `attention` call (so a
+    config changed on a built model, as training's `student.attention` does, takes effect)."""
 
-    attention: str = "auto"  # a name of `distill.models.config.ATTENTION`
+    attention: str = "auto"  # a name of `distill.models.settings.ATTENTION`
     context_parallel: str = "all_gather"  # a `distill.models.config.ContextParallelName`
 
     @classmethod
