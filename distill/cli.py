@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from distill.errors import DistillError
-from distill.models.settings import ATTENTION
+from distill.models.settings import ATTENTION, CONTEXT_PARALLEL
 
 MODEL_HELP = ("a Hugging Face model directory, a GGUF file, a students/<run> training directory "
               "(its latest checkpoint), or a model preset YAML (random weights)")
@@ -153,14 +153,14 @@ def _source_name(source: str, config: str | None) -> str:
 @click.argument("config", type=click.Path())
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@_help_from(attention=ATTENTION)
+@_help_from(attention=ATTENTION, context_parallel=CONTEXT_PARALLEL)
 def train(config, overrides, quiet):
     """Fine-tune a student on traces into students/<run>/ (resumable).
 
     \b
     CONFIG is a training config (see configs/runs/r1-distill-qwen-7b.yaml) with sections:
       student   init (MODEL path or preset), tokenizer, param_dtype, dtype (auto: bfloat16
-                on GPU / TPU), remat, context_parallel (all_gather | ring),
+                on GPU / TPU), remat, context_parallel ({context_parallel}),
                 attention ({attention})
       data      traces (teacher_traces/<run> dirs), weights, keep, seq_len, batch_size, top_k
       loss      kind sft | forward_kl | reverse_kl | jsd, alpha, beta, temperature

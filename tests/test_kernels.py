@@ -116,11 +116,12 @@ def test_every_attention_setting_is_one_registry():
     """The config field takes exactly the registry's names, and every kernel is one of them."""
     import typing
 
-    from distill.models.config import AttentionName
+    from distill.models.config import AttentionName, ContextParallelName
     from distill.models.kernels import KERNELS
-    from distill.models.settings import ATTENTION
+    from distill.models.settings import ATTENTION, CONTEXT_PARALLEL
 
     assert typing.get_args(AttentionName) == tuple(ATTENTION)
+    assert typing.get_args(ContextParallelName) == tuple(CONTEXT_PARALLEL)
     assert set(KERNELS) <= set(ATTENTION)
     for setting in ATTENTION:  # each one resolves to a path (cuDNN on a GPU, the rest on CPU)
         platform = "gpu" if setting == "cudnn" else "cpu"

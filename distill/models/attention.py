@@ -122,7 +122,7 @@ class AttentionSettings(NamedTuple):
     config changed on a built model, as training's `student.attention` does, takes effect)."""
 
     attention: str = "auto"  # a name of `distill.models.settings.ATTENTION`
-    context_parallel: str = "all_gather"  # a `distill.models.config.ContextParallelName`
+    context_parallel: str = "all_gather"  # a name of `distill.models.settings.CONTEXT_PARALLEL`
 
     @classmethod
     def of(cls, cfg) -> AttentionSettings:

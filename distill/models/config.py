@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Literal
 
 from distill.config import Frozen
-from distill.models.settings import ATTENTION
+from distill.models.settings import ATTENTION, CONTEXT_PARALLEL
 
 DTypeName = Literal["float32", "bfloat16", "float16"]
 # remat policies (`distill.models.layers.REMAT_POLICIES` implements exactly these)
@@ -17,9 +17,8 @@ RematName = Literal["none", "full", "dots", "dots_no_batch"]
 # the names of `distill.models.settings.ATTENTION` (`distill.models.attention.attention_path`
 # turns one into the path of a call)
 AttentionName = Literal[tuple(ATTENTION)]  # type: ignore[valid-type]
-# attention over a mesh's `context` axis (`distill.models.context`): gather every device's keys
-# and values ("all_gather") or pass them round a ring ("ring").
-ContextParallelName = Literal["all_gather", "ring"]
+# the names of `distill.models.settings.CONTEXT_PARALLEL` (`distill.models.context`)
+ContextParallelName = Literal[tuple(CONTEXT_PARALLEL)]  # type: ignore[valid-type]
 
 
 class RopeScaling(Frozen):

@@ -1,7 +1,8 @@
-"""The registry of attention settings, as plain data (it imports nothing), so that the command
-line's help lists them without importing pydantic or JAX. The config field's type
-(`distill.models.config.AttentionName`) is made from it; `distill.models.attention.
-attention_path` is the rule that turns a setting into the path of one call.
+"""The registries of the attention settings, as plain data (it imports nothing), so that the
+command line's help lists them without importing pydantic or JAX. The config fields' types
+(`distill.models.config.AttentionName`, `ContextParallelName`) are made from them;
+`distill.models.attention.attention_path` is the rule that turns a setting into the path of one
+call.
 """
 
 # name -> what it picks (distill-only: never written to config.json)
@@ -13,4 +14,10 @@ ATTENTION = {
     "splash": "Pallas splash attention (TPU)",
     "cudnn": "cuDNN flash attention (GPU)",
     "pallas_gpu": "Pallas (Triton) flash attention (GPU)",
+}
+
+# attention over a mesh's `context` axis (`distill.models.context`): name -> how
+CONTEXT_PARALLEL = {
+    "all_gather": "gather every device's keys and values",
+    "ring": "pass the keys and values round a ring, one chunk in memory at a time",
 }
