@@ -17,6 +17,7 @@ import click
 
 from distill.data.benchmarks import BENCHMARKS  # names only: imports nothing beyond the stdlib
 from distill.errors import DistillError
+from distill.models.settings import ATTENTION, CONTEXT_PARALLEL
 
 MODEL_HELP = ("a Hugging Face model directory, a GGUF file, a students/<run> training directory "
               "(its latest checkpoint), or a model preset YAML (random weights)")
@@ -51,6 +52,14 @@ def _presets() -> tuple[tuple[str, ...], str]:
     from distill.data.schemas import SCHEMAS, preset_help
 
     return ("auto", *SCHEMAS), preset_help()
+
+
+def _help_from(**names):
+    """Fill a command's docstring (its --help) with the names of registries: `{attention}`."""
+    def apply(f):
+        f.__doc__ = f.__doc__.format(**{k: " | ".join(v) for k, v in names.items()})
+        return f
+    return apply
 
 
 def _configure_jax() -> None:
@@ -174,14 +183,15 @@ def _source_name(source: str, config: str | None) -> str:
 @click.argument("config", type=click.Path())
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@_help_from(attention=ATTENTION, context_parallel=CONTEXT_PARALLEL)
 def train(config, overrides, quiet):
     """Fine-tune a student on traces into students/<run>/ (resumable).
 
     \b
     CONFIG is a training config (see configs/runs/r1-distill-qwen-7b.yaml) with sections:
       student   init (MODEL path or preset), tokenizer, param_dtype, dtype (auto: bfloat16
-                on GPU / TPU), remat, attention (auto | splash | cudnn | pallas_gpu |
-                blockwise | dense), context_parallel (all_gather | ring)
+                on GPU / TPU), remat, context_parallel ({context_parallel}),
+                attention ({attention})
       data      traces (teacher_traces/<run> dirs), weights, keep, seq_len, batch_size, top_k
       loss      kind sft | forward_kl | reverse_kl | jsd, alpha, beta, temperature
       optim     lr, warmup_steps, schedule, weight_decay, clip_norm

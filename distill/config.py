@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, Union
+from typing import Annotated, Any, TypeVar, Union
 
 import yaml
 from pydantic import (
@@ -22,32 +22,14 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Discriminator,
-    Field,
     Tag,
     ValidationError,
     ValidationInfo,
-    field_validator,
-    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
 from distill.errors import DistillError
 from distill.fsutil import write_atomic
-
-DTypeName = Literal["float32", "bfloat16", "float16"]
-# remat policies (`distill.models.layers.REMAT_POLICIES` implements exactly these)
-RematName = Literal["none", "full", "dots", "dots_no_batch"]
-# full-sequence attention (`distill.models.attention.choose_attention`): "dense" builds the
-# [B, T, S] mask and float32 scores, "blockwise" attends block by block in O(T) memory (online
-# softmax, every backend), "splash" (TPU), "cudnn" and "pallas_gpu" (GPU) are fused kernels;
-# "auto" = the platform's kernel where it supports the shapes (splash on TPU; cuDNN for unpacked
-# bfloat16 rows, else pallas_gpu on GPU), else blockwise, and on CPU dense below 2048 tokens.
-# Decoding with the KV cache is dense (it reads the cache once per step). distill-only: never
-# written to config.json.
-AttentionName = Literal["auto", "dense", "blockwise", "splash", "cudnn", "pallas_gpu"]
-# attention over a mesh's `context` axis (`distill.models.context`): gather every device's keys
-# and values ("all_gather") or pass them round a ring ("ring").
-ContextParallelName = Literal["all_gather", "ring"]
 
 
 class Frozen(BaseModel):
@@ -118,168 +100,6 @@ def _data_source(value: str, info: ValidationInfo) -> str:
 DataSource = Annotated[str, AfterValidator(_data_source)]
 
 
-class RopeScaling(Frozen):
-    """HF `rope_scaling` (the keys transformers reads; unused ones stay None)."""
-
-    rope_type: Literal["default", "linear", "llama3", "yarn"] = "default"
-    factor: float = 1.0
-    low_freq_factor: float | None = None
-    high_freq_factor: float | None = None
-    original_max_position_embeddings: int | None = None
-    beta_fast: float | None = None
-    beta_slow: float | None = None
-    mscale: float | None = None
-    mscale_all_dim: float | None = None
-
-    def as_hf(self) -> dict:
-        return {k: v for k, v in self.model_dump().items() if v is not None}
-
-
-class DenseConfig(Frozen):
-    """A Llama / Qwen2 decoder. Architecture fields keep their config.json names."""
-
-    family: Literal["llama", "qwen2"]
-    vocab_size: int
-    hidden_size: int  # D
-    intermediate_size: int  # F
-    num_hidden_layers: int  # L
-    num_attention_heads: int  # N
-    num_key_value_heads: int  # K
-    head_dim: int | None = None  # H; None -> hidden_size // num_attention_heads
-    max_position_embeddings: int = 4096
-    rope_theta: float = 10000.0
-    rope_scaling: RopeScaling | None = None
-    rms_norm_eps: float = 1e-6
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False  # q/k/v bias (always on for Qwen2)
-    bos_token_id: int | None = None
-    eos_token_id: int | tuple[int, ...] | None = None
-    pad_token_id: int | None = None
-    # Qwen2 sliding-window fields: kept for export; a window in use is not supported.
-    sliding_window: int | None = None
-    use_sliding_window: bool = False
-    max_window_layers: int | None = None
-    # Runtime choices (not architecture).
-    param_dtype: DTypeName = "float32"
-    dtype: DTypeName = "float32"  # compute dtype
-    remat: RematName = "none"
-    attention: AttentionName = "auto"  # see AttentionName
-    context_parallel: ContextParallelName = "all_gather"  # see ContextParallelName
-
-    @field_validator("num_key_value_heads")
-    @classmethod
-    def _kv_divides(cls, k: int, info) -> int:
-        n = info.data.get("num_attention_heads")
-        if n is not None and n % k:
-            raise ValueError(f"num_attention_heads ({n}) must be a multiple of it ({k})")
-        return k
-
-    @property
-    def head_size(self) -> int:
-        return self.head_dim or self.hidden_size // self.num_attention_heads
-
-    @property
-    def eos_ids(self) -> tuple[int, ...]:
-        e = self.eos_token_id
-        return () if e is None else (e,) if isinstance(e, int) else tuple(e)
-
-
-class MoEConfig(Frozen):
-    """A DeepSeek-V3 / R1 decoder (MLA attention, shared + routed experts). config.json names.
-
-    Layers [0, first_k_dense_replace) have a dense MLP of `intermediate_size`; the rest a
-    DeepSeekMoE block: `n_shared_experts` always-on experts plus `num_experts_per_tok` of
-    `n_routed_experts` routed ones, each of width `moe_intermediate_size`.
-    """
-
-    family: Literal["deepseek_v3"]
-    vocab_size: int
-    hidden_size: int  # D
-    intermediate_size: int  # F of the dense layers
-    moe_intermediate_size: int  # F of one expert
-    num_hidden_layers: int  # L (the MTP layers stored after them are not part of the model)
-    num_attention_heads: int  # N
-    num_key_value_heads: int | None = None  # MLA: always N (kept for config.json fidelity)
-    # Multi-head latent attention.
-    q_lora_rank: int | None = None  # Q; None = a plain query projection
-    kv_lora_rank: int  # C, the cached latent
-    qk_nope_head_dim: int
-    qk_rope_head_dim: int  # R, the cached shared rope key
-    v_head_dim: int
-    rope_interleave: bool = True
-    # DeepSeekMoE.
-    n_routed_experts: int  # E
-    n_shared_experts: int = Field(1, ge=1)
-    num_experts_per_tok: int  # top-k
-    n_group: int = 1
-    topk_group: int = 1
-    first_k_dense_replace: int = 0
-    moe_layer_freq: Literal[1] = 1
-    routed_scaling_factor: float = 1.0
-    norm_topk_prob: bool = True
-    scoring_func: Literal["sigmoid"] = "sigmoid"
-    topk_method: Literal["noaux_tc"] = "noaux_tc"
-    num_nextn_predict_layers: int = 0  # MTP layers in the checkpoint (skipped on load)
-    max_position_embeddings: int = 4096
-    rope_theta: float = 10000.0
-    rope_scaling: RopeScaling | None = None
-    rms_norm_eps: float = 1e-6
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False
-    bos_token_id: int | None = None
-    eos_token_id: int | tuple[int, ...] | None = None
-    pad_token_id: int | None = None
-    # Runtime choices (not architecture).
-    param_dtype: DTypeName = "float32"
-    dtype: DTypeName = "float32"  # compute dtype
-    remat: RematName = "none"
-    attention: AttentionName = "auto"  # see AttentionName
-    context_parallel: ContextParallelName = "all_gather"  # see ContextParallelName
-    # Routed-expert dispatch: "capacity" (sorted [E, C, D] buffer, exact overflow rounds; the
-    # gradient replays the rounds), "ragged" (jax.lax.ragged_dot grouped matmuls), "auto" = ragged
-    # on GPU/TPU, capacity on CPU (where ragged_dot is several times slower).
-    moe_dispatch: Literal["auto", "capacity", "ragged"] = "auto"
-    # rows per expert per capacity round: C = factor * tokens * top_k / E. Overflow takes another
-    # round (never dropped); 2 makes one round the usual case under a routing imbalance up to 2x.
-    moe_capacity_factor: float = Field(2.0, gt=0)
-
-    @model_validator(mode="after")
-    def _check(self) -> MoEConfig:
-        n, e, k = self.num_attention_heads, self.n_routed_experts, self.num_experts_per_tok
-        if self.num_key_value_heads not in (None, n):
-            raise ValueError(f"num_key_value_heads must equal num_attention_heads ({n}) in MLA")
-        if e % self.n_group or e // self.n_group < 2:
-            raise ValueError(f"n_group ({self.n_group}) must divide n_routed_experts ({e}) "
-                             "into groups of at least 2")
-        if not 1 <= self.topk_group <= self.n_group:
-            raise ValueError(f"topk_group must be in [1, n_group={self.n_group}]")
-        if not 1 <= k <= self.topk_group * (e // self.n_group):
-            raise ValueError(f"num_experts_per_tok ({k}) must be in [1, experts in the kept "
-                             f"groups = {self.topk_group * (e // self.n_group)}]")
-        if self.qk_rope_head_dim % 2:
-            raise ValueError("qk_rope_head_dim must be even")
-        return self
-
-    @property
-    def qk_head_dim(self) -> int:
-        return self.qk_nope_head_dim + self.qk_rope_head_dim
-
-    @property
-    def num_dense_layers(self) -> int:
-        return min(self.first_k_dense_replace, self.num_hidden_layers)
-
-    @property
-    def num_moe_layers(self) -> int:
-        return self.num_hidden_layers - self.num_dense_layers
-
-    @property
-    def eos_ids(self) -> tuple[int, ...]:
-        e = self.eos_token_id
-        return () if e is None else (e,) if isinstance(e, int) else tuple(e)
-
-
-# Any model config; the `family` field picks the schema.
-ModelConfig = Annotated[DenseConfig | MoEConfig, Field(discriminator="family")]
 # union tags (model families, trace source forms, and those `tagged_union` adds: sampler
 # kinds), left out of error locations
 _UNION_TAGS = {"llama", "qwen2", "deepseek_v3", "source-name", "source-table"}
@@ -299,6 +119,7 @@ def tagged_union(members: dict[str, type[BaseModel]], default: str, known: str) 
     tagged = tuple(Annotated[cls, Tag(tag)] for tag, cls in members.items())
     return Annotated[Union[tagged], Discriminator(  # noqa: UP007 (a tuple of members)
         kind, custom_error_type="invalid_kind", custom_error_message=f"kind must be {known}")]
+
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -387,17 +208,6 @@ def save_config(cfg: BaseModel, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True).encode())
     return path
-
-
-class ModelFile(Frozen):
-    """A model preset file: `configs/{students,teachers}/*.yaml` holds one `model:` table."""
-
-    model: ModelConfig
-
-
-def load_model_config(path: str | Path, overrides=()) -> DenseConfig | MoEConfig:
-    """Load a model preset YAML (a file with a top-level `model:` table)."""
-    return load_config(ModelFile, path, overrides).model
 
 
 def read_api_key(env_var: str, purpose: str) -> str:

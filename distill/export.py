@@ -14,7 +14,7 @@ import yaml
 
 from distill import runs
 from distill.errors import DistillError
-from distill.models import hf
+from distill.models.families import param_count
 from distill.pretrained import hf_config, load_pretrained, model_kind, save_pretrained
 
 # DeepSeek-R1's recommendation for its distilled students (model card "Usage Recommendations").
@@ -95,7 +95,7 @@ def model_card(run_dir: Path | None, source: str, model, eval_report, tokenizer=
     c = model.config
     lines = ["---", "library_name: transformers", "tags: [distill, reasoning, distillation]", "---",
              "", f"# {Path(source).name}", "",
-             f"A {hf.param_count(c) / 1e6:.1f}M-parameter {c.family} model "
+             f"A {param_count(c) / 1e6:.1f}M-parameter {c.family} model "
              f"({hf_config(c)['architectures'][0]}), exported by `distill export` from "
              f"`{source}`.", "",
              "Its chat template opens the reasoning with `<think>`; sample with the R1-Distill "

@@ -22,9 +22,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from distill.config import load_config, load_model_config, read_yaml
+from distill.config import load_config, read_yaml
 from distill.errors import DistillError
-from distill.models import hf
+from distill.models.families import abstract_model, load_model_config, param_count
+from distill.models.llama import hf as llama_hf
 from distill.parallel import MESH_AXES, make_mesh, parse_mesh, state_shardings
 from distill.pretrained import read_hf_config
 from distill.train.config import LossConfig, TrainConfig, check_layout, check_seq_len
@@ -153,8 +154,8 @@ def _configs(config_path: Path, overrides, mesh_text: str, batch: int | None,
         model = load_model_config(init, [f"model.param_dtype={cfg.student.param_dtype}",
                                          f"model.dtype={dtype}"])
     else:
-        model = hf.config_from_hf(read_hf_config(init), str(init),
-                                  param_dtype=cfg.student.param_dtype, dtype=dtype)
+        model = llama_hf.config_from_hf(read_hf_config(init), str(init),
+                                        param_dtype=cfg.student.param_dtype, dtype=dtype)
     return model.model_copy(update=cfg.student.model_updates()), cfg
 
 
@@ -187,7 +188,7 @@ def plan_train(model_cfg, train_cfg, mesh, batch: int, seq_len: int):
     loss = train_cfg.loss if train_cfg else LossConfig()
     accum = train_cfg.train.grad_accum if train_cfg else 1
     tx = make_optimizer(optim, 1000)
-    graphdef, params = nnx.split(hf.abstract_model(model_cfg))
+    graphdef, params = nnx.split(abstract_model(model_cfg))
     state_sh = state_sharding(graphdef, tx, params, mesh)
     opt = jax.eval_shape(tx.init, params)
     step = jax.ShapeDtypeStruct((), jnp.int32)
@@ -240,9 +241,9 @@ def _train_activation_bytes(cfg, mesh, batch: int, seq_len: int, loss) -> int:
 def plan_generate(model_cfg, mesh, batch: int, seq_len: int):
     """Compile one decode step (one new token per row against a cache of `seq_len` slots)."""
 
-    graphdef, params = nnx.split(hf.abstract_model(model_cfg))
+    graphdef, params = nnx.split(abstract_model(model_cfg))
     p_sh = state_shardings(params, mesh)
-    model = hf.abstract_model(model_cfg)
+    model = abstract_model(model_cfg)
     cache = jax.eval_shape(lambda: model.init_cache(batch, seq_len))
     rows = PartitionSpec(("data", "fsdp"))
     c_sh = jax.tree.map(lambda x: NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"))),
@@ -305,5 +306,5 @@ def run_plan(config_path: str | Path, mesh_text: str, *, seq_len: int | None = N
     figures = {"analytic": analytic["total"], "compiler": comp.get("total", analytic["total"])}
     figure = max(figures.values()) if verdict == "larger" else figures[verdict]
     return PlanReport(config_path.stem, mode, {k: shape.get(k, 1) for k in MESH_AXES},
-                      batch, seq_len, hf.param_count(model_cfg), memory, comp, analytic,
+                      batch, seq_len, param_count(model_cfg), memory, comp, analytic,
                       compile_s, figure <= memory, verdict)

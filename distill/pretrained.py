@@ -16,10 +16,14 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
-from distill.config import DenseConfig, MoEConfig, load_model_config
 from distill.errors import DistillError
 from distill.fsutil import FREE, writing
-from distill.models import gguf, hf, hf_moe, safetensors_io
+from distill.models import gguf, safetensors_io, weights
+from distill.models.deepseek import hf as deepseek_hf
+from distill.models.deepseek.config import MoEConfig
+from distill.models.families import load_model_config, model_class
+from distill.models.llama import hf as llama_hf
+from distill.models.llama.config import DenseConfig
 from distill.parallel import state_shardings
 from distill.runs import is_run, load_run
 from distill.tokenizer import Tokenizer
@@ -58,7 +62,7 @@ def read_hf_config(directory: Path) -> dict:
 
 def init_model(cfg: DenseConfig | MoEConfig, seed: int = 0, mesh: Mesh | None = None) -> nnx.Module:
     """A randomly initialised model, created directly in its sharded layout when `mesh` is given."""
-    model_cls = hf.model_class(cfg)
+    model_cls = model_class(cfg)
     abstract = nnx.eval_shape(lambda: model_cls(cfg, nnx.Rngs(seed)))
     # one compiled initialiser: far quicker than dispatching every parameter's init eagerly
     shardings = None if mesh is None else state_shardings(nnx.state(abstract), mesh)
@@ -86,18 +90,18 @@ def load_pretrained(path: str | Path, *, param_dtype: str = "float32", dtype: st
     if kind == "run":
         return load_run(path, mesh=mesh, **runtime)
     if kind == "gguf":
-        cfg = hf.config_from_hf(gguf.read_gguf_config(path), str(path), **runtime)
-        model = hf.build_from_tensors(cfg, gguf.iter_gguf_tensors(path), str(path), mesh)
+        cfg = llama_hf.config_from_hf(gguf.read_gguf_config(path), str(path), **runtime)
+        model = llama_hf.build_from_tensors(cfg, gguf.iter_gguf_tensors(path), str(path), mesh)
         return model, Tokenizer.from_gguf(path)
     config_json = read_hf_config(path)
-    if hf_moe.is_moe(config_json):
-        cfg = hf_moe.config_from_hf(config_json, str(path / "config.json"), **runtime)
-        block = hf_moe.quantization_block(config_json, str(path / "config.json"))
-        model = hf_moe.build_from_tensors(cfg, safetensors_io.iter_checkpoint(path), str(path),
+    if deepseek_hf.is_moe(config_json):
+        cfg = deepseek_hf.config_from_hf(config_json, str(path / "config.json"), **runtime)
+        block = deepseek_hf.quantization_block(config_json, str(path / "config.json"))
+        model = deepseek_hf.build_from_tensors(cfg, safetensors_io.iter_checkpoint(path), str(path),
                                           mesh, block)
     else:
-        cfg = hf.config_from_hf(config_json, str(path / "config.json"), **runtime)
-        model = hf.build_from_tensors(cfg, safetensors_io.iter_checkpoint(path), str(path), mesh)
+        cfg = llama_hf.config_from_hf(config_json, str(path / "config.json"), **runtime)
+        model = llama_hf.build_from_tensors(cfg, safetensors_io.iter_checkpoint(path), str(path), mesh)
     has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
     return model, Tokenizer.from_pretrained(path) if has_tokenizer else None
 
@@ -105,8 +109,8 @@ def load_pretrained(path: str | Path, *, param_dtype: str = "float32", dtype: st
 def hf_config(cfg: DenseConfig | MoEConfig, dtype: str | None = None) -> dict:
     """The config.json of a model as `save_pretrained` writes it."""
     if isinstance(cfg, MoEConfig):  # no multi-token-prediction weights are carried
-        return {**hf_moe.config_to_hf(cfg, dtype), "num_nextn_predict_layers": 0}
-    return hf.config_to_hf(cfg, dtype)
+        return {**deepseek_hf.config_to_hf(cfg, dtype), "num_nextn_predict_layers": 0}
+    return llama_hf.config_to_hf(cfg, dtype)
 
 
 def save_pretrained(model, tokenizer, out_dir: str | Path, *, dtype: str = "float32",
@@ -139,12 +143,12 @@ def _save_into(tmp: Path, out: Path, model, tokenizer, dtype, max_shard_bytes,
         cfg = model.config
         config = hf_config(cfg, dtype)
         # a DeepseekV3 model's experts are written one tensor each, as DeepSeek publishes them
-        table = hf_moe.weight_table(cfg) if isinstance(cfg, MoEConfig) else hf.DENSE
+        table = deepseek_hf.weight_table(cfg) if isinstance(cfg, MoEConfig) else llama_hf.TABLE
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": config["eos_token_id"]}
         gen.update(generation_config or {})
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        hf.save_weights(model, tmp, dtype, max_shard_bytes, table)
+        weights.save_weights(model, tmp, table, dtype, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, data in extra_files.items():

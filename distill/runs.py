@@ -29,10 +29,10 @@ import orbax.checkpoint as ocp
 import yaml
 from flax import nnx
 
-from distill.config import ModelFile, save_config, validate
+from distill.config import save_config, validate
 from distill.errors import DistillError
 from distill.fsutil import write_atomic
-from distill.models import hf
+from distill.models.families import ModelFile, abstract_model
 from distill.parallel import state_shardings
 from distill.tokenizer import Tokenizer
 
@@ -160,7 +160,7 @@ def load_run(run_dir: str | Path, *, param_dtype: str = "float32", dtype: str = 
     data = json.loads((run_dir / MODEL).read_text())
     data.update(param_dtype=param_dtype, dtype=dtype)
     cfg = validate(ModelFile, {"model": data}, str(run_dir / MODEL)).model
-    abstract = hf.abstract_model(cfg)
+    abstract = abstract_model(cfg)
     graphdef, params = nnx.split(abstract)
     shardings = (state_shardings(params, mesh) if mesh is not None
                  else jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),

@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from distill.config import load_model_config
-from distill.models import hf
 from distill.models.attention import (
     BLOCKWISE_MIN_TOKENS,
+    AttentionCall,
     MaskInfo,
+    attention_path,
     blockwise_attention,
     dot_product_attention,
 )
+from distill.models.families import load_model_config, model_class
 from distill.parallel import make_mesh, state_shardings
 
 TINY_QWEN2 = "configs/students/tiny-qwen2.yaml"
@@ -83,7 +84,7 @@ def test_blockwise_equals_dense_values_and_gradients(name):
 def _random_model(cfg, mesh=None):
     """A model of `cfg` with random weights drawn on the host (norm weights near 1), placed on
     `mesh` as the rules say: much quicker to make than compiling the initialiser."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: hf.model_class(cfg)(cfg, nnx.Rngs(0))))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: model_class(cfg)(cfg, nnx.Rngs(0))))
     rng = np.random.RandomState(0)
 
     def draw(path, x):
@@ -136,12 +137,16 @@ def test_models_give_the_same_logits_with_blockwise_attention(path, t):
 
 
 def test_auto_attends_blockwise_from_2048_tokens_on_cpu():
-    auto = _random_model(load_model_config(TINY_QWEN2))
-    assert auto.config.attention == "auto"
-    assert not auto.uses_dense_mask(BLOCKWISE_MIN_TOKENS)
-    assert auto.uses_dense_mask(BLOCKWISE_MIN_TOKENS - 1)
-    dense, blockwise = _pair(auto)
-    assert not blockwise.uses_dense_mask(8) and dense.uses_dense_mask(1 << 16)
+    cfg = load_model_config(TINY_QWEN2)
+    assert cfg.attention == "auto"
+
+    def path(setting: str, t: int) -> str:
+        call = AttentionCall(jnp.float32, t, t, cfg.head_size, cfg.head_size)
+        return attention_path(setting, jax.default_backend(), call)[0]
+
+    assert path(cfg.attention, BLOCKWISE_MIN_TOKENS) == "blockwise"
+    assert path(cfg.attention, BLOCKWISE_MIN_TOKENS - 1) == "dense"
+    assert path("blockwise", 8) == "blockwise" and path("dense", 1 << 16) == "dense"
 
 
 def _temp_bytes(model, tokens_shape, mesh=None, train=True) -> int:

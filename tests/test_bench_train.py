@@ -6,9 +6,8 @@ import pytest
 
 import distill.bench.train as bt
 from distill.bench.train import SMOLLM2_135M, bench_train, train_table
-from distill.config import load_model_config
 from distill.errors import DistillError
-from distill.models.hf import param_count
+from distill.models.families import load_model_config, param_count
 from distill.train.flops import dense_flops_per_token
 
 ROOT = Path(__file__).resolve().parents[1]

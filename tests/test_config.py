@@ -3,8 +3,10 @@
 import pydantic
 import pytest
 
-from distill.config import DenseConfig, apply_overrides, load_model_config, parse_overrides
+from distill.config import apply_overrides, parse_overrides
 from distill.errors import DistillError
+from distill.models.families import load_model_config
+from distill.models.llama.config import DenseConfig
 
 TINY = "configs/students/tiny-llama.yaml"
 
@@ -50,7 +52,7 @@ def test_configs_are_frozen_and_hashable():
 def test_remat_names_are_the_policies_the_model_implements():
     import typing
 
-    from distill.config import RematName
+    from distill.models.config import RematName
     from distill.models.layers import REMAT_POLICIES
 
     assert set(typing.get_args(RematName)) == set(REMAT_POLICIES)

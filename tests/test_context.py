@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill.config import load_model_config
-from distill.models.attention import MaskInfo, attention, blockwise_attention
+from distill.models.attention import AttentionSettings, MaskInfo, attention, blockwise_attention
+from distill.models.families import load_model_config
 from distill.parallel import make_mesh
 from distill.pretrained import init_model
 
@@ -29,7 +29,8 @@ def _packed(b=2, t=64, n=4, kh=2, h=8):
                                    {"fsdp": 2, "context": 2, "tensor": 2}])
 def test_context_parallel_attention_equals_unsharded(strategy, shape):
     (q, k, v), seg, slots = _packed()
-    mask = MaskInfo(slots, slots, seg != 0, seg, seg, context=strategy)
+    mask = MaskInfo(slots, slots, seg != 0, seg, seg)
+    settings = AttentionSettings(context_parallel=strategy)
     weight = (seg != 0)[:, :, None, None].astype(jnp.float32)  # no loss on padding
     scale = q.shape[-1] ** -0.5
 
@@ -40,7 +41,7 @@ def test_context_parallel_attention_equals_unsharded(strategy, shape):
         return blockwise_attention(q, k, v, mask, scale, block_q=16, block_k=16)
 
     def sharded(q, k, v):
-        return attention(q, k, v, mask, scale)
+        return attention(q, k, v, mask, scale, settings=settings)
 
     out_r, grads_r = reference(q, k, v), jax.grad(loss(reference), (0, 1, 2))(q, k, v)
     with jax.set_mesh(make_mesh(shape)):

@@ -14,12 +14,13 @@ import pytest
 from flax import nnx
 
 from distill.chat import prompt_ids
-from distill.config import load_model_config, validate
+from distill.config import validate
 from distill.data.packing import Documents, build_rows, pack
 from distill.data.records import TRACE_SCHEMA
 from distill.data.render import render_example
 from distill.data.traces import read_traces
 from distill.errors import DistillError
+from distill.models.families import load_model_config
 from distill.pretrained import init_model
 from distill.tokenizer import Tokenizer
 from distill.train.data import DataConfig, DataState, StreamConfig, TrainData

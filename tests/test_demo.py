@@ -20,7 +20,7 @@ from distill.data.synthetic import arithmetic_problems, final_answer, solution_r
 from distill.demo.pipeline import BUDGETS, STUDENTS, _teacher
 from distill.demo.tokenizer import BOS, EOS, train_tokenizer
 from distill.errors import DistillError
-from distill.models.hf import active_params
+from distill.models.families import active_params
 
 SYNTH = {"min_steps": 3, "max_steps": 3, "style": "compact"}
 
@@ -85,9 +85,8 @@ def test_tokenizer_on_an_empty_corpus_is_one_clear_error(tmp_path):
 
 
 def test_active_params_of_the_moe_teacher(tmp_path):
-    from distill.config import load_model_config
     from distill.demo.pipeline import _write_presets
-    from distill.models.hf import param_count
+    from distill.models.families import load_model_config, param_count
     from distill.tokenizer import Tokenizer
 
     tok = train_tokenizer(solutions(100, seed=0), tmp_path / "tok")

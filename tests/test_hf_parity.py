@@ -97,7 +97,7 @@ def test_compute_dtype_and_remat_policies(tmp_path):
     import jax.numpy as jnp
     from flax import nnx
 
-    from distill.models.dense import DenseDecoder
+    from distill.models.llama.model import DenseDecoder
 
     src = save_hf(tiny_hf("llama", rope_scaling=LLAMA3), tmp_path / "hf")
     model = load(src)

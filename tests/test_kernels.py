@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill.config import load_model_config
 from distill.errors import DistillError
-from distill.models.attention import MaskInfo, blockwise_attention, choose_attention
+from distill.models.attention import AttentionCall, MaskInfo, attention_path, blockwise_attention
+from distill.models.families import load_model_config
 from distill.models.kernels import cudnn_attention, fused_attention
 from tests.test_attention import TINY_QWEN2, _packed_batch, _random_model
 
@@ -87,6 +87,8 @@ BF16, F32 = jnp.bfloat16, jnp.float32
     ("auto", "gpu", F32, 8192, 128, 128, False, "pallas_gpu"),  # cuDNN takes 16-bit only
     ("auto", "gpu", BF16, 8192, 96, 96, True, "blockwise"),  # no power-of-two head
     ("auto", "cpu", F32, 8192, 128, 128, True, "blockwise"),
+    ("auto", "cpu", F32, 2047, 128, 128, True, "dense"),  # short rows on CPU
+    ("dense", "tpu", BF16, 8192, 128, 128, True, "dense"),  # dense means dense
     ("blockwise", "tpu", BF16, 8192, 128, 128, True, "blockwise"),
     ("splash", "tpu", BF16, 8192, 128, 128, True, "splash"),
     ("splash", "cpu", F32, 256, 64, 64, True, "splash+interpret"),
@@ -94,11 +96,36 @@ BF16, F32 = jnp.bfloat16, jnp.float32
     ("cudnn", "gpu", BF16, 4096, 128, 128, False, "cudnn"),
 ])
 def test_auto_choice_per_platform(setting, platform, dtype, t, h, hv, packed, expected):
-    path, why = choose_attention(setting, platform, dtype=dtype, t=t, s=t, h=h, hv=hv,
-                                 packed=packed)
+    path, why = attention_path(setting, platform, AttentionCall(dtype, t, t, h, hv, packed))
     assert path == expected, why
     if expected == "blockwise" and setting == "auto" and platform != "cpu":
         assert "not " in why  # says which kernel was ruled out, and why
+
+
+@pytest.mark.parametrize("setting", ["auto", "dense", "blockwise", "splash"])
+def test_a_cache_step_is_dense_and_a_context_axis_is_context_parallel(setting):
+    """The two rules above every setting: the KV-cache step reads the cache once (dense), and a
+    mesh with a `context` axis attends context parallel."""
+    call = AttentionCall(F32, 1, 4096, 64, 64, cached=True)
+    assert attention_path(setting, "tpu", call)[0] == "dense"
+    call = AttentionCall(F32, 4096, 4096, 64, 64, context=4)
+    assert attention_path(setting, "tpu", call) == ("context", "context=4")
+
+
+def test_every_attention_setting_is_one_registry():
+    """The config field takes exactly the registry's names, and every kernel is one of them."""
+    import typing
+
+    from distill.models.config import AttentionName, ContextParallelName
+    from distill.models.kernels import KERNELS
+    from distill.models.settings import ATTENTION, CONTEXT_PARALLEL
+
+    assert typing.get_args(AttentionName) == tuple(ATTENTION)
+    assert typing.get_args(ContextParallelName) == tuple(CONTEXT_PARALLEL)
+    assert set(KERNELS) <= set(ATTENTION)
+    for setting in ATTENTION:  # each one resolves to a path (cuDNN on a GPU, the rest on CPU)
+        platform = "gpu" if setting == "cudnn" else "cpu"
+        assert attention_path(setting, platform, AttentionCall(BF16, 256, 256, 64, 64))[0]
 
 
 @pytest.mark.parametrize("setting,platform,dtype,packed,message", [
@@ -110,7 +137,7 @@ def test_auto_choice_per_platform(setting, platform, dtype, t, h, hv, packed, ex
 def test_a_kernel_named_explicitly_must_apply(setting, platform, dtype, packed, message):
     t = 200 if setting == "splash" else 256
     with pytest.raises(DistillError, match=message):
-        choose_attention(setting, platform, dtype=dtype, t=t, s=t, h=64, hv=64, packed=packed)
+        attention_path(setting, platform, AttentionCall(dtype, t, t, 64, 64, packed))
 
 
 @pytest.mark.parametrize("kernel", ["splash", "pallas_gpu"])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from distill.config import load_model_config, validate
+from distill.config import validate
 from distill.errors import DistillError
 from distill.losses import (
     DIVERGENCES,
@@ -22,6 +22,7 @@ from distill.losses import (
     distill_loss,
     kd_loss,
 )
+from distill.models.families import load_model_config
 from distill.pretrained import init_model
 from distill.train.config import LossConfig
 

@@ -15,9 +15,9 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 import distill
-from distill.config import load_model_config
 from distill.errors import DistillError
-from distill.models import hf, safetensors_io
+from distill.models import safetensors_io, weights
+from distill.models.families import abstract_model, load_model_config, param_count
 from distill.parallel import make_mesh
 from distill.sampling import DecodeModel, SamplingParams, generate
 from tests.helpers import hf_logits, our_logits, save_hf
@@ -74,7 +74,7 @@ def _ids(vocab, b=2, t=48, seed=0):
 def _with(model, **update):
     """The same weights under a config with some runtime fields changed."""
     cfg = model.config.model_copy(update=update)
-    return nnx.merge(nnx.graphdef(hf.abstract_model(cfg)), nnx.state(model))
+    return nnx.merge(nnx.graphdef(abstract_model(cfg)), nnx.state(model))
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_every_dispatch_path_matches_transformers(base):
 def test_capacity_dispatch_gradient_equals_ragged_dot(capacity_factor):
     """The capacity rounds' custom VJP (one round, and overflow rounds under a skewed routing)
     gives the gradients that differentiating jax.lax.ragged_dot gives, for every input."""
-    from distill.models.experts import routed_experts
+    from distill.models.deepseek.experts import routed_experts
 
     m, d, f, e, k = 96, 16, 8, 8, 2
     keys = jax.random.split(jax.random.key(0), 6)
@@ -244,10 +244,10 @@ def test_experts_sharded_over_expert_and_tensor_axes(base, monkeypatch):
     mesh = make_mesh({"expert": 4, "tensor": 2})
     # the loader hands the devices one checkpoint tensor at a time, never a stacked parameter
     sent = []
-    device_put, write_slice = jax.device_put, hf._write_slice
+    device_put, write_slice = jax.device_put, weights._write_slice
     monkeypatch.setattr(jax, "device_put", lambda x, *a, **k: sent.append(np.asarray(x).nbytes)
                         or device_put(x, *a, **k))
-    monkeypatch.setattr(hf, "_write_slice", lambda sharding: lambda stacked, value, index: (
+    monkeypatch.setattr(weights, "_write_slice", lambda sharding: lambda stacked, value, index: (
         sent.append(value.nbytes), write_slice(sharding)(stacked, value, index))[1])
     sharded, _ = distill.load_pretrained(src, mesh=mesh)
     monkeypatch.undo()
@@ -320,12 +320,12 @@ def _transformers_count(config_json: dict) -> int:
 
 
 def test_r1_preset_parameter_count():
-    from distill.models import hf_moe
+    from distill.models.deepseek import hf as deepseek_hf
 
     cfg = load_model_config("configs/teachers/deepseek-r1.yaml")
     assert cfg == load_model_config("configs/teachers/deepseek-v3.yaml")
-    ours = hf.param_count(cfg)
-    assert ours == _transformers_count(hf_moe.config_to_hf(cfg)) == 671_026_419_200
+    ours = param_count(cfg)
+    assert ours == _transformers_count(deepseek_hf.config_to_hf(cfg)) == 671_026_419_200
 
 
 def test_tiny_preset_runs():

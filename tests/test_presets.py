@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from distill.config import load_model_config
-from distill.models import hf
+from distill.models.families import load_model_config, param_count
+from distill.models.llama.hf import config_to_hf
 
 # Published totals (shared/reference/model-configs.md, from the HF safetensors metadata).
 PRESETS = {
@@ -29,12 +29,12 @@ def _transformers_count(config_json: dict) -> int:
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_parameter_count(name):
     cfg = load_model_config(f"configs/students/{name}.yaml")
-    ours = hf.param_count(cfg)
-    theirs = _transformers_count(hf.config_to_hf(cfg))
+    ours = param_count(cfg)
+    theirs = _transformers_count(config_to_hf(cfg))
     assert ours == theirs == PRESETS[name]
 
 
 def test_r1_distill_qwen_1p5b_unties_the_head():
     cfg = load_model_config("configs/students/qwen2.5-math-1.5b.yaml",
                             ["model.tie_word_embeddings=false"])
-    assert hf.param_count(cfg) == 1_777_088_000
+    assert param_count(cfg) == 1_777_088_000

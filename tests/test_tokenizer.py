@@ -377,8 +377,8 @@ def test_export_warns_when_transformers_would_read_a_qwen2_tokenizer_differently
         sp_model, smol, tmp_path):
     """transformers 5 reads every qwen2 tokenizer as byte-level Qwen2Tokenizer: a SentencePiece
     one then encodes differently there, and `distill export` says so; a byte-level one does not."""
-    from distill.config import DenseConfig
     from distill.export import tokenizer_caveats
+    from distill.models.llama.config import DenseConfig
 
     qwen2 = DenseConfig.model_construct(family="qwen2")
     llama = DenseConfig.model_construct(family="llama")

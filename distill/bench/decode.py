@@ -18,7 +18,7 @@ import distill
 from distill.backends.http import bench_http
 from distill.bench.moe import run
 from distill.chat import prompt_ids
-from distill.models.experts import resolve_dispatch
+from distill.models.deepseek.experts import resolve_dispatch
 from distill.sampling import DecodeModel, SamplingParams, generate
 from distill.serve.app import ServerThread, build_app
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from distill.models import experts
+from distill.models.deepseek import experts
 
 
 def _layer_fn(path: str, top_k: int, n_group: int, capacity_factor: float):

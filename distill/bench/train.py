@@ -33,9 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from distill.config import DenseConfig, load_model_config
 from distill.errors import DistillError
-from distill.models.hf import config_to_hf, param_count
+from distill.models.families import load_model_config, param_count
+from distill.models.llama.config import DenseConfig
+from distill.models.llama.hf import config_to_hf
 from distill.parallel import make_mesh
 from distill.pretrained import init_model
 from distill.train.config import LossConfig

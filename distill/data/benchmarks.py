@@ -153,7 +153,7 @@ def _gpqa(row: dict, index: int, seed: int) -> tuple[str, str, str]:
     return str(rid), prompt, LETTERS[position]
 
 
-# The registry: name, title, hub source (config, split), columns, R1's k and token budget, answer
+# The registry: name, title, hub source (config, split), columns, R1's n and token budget, answer
 # reading, row builder, aliases.
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
     Benchmark("math500", "MATH-500", "HuggingFaceH4/MATH-500", None, "test",

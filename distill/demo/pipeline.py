@@ -46,7 +46,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from distill.config import load_model_config, resolve_path, save_config, validate
+from distill.config import resolve_path, save_config, validate
 from distill.data.prompts import PromptsConfig
 from distill.data.synthetic import arithmetic_problems, final_answer, solution_reasoning
 from distill.demo.export_check import export_stage, stage_result, summary_line
@@ -54,7 +54,7 @@ from distill.demo.tokenizer import OTHER_PIECES, OTHER_VOCAB, train_tokenizer
 from distill.errors import DistillError
 from distill.eval import metrics
 from distill.eval.evaluate import EvalConfig, run_eval
-from distill.models import hf
+from distill.models.families import active_params, load_model_config
 from distill.traces.generate import GenerateConfig, run_generate
 from distill.traces.reference import write_reference_traces
 from distill.train.config import TrainConfig
@@ -472,7 +472,7 @@ def _scores(report: dict, samples: Path) -> dict:
 
 
 def _model_params(work: Path) -> dict[str, tuple[int, int]]:
-    return {name: hf.active_params(load_model_config(work / "presets" / f"{name}.yaml"))
+    return {name: active_params(load_model_config(work / "presets" / f"{name}.yaml"))
             for name in ("teacher", "student")}
 
 

@@ -1,11 +1,12 @@
 """Attention over a full sequence or a KV cache, behind one function, `attention`.
 
-Paths: the dense path (a [B, T, S] mask, float32 scores; the KV-cache decode step, which reads
-the cache once per step), the pure-JAX blockwise flash attention (`distill.models.flash`, every
-backend), fused kernels (`distill.models.kernels`: Pallas splash on TPU, cuDNN and Pallas flash
-on GPU) and context parallelism over a mesh's `context` axis (`distill.models.context`).
-`choose_attention` picks one per call from the model's `attention` setting, the platform, the
-dtype, the shapes and the mask, and logs its choice once.
+Paths: the dense path (a [B, T, S] mask, float32 scores; also the KV-cache decode step, which
+reads the cache once per step), the pure-JAX blockwise flash attention (`distill.models.flash`,
+every backend), fused kernels (`distill.models.kernels`: Pallas splash on TPU, cuDNN and Pallas
+flash on GPU) and context parallelism over a mesh's `context` axis (`distill.models.context`).
+`attention_path` is the one rule that picks a path per call, from the model's setting (config
+field `attention`, handed to `attention` in `AttentionSettings`), the platform, the dtype, the
+shapes and the mask; `attention` logs each choice once.
 
 Dimension alphabet: B batch, T query length, S key/cache length, D model width, N query heads,
 K kv heads, G query heads per kv head (N = K * G), H head size, F MLP width, V vocab, L layers.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from functools import partial
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +27,8 @@ from distill.models.flash import blockwise_attention
 from distill.models.kernels import INTERPRETABLE, KERNELS, PLATFORM, fused_attention, unsupported
 from distill.models.masks import MaskInfo, attention_mask
 
-__all__ = ["BLOCKWISE_MIN_TOKENS", "MaskInfo", "attention", "attention_mask",
-           "blockwise_attention", "choose_attention", "dot_product_attention"]
+__all__ = ["BLOCKWISE_MIN_TOKENS", "AttentionCall", "AttentionSettings", "MaskInfo", "attention",
+           "attention_mask", "attention_path", "blockwise_attention", "dot_product_attention"]
 
 BLOCKWISE_MIN_TOKENS = 2048  # on CPU "auto" attends blockwise from this many query tokens on
 
@@ -114,20 +116,66 @@ def _dense_bwd(scale, residuals, d_out_btnh):
 _dense.defvjp(_dense_fwd, _dense_bwd)
 
 
-def choose_attention(setting: str, platform: str, *, dtype, t: int, s: int, h: int, hv: int,
-                     packed: bool) -> tuple[str, str]:
-    """(path, why) for a full-sequence attention: "blockwise", or a kernel of
-    `distill.models.kernels` (with "+interpret" when it runs in the Pallas interpreter because
-    `platform` is not the kernel's own).
+class AttentionSettings(NamedTuple):
+    """A model's attention settings (its config's fields of the same names). `scan_blocks` reads
+    them from the config at every forward and hands them to each layer's `attention` call (so a
+    config changed on a built model, as training's `student.attention` does, takes effect)."""
 
-    "auto": TPU -> splash; GPU -> cuDNN for rows without segments in bfloat16 / float16, else the
-    Pallas flash kernel; anything a kernel does not support, and every other platform ->
-    blockwise. A kernel named explicitly must support the call and the platform (else a
-    DistillError); on CPU a Pallas kernel runs in the interpreter (slow: for tests).
+    attention: str = "auto"  # a name of `distill.models.settings.ATTENTION`
+    context_parallel: str = "all_gather"  # a name of `distill.models.settings.CONTEXT_PARALLEL`
+
+    @classmethod
+    def of(cls, cfg) -> AttentionSettings:
+        """The settings of a model config."""
+        return cls(cfg.attention, cfg.context_parallel)
+
+
+DEFAULT_SETTINGS = AttentionSettings()
+
+
+class AttentionCall(NamedTuple):
+    """What the path of one attention call depends on, besides the setting and the platform."""
+
+    dtype: Any
+    t: int  # queries
+    s: int  # keys (cache slots)
+    h: int  # query / key head size
+    hv: int  # value head size
+    packed: bool = False  # the rows hold documents apart by segment ids
+    cached: bool = False  # a dense [B, T, S] mask or heads-major keys: the KV-cache step
+    context: int = 1  # size of the mesh's `context` axis
+
+    @classmethod
+    def of(cls, q_btnh, k, v, mask, kv_layout: str = "bskh") -> AttentionCall:
+        """The call of `attention` (q, k and v may be arrays or ShapeDtypeStructs)."""
+        full = isinstance(mask, MaskInfo) and kv_layout == "bskh"
+        return cls(q_btnh.dtype, q_btnh.shape[1], k.shape[1 if kv_layout == "bskh" else 2],
+                   q_btnh.shape[-1], v.shape[-1], packed=full and mask.q_segments is not None,
+                   cached=not full, context=context_size())
+
+
+def attention_path(setting: str, platform: str, call: AttentionCall) -> tuple[str, str]:
+    """(path, why) of one attention call: "dense", "blockwise", "context", or a kernel of
+    `distill.models.kernels` (with "+interpret" when it runs in the Pallas interpreter because
+    `platform` is not the kernel's own). The one rule, in order:
+
+    - the KV-cache step (a dense mask): dense, whatever the setting;
+    - a mesh with a `context` axis: context parallelism (blockwise on each device);
+    - "dense" and "blockwise": that path;
+    - a kernel named explicitly must support the call and the platform (else a DistillError); on
+      CPU a Pallas kernel runs in the interpreter (slow: for tests);
+    - "auto": CPU -> dense below `BLOCKWISE_MIN_TOKENS` queries, else blockwise; TPU -> splash;
+      GPU -> cuDNN for rows without segments in bfloat16 / float16, else the Pallas flash kernel;
+      where a kernel does not support the call, and on every other platform -> blockwise, with
+      the reasons in `why`.
     """
-    shape = dict(t=t, s=s, h=h, hv=hv, packed=packed, dtype=dtype)
+    if call.cached:
+        return "dense", "the KV-cache step reads the cache once"
+    if call.context > 1:
+        return "context", f"context={call.context}"
+    shape = dict(t=call.t, s=call.s, h=call.h, hv=call.hv, packed=call.packed, dtype=call.dtype)
     if setting in ("blockwise", "dense"):
-        return "blockwise", f"attention: {setting}"
+        return setting, f"attention: {setting}"
     if setting in KERNELS:
         native = PLATFORM[setting] == platform
         if not native and not (platform == "cpu" and setting in INTERPRETABLE):
@@ -141,6 +189,8 @@ def choose_attention(setting: str, platform: str, *, dtype, t: int, s: int, h: i
         return f"{setting}+interpret", f"attention: {setting} on {platform} (Pallas interpreter)"
     if setting != "auto":
         raise DistillError(f"unknown attention setting {setting!r}")
+    if platform == "cpu" and call.t < BLOCKWISE_MIN_TOKENS:
+        return "dense", f"auto on cpu (below {BLOCKWISE_MIN_TOKENS} tokens)"
     candidates = {"tpu": ("splash",), "gpu": ("cudnn", "pallas_gpu")}.get(platform, ())
     why = []
     for kernel in candidates:
@@ -152,24 +202,25 @@ def choose_attention(setting: str, platform: str, *, dtype, t: int, s: int, h: i
 
 
 def attention(q_btnh: jax.Array, k: jax.Array, v: jax.Array, mask, scale: float,
-              kv_layout: str = "bskh") -> jax.Array:
-    """Attention of q [B, T, N, H] over k, v; returns [B, T, N, H_v].
+              kv_layout: str = "bskh", settings: AttentionSettings = DEFAULT_SETTINGS,
+              ) -> jax.Array:
+    """Attention of q [B, T, N, H] over k, v; returns [B, T, N, H_v], by the path
+    `attention_path` picks for `settings.attention`.
 
-    A dense [B, T, S] mask (the KV-cache path, short sequences on CPU): `dot_product_attention`.
-    A `MaskInfo` (a full-sequence forward) with k, v [B, S, K, H]: context-parallel attention
-    when the mesh has a `context` axis, else the path `choose_attention` picks for its setting.
+    mask: a `MaskInfo` (a full-sequence forward; k, v [B, S, K, H]), or the dense [B, T, S] mask
+    of a KV-cache step (k, v [B, S, K, H] or, `kv_layout` "bksh", heads-major [B, K, S, H]).
     """
-    if not isinstance(mask, MaskInfo):
-        return dot_product_attention(q_btnh, k, v, mask, scale, kv_layout)
-    if kv_layout != "bskh":
-        return dot_product_attention(q_btnh, k, v, mask.dense(), scale, kv_layout)
-    if context_size() > 1:
-        _log_once("context", f"attention: context parallel ({mask.context}) over "
-                  f"context={context_size()}, blockwise on each device")
-        return context_parallel_attention(q_btnh, k, v, mask, scale, mask.context)
-    path, why = choose_attention(mask.impl, jax.default_backend(), dtype=q_btnh.dtype,
-                                 t=q_btnh.shape[1], s=k.shape[1], h=q_btnh.shape[-1],
-                                 hv=v.shape[-1], packed=mask.q_segments is not None)
+    call = AttentionCall.of(q_btnh, k, v, mask, kv_layout)
+    path, why = attention_path(settings.attention, jax.default_backend(), call)
+    if path == "dense":
+        if not call.cached:
+            _log_once(path, f"attention: dense ({why})")
+        dense_bts = mask.dense() if isinstance(mask, MaskInfo) else mask
+        return dot_product_attention(q_btnh, k, v, dense_bts, scale, kv_layout)
+    if path == "context":
+        _log_once("context", f"attention: context parallel ({settings.context_parallel}) over "
+                  f"context={call.context}, blockwise on each device")
+        return context_parallel_attention(q_btnh, k, v, mask, scale, settings.context_parallel)
     _log_once(path, f"attention: {path} ({why})")
     if path == "blockwise":
         return blockwise_attention(q_btnh, k, v, mask, scale)

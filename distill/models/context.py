@@ -23,10 +23,10 @@ from jax.sharding import PartitionSpec
 
 from distill.models.flash import blockwise_attention, blockwise_attention_lse
 from distill.models.masks import MaskInfo
+from distill.models.settings import CONTEXT_PARALLEL
 from distill.parallel import logical_to_spec
 
 AXIS = "context"
-STRATEGIES = ("all_gather", "ring")
 
 
 def context_size() -> int:
@@ -42,8 +42,8 @@ def context_parallel_attention(q_btnh, k_bskh, v_bskh, mask: MaskInfo, scale: fl
                                strategy: str = "all_gather") -> jax.Array:
     """Attention of `mask` (a full-sequence `MaskInfo`) with the sequence split over `context`;
     equals `blockwise_attention` on the whole rows. Returns [B, T, N, H_v]."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"context parallelism {strategy!r}: choose from {STRATEGIES}")
+    if strategy not in CONTEXT_PARALLEL:
+        raise ValueError(f"context parallelism {strategy!r}: choose from {tuple(CONTEXT_PARALLEL)}")
     mesh = jax.sharding.get_abstract_mesh()
     b, t, n, _ = q_btnh.shape
     kh = k_bskh.shape[2]

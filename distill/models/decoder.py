@@ -14,8 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from distill.models.attention import BLOCKWISE_MIN_TOKENS, MaskInfo, attention_mask
-from distill.models.context import context_size
+from distill.models.attention import DEFAULT_SETTINGS, AttentionSettings, MaskInfo, attention_mask
 from distill.models.layers import param, remat, rms_norm
 from distill.parallel import constrain
 
@@ -64,13 +63,15 @@ def layer_stack_paths(model: nnx.Module) -> list[tuple]:
     return [tuple(path) for path, m in nnx.iter_graph(model) if isinstance(m, PreNormBlocks)]
 
 
-def scan_blocks(blocks: nnx.Module, x_btd, rope, mask_bts, kv, cache_index, policy: str,
+def scan_blocks(blocks: nnx.Module, x_btd, rope, mask_bts, kv, cache_index, cfg,
                 slot_axis: int = 1):
     """Run stacked blocks (params on a leading L axis) under `lax.scan`.
 
-    mask_bts: the dense boolean [B, T, S] mask, or a `MaskInfo` (blockwise attention). Under a
-    mesh set with `jax.set_mesh`, the residual stream is constrained to `RESIDUAL`'s layout (split
-    over the sequence) as it enters and leaves every layer.
+    mask_bts: the dense boolean [B, T, S] mask (a KV-cache step), or a `MaskInfo` (a full
+    sequence). cfg: the model config, read now (a config changed on a built model takes effect):
+    its `remat` policy and its attention settings, handed to every layer. Under a mesh set with
+    `jax.set_mesh`, the residual stream is constrained to `RESIDUAL`'s layout (split over the
+    sequence) as it enters and leaves every layer.
 
     kv: None, or a tuple of caches stacked on L whose per-layer slices hold the cache slots on
     `slot_axis` (1 for [B, S, ...], 2 for heads-major [B, K, S, H]). Each layer reads its cache
@@ -79,41 +80,43 @@ def scan_blocks(blocks: nnx.Module, x_btd, rope, mask_bts, kv, cache_index, poli
     Returns the hidden state and the updated caches (None without a cache).
     """
     graphdef, stacked = nnx.split(blocks)
+    settings = AttentionSettings.of(cfg)
+
+    def layer(state, x_btd, kv_i):
+        """One layer on its parameters `state`: (x, kv_i), the residual stream constrained."""
+        x_btd = constrain(x_btd, RESIDUAL)
+        return nnx.merge(graphdef, state)(x_btd, rope, mask_bts, kv_i, cache_index, settings)
+
     x_btd = constrain(x_btd, RESIDUAL)
     unstacked = [u for u in jax.tree.leaves(stacked, is_leaf=_is_unstacked) if _is_unstacked(u)]
     if unstacked:
-        return _unrolled_blocks(graphdef, stacked, len(unstacked[0]), x_btd, rope, mask_bts, kv,
-                                cache_index)
+        return _unrolled_blocks(layer, stacked, len(unstacked[0]), x_btd, kv)
     if kv is None:
         def plain(x_btd, state):
-            x_btd = constrain(x_btd, RESIDUAL)
-            x_btd = nnx.merge(graphdef, state)(x_btd, rope, mask_bts, None, None)[0]
-            return constrain(x_btd, RESIDUAL), None
+            return constrain(layer(state, x_btd, None)[0], RESIDUAL), None
 
-        return jax.lax.scan(remat(plain, policy), x_btd, stacked)[0], None
+        return jax.lax.scan(remat(plain, cfg.remat), x_btd, stacked)[0], None
     t = x_btd.shape[1]
 
-    def body(x_btd, layer):
-        state, kv_i = layer
-        x_btd = constrain(x_btd, RESIDUAL)
-        x_btd, kv_i = nnx.merge(graphdef, state)(x_btd, rope, mask_bts, kv_i, cache_index)
+    def body(x_btd, layer_in):
+        state, kv_i = layer_in
+        x_btd, kv_i = layer(state, x_btd, kv_i)
         new = tuple(jax.lax.dynamic_slice_in_dim(u, cache_index, t, axis=slot_axis) for u in kv_i)
         return constrain(x_btd, RESIDUAL), new
 
-    x_btd, new = jax.lax.scan(remat(body, policy), x_btd, (stacked, tuple(kv)))
+    x_btd, new = jax.lax.scan(remat(body, cfg.remat), x_btd, (stacked, tuple(kv)))
     start = tuple(cache_index if a == slot_axis + 1 else 0 for a in range(kv[0].ndim))
     return x_btd, tuple(jax.lax.dynamic_update_slice(c, u, start)
                         for c, u in zip(kv, new, strict=True))
 
 
-def _unrolled_blocks(graphdef, state, n: int, x_btd, rope, mask_bts, kv, cache_index):
+def _unrolled_blocks(layer: Callable, state, n: int, x_btd, kv):
     """`scan_blocks` on `Unstacked` parameters (and caches): layer by layer, unrolled."""
     layer_kv = [None] * n if kv is None else [tuple(c[i] for c in kv) for i in range(n)]
     new_kv = []
     for i in range(n):
         state_i = jax.tree.map(lambda u, i=i: u[i], state, is_leaf=_is_unstacked)
-        x_btd = constrain(x_btd, RESIDUAL)
-        x_btd, kv_i = nnx.merge(graphdef, state_i)(x_btd, rope, mask_bts, layer_kv[i], cache_index)
+        x_btd, kv_i = layer(state_i, x_btd, layer_kv[i])
         new_kv.append(kv_i)
     x_btd = constrain(x_btd, RESIDUAL)
     if kv is None:
@@ -136,12 +139,28 @@ class PreNormBlocks(nnx.Module):
         self.mlp = make_mlp()
         self.eps = eps
 
-    def __call__(self, x_btd, rope, mask_bts, kv=None, cache_index=None):
+    def __call__(self, x_btd, rope, mask_bts, kv=None, cache_index=None,
+                 settings: AttentionSettings = DEFAULT_SETTINGS):
         h, kv = self.attn(rms_norm(x_btd, self.attn_norm_d[...], self.eps), rope, mask_bts, kv,
-                          cache_index)
+                          cache_index, settings)
         x_btd = x_btd + h
         x_btd = x_btd + self.mlp(rms_norm(x_btd, self.mlp_norm_d[...], self.eps))
         return x_btd, kv
+
+
+class Embed(nnx.Module):
+    """Token embedding [V, D]; `attend` is the tied output projection."""
+
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        self.embedding_vd = param(rngs.params(), (cfg.vocab_size, cfg.hidden_size),
+                                  ("vocab", "embed"), jnp.dtype(cfg.param_dtype))
+
+    def __call__(self, tokens_bt, dtype):
+        return jnp.take(self.embedding_vd[...], tokens_bt, axis=0).astype(dtype)
+
+    def attend(self, x_btd):
+        return jnp.einsum("btd,vd->btv", x_btd, self.embedding_vd[...].astype(x_btd.dtype),
+                          preferred_element_type=jnp.float32)
 
 
 class CausalLM(nnx.Module):
@@ -149,8 +168,9 @@ class CausalLM(nnx.Module):
 
     Subclasses set `config`, `embed` (with `attend`), `lm_head_dv` unless embeddings are tied, and
     define `_run(tokens_bt, positions_bt, mask_bts, cache, cache_index) -> (hidden_btd, cache)` and
-    `init_cache(batch, length)`. `_run`'s mask is a dense [B, T, S] array or a `MaskInfo`; the
-    attention modules hand it to `attention`, which picks the path from its type.
+    `init_cache(batch, length)`. `_run`'s mask is a `MaskInfo` (a full sequence) or the dense
+    [B, T, S] array (a KV-cache step); the attention modules hand it, with the config's attention
+    settings, to `attention`, whose `attention_path` picks the path.
     """
 
     def _init_head(self, cfg, rngs: nnx.Rngs) -> None:
@@ -173,23 +193,8 @@ class CausalLM(nnx.Module):
         slots_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         positions_bt = slots_bt if positions_bt is None else positions_bt
         valid_bs = jnp.ones((b, t), bool) if segment_ids_bt is None else segment_ids_bt != 0
-        cfg = self.config
-        mask = MaskInfo(slots_bt, slots_bt, valid_bs, segment_ids_bt, segment_ids_bt,
-                        impl=cfg.attention, context=cfg.context_parallel)
-        if self.uses_dense_mask(t):
-            mask = mask.dense()
+        mask = MaskInfo(slots_bt, slots_bt, valid_bs, segment_ids_bt, segment_ids_bt)
         return self._run(tokens_bt, positions_bt, mask, None, None)[0]
-
-    def uses_dense_mask(self, t: int) -> bool:
-        """Whether a full-sequence forward of `t` tokens builds the dense [B, T, T] mask (config
-        field `attention`: "dense", or "auto" on CPU below `BLOCKWISE_MIN_TOKENS`) rather than
-        handing a `MaskInfo` to `attention` (blockwise, a fused kernel, context parallelism,
-        which never takes the dense mask). Decoding with the cache is always dense."""
-        if context_size() > 1:
-            return False
-        mode = self.config.attention
-        return mode == "dense" or (mode == "auto" and jax.default_backend() == "cpu"
-                                   and t < BLOCKWISE_MIN_TOKENS)
 
     def forward_cached(self, tokens_bt, positions_bt, cache, cache_index, kv_valid_bs,
                        last_only: bool = False):

@@ -107,7 +107,7 @@ _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 
-REMAT_POLICIES: dict[str, Callable | None] = {  # the names of distill.config.RematName
+REMAT_POLICIES: dict[str, Callable | None] = {  # the names of distill.models.config.RematName
     "none": None,  # keep every activation
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
     "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs

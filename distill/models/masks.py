@@ -32,12 +32,8 @@ class MaskInfo(NamedTuple):
     Key s is visible to query t when k_slots[s] <= q_slots[t] (causal by slot index), k_valid[s],
     and (when segments are given) q_segments[t] == k_segments[s]. A full-sequence forward
     (`CausalLM.hidden`) makes one with slots 0..T-1 on both sides and k_valid = segments != 0,
-    which is what the fused kernels assume. Passed to the layers by closure (never as a `jit`
-    or `scan` argument), so the two static fields may be strings:
-
-    impl: the attention setting (`distill.config.AttentionName`) that `attention` resolves per
-    call from the platform and the shapes; context: how a mesh's `context` axis attends
-    ("all_gather" or "ring", see `distill.models.context`).
+    which is what the fused kernels assume. Only the mask: the attention setting travels beside
+    it (`distill.models.attention.AttentionSettings`).
     """
 
     q_slots: jax.Array  # [B, T] int32
@@ -45,13 +41,7 @@ class MaskInfo(NamedTuple):
     k_valid: jax.Array  # [B, S] bool
     q_segments: jax.Array | None = None  # [B, T] int, None = one document per row
     k_segments: jax.Array | None = None  # [B, S]
-    impl: str = "auto"
-    context: str = "all_gather"
 
     def dense(self) -> jax.Array:
         """The boolean [B, T, S] mask `dot_product_attention` takes."""
-        return attention_mask(*self.arrays())
-
-    def arrays(self) -> tuple:
-        """The five mask arrays (q_slots, k_slots, k_valid, q_segments, k_segments)."""
-        return tuple(self[:5])
+        return attention_mask(*self)

@@ -88,6 +88,6 @@ def apply_rope(x_bt_h: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array) -> jax
 
 def rope_tables(positions_bt: jax.Array, head_dim: int, theta: float, scaling=None):
     """(cos, sin) [B, T, head_dim] for these positions, from a config's `rope_theta` and
-    `rope_scaling` (a `distill.config.RopeScaling` or None)."""
+    `rope_scaling` (a `distill.models.config.RopeScaling` or None)."""
     inv_freq, factor = rope_inv_freq(head_dim, theta, scaling.as_hf() if scaling else None)
     return rope_cos_sin(positions_bt, inv_freq, factor)

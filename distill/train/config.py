@@ -7,16 +7,10 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from distill.config import (
-    AttentionName,
-    ContextParallelName,
-    Frozen,
-    InputPath,
-    OutputPath,
-    RematName,
-)
+from distill.config import Frozen, InputPath, OutputPath
 from distill.errors import DistillError
 from distill.losses import DIVERGENCES, Divergence
+from distill.models.config import AttentionName, ContextParallelName, RematName
 from distill.parallel import parse_mesh
 from distill.train.data import DataConfig
 from distill.train.optim import OptimConfig

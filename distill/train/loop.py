@@ -24,9 +24,10 @@ from flax import nnx
 from tensorboardX import SummaryWriter
 
 from distill import multihost
-from distill.config import DenseConfig, load_config, validate
+from distill.config import load_config, validate
 from distill.errors import DistillError
 from distill.fsutil import FREE, writing
+from distill.models.llama.config import DenseConfig
 from distill.parallel import make_mesh, parse_mesh
 from distill.pretrained import load_pretrained
 from distill.runs import (

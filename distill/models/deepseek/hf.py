@@ -1,6 +1,6 @@
 """Hugging Face <-> native for DeepSeek-V3 / R1 (`DeepseekV3ForCausalLM`): config.json and weights.
 
-The weight table uses the machinery of `distill.models.hf`: `{stack}` stands for the dense stack
+The weight table uses the machinery of `distill.models.weights`: `{stack}` stands for the dense stack
 (HF layers [0, first_k_dense_replace)) and the MoE stack (the rest); `{e}` is the expert index,
 stacked on the axis after L. Before the table sees them, the tensor stream is normalised:
   - MTP layers (`model.layers.{num_hidden_layers + j}.*`) are skipped, as transformers does;
@@ -21,17 +21,19 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh
 
-from distill.config import MoEConfig, validate
+from distill.config import validate
 from distill.errors import DistillError
-from distill.models import hf
-from distill.models.moe import MoEDecoder
+from distill.models import weights
+from distill.models.config import rope_from_hf
+from distill.models.deepseek.config import MoEConfig
+from distill.models.deepseek.model import MoEDecoder
 
 ARCHITECTURE = "DeepseekV3ForCausalLM"
 MODEL_TYPE = "deepseek_v3"
 
 _ATTN = "model.layers.{i}.self_attn."
 _MLP = "model.layers.{i}.mlp."
-ROWS: tuple[hf.Row, ...] = (
+ROWS: tuple[weights.Row, ...] = (
     ("model.embed_tokens.weight", "embed.embedding_vd", "same"),
     ("model.norm.weight", "final_norm_d", "same"),
     ("lm_head.weight", "lm_head_dv", "t1"),
@@ -64,9 +66,9 @@ ROWS: tuple[hf.Row, ...] = (
 )
 
 
-def weight_table(cfg: MoEConfig) -> hf.WeightTable:
+def weight_table(cfg: MoEConfig) -> weights.WeightTable:
     """The table for this config: which HF layers land in the dense and the MoE stack."""
-    return hf.WeightTable(ROWS, stacks=(("dense_blocks", 0), ("moe_blocks", cfg.num_dense_layers)))
+    return weights.WeightTable(ROWS, stacks=(("dense_blocks", 0), ("moe_blocks", cfg.num_dense_layers)))
 
 
 def is_moe(config_json: dict) -> bool:
@@ -104,7 +106,7 @@ def config_from_hf(config_json: dict, source: str = "config.json", **runtime) ->
     if config_json.get("hidden_act", "silu") != "silu":
         raise DistillError(f"{source}: hidden_act {config_json['hidden_act']!r} is not supported (silu)")
     quantization_block(config_json, source)  # reject an unknown quantization before any loading
-    theta, scaling = hf.rope_from_hf(config_json)
+    theta, scaling = rope_from_hf(config_json)
     data = dict(_HF_DEFAULTS)
     data.update({k: config_json[k] for k in _KEYS
                  if k in config_json and (config_json[k] is not None or k in _NULLABLE)})
@@ -241,5 +243,5 @@ def build_from_tensors(cfg: MoEConfig, tensors: Iterable[tuple[str, np.ndarray]]
     stream = skip_mtp(cfg, tensors)
     stream = dequantize_fp8(stream, block or (128, 128), source)
     stream = split_fused_experts(stream)
-    return hf.build_from_tensors(cfg, stream, source, mesh, table=weight_table(cfg),
+    return weights.build_from_tensors(cfg, stream, source, mesh, table=weight_table(cfg),
                                  model_cls=MoEDecoder)

@@ -6,7 +6,7 @@ cached, (C + R) numbers per token and layer instead of N * (H_k + H_v).
 
 Extra dimension letters: Q query latent (q_lora_rank), C kv latent, R rope width. The head widths
 differ per projection and are named where used: P = qk_nope_head_dim, H_v = v_head_dim.
-Layouts follow transformers' `DeepseekV3Attention` up to a transpose (see `distill.models.hf_moe`).
+Layouts follow transformers' `DeepseekV3Attention` up to a transpose (see `distill.models.deepseek.hf`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from distill.config import MoEConfig
 from distill.models import layers
-from distill.models.attention import MaskInfo, attention
+from distill.models.attention import (
+    DEFAULT_SETTINGS,
+    AttentionCall,
+    AttentionSettings,
+    MaskInfo,
+    attention,
+    attention_path,
+)
+from distill.models.deepseek.config import MoEConfig
 from distill.models.rope import apply_rope, yarn_mscale
 
 
@@ -78,9 +85,11 @@ class MLAttention(nnx.Module):
         self.widths = (C, P, R, Hv)
         self.scale = softmax_scale(cfg)
 
-    def __call__(self, x_btd, rope, mask_bts, cache=None, cache_index=None):
+    def __call__(self, x_btd, rope, mask_bts, cache=None, cache_index=None,
+                 settings: AttentionSettings = DEFAULT_SETTINGS):
         """One layer. cache: this layer's (latent [B, S, C], k_rope [B, S, R]) or None; mask_bts:
-        dense [B, T, S] or a `MaskInfo` (blockwise attention without a cache).
+        a `MaskInfo` (a full sequence) or the dense [B, T, S] mask (with a cache); settings: the
+        model's, for `attention`.
 
         Returns [B, T, D] and the updated cache.
         """
@@ -104,12 +113,13 @@ class MLAttention(nnx.Module):
             k_rope_btr = jax.lax.dynamic_update_slice(rope_c, k_rope_btr.astype(rope_c.dtype), (0, cache_index, 0))
             cache = (latent_btc, k_rope_btr)
             latent_btc, k_rope_btr = latent_btc.astype(dt), k_rope_btr.astype(dt)
-        t, s = q_btnh.shape[1], latent_btc.shape[1]
-        # a MaskInfo asks for blockwise attention, which needs per-head keys; the absorbed path
-        # would build the [B, N, T, S] float32 scores that blockwise attention is there to avoid
-        absorb = not isinstance(mask_bts, MaskInfo) and _absorb_is_cheaper(t, s, C, P, R, Hv)
-        attend = self._absorbed if absorb else self._expanded
-        out_btnh = attend(q_nope, q_rope, latent_btc, k_rope_btr, mask_bts)
+        # only where the path is dense may attention run in latent space: every other path needs
+        # per-head keys, and the absorbed one builds the [B, N, T, S] float32 scores they avoid
+        if self._absorbs(q_btnh, latent_btc.shape[1], mask_bts, settings):
+            out_btnh = self._absorbed(q_nope, q_rope, latent_btc, k_rope_btr,
+                                      mask_bts.dense() if isinstance(mask_bts, MaskInfo) else mask_bts)
+        else:
+            out_btnh = self._expanded(q_nope, q_rope, latent_btc, k_rope_btr, mask_bts, settings)
         out = jnp.einsum("btnh,nhd->btd", out_btnh, self.wo_nhd[...].astype(dt))
         if self.bias:
             out = out + self.bo_d[...].astype(dt)
@@ -128,7 +138,18 @@ class MLAttention(nnx.Module):
         q_btq = layers.rms_norm(q_btq, self.q_norm_q[...], self.eps)
         return jnp.einsum("btq,qnh->btnh", q_btq, self.wq_b_qnh[...].astype(dt))
 
-    def _expanded(self, q_nope, q_rope, latent_bsc, k_rope_bsr, mask_bts):
+    def _absorbs(self, q_btnh, s: int, mask_bts, settings: AttentionSettings) -> bool:
+        """Whether to attend in latent space: `attention_path` picks the dense path for the
+        expanded call and absorbing costs fewer FLOPs."""
+        C, P, R, Hv = self.widths
+        b, t, n, _ = q_btnh.shape
+        k = jax.ShapeDtypeStruct((b, s, n, P + R), q_btnh.dtype)
+        v = jax.ShapeDtypeStruct((b, s, n, Hv), q_btnh.dtype)
+        call = AttentionCall.of(q_btnh, k, v, mask_bts)
+        dense = attention_path(settings.attention, jax.default_backend(), call)[0] == "dense"
+        return dense and _absorb_is_cheaper(t, s, C, P, R, Hv)
+
+    def _expanded(self, q_nope, q_rope, latent_bsc, k_rope_bsr, mask_bts, settings):
         """Expand the latents into per-head keys and values, then plain attention (long queries)."""
         P = self.widths[1]
         kv_bsnh = jnp.einsum("bsc,cnh->bsnh", latent_bsc, self.wkv_b_cnh[...].astype(latent_bsc.dtype))
@@ -136,7 +157,7 @@ class MLAttention(nnx.Module):
         k_rope = jnp.broadcast_to(k_rope_bsr[:, :, None, :], (*k_nope.shape[:3], k_rope_bsr.shape[-1]))
         q = jnp.concatenate([q_nope, q_rope], axis=-1)
         k = jnp.concatenate([k_nope, k_rope], axis=-1)
-        return attention(q, k, v_bsnh, mask_bts, self.scale)
+        return attention(q, k, v_bsnh, mask_bts, self.scale, settings=settings)
 
     def _absorbed(self, q_nope, q_rope, latent_bsc, k_rope_bsr, mask_bts):
         """Attend in latent space: the key/value up-projections fold into the query and the

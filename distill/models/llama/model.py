@@ -2,7 +2,7 @@
 
 Parameters of all layers are stacked on a leading L axis and the blocks run under `jax.lax.scan`,
 so compile time does not grow with depth. Weight layouts follow Hugging Face up to a transpose
-(half-split RoPE, unscaled queries), so conversion is the table in `distill.models.hf`.
+(half-split RoPE, unscaled queries), so conversion is the table in `distill.models.llama.hf`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from distill.config import DenseConfig
 from distill.models import layers
-from distill.models.attention import attention
-from distill.models.decoder import CausalLM, PreNormBlocks, scan_blocks
+from distill.models.attention import DEFAULT_SETTINGS, AttentionSettings, attention
+from distill.models.decoder import CausalLM, Embed, PreNormBlocks, scan_blocks
+from distill.models.llama.config import DenseConfig
 from distill.models.rope import apply_rope, rope_tables
 
 
@@ -45,10 +45,12 @@ class Attention(nnx.Module):
         self.bias = cfg.attention_bias
         self.scale = cfg.head_size**-0.5
 
-    def __call__(self, x_btd, rope, mask_bts, kv=None, cache_index=None):
+    def __call__(self, x_btd, rope, mask_bts, kv=None, cache_index=None,
+                 settings: AttentionSettings = DEFAULT_SETTINGS):
         """One layer (called on per-layer slices inside the scan). kv: this layer's ([B,K,S,H]) x 2.
 
-        mask_bts: dense [B, T, S] or a `MaskInfo` (blockwise attention without a cache)."""
+        mask_bts: a `MaskInfo` (a full sequence) or the dense [B, T, S] mask (with a cache);
+        settings: the model's, for `attention`."""
         dt = x_btd.dtype
         q = jnp.einsum("btd,dnh->btnh", x_btd, self.wq_dnh[...].astype(dt))
         k = jnp.einsum("btd,dkh->btkh", x_btd, self.wk_dkh[...].astype(dt))
@@ -60,7 +62,7 @@ class Attention(nnx.Module):
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is None:
-            out_btnh = attention(q, k, v, mask_bts, self.scale)
+            out_btnh = attention(q, k, v, mask_bts, self.scale, settings=settings)
         else:  # write this step's keys/values into the cache, attend over all of it
             k_cache, v_cache = kv
             k = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype),
@@ -69,7 +71,7 @@ class Attention(nnx.Module):
                                              (0, 0, cache_index, 0))
             kv = (k, v)
             out_btnh = attention(q, k.astype(dt), v.astype(dt), mask_bts, self.scale,
-                                 kv_layout="bksh")
+                                 kv_layout="bksh", settings=settings)
         return jnp.einsum("btnh,nhd->btd", out_btnh, self.wo_nhd[...].astype(dt)), kv
 
 
@@ -94,21 +96,6 @@ class Blocks(PreNormBlocks):
         super().__init__(cfg.num_hidden_layers, cfg.hidden_size, cfg.rms_norm_eps,
                          jnp.dtype(cfg.param_dtype), lambda: Attention(cfg, rngs),
                          lambda: MLP(cfg, rngs), rngs)
-
-
-class Embed(nnx.Module):
-    """Token embedding [V, D]; `attend` is the tied output projection."""
-
-    def __init__(self, cfg: DenseConfig, rngs: nnx.Rngs):
-        self.embedding_vd = layers.param(rngs.params(), (cfg.vocab_size, cfg.hidden_size),
-                                         ("vocab", "embed"), jnp.dtype(cfg.param_dtype))
-
-    def __call__(self, tokens_bt, dtype):
-        return jnp.take(self.embedding_vd[...], tokens_bt, axis=0).astype(dtype)
-
-    def attend(self, x_btd):
-        return jnp.einsum("btd,vd->btv", x_btd, self.embedding_vd[...].astype(x_btd.dtype),
-                          preferred_element_type=jnp.float32)
 
 
 class DenseDecoder(CausalLM):
@@ -139,7 +126,6 @@ class DenseDecoder(CausalLM):
         x = self.embed(tokens_bt, jnp.dtype(cfg.dtype))
         rope = rope_tables(positions_bt, cfg.head_size, cfg.rope_theta, cfg.rope_scaling)
         kv = None if cache is None else (cache.k, cache.v)
-        x, kv = scan_blocks(self.blocks, x, rope, mask_bts, kv, cache_index, cfg.remat,
-                            slot_axis=2)
+        x, kv = scan_blocks(self.blocks, x, rope, mask_bts, kv, cache_index, cfg, slot_axis=2)
         cache = None if cache is None else KVCache(*kv)
         return layers.rms_norm(x, self.final_norm_d[...], cfg.rms_norm_eps), cache

@@ -4,7 +4,7 @@
 The two kinds of layer have different parameters, so they are two stacks (leading axis L_dense and
 L_moe), each run under its own `jax.lax.scan`. The multi-token-prediction (MTP) layers stored after
 the main model in DeepSeek checkpoints are not part of it. Layouts follow transformers'
-`DeepseekV3ForCausalLM` up to a transpose (the table in `distill.models.hf_moe`).
+`DeepseekV3ForCausalLM` up to a transpose (the table in `distill.models.deepseek.hf`).
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from typing import NamedTuple
 import jax.numpy as jnp
 from flax import nnx
 
-from distill.config import MoEConfig
-from distill.models import experts, layers
-from distill.models.decoder import CausalLM, PreNormBlocks, scan_blocks
-from distill.models.dense import Embed
-from distill.models.mla import MLACache, MLAttention
+from distill.models import layers
+from distill.models.decoder import CausalLM, Embed, PreNormBlocks, scan_blocks
+from distill.models.deepseek import experts
+from distill.models.deepseek.config import MoEConfig
+from distill.models.deepseek.mla import MLACache, MLAttention
 from distill.models.rope import rope_tables
 
 
@@ -128,6 +128,5 @@ class MoEDecoder(CausalLM):
 
     def _scan(self, blocks, x_btd, rope, mask_bts, cache: MLACache | None, cache_index):
         kv = None if cache is None else tuple(cache)
-        x_btd, kv = scan_blocks(blocks, x_btd, rope, mask_bts, kv, cache_index,
-                                self.config.remat)
+        x_btd, kv = scan_blocks(blocks, x_btd, rope, mask_bts, kv, cache_index, self.config)
         return x_btd, None if cache is None else MLACache(*kv)
