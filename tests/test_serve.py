@@ -4,10 +4,7 @@ concurrent requests, faults, 4xx answers), and generate's streaming hook."""
 
 import copy
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -24,6 +21,7 @@ from distill.serve.app import ServerThread, build_app
 from distill.serve.protocol import StreamText, visible_text
 from tests import toy
 from tests.faults import FaultConfig, with_faults
+from tests.helpers import assert_user_error, invoke_cli
 
 QUESTION = "Start with 7. Add 3, then multiply by 2. What is the result?"
 
@@ -347,14 +345,8 @@ def test_a_new_seed_does_not_compile_again(loaded):
 # ------------------------------------------------------------------ the command line
 
 
-def run_cli(*args, env=None):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "distill.cli", *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=300)
-
-
 def test_cli_help():
-    proc = run_cli("serve", "--help")
+    proc = invoke_cli(["serve", "--help"])
     assert proc.returncode == 0
     for needle in ("/v1/chat/completions", "--host", "--port", "--max-batch", "--api-key-env"):
         assert needle in proc.stdout
@@ -366,12 +358,10 @@ def test_cli_errors_are_one_line(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        proc = run_cli("serve", tmp_path, "--port", port)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
-    proc = run_cli("serve", tmp_path, "--api-key-env", "DISTILL_TEST_NO_SUCH_KEY")
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-    assert "DISTILL_TEST_NO_SUCH_KEY is not set" in proc.stderr
+        proc = invoke_cli(["serve", tmp_path, "--port", port])
+    assert_user_error(proc, f"cannot listen on 127.0.0.1:{port}")
+    proc = invoke_cli(["serve", tmp_path, "--api-key-env", "DISTILL_TEST_NO_SUCH_KEY"])
+    assert_user_error(proc, "DISTILL_TEST_NO_SUCH_KEY is not set")
 
 
 def _wait_until(pred, timeout=60.0) -> bool:
