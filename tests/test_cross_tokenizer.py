@@ -138,7 +138,7 @@ def test_distill_train_says_it_in_one_line_and_exits_2(tmp_path):
     import yaml
 
     from tests import toy
-    from tests.helpers import run_cli
+    from tests.helpers import assert_user_error, invoke_cli
 
     traces = _run(tmp_path, vocabularies.deepseek_r1(), with_bytes=False)
     for kind, needle in (("forward_kl", "is not the student's (320 ids)"),
@@ -149,8 +149,4 @@ def test_distill_train_says_it_in_one_line_and_exits_2(tmp_path):
                         "tokenizer": str(toy.write_tokenizer(tmp_path / "student-tok"))},
             "data": {"traces": [traces], "seq_len": 64, "batch_size": 8, "top_k": K},
             "loss": {"kind": kind, "alpha": 0.5}, "output_root": str(tmp_path / "out")}))
-        proc = run_cli(["train", cfg])
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, (
-            proc.returncode, proc.stderr[-2000:])
-        assert needle in lines[0], lines[0]
+        assert_user_error(invoke_cli(["train", cfg]), needle)

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from distill.tokenizer import Tokenizer
 from distill.traces.generate import run_generate
 
 from . import toy
+from .helpers import assert_user_error, invoke_cli, start_cli
 
 REPO = Path(__file__).resolve().parents[1]
 KEEP_ALL = {"keep": "all", "reject_truncated": False, "require_think": False,
@@ -103,12 +102,11 @@ def test_in_process_teacher_writes_a_dataset_that_datasets_loads(tmp_path, teach
         run_generate(cfg, ["sampling.temperature=0.5"], progress=False)
 
 
-def _cli(cfg: Path, *extra: str, env=None) -> subprocess.Popen:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "DISTILL_CACHE": str(cfg.parent / "cache"),
-           **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "distill.cli", "generate", str(cfg), "--quiet",
-                             *extra], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+def _cli(cfg: Path, env=None) -> subprocess.Popen:
+    """`distill generate CFG` in a process of its own (killed, or its real stderr read)."""
+    return start_cli(["generate", cfg, "--quiet"], cwd=REPO,
+                     env={"JAX_PLATFORMS": "cpu", "DISTILL_CACHE": str(cfg.parent / "cache"),
+                          **(env or {})})
 
 
 def test_kill_9_at_three_points_then_resume_equals_an_uninterrupted_run(tmp_path, teacher_dir):
@@ -154,10 +152,7 @@ def test_bad_prompts_fail_in_one_line_and_leave_nothing(tmp_path, teacher_dir, c
     data = yaml.safe_load(cfg.read_text())
     data["prompts"] = {"source": str(tmp_path / "bad.jsonl"), "columns": columns}
     cfg.write_text(yaml.safe_dump(data))
-    proc = _cli(cfg)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2 and expected in err, err
-    assert len(err.strip().splitlines()) == 1, err
+    assert_user_error(invoke_cli(["generate", cfg, "--quiet"], cwd=REPO), expected)
     assert not (tmp_path / "out" / "c").exists()
 
 

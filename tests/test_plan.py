@@ -4,13 +4,13 @@ parallelism and not without; nothing is allocated (the step is only compiled).""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import invoke_cli, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,10 +26,9 @@ MESHES = {
 
 
 def plan(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)  # the command starts as many fake devices as the mesh needs
-    return subprocess.run([sys.executable, "-m", "distill.cli", "plan", *args], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=600)
+    # a process of its own, without our XLA_FLAGS: it starts as many fake devices as the mesh needs
+    return run_cli(["plan", *args], cwd=REPO, env={"JAX_PLATFORMS": "cpu", "XLA_FLAGS": None},
+                   timeout=600)
 
 
 def total(stdout: str, column: int) -> float:
@@ -110,5 +109,6 @@ def test_the_recipe_plans_and_generate_mode_plans_the_teacher():
 
 
 def test_bad_mesh_is_one_line():
-    proc = plan("configs/students/qwen2.5-math-1.5b.yaml", "--mesh", "data=1,fsdp=0")
+    proc = invoke_cli(["plan", "configs/students/qwen2.5-math-1.5b.yaml", "--mesh",
+                       "data=1,fsdp=0"], cwd=REPO)
     assert proc.returncode == 2 and proc.stderr.startswith("error: mesh"), proc.stderr
