@@ -42,11 +42,6 @@ def files(tmp_path_factory):
     return {name: build(root / fname) for name, (build, fname, _, _) in DATASETS.items()}
 
 
-@pytest.fixture(scope="module")
-def smol(smollm2_gguf):
-    return Tokenizer.from_pretrained(smollm2_gguf)  # a real ChatML template (SmolLM2, Qwen2.5)
-
-
 @pytest.mark.parametrize("name", DATASETS)
 def test_each_public_schema_reads_as_traces(files, name):
     _, _, preset, kept = DATASETS[name]
@@ -104,9 +99,10 @@ def test_multi_turn_trains_on_every_assistant_turn(files):
 
 
 @pytest.mark.parametrize("name", DATASETS)
-def test_rendered_ids_equal_the_chat_template_of_the_conversation(files, smol, name):
+def test_rendered_ids_equal_the_chat_template_of_the_conversation(files, smollm2_tokenizer, name):
     """What a student trains on is the ids its own chat template gives for the conversation
     with the reply in it (ChatML writes assistant contents as they are), up to EOS."""
+    smol = smollm2_tokenizer  # a real ChatML template (SmolLM2, Qwen2.5)
     for t in read_traces([str(files[name])]).datasets[0]:
         ids, mask = render_example(smol, t.prompt, t.reasoning, t.answer)
         reply = "<think>\n" + completion_text(t.reasoning, t.answer)
