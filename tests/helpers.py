@@ -62,18 +62,25 @@ def load(path):
 DISTILL = [sys.executable, "-m", "distill.cli"]  # `distill` in a fresh interpreter
 
 
-def start_cli(args, *, cwd=None, env=None) -> subprocess.Popen:
+def environment(env=None) -> dict[str, str]:
+    """This process's environment with `env` applied (a value None: the variable removed)."""
+    return {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
+
+
+def start_cli(args, *, cwd=None, env=None, script=False) -> subprocess.Popen:
     """`distill ARGS` started in a fresh interpreter, as a user starts it (stdout and stderr piped,
-    text); env: variables set (a value None: removed) on top of this process's environment."""
-    merged = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
-    return subprocess.Popen([*DISTILL, *map(str, args)], cwd=cwd, env=merged, text=True,
+    text); env: see environment(); script: through the console script `make setup` installed
+    rather than `python -m distill.cli`."""
+    argv = [str(Path(sys.executable).with_name("distill"))] if script else DISTILL
+    return subprocess.Popen([*argv, *map(str, args)], cwd=cwd, env=environment(env), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def run_cli(args, *, cwd=None, env=None, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(args, *, cwd=None, env=None, timeout: float | None = 300,
+            script=False) -> subprocess.CompletedProcess:
     """`distill ARGS` in a fresh interpreter, run to its end (see start_cli): for what only a
     real process shows (exit by signal, several processes, fatal logging, a cold environment)."""
-    with start_cli(args, cwd=cwd, env=env) as proc:
+    with start_cli(args, cwd=cwd, env=env, script=script) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from distill.bench.soak import run_soak, soak_table
 from tests import toy
 
@@ -13,5 +15,8 @@ def test_soak_load_generator_counts_requests_departures_and_server_memory(tmp_pa
     assert s["requests_failed"] == 0, s["errors"]
     assert s["requests_ok"] > 8 and s["disconnected"] > 0
     assert 0 < s["p50_s"] <= s["p99_s"] and s["completion_tokens_per_s"] > 0
-    assert 100 < s["rss_start_mb"] and 100 < s["rss_after_warmup_mb"] <= s["rss_max_after_warmup_mb"]
+    # the server's memory is reported, not judged: its size depends on the machine's libraries
+    rss = [s["rss_start_mb"], s["rss_after_warmup_mb"], s["rss_end_mb"],
+           s["rss_max_after_warmup_mb"]]
+    assert all(math.isfinite(x) and x > 0 for x in rss) and max(rss[1:3]) <= rss[3], rss
     assert "| requests ok | failed |" in soak_table(s) and lines[0].startswith("soak: 8 clients")
