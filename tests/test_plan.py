@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import invoke_cli, run_cli
+from tests.helpers import assert_user_error, invoke_cli, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,9 +86,7 @@ def test_plan_refuses_what_train_refuses_in_one_line():
     compilation); with grad_accum 1 the same plan goes ahead."""
     args = ("configs/runs/r1-distill-qwen-7b.yaml", "--mesh", "data=1,fsdp=16,tensor=4",
             "--batch", "16", "--set", "student.init=configs/students/llama-3.3-70b-instruct.yaml")
-    proc = plan(*args)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    [line] = proc.stderr.strip().splitlines()
+    line = assert_user_error(plan(*args))
     assert line == ("error: configs/runs/r1-distill-qwen-7b.yaml: data.batch_size 16 / "
                     "train.grad_accum 4 = 4 rows per micro-batch, which the mesh's data x fsdp = "
                     "16 batch shards do not divide (set train.grad_accum to 1)")
@@ -96,7 +94,7 @@ def test_plan_refuses_what_train_refuses_in_one_line():
     assert proc.returncode == 0 and "FITS" in proc.stdout, proc.stdout + proc.stderr
     # and a row longer than the student's positions is refused as train refuses it
     proc = plan("configs/students/qwen2.5-math-1.5b.yaml", "--mesh", "fsdp=8", "--seq-len", "8192")
-    assert proc.returncode == 2 and "max_position_embeddings 4096" in proc.stderr, proc.stderr
+    assert_user_error(proc, "max_position_embeddings 4096")
 
 
 def test_the_recipe_plans_and_generate_mode_plans_the_teacher():
@@ -111,4 +109,4 @@ def test_the_recipe_plans_and_generate_mode_plans_the_teacher():
 def test_bad_mesh_is_one_line():
     proc = invoke_cli(["plan", "configs/students/qwen2.5-math-1.5b.yaml", "--mesh",
                        "data=1,fsdp=0"], cwd=REPO)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: mesh"), proc.stderr
+    assert assert_user_error(proc).startswith("error: mesh")
