@@ -23,3 +23,63 @@ def smollm2_gguf() -> Path:
     if not path.is_file():
         pytest.fail(f"{path} is missing: run `make models` (or `make test`, which fetches it)")
     return path
+
+
+# Fixtures more than one test module uses (module scope, as each module had them); their imports
+# are inside, so JAX and the models load only for the tests that use them.
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(smollm2_gguf):
+    """distill's Tokenizer of the SmolLM2 GGUF."""
+    from distill.tokenizer import Tokenizer
+
+    return Tokenizer.from_gguf(smollm2_gguf)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    """distill's Tokenizer of the toy byte-level BPE (tests/toy.py: vocab 320, BOS 0, EOS 1)."""
+    from distill.tokenizer import Tokenizer
+    from tests import toy
+
+    return Tokenizer.from_pretrained(toy.write_tokenizer(tmp_path_factory.mktemp("tok")))
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    """A tiny random DeepseekV3 checkpoint with the toy tokenizer (tests/toy.py)."""
+    from tests import toy
+
+    return toy.deepseek_dir(tmp_path_factory.mktemp("teacher"))
+
+
+@pytest.fixture(scope="module")
+def toy_qwen2_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2 checkpoint with the toy tokenizer (tests/toy.py)."""
+    from tests import toy
+
+    return toy.qwen2_dir(tmp_path_factory.mktemp("qwen2") / "toy")
+
+
+@pytest.fixture(scope="module")
+def toy_qwen2(toy_qwen2_dir):
+    """(model, tokenizer) of toy_qwen2_dir, loaded by distill."""
+    import distill
+
+    return distill.load_pretrained(toy_qwen2_dir)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A toy tokenizer and reference traces of 2-step arithmetic chains (held-out prompts out),
+    for training runs (tests/runs.py)."""
+    from distill.data.prompts import PromptsConfig
+    from distill.traces.reference import write_reference_traces
+    from tests import toy
+    from tests.runs import PROMPTS
+
+    root = tmp_path_factory.mktemp("train")
+    tok = toy.write_tokenizer(root / "tok")
+    traces = write_reference_traces(PromptsConfig(**PROMPTS, split="train"), root / "traces")
+    return {"root": root, "tok": tok, "traces": traces}

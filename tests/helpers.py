@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import click
 import numpy as np
 import torch
 
@@ -57,8 +59,84 @@ def load(path):
     return model
 
 
-def run_cli(args, cwd=None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`distill ARGS` in a fresh interpreter, as a user runs it (stdout, stderr captured)."""
-    return subprocess.run([sys.executable, "-m", "distill.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, cwd=cwd)
+DISTILL = [sys.executable, "-m", "distill.cli"]  # `distill` in a fresh interpreter
 
+
+def environment(env=None) -> dict[str, str]:
+    """This process's environment with `env` applied (a value None: the variable removed)."""
+    return {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
+
+
+def start_cli(args, *, cwd=None, env=None, script=False) -> subprocess.Popen:
+    """`distill ARGS` started in a fresh interpreter, as a user starts it (stdout and stderr piped,
+    text); env: see environment(); script: through the console script `make setup` installed
+    rather than `python -m distill.cli`."""
+    argv = [str(Path(sys.executable).with_name("distill"))] if script else DISTILL
+    return subprocess.Popen([*argv, *map(str, args)], cwd=cwd, env=environment(env), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def run_cli(args, *, cwd=None, env=None, timeout: float | None = 300,
+            script=False) -> subprocess.CompletedProcess:
+    """`distill ARGS` in a fresh interpreter, run to its end (see start_cli): for what only a
+    real process shows (exit by signal, several processes, fatal logging, a cold environment)."""
+    with start_cli(args, cwd=cwd, env=env, script=script) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def invoke_cli(args, *, cwd=None, env=None) -> subprocess.CompletedProcess:
+    """`distill ARGS` in this process through the console entry point `distill.cli.main` (the
+    same error handling a user sees: one line on stderr, exit 2), with click's CliRunner
+    capturing stdout and stderr apart at the file descriptors; warnings are shown on stderr as a
+    plain interpreter shows them; the working directory and environment are restored after."""
+    import contextlib
+    import warnings
+
+    import jax  # noqa: F401  (imported first: JAX reads the settings the command sets on import)
+    from click.testing import CliRunner
+
+    argv = [str(a) for a in args]
+    saved_env, saved_argv = dict(os.environ), sys.argv
+    try:
+        with contextlib.chdir(cwd or os.getcwd()), warnings.catch_warnings(record=True) as shown:
+            warnings.resetwarnings()  # then the interpreter's default filters
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning,
+                             ResourceWarning):
+                warnings.simplefilter("ignore", category)
+            result = CliRunner(capture="fd").invoke(_ConsoleEntryPoint("distill"), argv, env=env,
+                                                    catch_exceptions=False)
+    finally:
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+    stderr = result.stderr + "".join(warnings.formatwarning(w.message, w.category, w.filename,
+                                                            w.lineno, w.line) for w in shown)
+    return subprocess.CompletedProcess(["distill", *argv], result.exit_code, result.stdout, stderr)
+
+
+class _ConsoleEntryPoint(click.Command):
+    """`distill.cli.main` (what the `distill` script runs) as a command CliRunner can invoke: it
+    reads its arguments from sys.argv, as the script does."""
+
+    def main(self, args=None, **_):
+        from distill import cli
+
+        sys.argv = ["distill", *(args or ())]
+        cli.main()
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """A user error as the command line reports it: exit code 2 and one line on stderr (no
+    traceback) holding every needle; returns the line."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and proc.stderr.endswith("\n"), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]

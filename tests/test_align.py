@@ -28,9 +28,9 @@ TEXTS = {
 
 
 @pytest.fixture(scope="module")
-def tokenizers(smollm2_gguf, tmp_path_factory):
+def tokenizers(smollm2_tokenizer, tmp_path_factory):
     return {"deepseek-r1": vocabularies.deepseek_r1(), "qwen2.5": vocabularies.qwen25(),
-            "smollm2": Tokenizer.from_gguf(smollm2_gguf),
+            "smollm2": smollm2_tokenizer,
             "sentencepiece": _byte_fallback_sentencepiece(tmp_path_factory.mktemp("sp"))}
 
 

@@ -15,11 +15,9 @@ from distill.models.attention import (
     blockwise_attention,
     dot_product_attention,
 )
-from distill.models.families import load_model_config, model_class
-from distill.parallel import make_mesh, state_shardings
-
-TINY_QWEN2 = "configs/students/tiny-qwen2.yaml"
-TINY_MOE = "configs/teachers/tiny-moe.yaml"
+from distill.models.families import load_model_config
+from distill.parallel import make_mesh
+from tests.random_models import TINY_MOE, TINY_QWEN2, packed_batch, random_model
 
 
 def _case(name: str, rng: np.random.RandomState):
@@ -81,22 +79,6 @@ def test_blockwise_equals_dense_values_and_gradients(name):
         np.testing.assert_allclose(g_b, g_d, atol=1e-5, rtol=1e-5, err_msg=f"d{what}")
 
 
-def _random_model(cfg, mesh=None):
-    """A model of `cfg` with random weights drawn on the host (norm weights near 1), placed on
-    `mesh` as the rules say: much quicker to make than compiling the initialiser."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: model_class(cfg)(cfg, nnx.Rngs(0))))
-    rng = np.random.RandomState(0)
-
-    def draw(path, x):
-        centre = 1.0 if "norm" in jax.tree_util.keystr(path) else 0.0
-        return jnp.asarray(centre + 0.1 * rng.randn(*x.shape), x.dtype)
-
-    state = jax.tree_util.tree_map_with_path(draw, state)
-    if mesh is not None:
-        state = jax.device_put(state, state_shardings(state, mesh))
-    return nnx.merge(graphdef, state)
-
-
 def _pair(model):
     """`model` with attention 'dense' and with 'blockwise': the same parameters, two configs."""
     out = []
@@ -107,29 +89,14 @@ def _pair(model):
     return tuple(out)
 
 
-def _packed_batch(t: int, vocab: int):
-    """Two rows of packed documents (restarting positions) with trailing padding."""
-    rng = np.random.RandomState(1)
-    seg = np.zeros((2, t), np.int32)
-    seg[0, : t // 3], seg[0, t // 3: t - 7] = 1, 2
-    seg[1, : t - 40] = 1
-    pos = np.zeros((2, t), np.int32)
-    for r in range(2):
-        for s_id in (1, 2):
-            idx = np.flatnonzero(seg[r] == s_id)
-            pos[r, idx] = np.arange(len(idx))
-    tokens = rng.randint(0, vocab, (2, t))
-    return jnp.asarray(tokens, jnp.int32), jnp.asarray(pos), jnp.asarray(seg)
-
-
 @pytest.mark.parametrize("path,t", [(TINY_QWEN2, 600), (TINY_MOE, 80)])
 def test_models_give_the_same_logits_with_blockwise_attention(path, t):
     """Dense (GQA) and MLA decoders: packed documents, T = 600 spans two 512-query blocks."""
     cfg = load_model_config(path)
     if path == TINY_MOE:  # MLA is what is tested: keep only the first, dense-MLP layer
         cfg = cfg.model_copy(update={"num_hidden_layers": 1})
-    dense, blockwise = _pair(_random_model(cfg))
-    tokens, pos, seg = _packed_batch(t, dense.config.vocab_size)
+    dense, blockwise = _pair(random_model(cfg))
+    tokens, pos, seg = packed_batch(t, dense.config.vocab_size)
     run = nnx.jit(lambda m, *a: m(*a))
     real = np.asarray(seg) != 0
     np.testing.assert_allclose(np.asarray(run(blockwise, tokens, pos, seg))[real],
@@ -176,7 +143,7 @@ def test_blockwise_training_memory_is_far_below_dense(remat):
     (all T x S of them), hoisted out of the layer scan as loop invariants."""
     cfg = load_model_config(TINY_QWEN2, ["model.max_position_embeddings=4096",
                                          f"model.remat={remat}"])
-    dense, blockwise = _pair(_random_model(cfg))
+    dense, blockwise = _pair(random_model(cfg))
     dense_bytes = _temp_bytes(dense, (1, 4096))
     blockwise_bytes = _temp_bytes(blockwise, (1, 4096))
     assert dense_bytes > 256 * 2**20
@@ -191,7 +158,7 @@ def mesh():
 
 def test_residual_stream_is_split_along_the_sequence_on_a_mesh(mesh):
     cfg = load_model_config(TINY_QWEN2)
-    plain, sharded = _random_model(cfg), _random_model(cfg, mesh)
+    plain, sharded = random_model(cfg), random_model(cfg, mesh)
     tokens = jnp.asarray(np.random.RandomState(2).randint(0, cfg.vocab_size, (2, 64)), jnp.int32)
     hidden = nnx.jit(lambda m, t: m.hidden(t))
     expected = hidden(plain, tokens)

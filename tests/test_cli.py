@@ -1,7 +1,6 @@
 """The command line: help, and bad input ending in one clear line with exit code 2."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -9,28 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import save_hf, tiny_hf
+from tests.helpers import assert_user_error, invoke_cli, save_hf, tiny_hf
 
-DISTILL = [sys.executable, "-m", "distill.cli"]
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def run(*args, cwd=None):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    return subprocess.run([*DISTILL, *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=300)
-
-
-def assert_user_error(proc, *needles):
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-
-
 def test_help_lists_every_command():
-    proc = run("--help")
+    proc = invoke_cli(["--help"])
     assert proc.returncode == 0
     for cmd in ("generate", "train", "eval", "export", "sample", "serve", "plan", "bench", "demo"):
         assert f"  {cmd} " in proc.stdout
@@ -76,7 +59,8 @@ def test_only_the_benchmarks_and_the_demo_check_import_torch_or_transformers():
 
 @pytest.mark.parametrize("cmd", ["train", "generate"])
 def test_missing_config_file_is_one_line(cmd):
-    assert_user_error(run(cmd, "configs/runs/x.yaml"), "configs/runs/x.yaml: config file not found")
+    assert_user_error(invoke_cli([cmd, "configs/runs/x.yaml"]),
+                      "configs/runs/x.yaml: config file not found")
 
 
 @pytest.fixture(scope="module")
@@ -88,17 +72,18 @@ def test_unknown_config_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     text = Path("configs/students/tiny-qwen2.yaml").read_text().replace("hidden_size:", "hiden_size:")
     bad.write_text(text)
-    assert_user_error(run("sample", bad, "--prompt", "hi"), str(bad), "model.hiden_size", "unknown key")
+    assert_user_error(invoke_cli(["sample", bad, "--prompt", "hi"]), str(bad), "model.hiden_size",
+                      "unknown key")
 
 
 def test_wrong_type_via_set():
-    proc = run("sample", "configs/students/tiny-qwen2.yaml", "--prompt", "hi",
-               "--set", "model.num_hidden_layers=lots")
+    proc = invoke_cli(["sample", "configs/students/tiny-qwen2.yaml", "--prompt", "hi",
+                       "--set", "model.num_hidden_layers=lots"])
     assert_user_error(proc, "tiny-qwen2.yaml", "model.num_hidden_layers", "integer", "'lots'")
 
 
 def test_missing_checkpoint_path(tmp_path):
-    assert_user_error(run("export", tmp_path / "nope", "--out", tmp_path / "o"), "nope",
+    assert_user_error(invoke_cli(["export", tmp_path / "nope", "--out", tmp_path / "o"]), "nope",
                       "no such file")
 
 
@@ -107,7 +92,7 @@ def test_truncated_safetensors(tmp_path, tiny_dir):
     shutil.copytree(tiny_dir, broken)
     st = broken / "model.safetensors"
     st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
-    assert_user_error(run("export", broken, "--out", tmp_path / "o"), "model.safetensors",
+    assert_user_error(invoke_cli(["export", broken, "--out", tmp_path / "o"]), "model.safetensors",
                       "truncated")
     assert not (tmp_path / "o").exists()
 
@@ -118,7 +103,7 @@ def test_unsupported_architecture(tmp_path, tiny_dir):
     cfg = json.loads((other / "config.json").read_text())
     cfg.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
     (other / "config.json").write_text(json.dumps(cfg))
-    assert_user_error(run("export", other, "--out", tmp_path / "o"), "config.json",
+    assert_user_error(invoke_cli(["export", other, "--out", tmp_path / "o"]), "config.json",
                       "unsupported architecture", "GPT2LMHeadModel")
 
 
@@ -126,8 +111,8 @@ def test_export_refuses_existing_target_without_force(tmp_path, tiny_dir):
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert_user_error(run("export", tiny_dir, "--out", out), "already exists")
+    assert_user_error(invoke_cli(["export", tiny_dir, "--out", out]), "already exists")
     assert (out / "keep.txt").read_text() == "mine"
-    proc = run("export", tiny_dir, "--out", out, "--force", "--dtype", "float32")
+    proc = invoke_cli(["export", tiny_dir, "--out", out, "--force", "--dtype", "float32"])
     assert proc.returncode == 0, proc.stderr
     assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()

@@ -26,11 +26,6 @@ REASONING = "We need 12 * 34. 12 * 34 = 408, and 408 — checked: ✅ 日本."
 ANSWER = "The answer is $\\boxed{408}$."
 
 
-@pytest.fixture(scope="module")
-def smollm2(smollm2_gguf):
-    return Tokenizer.from_gguf(smollm2_gguf)
-
-
 def _trace(teacher: Tokenizer, text: str, seed: int = 0) -> Trace:
     """A trace as `distill generate` stores it from `teacher`: per sampled token of `text`, the
     top-K entries (the sampled token first), their log-probabilities and their bytes."""
@@ -45,10 +40,12 @@ def _trace(teacher: Tokenizer, text: str, seed: int = 0) -> Trace:
                  top_bytes=[[table[i] for i in row] for row in top])
 
 
-def test_one_tokenizer_gives_the_same_rows_by_bytes_as_by_ids(smollm2):
-    trace = _trace(smollm2, render_texts(smollm2, "What is 12 * 34?", REASONING, ANSWER)[1])
+def test_one_tokenizer_gives_the_same_rows_by_bytes_as_by_ids(smollm2_tokenizer):
+    trace = _trace(smollm2_tokenizer,
+                   render_texts(smollm2_tokenizer, "What is 12 * 34?", REASONING, ANSWER)[1])
     by_ids = Trace(**{**trace.__dict__, "token_bytes": None, "top_bytes": None})
-    (a,), (b,) = render_traces(smollm2, [trace], K), render_traces(smollm2, [by_ids], K)
+    (a,), (b,) = (render_traces(smollm2_tokenizer, [trace], K),
+                  render_traces(smollm2_tokenizer, [by_ids], K))
     assert a.teacher_error is None and b.teacher_error is None
     n = len(b.top_ids)  # the teacher stopped before scoring EOS; by bytes, EOS has a row of none
     assert len(a.top_ids) == n + 1 and not np.isfinite(a.top_logprobs[n].astype(np.float32)).any()
@@ -56,18 +53,18 @@ def test_one_tokenizer_gives_the_same_rows_by_bytes_as_by_ids(smollm2):
     np.testing.assert_array_equal(a.top_logprobs[:n], b.top_logprobs)
 
 
-def test_deepseek_teacher_rows_land_on_the_first_student_token_of_each_span(smollm2):
+def test_deepseek_teacher_rows_land_on_the_first_student_token_of_each_span(smollm2_tokenizer):
     """The teacher's completion lacks the `<think>\\n` SmolLM2's ChatML template puts in the
     student's completion: those student tokens get no entries."""
     teacher = vocabularies.deepseek_r1()
     trace = _trace(teacher, completion_text(REASONING, ANSWER))
-    (r,) = render_traces(smollm2, [trace], K)
+    (r,) = render_traces(smollm2_tokenizer, [trace], K)
     assert r.teacher_error is None
     completion = r.ids[r.first:-1]
-    s_bytes, t_bytes = smollm2.token_bytes(), teacher.token_bytes()
+    s_bytes, t_bytes = smollm2_tokenizer.token_bytes(), teacher.token_bytes()
     has = np.isfinite(r.top_logprobs.astype(np.float32)).any(1)
     assert len(r.top_ids) == len(completion) + 1 and not has[-1]  # EOS: no teacher entry
-    think = len(smollm2.encode("<think>\n"))
+    think = len(smollm2_tokenizer.encode("<think>\n"))
     assert not has[:think].any() and has[think]
     # a row at each student token where both sides start a token at the same byte
     s_starts = np.cumsum([0] + [len(s_bytes[i]) for i in completion[think:]])[:-1]
@@ -91,9 +88,9 @@ def test_deepseek_teacher_rows_land_on_the_first_student_token_of_each_span(smol
     assert unmatched > 0
 
 
-def test_texts_that_differ_make_the_trace_misaligned(smollm2):
+def test_texts_that_differ_make_the_trace_misaligned(smollm2_tokenizer):
     trace = _trace(vocabularies.deepseek_r1(), completion_text(REASONING, ANSWER + " Extra."))
-    (r,) = render_traces(smollm2, [trace], K, name="set")
+    (r,) = render_traces(smollm2_tokenizer, [trace], K, name="set")
     assert r.top_ids is None and "set: trace t0: the teacher's and the student's tokens spell "\
         "different texts" in r.teacher_error
 
@@ -113,23 +110,24 @@ def _run(tmp_path, teacher: Tokenizer | None, with_bytes: bool):
     return str(run)
 
 
-def test_a_loss_that_cannot_use_the_traces_is_one_line(tmp_path, smollm2):
+def test_a_loss_that_cannot_use_the_traces_is_one_line(tmp_path, smollm2_tokenizer):
     deepseek = vocabularies.deepseek_r1()
     gold, kl = LossConfig(kind="gold", alpha=0.5), LossConfig(kind="forward_kl", alpha=0.5)
     with pytest.raises(DistillError, match=r"run-ids: the teacher's tokenizer \(teacher-dir, "
                                            r"128815 ids\) is not the student's \(49152 ids\).*"
                                            r"set loss.kind gold or uld"):
-        check_teacher_vocabulary([_run(tmp_path, deepseek, False)], smollm2, kl, K)
+        check_teacher_vocabulary([_run(tmp_path, deepseek, False)], smollm2_tokenizer, kl, K)
     with pytest.raises(DistillError, match=r"loss gold distils across tokenizers through the "
                                            r"bytes of the teacher's tokens, and these traces "
                                            r"keep none \("):
-        check_teacher_vocabulary([_run(tmp_path, deepseek, False)], smollm2, gold, K)
+        check_teacher_vocabulary([_run(tmp_path, deepseek, False)], smollm2_tokenizer, gold, K)
     with pytest.raises(DistillError, match="keep none, nor do they name the teacher's tokenizer"):
-        check_teacher_vocabulary([_run(tmp_path / "x", None, False)], smollm2, gold, K)
+        check_teacher_vocabulary([_run(tmp_path / "x", None, False)], smollm2_tokenizer, gold, K)
     # what can work passes: bytes kept, or one tokenizer, or no teacher term
-    check_teacher_vocabulary([_run(tmp_path / "y", deepseek, True)], smollm2, gold, K)
-    check_teacher_vocabulary([_run(tmp_path / "z", smollm2, False)], smollm2, kl, K)
-    check_teacher_vocabulary([_run(tmp_path / "w", deepseek, False)], smollm2,
+    check_teacher_vocabulary([_run(tmp_path / "y", deepseek, True)], smollm2_tokenizer, gold, K)
+    check_teacher_vocabulary([_run(tmp_path / "z", smollm2_tokenizer, False)], smollm2_tokenizer,
+                             kl, K)
+    check_teacher_vocabulary([_run(tmp_path / "w", deepseek, False)], smollm2_tokenizer,
                              LossConfig(kind="sft"), 0)
 
 
@@ -138,7 +136,7 @@ def test_distill_train_says_it_in_one_line_and_exits_2(tmp_path):
     import yaml
 
     from tests import toy
-    from tests.helpers import run_cli
+    from tests.helpers import assert_user_error, invoke_cli
 
     traces = _run(tmp_path, vocabularies.deepseek_r1(), with_bytes=False)
     for kind, needle in (("forward_kl", "is not the student's (320 ids)"),
@@ -149,8 +147,4 @@ def test_distill_train_says_it_in_one_line_and_exits_2(tmp_path):
                         "tokenizer": str(toy.write_tokenizer(tmp_path / "student-tok"))},
             "data": {"traces": [traces], "seq_len": 64, "batch_size": 8, "top_k": K},
             "loss": {"kind": kind, "alpha": 0.5}, "output_root": str(tmp_path / "out")}))
-        proc = run_cli(["train", cfg])
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, (
-            proc.returncode, proc.stderr[-2000:])
-        assert needle in lines[0], lines[0]
+        assert_user_error(invoke_cli(["train", cfg]), needle)

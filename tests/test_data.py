@@ -4,19 +4,15 @@ mixture weights, teacher top-k alignment and one-line errors for bad input."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from flax import nnx
 
 from distill.chat import prompt_ids
 from distill.config import validate
 from distill.data.packing import Documents, build_rows, pack
-from distill.data.records import TRACE_SCHEMA
 from distill.data.render import render_example
 from distill.data.traces import read_traces
 from distill.errors import DistillError
@@ -26,38 +22,12 @@ from distill.tokenizer import Tokenizer
 from distill.train.data import DataConfig, DataState, StreamConfig, TrainData
 
 from . import toy
+from .trace_rows import trace_row, with_teacher, write_traces
 
 ROOT = Path(__file__).resolve().parents[1]
 CHATML = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + "
           "'<|im_end|>\\n'}}{% endfor %}{% if add_generation_prompt %}"
           "{{'<|im_start|>assistant\\n'}}{% endif %}")
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> Tokenizer:
-    return Tokenizer.from_pretrained(toy.write_tokenizer(tmp_path_factory.mktemp("tok")))
-
-
-def trace_row(i: int, steps: int, *, correct=True, reasoning=None, answer=None, **extra) -> dict:
-    """A synthetic arithmetic trace row whose length grows with `steps`."""
-    rng = np.random.default_rng(i)
-    values = rng.integers(1, 99, steps + 1)
-    lines = [f"Step {s + 1}: {values[s]} + {values[s + 1]} = {values[s] + values[s + 1]}"
-             for s in range(steps)]
-    return {"id": f"p{i}#0", "prompt_id": f"p{i}", "sample_index": 0,
-            "prompt": f"Add the numbers {' '.join(map(str, values))} in pairs. {toy.CORPUS[2]}",
-            "reasoning": "\n".join(lines) if reasoning is None else reasoning,
-            "answer": f"The answer is \\boxed{{{int(values.sum())}}}." if answer is None else answer,
-            "correct": correct, "finish_reason": "stop", **extra}
-
-
-def write_traces(directory: Path, rows: list[dict], shards: int = 2) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    for s in range(shards):
-        part = rows[s::shards]
-        pq.write_table(pa.Table.from_pylist(part, schema=TRACE_SCHEMA),
-                       directory / f"shard-{s:05d}.parquet")
-    return directory
 
 
 @pytest.fixture(scope="module")
@@ -261,18 +231,8 @@ def test_mixture_weights_set_each_datasets_share(tmp_path, tok):
 # --------------------------------------------------------------------------------- teacher top-k
 
 
-def _with_teacher(tok, i: int, drop_eos: bool = False, extra: int = 0) -> dict:
-    row = trace_row(i, 2)
-    ids, mask = render_example(tok, row["prompt"], row["reasoning"], row["answer"])
-    completion = ids[mask].tolist()
-    completion = completion[:-1] if drop_eos else completion + [5] * extra
-    row["top_ids"] = [[t, (t + 1) % 300, (t + 2) % 300] for t in completion]
-    row["top_logprobs"] = [[math.log(0.7), math.log(0.2), math.log(0.1)]] * len(completion)
-    return row
-
-
 def test_teacher_topk_lines_up_with_the_targets(tmp_path, tok):
-    rows = [_with_teacher(tok, 0), _with_teacher(tok, 1, drop_eos=True), trace_row(2, 3)]
+    rows = [with_teacher(tok, 0), with_teacher(tok, 1, drop_eos=True), trace_row(2, 3)]
     path = write_traces(tmp_path / "kd", rows, shards=1)
     data = TrainData.from_mixture(read_traces([path], with_teacher=True), tok,
                                   StreamConfig(seq_len=512, batch_size=3, top_k=4))
@@ -289,7 +249,7 @@ def test_teacher_topk_lines_up_with_the_targets(tmp_path, tok):
 
 
 def test_teacher_topk_from_another_tokenizer_is_an_error(tmp_path, tok):
-    path = write_traces(tmp_path / "kd", [_with_teacher(tok, 0, extra=4)], shards=1)
+    path = write_traces(tmp_path / "kd", [with_teacher(tok, 0, extra=4)], shards=1)
     with pytest.raises(DistillError, match=r"trace p0#0: \d+ teacher top-k rows but the student "
                                            r"tokenizer gives \d+ completion tokens"):
         TrainData.from_mixture(read_traces([path], with_teacher=True), tok,
@@ -298,7 +258,7 @@ def test_teacher_topk_from_another_tokenizer_is_an_error(tmp_path, tok):
 
 def test_a_rare_misaligned_top_k_trains_without_logit_targets(tmp_path, tok, capsys):
     # e.g. a completion whose stored reasoning lost text: 1 trace of 120, not another tokenizer
-    rows = [_with_teacher(tok, i) for i in range(119)] + [_with_teacher(tok, 119, extra=4)]
+    rows = [with_teacher(tok, i) for i in range(119)] + [with_teacher(tok, 119, extra=4)]
     path = write_traces(tmp_path / "kd", rows, shards=2)
     data = TrainData.from_mixture(read_traces([path], with_teacher=True), tok,
                                   StreamConfig(seq_len=512, batch_size=4, top_k=2))

@@ -7,7 +7,6 @@ configs it wrote rerun from another directory, and a second run reuses the cache
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from distill.demo.pipeline import BUDGETS, STUDENTS, _teacher
 from distill.demo.tokenizer import BOS, EOS, train_tokenizer
 from distill.errors import DistillError
 from distill.models.families import active_params
+from tests.helpers import environment, run_cli
 
 SYNTH = {"min_steps": 3, "max_steps": 3, "style": "compact"}
 
@@ -110,7 +110,6 @@ def test_active_params_of_the_moe_teacher(tmp_path):
 # copy of the repository, with the default (relative) work directory students/demo.
 
 REPO = Path(__file__).resolve().parents[1]
-DISTILL = Path(sys.executable).with_name("distill")  # the console script `make setup` installed
 
 
 def fresh_clone(dest: Path) -> Path:
@@ -125,21 +124,17 @@ def fresh_clone(dest: Path) -> Path:
     return dest
 
 
-def run(command: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
-
-
 def distill_cli(*args: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    return run([str(DISTILL), *args], cwd, env)
+    """The console script `make setup` installed, as a newcomer runs it."""
+    return run_cli(args, cwd=cwd, env=env, timeout=1200, script=True)
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     root = fresh_clone(tmp_path_factory.mktemp("clone"))
     # a newcomer's shell: no fake devices, a cold compilation cache of its own
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", DISTILL_CACHE=str(tmp_path_factory.mktemp("cache")),
-               COLUMNS="160")
+    env = {"XLA_FLAGS": None, "JAX_PLATFORMS": "cpu",
+           "DISTILL_CACHE": str(tmp_path_factory.mktemp("cache")), "COLUMNS": "160"}
     proc = distill_cli("demo", "--quick", "--quiet", cwd=root, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     work = root / "students" / "demo"
@@ -186,7 +181,9 @@ e = export_stage(Path("students/demo"), {quick["summary"]["best_student"]!r}, Co
 print(summary_line(e))
 print("diff", e["distill_logit_diff"])
 """
-    proc = run([sys.executable, "-c", script], quick["root"], quick["env"])
+    proc = subprocess.run([sys.executable, "-c", script], cwd=quick["root"],
+                          env=environment(quick["env"]), capture_output=True, text=True,
+                          timeout=1200)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     skipped = [line for line in proc.stdout.splitlines() if "skipped the transformers" in line]
     assert skipped == ["  skipped the transformers reload check: torch and transformers not "

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +19,7 @@ from distill.eval import metrics as M
 from distill.eval.evaluate import run_eval
 
 from . import toy
+from .helpers import assert_user_error, invoke_cli
 
 REPO = Path(__file__).resolve().parents[1]
 Z = 1.959963984540054
@@ -370,22 +368,14 @@ def test_a_different_tokenizer_is_not_scored(tmp_path):
 # Bad input
 
 
-def eval_cli(cfg: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "DISTILL_CACHE": str(cfg.parent / "cache")}
-    return subprocess.run([sys.executable, "-m", "distill.cli", "eval", str(cfg), "--quiet"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-
-
 def test_no_prompts_in_common_is_one_line_and_exit_2(tmp_path, dirs):
     cfg = tmp_path / "eval.yaml"
     cfg.write_text(yaml.safe_dump({
         "prompts": {**PROMPTS, "split": "heldout", "heldout_fraction": 0.0},
         "models": [{"model": str(dirs[0])}, {"model": str(dirs[1]), "role": "teacher"}],
         "output": str(tmp_path / "out")}))
-    proc = eval_cli(cfg)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "no prompts left" in lines[0]
+    line = assert_user_error(invoke_cli(["eval", cfg, "--quiet"], cwd=REPO), "no prompts left")
+    assert line.startswith("error: ")
     assert not (tmp_path / "out").exists()
 
 

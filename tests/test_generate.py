@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,32 +21,10 @@ from distill.data.records import TRACE_SCHEMA
 from distill.tokenizer import Tokenizer
 from distill.traces.generate import run_generate
 
-from . import toy
+from .helpers import assert_user_error, invoke_cli, start_cli
+from .runs import generate_config
 
 REPO = Path(__file__).resolve().parents[1]
-KEEP_ALL = {"keep": "all", "reject_truncated": False, "require_think": False,
-            "reject_empty_answer": False, "max_foreign_script": None, "dedup": "none"}
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    return toy.deepseek_dir(tmp_path_factory.mktemp("teacher"))
-
-
-def write_config(path: Path, root: Path, teacher: dict, **sections) -> Path:
-    cfg = {
-        "prompts": {"source": "synthetic", "synthetic": {"n": 10, "seed": 3},
-                    "template": "{prompt} Put the answer in \\boxed{}."},
-        "teacher": teacher,
-        "sampling": {"n": 2, "temperature": 1.0, "top_p": 0.95, "max_new_tokens": 24,
-                     "seed": 7, "logprobs": 3},
-        "filters": KEEP_ALL,
-        "output": {"root": str(root), "prompts_per_shard": 2},
-    }
-    for key, value in sections.items():
-        cfg[key] = {**cfg.get(key, {}), **value}
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -67,7 +43,7 @@ def check_complete(run_dir: Path, prompts: int, n: int) -> list[dict]:
 
 
 def test_in_process_teacher_writes_a_dataset_that_datasets_loads(tmp_path, teacher_dir):
-    cfg = write_config(tmp_path / "run.yaml", tmp_path / "out",
+    cfg = generate_config(tmp_path / "run.yaml", tmp_path / "out",
                        {"kind": "jax", "model": str(teacher_dir), "batch_size": 2})
     summary = run_generate(cfg, progress=False)
     assert (summary.prompts, summary.samples, summary.records) == (10, 20, 20)
@@ -103,19 +79,18 @@ def test_in_process_teacher_writes_a_dataset_that_datasets_loads(tmp_path, teach
         run_generate(cfg, ["sampling.temperature=0.5"], progress=False)
 
 
-def _cli(cfg: Path, *extra: str, env=None) -> subprocess.Popen:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "DISTILL_CACHE": str(cfg.parent / "cache"),
-           **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "distill.cli", "generate", str(cfg), "--quiet",
-                             *extra], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+def _cli(cfg: Path, env=None) -> subprocess.Popen:
+    """`distill generate CFG` in a process of its own (killed, or its real stderr read)."""
+    return start_cli(["generate", cfg, "--quiet"], cwd=REPO,
+                     env={"JAX_PLATFORMS": "cpu", "DISTILL_CACHE": str(cfg.parent / "cache"),
+                          **(env or {})})
 
 
 def test_kill_9_at_three_points_then_resume_equals_an_uninterrupted_run(tmp_path, teacher_dir):
     teacher = {"kind": "jax", "model": str(teacher_dir), "batch_size": 2}
-    reference = run_generate(write_config(tmp_path / "ref.yaml", tmp_path / "ref", teacher),
+    reference = run_generate(generate_config(tmp_path / "ref.yaml", tmp_path / "ref", teacher),
                              progress=False)
-    cfg = write_config(tmp_path / "run.yaml", tmp_path / "out", teacher)
+    cfg = generate_config(tmp_path / "run.yaml", tmp_path / "out", teacher)
     run_dir = tmp_path / "out" / "run"
     rng = random.Random(0)
     stored = []
@@ -149,15 +124,12 @@ def test_kill_9_at_three_points_then_resume_equals_an_uninterrupted_run(tmp_path
 def test_bad_prompts_fail_in_one_line_and_leave_nothing(tmp_path, teacher_dir, content, columns,
                                                         expected):
     (tmp_path / "bad.jsonl").write_text(content)
-    cfg = write_config(tmp_path / "c.yaml", tmp_path / "out",
+    cfg = generate_config(tmp_path / "c.yaml", tmp_path / "out",
                        {"kind": "jax", "model": str(teacher_dir)})
     data = yaml.safe_load(cfg.read_text())
     data["prompts"] = {"source": str(tmp_path / "bad.jsonl"), "columns": columns}
     cfg.write_text(yaml.safe_dump(data))
-    proc = _cli(cfg)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2 and expected in err, err
-    assert len(err.strip().splitlines()) == 1, err
+    assert_user_error(invoke_cli(["generate", cfg, "--quiet"], cwd=REPO), expected)
     assert not (tmp_path / "out" / "c").exists()
 
 
@@ -184,7 +156,7 @@ def http_teacher(url: str, **kw) -> dict:
 def test_http_teacher_against_distill_serve_survives_faults(tmp_path, server, monkeypatch):
     url, app = server
     monkeypatch.setenv("DISTILL_TEST_KEY", "sk-test-123")
-    cfg = write_config(tmp_path / "http.yaml", tmp_path / "out", http_teacher(url),
+    cfg = generate_config(tmp_path / "http.yaml", tmp_path / "out", http_teacher(url),
                        sampling={"logprobs": 0})
     t0 = time.perf_counter()
     summary = run_generate(cfg, progress=False)
@@ -208,7 +180,7 @@ def test_http_errors_fail_in_one_line(tmp_path, server):
     cases = {"wrong-key": (http_teacher(url), "sk-wrong", "HTTP 401"),
              "unreachable": (http_teacher(dead, max_retries=2), "sk-test-123", "cannot reach")}
     for name, (teacher, key, expected) in cases.items():
-        cfg = write_config(tmp_path / f"{name}.yaml", tmp_path / "out", teacher)
+        cfg = generate_config(tmp_path / f"{name}.yaml", tmp_path / "out", teacher)
         proc = _cli(cfg, env={"DISTILL_TEST_KEY": key})
         _, err = proc.communicate(timeout=120)
         # retries are logged as they happen; the failure itself is one line

@@ -5,7 +5,6 @@ its rotary layout, norms in F32, weights quantized), so each quantization type i
 against transformers and against the float weights it was made from.
 """
 
-import os
 from pathlib import Path
 
 import gguf
@@ -18,14 +17,6 @@ from distill.models.gguf import gguf_tensor_names, iter_gguf_tensors, read_gguf_
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-
-SMOLLM2 = Path(
-    os.environ.get(
-        "DISTILL_SMOLLM2_GGUF",
-        Path(__file__).resolve().parents[1]
-        / ".cache/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    )
-)
 
 # D=256 so every row fills whole K-quant super-blocks (256 values); H=64, N=4, K=2, F=512.
 DIMS = {"layers": 2, "hidden": 256, "heads": 4, "kv_heads": 2, "ffn": 512, "vocab": 64}
@@ -216,10 +207,9 @@ def assert_tensors_match(path: Path, model) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    if not SMOLLM2.is_file():
-        pytest.fail(f"{SMOLLM2} is missing: run `make models` (or set DISTILL_SMOLLM2_GGUF)")
-    return SMOLLM2, hf_load(SMOLLM2)
+def smollm2(smollm2_gguf):
+    """(the GGUF's path: conftest.py's smollm2_gguf, transformers' model of it)."""
+    return smollm2_gguf, hf_load(smollm2_gguf)
 
 
 def test_smollm2_config_matches_transformers(smollm2):

@@ -11,7 +11,6 @@ from email.utils import format_datetime
 import httpx
 import pytest
 
-import distill
 from distill.backends.http import (
     OpenAISampler,
     OpenAISamplerConfig,
@@ -25,7 +24,6 @@ from distill.errors import DistillError
 from distill.sampling import SamplingParams, generate, stop_ids
 from distill.serve.app import ServerThread, build_app
 from distill.tokenizer import Tokenizer
-from tests import toy
 from tests.faults import FaultConfig, with_faults
 
 PROMPTS = [PromptRecord(f"p{i}", f"Start with {i}. Add 3. What is the result?") for i in range(5)]
@@ -34,24 +32,14 @@ PROMPTS.append(PromptRecord("chat", [{"role": "system", "content": "Be brief."},
 
 
 @pytest.fixture(scope="module")
-def toy_dir(tmp_path_factory):
-    return toy.qwen2_dir(tmp_path_factory.mktemp("http") / "toy")
-
-
-@pytest.fixture(scope="module")
-def loaded(toy_dir):
-    return distill.load_pretrained(toy_dir)
-
-
-@pytest.fixture(scope="module")
-def base_url(loaded):
-    with ServerThread(build_app(*loaded, "toy", max_batch=4)) as url:
+def base_url(toy_qwen2):
+    with ServerThread(build_app(*toy_qwen2, "toy", max_batch=4)) as url:
         yield url
 
 
 @pytest.fixture(scope="module")
-def keyed_url(loaded):
-    with ServerThread(build_app(*loaded, "toy", api_key="sekrit-123")) as url:
+def keyed_url(toy_qwen2):
+    with ServerThread(build_app(*toy_qwen2, "toy", api_key="sekrit-123")) as url:
         yield url
 
 
@@ -103,33 +91,33 @@ def test_logprobs_come_with_token_ids(base_url):
     assert s.token_bytes is None  # no tokenizer named: "token_id:N" tokens carry no bytes
 
 
-def test_logprobs_come_with_bytes_from_the_named_tokenizer(base_url, toy_dir):
+def test_logprobs_come_with_bytes_from_the_named_tokenizer(base_url, toy_qwen2_dir):
     params = SamplingParams(max_new_tokens=12, temperature=0.0, logprobs=3)
-    http = teacher(base_url, tokenizer=str(toy_dir))
+    http = teacher(base_url, tokenizer=str(toy_qwen2_dir))
     [[s]] = http.complete(PROMPTS[:1], params)
-    table = Tokenizer.from_pretrained(toy_dir).token_bytes()
+    table = Tokenizer.from_pretrained(toy_qwen2_dir).token_bytes()
     assert s.top_bytes == [[table[i] for i in row] for row in s.top_ids]
     # greedy: each sampled token is its row's most likely entry
     assert s.token_bytes == [table[row[0]] for row in s.top_ids] and len(s.token_bytes) == 12
     assert http.tokenizer_identity["vocab_size"] == len(table)
 
 
-def warm_up(loaded, text, params, batch_sizes):
+def warm_up(toy_qwen2, text, params, batch_sizes):
     """Compile the shapes the server's rounds will use, so that only injected hangs time out."""
-    model, tok = loaded
+    model, tok = toy_qwen2
     ids = prompt_ids(tok, text)
     for b in batch_sizes:
         generate(model, [ids] * b, params, stop_ids(model, tok), tok)
 
 
-def test_faults_every_sample_exactly_once(loaded, caplog):
+def test_faults_every_sample_exactly_once(toy_qwen2, caplog):
     """~30% of requests fail (429 + Retry-After 0, 500, hang past the timeout, dropped
     connection); the run still returns every (prompt, sample) once, in order."""
     faults = FaultConfig(rate=0.3, seed=12, retry_after_s=0)
-    app = with_faults(build_app(*loaded, "toy", max_batch=1), faults)
+    app = with_faults(build_app(*toy_qwen2, "toy", max_batch=1), faults)
     prompts = [PromptRecord(f"f{i}", f"Fault drill {i}") for i in range(8)]
     params = SamplingParams(max_new_tokens=8, temperature=0.0, n=2)
-    warm_up(loaded, prompts[0].prompt, SamplingParams(max_new_tokens=16), batch_sizes=(1,))
+    warm_up(toy_qwen2, prompts[0].prompt, SamplingParams(max_new_tokens=16), batch_sizes=(1,))
     with ServerThread(app) as url, caplog.at_level(logging.WARNING):
         out = teacher(url, timeout_s=2.0, backoff_initial_s=0.05, backoff_max_s=0.2,
                       max_retries=20).complete(prompts, params)

@@ -11,7 +11,7 @@ from distill.errors import DistillError
 from distill.models.attention import AttentionCall, MaskInfo, attention_path, blockwise_attention
 from distill.models.families import load_model_config
 from distill.models.kernels import cudnn_attention, fused_attention
-from tests.test_attention import TINY_QWEN2, _packed_batch, _random_model
+from tests.random_models import TINY_QWEN2, packed_batch, random_model
 
 
 def _packed(t: int, n: int, kh: int, h: int, seed: int = 0):
@@ -146,9 +146,9 @@ def test_a_model_with_a_kernel_gives_the_dense_logits(kernel):
     the config field reaches every layer, interpreted on CPU."""
     cfg = load_model_config(TINY_QWEN2)
     # the same weights twice (drawn from one seed), two settings
-    dense = _random_model(cfg.model_copy(update={"attention": "dense"}))
-    fused = _random_model(cfg.model_copy(update={"attention": kernel}))
-    tokens, pos, seg = _packed_batch(256, cfg.vocab_size)
+    dense = random_model(cfg.model_copy(update={"attention": "dense"}))
+    fused = random_model(cfg.model_copy(update={"attention": kernel}))
+    tokens, pos, seg = packed_batch(256, cfg.vocab_size)
     real = np.asarray(seg) != 0
     ref = np.asarray(jax.jit(lambda *a: dense(*a))(tokens, pos, seg))[real]
     np.testing.assert_allclose(np.asarray(jax.jit(lambda *a: fused(*a))(tokens, pos, seg))[real],
@@ -166,10 +166,10 @@ def test_a_step_with_bfloat16_parameters_keeps_the_state_dtypes():
 
     cfg = load_model_config(TINY_QWEN2).model_copy(update={"param_dtype": "bfloat16",
                                                           "dtype": "bfloat16"})
-    model = _random_model(cfg)
+    model = random_model(cfg)
     tx = optax.adamw(1e-3)
     graphdef, state = init_state(model, tx)
-    tokens, pos, seg = _packed_batch(64, cfg.vocab_size)
+    tokens, pos, seg = packed_batch(64, cfg.vocab_size)
     batch = {"tokens_bt": tokens, "targets_bt": tokens, "loss_mask_bt": seg != 0,
              "segment_ids_bt": seg, "positions_bt": pos}
     new, _ = jax.jit(make_step(graphdef, tx, make_loss_fn(LossConfig()), lambda s: 1e-3))(

@@ -4,13 +4,13 @@ parallelism and not without; nothing is allocated (the step is only compiled).""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import assert_user_error, invoke_cli, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,10 +26,9 @@ MESHES = {
 
 
 def plan(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)  # the command starts as many fake devices as the mesh needs
-    return subprocess.run([sys.executable, "-m", "distill.cli", "plan", *args], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=600)
+    # a process of its own, without our XLA_FLAGS: it starts as many fake devices as the mesh needs
+    return run_cli(["plan", *args], cwd=REPO, env={"JAX_PLATFORMS": "cpu", "XLA_FLAGS": None},
+                   timeout=600)
 
 
 def total(stdout: str, column: int) -> float:
@@ -87,9 +86,7 @@ def test_plan_refuses_what_train_refuses_in_one_line():
     compilation); with grad_accum 1 the same plan goes ahead."""
     args = ("configs/runs/r1-distill-qwen-7b.yaml", "--mesh", "data=1,fsdp=16,tensor=4",
             "--batch", "16", "--set", "student.init=configs/students/llama-3.3-70b-instruct.yaml")
-    proc = plan(*args)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    [line] = proc.stderr.strip().splitlines()
+    line = assert_user_error(plan(*args))
     assert line == ("error: configs/runs/r1-distill-qwen-7b.yaml: data.batch_size 16 / "
                     "train.grad_accum 4 = 4 rows per micro-batch, which the mesh's data x fsdp = "
                     "16 batch shards do not divide (set train.grad_accum to 1)")
@@ -97,7 +94,7 @@ def test_plan_refuses_what_train_refuses_in_one_line():
     assert proc.returncode == 0 and "FITS" in proc.stdout, proc.stdout + proc.stderr
     # and a row longer than the student's positions is refused as train refuses it
     proc = plan("configs/students/qwen2.5-math-1.5b.yaml", "--mesh", "fsdp=8", "--seq-len", "8192")
-    assert proc.returncode == 2 and "max_position_embeddings 4096" in proc.stderr, proc.stderr
+    assert_user_error(proc, "max_position_embeddings 4096")
 
 
 def test_the_recipe_plans_and_generate_mode_plans_the_teacher():
@@ -110,5 +107,6 @@ def test_the_recipe_plans_and_generate_mode_plans_the_teacher():
 
 
 def test_bad_mesh_is_one_line():
-    proc = plan("configs/students/qwen2.5-math-1.5b.yaml", "--mesh", "data=1,fsdp=0")
-    assert proc.returncode == 2 and proc.stderr.startswith("error: mesh"), proc.stderr
+    proc = invoke_cli(["plan", "configs/students/qwen2.5-math-1.5b.yaml", "--mesh",
+                       "data=1,fsdp=0"], cwd=REPO)
+    assert assert_user_error(proc).startswith("error: mesh")

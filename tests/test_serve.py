@@ -4,10 +4,7 @@ concurrent requests, faults, 4xx answers), and generate's streaming hook."""
 
 import copy
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -16,26 +13,20 @@ import numpy as np
 import pytest
 from starlette.testclient import TestClient
 
-import distill
 from distill import sampling
 from distill.chat import prompt_ids, split_reasoning
 from distill.sampling import SamplingParams, generate, stop_ids
 from distill.serve.app import ServerThread, build_app
 from distill.serve.protocol import StreamText, visible_text
-from tests import toy
 from tests.faults import FaultConfig, with_faults
+from tests.helpers import assert_user_error, invoke_cli
 
 QUESTION = "Start with 7. Add 3, then multiply by 2. What is the result?"
 
 
 @pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    return distill.load_pretrained(toy.qwen2_dir(tmp_path_factory.mktemp("serve") / "toy"))
-
-
-@pytest.fixture(scope="module")
-def server(loaded):
-    app = build_app(*loaded, "toy", max_batch=16)
+def server(toy_qwen2):
+    app = build_app(*toy_qwen2, "toy", max_batch=16)
     with ServerThread(app) as base_url:
         with httpx.Client(base_url=base_url, timeout=120) as client:
             yield app, client
@@ -47,8 +38,8 @@ def chat(client, **body):
     return client.post("/v1/chat/completions", json=body)
 
 
-def engine_text(loaded, params: SamplingParams):
-    model, tok = loaded
+def engine_text(toy_qwen2, params: SamplingParams):
+    model, tok = toy_qwen2
     [c] = generate(model, [prompt_ids(tok, QUESTION)], params, stop_ids(model, tok), tok,
                    pad_id=tok.pad_token_id or 0)
     return c
@@ -118,7 +109,7 @@ def test_completion_shape_and_usage(server):
 
 
 @pytest.mark.parametrize("temperature, seed", [(0.0, None), (1.0, 5)])
-def test_answer_equals_the_sampling_engine(server, loaded, temperature, seed):
+def test_answer_equals_the_sampling_engine(server, toy_qwen2, temperature, seed):
     """A request served alone draws what generate draws (greedy, and sampled with its seed)."""
     _, client = server
     body = dict(temperature=temperature, max_tokens=16, logprobs=True,
@@ -126,7 +117,7 @@ def test_answer_equals_the_sampling_engine(server, loaded, temperature, seed):
     if seed is not None:
         body["seed"] = seed
     data = chat(client, **body).json()
-    want = engine_text(loaded, SamplingParams(max_new_tokens=16, temperature=temperature,
+    want = engine_text(toy_qwen2, SamplingParams(max_new_tokens=16, temperature=temperature,
                                               seed=seed or 0, logprobs=1))
     [choice] = data["choices"]
     ids = [int(e["token"].removeprefix("token_id:")) for e in choice["logprobs"]["content"]]
@@ -136,13 +127,13 @@ def test_answer_equals_the_sampling_engine(server, loaded, temperature, seed):
         reasoning, content)
     assert choice["finish_reason"] == want.finish_reason
     assert data["usage"]["completion_tokens"] == len(want.token_ids)
-    assert data["usage"]["prompt_tokens"] == len(prompt_ids(loaded[1], QUESTION))
+    assert data["usage"]["prompt_tokens"] == len(prompt_ids(toy_qwen2[1], QUESTION))
 
 
-def test_reasoning_is_split_only_when_the_template_opens_a_think_block(loaded):
+def test_reasoning_is_split_only_when_the_template_opens_a_think_block(toy_qwen2):
     """The R1 template opens <think> in the prompt: the (unclosed) text is reasoning. A template
     without one gives plain content and no reasoning."""
-    model, tok = loaded
+    model, tok = toy_qwen2
     plain_tok = copy.copy(tok)
     plain_tok.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
     body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 64,
@@ -261,8 +252,8 @@ def test_bad_json_unknown_model_and_route(server):
     assert r.status_code == 404 and "error" in r.json()
 
 
-def test_api_key(loaded):
-    with TestClient(build_app(*loaded, "toy", api_key="sekrit")) as client:
+def test_api_key(toy_qwen2):
+    with TestClient(build_app(*toy_qwen2, "toy", api_key="sekrit")) as client:
         assert client.get("/v1/models").status_code == 401
         r = client.get("/v1/models", headers={"Authorization": "Bearer nope"})
         assert r.status_code == 401 and "sekrit" not in r.text
@@ -273,32 +264,32 @@ def test_api_key(loaded):
 # ------------------------------------------------------------------ faults
 
 
-def faulty(loaded, kind, **kw):
-    return ServerThread(with_faults(build_app(*loaded, "toy"),
+def faulty(toy_qwen2, kind, **kw):
+    return ServerThread(with_faults(build_app(*toy_qwen2, "toy"),
                                     FaultConfig(rate=1.0, kinds=(kind,), **kw)))
 
 
-def test_fault_kinds(loaded):
+def test_fault_kinds(toy_qwen2):
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 16, "temperature": 0,
             "logprobs": True}
-    with faulty(loaded, "429", retry_after_s=3) as url:
+    with faulty(toy_qwen2, "429", retry_after_s=3) as url:
         r = httpx.post(f"{url}/v1/chat/completions", json=body)
         assert r.status_code == 429 and r.headers["retry-after"] == "3"
-    with faulty(loaded, "500") as url:
+    with faulty(toy_qwen2, "500") as url:
         assert httpx.post(f"{url}/v1/chat/completions", json=body).status_code == 500
-    with faulty(loaded, "drop") as url, pytest.raises(httpx.RemoteProtocolError):
+    with faulty(toy_qwen2, "drop") as url, pytest.raises(httpx.RemoteProtocolError):
         httpx.post(f"{url}/v1/chat/completions", json=body)
-    with faulty(loaded, "hang") as url, pytest.raises(httpx.ReadTimeout):
+    with faulty(toy_qwen2, "hang") as url, pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{url}/v1/chat/completions", json=body, timeout=0.5)
-    with faulty(loaded, "hang", hang_s=0.2) as url:  # a bounded hang, then the answer
+    with faulty(toy_qwen2, "hang", hang_s=0.2) as url:  # a bounded hang, then the answer
         assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code == 200
 
 
 # ------------------------------------------------------------------ generate's streaming hook
 
 
-def test_generate_on_chunk_reports_every_token_once(loaded):
-    model, tok = loaded
+def test_generate_on_chunk_reports_every_token_once(toy_qwen2):
+    model, tok = toy_qwen2
     ids = prompt_ids(tok, QUESTION)
     params = SamplingParams(max_new_tokens=64, temperature=1.0, n=2, seed=4)
     calls = []
@@ -312,8 +303,8 @@ def test_generate_on_chunk_reports_every_token_once(loaded):
         assert [t for t in streamed if t not in eos] == c.token_ids
 
 
-def test_rows_on_chunk_drops_end_there_and_the_others_run_on(loaded):
-    model, tok = loaded
+def test_rows_on_chunk_drops_end_there_and_the_others_run_on(toy_qwen2):
+    model, tok = toy_qwen2
     ids = prompt_ids(tok, QUESTION)
     params = SamplingParams(max_new_tokens=128, temperature=0.0)
     chunks = []
@@ -333,8 +324,8 @@ def test_rows_on_chunk_drops_end_there_and_the_others_run_on(loaded):
     assert all(rows[1] == [] for rows in chunks[1:])
 
 
-def test_a_new_seed_does_not_compile_again(loaded):
-    model, tok = loaded
+def test_a_new_seed_does_not_compile_again(toy_qwen2):
+    model, tok = toy_qwen2
     ids = prompt_ids(tok, QUESTION)
     generate(model, [ids], SamplingParams(max_new_tokens=64, temperature=1.0, seed=1))
     size = sampling._decode_chunk._cache_size()
@@ -347,14 +338,8 @@ def test_a_new_seed_does_not_compile_again(loaded):
 # ------------------------------------------------------------------ the command line
 
 
-def run_cli(*args, env=None):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "distill.cli", *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=300)
-
-
 def test_cli_help():
-    proc = run_cli("serve", "--help")
+    proc = invoke_cli(["serve", "--help"])
     assert proc.returncode == 0
     for needle in ("/v1/chat/completions", "--host", "--port", "--max-batch", "--api-key-env"):
         assert needle in proc.stdout
@@ -366,12 +351,10 @@ def test_cli_errors_are_one_line(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        proc = run_cli("serve", tmp_path, "--port", port)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
-    proc = run_cli("serve", tmp_path, "--api-key-env", "DISTILL_TEST_NO_SUCH_KEY")
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-    assert "DISTILL_TEST_NO_SUCH_KEY is not set" in proc.stderr
+        proc = invoke_cli(["serve", tmp_path, "--port", port])
+    assert_user_error(proc, f"cannot listen on 127.0.0.1:{port}")
+    proc = invoke_cli(["serve", tmp_path, "--api-key-env", "DISTILL_TEST_NO_SUCH_KEY"])
+    assert_user_error(proc, "DISTILL_TEST_NO_SUCH_KEY is not set")
 
 
 def _wait_until(pred, timeout=60.0) -> bool:
@@ -381,8 +364,8 @@ def _wait_until(pred, timeout=60.0) -> bool:
     return pred()
 
 
-def test_clients_that_leave_free_their_batch_slot(loaded):
-    app = build_app(*loaded, "toy", max_batch=4)
+def test_clients_that_leave_free_their_batch_slot(toy_qwen2):
+    app = build_app(*toy_qwen2, "toy", max_batch=4)
     engine = app.state.engine
     long = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 1536,
             "temperature": 0}

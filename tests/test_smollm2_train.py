@@ -4,8 +4,6 @@ and reloaded by transformers with the same logits and the chat format distill tr
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -19,6 +17,7 @@ from distill.data.prompts import PromptsConfig
 from distill.data.render import render_example
 from distill.traces.reference import write_reference_traces
 from distill.train.loop import run_train
+from tests.helpers import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,8 +51,8 @@ def test_export_reloads_in_transformers_with_the_trained_chat_format(trained):
 
     root, result = trained
     out = root / "hf"
-    proc = subprocess.run([sys.executable, "-m", "distill.cli", "export", str(result.run_dir),
-                           "--out", str(out), "--dtype", "float32"], cwd=REPO, capture_output=True, text=True)
+    proc = run_cli(["export", result.run_dir, "--out", out, "--dtype", "float32"], cwd=REPO,
+                   timeout=None)
     assert proc.returncode == 0, proc.stderr
     ours, tok = distill.load_pretrained(result.run_dir)
     ref = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()

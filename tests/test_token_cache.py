@@ -23,20 +23,15 @@ from distill.tokenizer import Tokenizer
 from distill.train.data import DataConfig, TrainData
 
 from . import toy
-from .test_data import _with_teacher, trace_row, write_traces
+from .trace_rows import trace_row, with_teacher, write_traces
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> Tokenizer:
-    return Tokenizer.from_pretrained(toy.write_tokenizer(tmp_path_factory.mktemp("tok")))
 
 
 def mixture(root: Path, tok) -> list[str]:
     """A dataset with teacher top-k on most traces (some without EOS scored, some plain, one with
     no assistant text) and a plain one."""
-    rows = [_with_teacher(tok, i, drop_eos=i % 3 == 0) if i % 4 else trace_row(i, 2 + i % 5)
+    rows = [with_teacher(tok, i, drop_eos=i % 3 == 0) if i % 4 else trace_row(i, 2 + i % 5)
             for i in range(40)]
     rows.append(trace_row(99, 1, reasoning="", answer=""))
     kd = write_traces(root / "kd", rows, shards=3)

