@@ -246,12 +246,12 @@ def test_bench_http(base_url):
     assert result["requests"] == 8 and result["requests_per_s"] > 0
 
 
-def test_every_backend_is_a_registered_sampler(toy_dir):
+def test_every_backend_is_a_registered_sampler(toy_qwen2_dir):
     from distill.backends import BACKENDS, Sampler, make_sampler
 
     assert set(BACKENDS) == {"jax", "openai"}
     url = "http://teacher.test/v1"
-    jax_sampler = make_sampler(BACKENDS["jax"].config(model=str(toy_dir)))
+    jax_sampler = make_sampler(BACKENDS["jax"].config(model=str(toy_qwen2_dir)))
     http_sampler = make_sampler(BACKENDS["openai"].config(base_url=url, model="toy"))
     for sampler in (jax_sampler, http_sampler):
         assert isinstance(sampler, Sampler)

@@ -34,6 +34,18 @@ from distill.parallel import variable_sharding
 
 Row = tuple[str, str, str]
 
+def decoder_rows(stack: str) -> tuple[Row, ...]:
+    """The rows every decoder family shares: embedding, final norm, output head, and each layer's
+    two norms (`stack`: the native path of the layers, e.g. "blocks" or "{stack}")."""
+    return (
+        ("model.embed_tokens.weight", "embed.embedding_vd", "same"),
+        ("model.norm.weight", "final_norm_d", "same"),
+        ("lm_head.weight", "lm_head_dv", "t1"),
+        ("model.layers.{i}.input_layernorm.weight", f"{stack}.attn_norm_d", "same"),
+        ("model.layers.{i}.post_attention_layernorm.weight", f"{stack}.mlp_norm_d", "same"),
+    )
+
+
 # Buffers that some checkpoints carry and that hold no learned weight.
 IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
 

@@ -34,11 +34,7 @@ MODEL_TYPE = "deepseek_v3"
 _ATTN = "model.layers.{i}.self_attn."
 _MLP = "model.layers.{i}.mlp."
 ROWS: tuple[weights.Row, ...] = (
-    ("model.embed_tokens.weight", "embed.embedding_vd", "same"),
-    ("model.norm.weight", "final_norm_d", "same"),
-    ("lm_head.weight", "lm_head_dv", "t1"),
-    ("model.layers.{i}.input_layernorm.weight", "{stack}.attn_norm_d", "same"),
-    ("model.layers.{i}.post_attention_layernorm.weight", "{stack}.mlp_norm_d", "same"),
+    *weights.decoder_rows("{stack}"),
     (_ATTN + "q_proj.weight", "{stack}.attn.wq_dnh", "t1"),
     (_ATTN + "q_a_proj.weight", "{stack}.attn.wq_a_dq", "t1"),
     (_ATTN + "q_a_proj.bias", "{stack}.attn.bq_a_q", "same"),

@@ -16,11 +16,7 @@ from distill.models.llama.config import DenseConfig
 from distill.models.llama.model import DenseDecoder
 
 ROWS: tuple[weights.Row, ...] = (
-    ("model.embed_tokens.weight", "embed.embedding_vd", "same"),
-    ("model.norm.weight", "final_norm_d", "same"),
-    ("lm_head.weight", "lm_head_dv", "t1"),
-    ("model.layers.{i}.input_layernorm.weight", "blocks.attn_norm_d", "same"),
-    ("model.layers.{i}.post_attention_layernorm.weight", "blocks.mlp_norm_d", "same"),
+    *weights.decoder_rows("blocks"),
     ("model.layers.{i}.self_attn.q_proj.weight", "blocks.attn.wq_dnh", "t1"),
     ("model.layers.{i}.self_attn.k_proj.weight", "blocks.attn.wk_dkh", "t1"),
     ("model.layers.{i}.self_attn.v_proj.weight", "blocks.attn.wv_dkh", "t1"),
