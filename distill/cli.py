@@ -100,7 +100,7 @@ def generate(config, overrides, overwrite, quiet):
       prompts   source (jsonl / parquet / csv / save_to_disk dir / hub name / synthetic), columns
       teacher   kind: jax (a MODEL path run in-process) or openai (base_url, model, api_key_env)
       sampling  n, temperature, top_p, max_new_tokens, seed, logprobs
-      filters   keep correct|all, truncation, <think> format, language mix, dedup, decontamination
+      filters   keep correct|complete|all, truncation, <think> format, language mix, dedup, decontamination
       output    root (teacher_traces), prompts_per_shard
     Rerunning the same command resumes after a crash; --overwrite starts over.
     """
@@ -193,7 +193,8 @@ def train(config, overrides, quiet):
                 on GPU / TPU), remat, context_parallel ({context_parallel}),
                 attention ({attention})
       data      traces (teacher_traces/<run> dirs), weights, keep, seq_len, batch_size, top_k
-      loss      kind sft | forward_kl | reverse_kl | jsd, alpha, beta, temperature
+      loss      kind (sft, or a divergence registered in distill.losses: a name it
+                does not know gets the list), alpha, beta, temperature
       optim     lr, warmup_steps, schedule, weight_decay, clip_norm
       train     steps or epochs, grad_accum, log/eval/checkpoint intervals
       mesh      e.g. data=1,fsdp=8,tensor=1, or fsdp=2,context=4 to split each row's
