@@ -126,9 +126,12 @@ def test_two_processes_train_like_one(world, tmp_path):
     b = [m["loss"] for m in metrics(tmp_path / "students" / "two")]
     assert len(b) == 5
     np.testing.assert_allclose(b, a, rtol=1e-5)
-    builders = {json.loads(m.read_text())["built_by"]["process"]
-                for m in (tmp_path / "shared").glob("*/parts/*/meta.json")}
-    assert builders == {0, 1}
+    # one cache, built by the run's processes; which of them builds which of these few blocks is
+    # a race (process 0 built all of them in 1 of 3 clean-clone runs): that both processes
+    # build is checked over 200 blocks in test_token_cache
+    builders = [json.loads(m.read_text())["built_by"]["process"]
+                for m in (tmp_path / "shared").glob("*/parts/*/meta.json")]
+    assert builders and set(builders) <= {0, 1}
 
 
 @pytest.mark.parametrize("edit, message", [
