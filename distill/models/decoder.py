@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from distill.models.attention import DEFAULT_SETTINGS, AttentionSettings, MaskInfo, attention_mask
-from distill.models.layers import param, remat, rms_norm
+from distill.models.layers import param, read_slots, remat, rms_norm, write_slots
 from distill.parallel import constrain
 
 RESIDUAL = ("act_batch", "act_seq", "act_embed")  # logical names of the residual stream [B, T, D]
@@ -101,12 +101,12 @@ def scan_blocks(blocks: nnx.Module, x_btd, rope, mask_bts, kv, cache_index, cfg,
     def body(x_btd, layer_in):
         state, kv_i = layer_in
         x_btd, kv_i = layer(state, x_btd, kv_i)
-        new = tuple(jax.lax.dynamic_slice_in_dim(u, cache_index, t, axis=slot_axis) for u in kv_i)
+        new = tuple(read_slots(u, cache_index, t, axis=slot_axis) for u in kv_i)
         return constrain(x_btd, RESIDUAL), new
 
     x_btd, new = jax.lax.scan(remat(body, cfg.remat), x_btd, (stacked, tuple(kv)))
-    start = tuple(cache_index if a == slot_axis + 1 else 0 for a in range(kv[0].ndim))
-    return x_btd, tuple(jax.lax.dynamic_update_slice(c, u, start)
+    # the stacked caches are [L, B, ...]: write per layer (batch leads each layer's slice)
+    return x_btd, tuple(jax.vmap(lambda c, u: write_slots(c, u, cache_index, axis=slot_axis))(c, u)
                         for c, u in zip(kv, new, strict=True))
 
 
@@ -173,6 +173,8 @@ class CausalLM(nnx.Module):
     settings, to `attention`, whose `attention_path` picks the path.
     """
 
+    cache_slot_axis = 1  # the slot (sequence) axis of one layer's cache arrays ([B, S, ...])
+
     def _init_head(self, cfg, rngs: nnx.Rngs) -> None:
         """The final norm, and the output projection unless embeddings are tied."""
         dt = jnp.dtype(cfg.param_dtype)
@@ -200,17 +202,28 @@ class CausalLM(nnx.Module):
                        last_only: bool = False):
         """Run T new tokens that occupy cache slots [cache_index, cache_index + T).
 
-        kv_valid_bs [B, S] marks the cache slots that hold real tokens (left padding is False).
-        Returns float32 logits [B, T, V] ([B, 1, V] for the last token only with `last_only`, as
-        a prefill needs: the output head is then not applied to the other T - 1) and the cache.
+        cache_index: a scalar, or an int32 [B] array when each row writes at its own slot (the
+        inference engine's slots). kv_valid_bs [B, S] marks the cache slots that hold real tokens
+        (left padding is False). Returns float32 logits [B, T, V] ([B, 1, V] for the last token
+        only with `last_only`, as a prefill needs: the output head is then not applied to the
+        other T - 1) and the cache.
         """
+        hidden, cache = self._cached(tokens_bt, positions_bt, cache, cache_index, kv_valid_bs)
+        return self.logits(hidden[:, -1:] if last_only else hidden), cache
+
+    def fill_cache(self, tokens_bt, positions_bt, cache, cache_index, kv_valid_bs):
+        """`forward_cached` for a prompt chunk whose logits nobody reads: the cache only (the
+        output head is not applied)."""
+        return self._cached(tokens_bt, positions_bt, cache, cache_index, kv_valid_bs)[1]
+
+    def _cached(self, tokens_bt, positions_bt, cache, cache_index, kv_valid_bs):
         b, t = tokens_bt.shape
         s = kv_valid_bs.shape[1]
-        q_slots = jnp.broadcast_to(cache_index + jnp.arange(t, dtype=jnp.int32), (b, t))
+        start_b1 = jnp.reshape(jnp.asarray(cache_index, jnp.int32), (-1, 1))
+        q_slots = jnp.broadcast_to(start_b1 + jnp.arange(t, dtype=jnp.int32), (b, t))
         k_slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         mask = attention_mask(q_slots, k_slots, kv_valid_bs)
-        hidden, cache = self._run(tokens_bt, positions_bt, mask, cache, cache_index)
-        return self.logits(hidden[:, -1:] if last_only else hidden), cache
+        return self._run(tokens_bt, positions_bt, mask, cache, cache_index)
 
     def logits(self, hidden_btd):
         """Final projection to float32 logits [B, T, V]."""

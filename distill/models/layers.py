@@ -14,6 +14,35 @@ import jax.numpy as jnp
 from flax import nnx
 
 # ---------------------------------------------------------------------------------------------
+# KV-cache slots
+
+
+def write_slots(cache: jax.Array, new: jax.Array, index, axis: int) -> jax.Array:
+    """Write `new` (T entries on `axis`) into `cache` from slot `index` on; batch is axis 0.
+
+    index: a scalar (every row writes at the same slot, as `generate`'s batches do) or an int32
+    [B] array (each row at its own slot, as the inference engine's slots do)."""
+    index = jnp.asarray(index, jnp.int32)
+    if index.ndim == 0:
+        start = tuple(index if a == axis else 0 for a in range(cache.ndim))
+        return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), start)
+
+    def row(c, u, i):
+        return jax.lax.dynamic_update_slice_in_dim(c, u.astype(c.dtype), i, axis=axis - 1)
+
+    return jax.vmap(row)(cache, new, index)
+
+
+def read_slots(cache: jax.Array, index, t: int, axis: int) -> jax.Array:
+    """The T entries of `cache` on `axis` from slot `index` on (scalar, or [B] per row as in
+    `write_slots`); batch is axis 0."""
+    index = jnp.asarray(index, jnp.int32)
+    if index.ndim == 0:
+        return jax.lax.dynamic_slice_in_dim(cache, index, t, axis=axis)
+    return jax.vmap(lambda c, i: jax.lax.dynamic_slice_in_dim(c, i, t, axis=axis - 1))(cache, index)
+
+
+# ---------------------------------------------------------------------------------------------
 # Parameters
 
 

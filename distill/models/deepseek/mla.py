@@ -109,8 +109,8 @@ class MLAttention(nnx.Module):
         k_rope_btr = apply_rope(k_rope_btr[:, :, None, :], cos, sin)[:, :, 0, :]
         if cache is not None:  # write this step's latents into the cache, attend over all of it
             lat_c, rope_c = cache
-            latent_btc = jax.lax.dynamic_update_slice(lat_c, latent_btc.astype(lat_c.dtype), (0, cache_index, 0))
-            k_rope_btr = jax.lax.dynamic_update_slice(rope_c, k_rope_btr.astype(rope_c.dtype), (0, cache_index, 0))
+            latent_btc = layers.write_slots(lat_c, latent_btc, cache_index, axis=1)
+            k_rope_btr = layers.write_slots(rope_c, k_rope_btr, cache_index, axis=1)
             cache = (latent_btc, k_rope_btr)
             latent_btc, k_rope_btr = latent_btc.astype(dt), k_rope_btr.astype(dt)
         # only where the path is dense may attention run in latent space: every other path needs

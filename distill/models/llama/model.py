@@ -65,10 +65,8 @@ class Attention(nnx.Module):
             out_btnh = attention(q, k, v, mask_bts, self.scale, settings=settings)
         else:  # write this step's keys/values into the cache, attend over all of it
             k_cache, v_cache = kv
-            k = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype),
-                                             (0, 0, cache_index, 0))
-            v = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype),
-                                             (0, 0, cache_index, 0))
+            k = layers.write_slots(k_cache, k.transpose(0, 2, 1, 3), cache_index, axis=2)
+            v = layers.write_slots(v_cache, v.transpose(0, 2, 1, 3), cache_index, axis=2)
             kv = (k, v)
             out_btnh = attention(q, k.astype(dt), v.astype(dt), mask_bts, self.scale,
                                  kv_layout="bksh", settings=settings)
@@ -101,6 +99,8 @@ class Blocks(PreNormBlocks):
 class DenseDecoder(CausalLM):
     """Llama / Qwen2 causal LM. `model(tokens_bt) -> logits_btv` (float32)."""
 
+    cache_slot_axis = 2  # a layer's cache is heads-major [B, K, S, H]
+
     def __init__(self, cfg: DenseConfig, rngs: nnx.Rngs):
         if cfg.use_sliding_window:
             raise ValueError("sliding-window attention (use_sliding_window: true) is not supported")
@@ -126,6 +126,7 @@ class DenseDecoder(CausalLM):
         x = self.embed(tokens_bt, jnp.dtype(cfg.dtype))
         rope = rope_tables(positions_bt, cfg.head_size, cfg.rope_theta, cfg.rope_scaling)
         kv = None if cache is None else (cache.k, cache.v)
-        x, kv = scan_blocks(self.blocks, x, rope, mask_bts, kv, cache_index, cfg, slot_axis=2)
+        x, kv = scan_blocks(self.blocks, x, rope, mask_bts, kv, cache_index, cfg,
+                            slot_axis=self.cache_slot_axis)
         cache = None if cache is None else KVCache(*kv)
         return layers.rms_norm(x, self.final_norm_d[...], cfg.rms_norm_eps), cache
