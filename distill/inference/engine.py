@@ -146,7 +146,7 @@ class Engine:
         self.max_len = min(config.max_len or min(limit, MAX_LEN_DEFAULT), limit)
         # room for a last prompt chunk padded to its bucket past max_len
         self.cache_len = -(-self.max_len // 16) * 16 + config.prefill_chunk
-        self.chunks = [c for c in (16, 64, config.prefill_chunk) if c <= config.prefill_chunk]
+        self.chunks = sorted({c for c in (16, 64, config.prefill_chunk) if c <= config.prefill_chunk})
         self.windows = sorted({min(_pow2_at_least(w), self.cache_len)
                                for w in [config.min_window, *self.chunks, self.cache_len]}
                               | {w for w in (2 ** i for i in range(4, 20))
@@ -455,7 +455,7 @@ class Engine:
                     self.programs.add(("prefill", c, w))
                     self.cache = programs.prefill(
                         self.graphdef, self.weights, self.cache, jnp.int32(0),
-                        jnp.zeros((1, c), jnp.int32), jnp.int32(0), jnp.int32(0),
+                        jnp.asarray(np.zeros((1, c), np.int32)), jnp.int32(0), jnp.int32(0),
                         layout=self.layout, w=w)
         for w in self.windows:
             for lp in (False, True) if logprobs else (False,):
