@@ -206,6 +206,22 @@ def test_set_weights_swaps_the_model_without_a_compile(qwen):
     assert compiles() == before
 
 
+def test_sharded_on_a_mesh_it_samples_what_one_device_does(qwen):
+    """Weights over fsdp / tensor, slots over data (4 of the suite's 8 CPU devices)."""
+    from distill.parallel import make_mesh
+
+    _, model, path = qwen
+    mesh = make_mesh({"data": 2, "tensor": 2}, jax.devices()[:4])
+    sharded, _ = distill.load_pretrained(path, mesh=mesh)
+    cfg = EngineConfig(slots=4, max_len=64, decode_steps=4, min_window=32)
+    prompts = [[3, 4, 5], list(range(10, 40)), [7]]
+    params = SamplingParams(max_new_tokens=10, temperature=0.7, seed=2, n=1)
+    engine = Engine(sharded, None, cfg, eos_ids=[])
+    assert engine.cache.k[0].sharding.spec[0] == "data"  # per-layer [S, K, W, H] on the CPU
+    want = Engine(model, None, cfg, eos_ids=[]).generate(prompts, params)
+    assert [c.token_ids for c in engine.generate(prompts, params)] == [c.token_ids for c in want]
+
+
 def test_what_the_engine_cannot_serve_is_one_line(qwen):
     _, model, _ = qwen
     engine = Engine(model, None, EngineConfig(slots=2, max_len=64))

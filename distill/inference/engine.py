@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from pydantic import Field
 
 from distill.config import Frozen
@@ -158,7 +159,7 @@ class Engine:
         self.weights = _unstack(self._paths, state) if self.unroll else state
         self._check_memory()
         cache = model.init_cache(config.slots, self.cache_len)
-        self.cache = unstack_layers(cache) if self.unroll else cache
+        self.cache = self._place(unstack_layers(cache) if self.unroll else cache)
         self._init_slots()
         self._ids = itertools.count()
         self._incoming: list[Request] = []
@@ -421,6 +422,21 @@ class Engine:
         h.temperature[i], h.top_k[i], h.top_p[i] = p.temperature, p.top_k, p.top_p
         h.key[i] = np.asarray(request_key(p.seed, sample))
         h.active[i], h.lengths[i] = False, 0
+
+    def _place(self, cache):
+        """On a mesh (the weights' sharding names one), the slots split over its data axis, the
+        rest of the cache replicated, as the decode of a batch is; otherwise as it is."""
+        sharding = getattr(jax.tree.leaves(self.weights)[0], "sharding", None)
+        if not isinstance(sharding, NamedSharding):
+            return cache
+        mesh = sharding.mesh
+        data = mesh.shape.get("data", 1)
+
+        def spec(c):
+            return PartitionSpec(*("data" if a == self.layout.batch_axis and data > 1
+                                   and c.shape[a] % data == 0 else None for a in range(c.ndim)))
+
+        return jax.tree.map(lambda c: jax.device_put(c, NamedSharding(mesh, spec(c))), cache)
 
     def _window(self, need: int) -> int:
         return next(w for w in self.windows if w >= need)
