@@ -148,6 +148,7 @@ class Engine:
         # room for a last prompt chunk padded to its bucket past max_len
         self.cache_len = -(-self.max_len // 16) * 16 + config.prefill_chunk
         self.chunks = sorted({c for c in (16, 64, config.prefill_chunk) if c <= config.prefill_chunk})
+        self.row_buckets = sorted({min(4 ** i, config.slots) for i in range(8)})
         self.windows = sorted({min(_pow2_at_least(w), self.cache_len)
                                for w in [config.min_window, *self.chunks, self.cache_len]}
                               | {w for w in (2 ** i for i in range(4, 20))
@@ -294,20 +295,58 @@ class Engine:
                 self._set_params(i, req, sample)
 
     def _prefill(self) -> None:
+        """Write waiting prompts into their slots, up to `prefill_budget` tokens: the first
+        chunks of several prompts in one program, then later chunks of long prompts one by one.
+        A prompt's last token is not written: the first decode step feeds it."""
         budget = self.config.prefill_budget
+        fresh = [i for i, s in enumerate(self.slots)
+                 if s is not None and s.sample == 0 and not s.decoding and s.fed == 0]
+        if fresh:
+            budget -= self._prefill_first(fresh, budget)
         for i, slot in enumerate(self.slots):
             if slot is None or slot.decoding or slot.sample != 0:
                 continue
             left = len(slot.req.ids) - 1 - slot.fed
-            while left > 0 and budget > 0:
-                n = min(left, self.config.prefill_chunk, budget)
+            while left > 0 and budget > 0 and slot.fed > 0:
+                n = min(left, self.config.prefill_chunk)
                 self._prefill_chunk(i, slot, n)
                 left, budget = left - n, budget - n
             if left == 0:
                 self._start_decoding(i, slot.req)
 
+    def _prefill_first(self, fresh: list[int], budget: int) -> int:
+        """First chunks of the prompts in slots `fresh` (those the budget allows, at least one);
+        returns the tokens written."""
+        chunk = self.config.prefill_chunk
+        rows, used = [], 0
+        for i in fresh:
+            n = min(len(self.slots[i].req.ids) - 1, chunk)
+            if rows and used + n > budget:
+                break
+            rows.append((i, n))
+            used += n
+        rows = [(i, n) for i, n in rows if n > 0]
+        if not rows:
+            return 0
+        p = next(p for p in self.row_buckets if p >= len(rows))
+        c = next(c for c in self.chunks if c >= max(n for _, n in rows))
+        tokens = np.zeros((p, c), np.int32)
+        slot_p, n_p = np.full(p, rows[0][0], np.int32), np.full(p, rows[0][1], np.int32)
+        for j in range(p):
+            i, n = rows[j] if j < len(rows) else rows[0]  # padding rows repeat the first
+            tokens[j, :n] = self.slots[i].req.ids[:n]
+            slot_p[j], n_p[j] = i, n
+        self.programs.add(("prefill_first", p, c))
+        self.cache = programs.prefill_first(self.graphdef, self.weights, self.cache,
+                                            jnp.asarray(slot_p), jnp.asarray(tokens),
+                                            jnp.asarray(n_p), layout=self.layout)
+        for i, n in rows:
+            self.slots[i].fed = n
+            self.host.lengths[i] = n  # the decode's idle writes land past the prompt
+        return used
+
     def _prefill_chunk(self, i: int, slot: _Slot, n: int) -> None:
-        c = next(c for c in self.chunks if c >= n)
+        c = self.config.prefill_chunk
         w = self._window(slot.fed + c)
         tokens = np.zeros((1, c), np.int32)
         tokens[0, :n] = slot.req.ids[slot.fed:slot.fed + n]
@@ -316,7 +355,7 @@ class Engine:
                                       jnp.asarray(tokens), jnp.int32(slot.fed), jnp.int32(n),
                                       layout=self.layout, w=w)
         slot.fed += n
-        self.host.lengths[i] = slot.fed  # the decode's idle writes land past the prompt
+        self.host.lengths[i] = slot.fed
 
     def _start_decoding(self, src: int, req: Request) -> None:
         """The prompt is in slot `src`: copy it to the request's other samples, start them all."""
@@ -465,14 +504,21 @@ class Engine:
         if any(self.slots) or self._waiting or self._incoming:
             raise EngineError("warmup() needs an idle engine")
         np.asarray(request_key(0, 0))
-        for c in self.chunks:
-            for w in self.windows:
-                if w >= c:
-                    self.programs.add(("prefill", c, w))
-                    self.cache = programs.prefill(
-                        self.graphdef, self.weights, self.cache, jnp.int32(0),
-                        jnp.asarray(np.zeros((1, c), np.int32)), jnp.int32(0), jnp.int32(0),
-                        layout=self.layout, w=w)
+        for p in self.row_buckets:
+            for c in self.chunks:
+                self.programs.add(("prefill_first", p, c))
+                self.cache = programs.prefill_first(
+                    self.graphdef, self.weights, self.cache, jnp.asarray(np.zeros(p, np.int32)),
+                    jnp.asarray(np.zeros((p, c), np.int32)), jnp.asarray(np.zeros(p, np.int32)),
+                    layout=self.layout)
+        c = self.config.prefill_chunk
+        for w in self.windows:
+            if w >= 2 * c:  # a later chunk starts at c or beyond
+                self.programs.add(("prefill", c, w))
+                self.cache = programs.prefill(
+                    self.graphdef, self.weights, self.cache, jnp.int32(0),
+                    jnp.asarray(np.zeros((1, c), np.int32)), jnp.int32(0), jnp.int32(0),
+                    layout=self.layout, w=w)
         for w in self.windows:
             for lp in (False, True) if logprobs else (False,):
                 self.programs.add(("decode", w, lp))

@@ -1,4 +1,4 @@
-"""The engine's compiled programs: a prompt chunk into one slot, several decode steps over every
+"""The engine's compiled programs: the first chunk of several prompts, a later chunk of one, several decode steps over every
 slot, a slot's cache copied to another. Each is a pure function of the weights (an argument, so
 `Engine.set_weights` swaps them without a recompile), the cache (donated: updated in place) and
 small per-slot arrays; the only static arguments are shapes from a fixed set of buckets.
@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from distill.inference._rows_tmp import row_uniform, sample_rows
+from distill.models.decoder import unstack_layers
 
 TOP_LOGPROBS = 20  # the most log-probabilities a request may ask for per token (OpenAI's cap)
 
@@ -90,10 +91,34 @@ def _put_row(cache, row, layout: Layout, slot):
     return jax.tree.map(put, cache, row)
 
 
+@partial(jax.jit, static_argnames=("graphdef", "layout"), donate_argnames=("cache",))
+def prefill_first(graphdef, weights, cache, slot_p, tokens_pc, n_real_p, *, layout: Layout):
+    """The first chunk of P prompts at once: tokens [P, C] (row p's first `n_real_p[p]` real)
+    run on a fresh cache of C entries, which is then written into slots `slot_p` [P] at entries
+    [0, C). Nothing is read from the big cache, so no window is gathered. Padding rows repeat a
+    real row (same slot, same tokens: the same values written twice)."""
+    model = nnx.merge(graphdef, weights)
+    p, c = tokens_pc.shape
+    fresh = model.init_cache(p, c, jax.tree.leaves(cache)[0].dtype)
+    if layout.batch_axis == 0:
+        fresh = unstack_layers(fresh)
+    positions = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (p, c))
+    valid = jnp.arange(c)[None] < n_real_p[:, None]
+    fresh = model.fill_cache(tokens_pc, positions, fresh, 0, valid)
+
+    def put(big, new):
+        index = [slice(None)] * big.ndim
+        index[layout.batch_axis], index[layout.seq_axis] = slot_p, slice(0, c)
+        return big.at[tuple(index)].set(new.astype(big.dtype))
+
+    return jax.tree.map(put, cache, fresh)
+
+
 @partial(jax.jit, static_argnames=("graphdef", "layout", "w"), donate_argnames=("cache",))
 def prefill(graphdef, weights, cache, slot, tokens_1c, start, n_real, *, layout: Layout, w: int):
-    """Write prompt tokens [1, C] (the first `n_real` real, the rest padding) into slot `slot`'s
-    cache from entry `start` on; `w` >= start + C."""
+    """A later chunk of one prompt: tokens [1, C] (the first `n_real` real, the rest padding)
+    into slot `slot`'s cache from entry `start` on, attending to its earlier entries through a
+    window of `w` >= start + C."""
     model = nnx.merge(graphdef, weights)
     c = tokens_1c.shape[1]
     row = _row(cache, layout, slot, w)
