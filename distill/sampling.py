@@ -127,28 +127,181 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def filter_logits(logits_bv: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
-    """Temperature, then top-k, then nucleus (top-p) filtering; removed tokens get -inf."""
-    logits = logits_bv.astype(jnp.float32) / temperature
-    if top_k > 0:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p < 1.0:
-        sorted_desc = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_desc, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
-        keep = before < top_p  # the smallest set whose mass reaches top_p (always >= 1 token)
-        cutoff = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return logits
+# Per-row sampling as data: every row carries its own temperature, top-k, top-p and random stream,
+# so one compiled program samples any mix of settings. No sort of the vocabulary: each row's cut is
+# found by bisection over the float32 values' order (as int32 keys), and a row keeps every token whose
+# value reaches its cut, ties included.
+_MIN_TEMPERATURE = 1e-6  # greedy rows (temperature 0) divide by this: no nan; the caller ignores them
+_KEEP_ALL = jnp.iinfo(jnp.int32).min  # the cut of a row without filters: below every key
+# The fast path bisects only over the _GATHER vocabulary blocks of _BLOCK tokens with the largest
+# maxima; a row whose kept tokens reach past them is cut on the whole vocabulary instead (exact both
+# ways). SmolLM2 at temperature 0.6, top-p 0.95 keeps at most ~120 tokens, within 64 blocks.
+_BLOCK = 64
+_GATHER = 64
+
+
+def _order_keys(x: jax.Array) -> jax.Array:
+    """int32 keys ordered as the float32 values are (-0.0 and 0.0 share the key 0)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+    return jnp.where(x == 0, 0, jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits))
+
+
+def _largest_true(pred, lo_b: jax.Array, hi_b: jax.Array) -> jax.Array:
+    """Per row, the largest int32 t in [lo, hi] with pred(t) true (pred non-increasing in t), or lo
+    where none is: integer bisection, exact in at most 32 steps, stopped once every row converged."""
+
+    def body(c):
+        lo, hi = c
+        mid = (lo >> 1) + (hi >> 1) + ((lo | hi) & 1)  # ceil((lo + hi) / 2) without overflow
+        ok, active = pred(mid), lo < hi
+        return jnp.where(active & ok, mid, lo), jnp.where(active & ~ok, mid - 1, hi)
+
+    return jax.lax.while_loop(lambda c: jnp.any(c[0] < c[1]), body, (lo_b, hi_b))[0]
+
+
+def _cut_on(key_bn, e_bn, top_k_b, top_p_b, z_b, lo_b, hi_b):
+    """(top-k cut, final cut): each row's cut keys among the candidates `key_bn` (weights
+    exp(x - row max) `e_bn`), searched in [lo, hi]: top-k first (count(key >= cut) >= k), then
+    top-p on the top-k-filtered distribution (kept mass >= top_p * its total; `z_b`: the whole
+    row's total). A cut with nothing true in [lo, hi] comes back as lo."""
+    k_on, p_on = top_k_b > 0, top_p_b < 1.0
+    kth = _largest_true(lambda t: jnp.sum(key_bn >= t[:, None], -1) >= top_k_b,
+                        jnp.where(k_on, lo_b, _KEEP_ALL), jnp.where(k_on, hi_b, _KEEP_ALL))
+    z_kept = jnp.where(k_on, jnp.sum(jnp.where(key_bn >= kth[:, None], e_bn, 0.0), -1), z_b)
+    lo_p = jnp.maximum(lo_b, kth)
+    cut = _largest_true(
+        lambda t: jnp.sum(jnp.where(key_bn >= t[:, None], e_bn, 0.0), -1) >= top_p_b * z_kept,
+        jnp.where(p_on, lo_p, kth), jnp.where(p_on, hi_b, kth))
+    return kth, cut
+
+
+def _cut_gathered(key_bv, e_bv, top_k_b, top_p_b, z_b):
+    """(cut, ok): the cut found on the _GATHER blocks with the largest maxima only; exact where ok
+    (the cut lies above every key outside them, so they hold every token at or above it)."""
+    b, v = key_bv.shape
+    key_bnk, e_bnk = (a.reshape(b, v // _BLOCK, _BLOCK) for a in (key_bv, e_bv))
+    top_bg, blocks_bg = jax.lax.top_k(jnp.max(key_bnk, -1), _GATHER + 1)  # over blocks, not tokens
+    outside_b = top_bg[:, -1]  # the largest key outside the gathered blocks
+    take = lambda a: jnp.take_along_axis(a, blocks_bg[:, :-1, None], 1).reshape(b, -1)  # noqa: E731
+    kth, cut = _cut_on(take(key_bnk), take(e_bnk), top_k_b, top_p_b, z_b, outside_b,
+                       top_bg[:, 0])
+    ok_k = (top_k_b <= 0) | (kth > outside_b)
+    return cut, ok_k & ((top_p_b >= 1.0) | (cut > outside_b))
+
+
+def _cuts(key_bv, e_bv, top_k_b, top_p_b):
+    """Each row's cut key: the row keeps the tokens whose key is >= it (_KEEP_ALL: no filter)."""
+    v = key_bv.shape[1]
+    z_b = jnp.sum(e_bv, -1)
+    top_k_b = jnp.where(top_k_b >= v, 0, top_k_b)  # k >= V keeps every token
+
+    def full():
+        return _cut_on(key_bv, e_bv, top_k_b, top_p_b, z_b, jnp.min(key_bv, -1),
+                       jnp.max(key_bv, -1))[1]
+
+    if v % _BLOCK or v // _BLOCK <= 2 * _GATHER:  # a small vocabulary: no fast path
+        return full()
+    cut, ok = _cut_gathered(key_bv, e_bv, top_k_b, top_p_b, z_b)
+    return jax.lax.cond(jnp.all(ok), lambda: cut, lambda: jnp.where(ok, cut, full()))
+
+
+class _Filtered(NamedTuple):
+    x_bv: jax.Array  # logits / temperature (greedy rows: / 1)
+    key_bv: jax.Array  # their order keys
+    e_bv: jax.Array  # exp(x - row max)
+    max_key_b: jax.Array  # the key of the row's largest value
+    cut_b: jax.Array  # the row keeps the tokens whose key is >= cut
+
+
+def _filtered(logits_bv, temperature_b, top_k_b, top_p_b) -> _Filtered:
+    """Rows scaled by their temperature, with the cut of their top-k and top-p filters."""
+    scale_b = jnp.where(temperature_b > 0, jnp.maximum(temperature_b, _MIN_TEMPERATURE), 1.0)
+    x_bv = logits_bv.astype(jnp.float32) / scale_b[:, None]
+    key_bv = _order_keys(x_bv)
+    max_b = jnp.max(x_bv, -1)
+    e_bv = jnp.exp(x_bv - max_b[:, None])
+    filters = jnp.any((top_k_b > 0) | (top_p_b < 1.0))
+    cut_b = jax.lax.cond(filters, lambda: _cuts(key_bv, e_bv, top_k_b, top_p_b),
+                         lambda: jnp.full(top_k_b.shape, _KEEP_ALL))
+    return _Filtered(x_bv, key_bv, e_bv, _order_keys(max_b), cut_b)
+
+
+def filter_logits(logits_bv: jax.Array, temperature_b: jax.Array, top_k_b: jax.Array,
+                  top_p_b: jax.Array) -> jax.Array:
+    """Per row: temperature, then top-k (ties at the k-th value kept; 0 or >= V: off), then top-p
+    (the smallest set of the highest tokens whose mass reaches top_p, on the top-k-filtered
+    distribution; always >= 1 token; 1.0: off). Removed tokens get -inf. float32 [B, V].
+
+    Rows with temperature 0 are greedy and the caller's to handle (they come back unscaled, with
+    their filters; a positive temperature below 1e-6 counts as 1e-6). Jittable; the settings are
+    data, so new values compile nothing."""
+    f = _filtered(logits_bv, jnp.asarray(temperature_b, jnp.float32),
+                  jnp.asarray(top_k_b, jnp.int32), jnp.asarray(top_p_b, jnp.float32))
+    return jnp.where(f.key_bv >= f.cut_b[:, None], f.x_bv, -jnp.inf)
+
+
+def _inverse_cdf(w_bv: jax.Array, u_b: jax.Array) -> jax.Array:
+    """Per row, the first token whose cumulative weight (vocabulary order) exceeds u * total: one
+    block's worth of cumsum after a cumsum of block sums; never a token of weight 0."""
+    b, v = w_bv.shape
+    size = _BLOCK if v % _BLOCK == 0 else v  # an odd vocabulary: one block
+    w_bnk = w_bv.reshape(b, v // size, size)
+    cum_bn = jnp.cumsum(jnp.sum(w_bnk, -1), -1)
+    target_b = u_b * cum_bn[:, -1]
+    blk_b = _first_above(cum_bn, target_b)
+    before_b = jnp.where(blk_b > 0, jnp.take_along_axis(cum_bn, blk_b[:, None] - 1, 1)[:, 0], 0.0)
+    w_bk = jnp.take_along_axis(w_bnk, blk_b[:, None, None], 1)[:, 0]
+    return blk_b * size + _first_above(jnp.cumsum(w_bk, -1), target_b - before_b)
+
+
+def _first_above(cum_bn: jax.Array, target_b: jax.Array) -> jax.Array:
+    """The first index whose cumulative value exceeds target; past the end (rounding), the last
+    index where the cumulative value still grows, so never an entry of weight 0."""
+    n = cum_bn.shape[1]
+    idx_b = jnp.sum(cum_bn <= target_b[:, None], -1).astype(jnp.int32)
+    grows_bn = jnp.diff(cum_bn, prepend=0.0, axis=-1) > 0
+    last_b = jnp.max(jnp.where(grows_bn, jnp.arange(n, dtype=jnp.int32), 0), -1)
+    return jnp.minimum(idx_b, last_b)
+
+
+def sample_rows(logits_bv: jax.Array, uniform_b: jax.Array, temperature_b: jax.Array,
+                top_k_b: jax.Array, top_p_b: jax.Array) -> jax.Array:
+    """Next token ids int32 [B]: the argmax of the raw logits where temperature is 0, else the
+    row's filtered softmax (`filter_logits`) sampled by inverse CDF with its uniform in [0, 1)."""
+    temperature_b = jnp.asarray(temperature_b, jnp.float32)
+    greedy_b = temperature_b <= 0.0
+
+    def sampled():
+        # a greedy row keeps only its largest value and draws 0: its first maximum, as argmax
+        f = _filtered(logits_bv, temperature_b, jnp.where(greedy_b, 0, jnp.asarray(top_k_b, jnp.int32)),
+                      jnp.where(greedy_b, 1.0, jnp.asarray(top_p_b, jnp.float32)))
+        cut_b = jnp.where(greedy_b, f.max_key_b, f.cut_b)
+        w_bv = jnp.where(f.key_bv >= cut_b[:, None], f.e_bv, 0.0)
+        tok_b = _inverse_cdf(w_bv, jnp.where(greedy_b, 0.0, uniform_b))
+        return jnp.clip(tok_b, 0, logits_bv.shape[1] - 1)
+
+    greedy = lambda: jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)  # noqa: E731
+    return jax.lax.cond(jnp.all(greedy_b), greedy, sampled)
+
+
+def row_uniform(key_b2: jax.Array, step_b: jax.Array) -> jax.Array:
+    """One uniform float32 in [0, 1) per row, from the row's own PRNG key (uint32 [B, 2], the
+    jax.random.PRNGKey layout) folded with its own step: a row's stream depends on its key only."""
+    return jax.vmap(lambda k, s: jax.random.uniform(jax.random.fold_in(k, s)))(key_b2, step_b)
+
+
+def request_key(seed: int, sample_index: int) -> np.ndarray:
+    """The PRNG key (uint32 [2]) of one sample of a request: fold_in(PRNGKey(seed), sample_index)."""
+    return np.asarray(jax.random.fold_in(jax.random.PRNGKey(seed), sample_index))
 
 
 def sample_token(logits_bv, key, params: SamplingParams) -> jax.Array:
-    """Next token ids [B] from float32 logits [B, V]."""
-    if params.temperature == 0.0:
-        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-    logits = filter_logits(logits_bv, params.temperature, params.top_k, params.top_p)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    """Next token ids [B] from float32 logits [B, V], every row with `params`' settings."""
+    b = logits_bv.shape[0]
+    return sample_rows(logits_bv, jax.random.uniform(key, (b,)),
+                       jnp.full((b,), params.temperature, jnp.float32),
+                       jnp.full((b,), params.top_k, jnp.int32),
+                       jnp.full((b,), params.top_p, jnp.float32))
 
 
 @partial(jax.jit, static_argnums=(0,), donate_argnums=(5,))
