@@ -175,12 +175,16 @@ def _cut_on(key_bn, e_bn, top_k_b, top_p_b, z_b, lo_b, hi_b):
     return kth, cut
 
 
-def _cut_gathered(key_bv, e_bv, top_k_b, top_p_b, z_b):
+def _cut_gathered(x_bv, key_bv, e_bv, top_k_b, top_p_b, z_b):
     """(cut, ok): the cut found on the _GATHER blocks with the largest maxima only; exact where ok
     (the cut lies above every key outside them, so they hold every token at or above it)."""
     b, v = key_bv.shape
     key_bnk, e_bnk = (a.reshape(b, v // _BLOCK, _BLOCK) for a in (key_bv, e_bv))
-    top_bg, blocks_bg = jax.lax.top_k(jnp.max(key_bnk, -1), _GATHER + 1)  # over blocks, not tokens
+    # top-k over the blocks' maxima, not the tokens; on floats (XLA:CPU's int32 top_k is 15x
+    # slower), behind a barrier (without, XLA:CPU turns it into a full sort to feed the gathers)
+    top_bg, blocks_bg = jax.lax.optimization_barrier(
+        jax.lax.top_k(jnp.max(x_bv.reshape(key_bnk.shape), -1), _GATHER + 1))
+    top_bg = _order_keys(top_bg)
     outside_b = top_bg[:, -1]  # the largest key outside the gathered blocks
     take = lambda a: jnp.take_along_axis(a, blocks_bg[:, :-1, None], 1).reshape(b, -1)  # noqa: E731
     kth, cut = _cut_on(take(key_bnk), take(e_bnk), top_k_b, top_p_b, z_b, outside_b,
@@ -189,7 +193,7 @@ def _cut_gathered(key_bv, e_bv, top_k_b, top_p_b, z_b):
     return cut, ok_k & ((top_p_b >= 1.0) | (cut > outside_b))
 
 
-def _cuts(key_bv, e_bv, top_k_b, top_p_b):
+def _cuts(x_bv, key_bv, e_bv, top_k_b, top_p_b):
     """Each row's cut key: the row keeps the tokens whose key is >= it (_KEEP_ALL: no filter)."""
     v = key_bv.shape[1]
     z_b = jnp.sum(e_bv, -1)
@@ -201,7 +205,7 @@ def _cuts(key_bv, e_bv, top_k_b, top_p_b):
 
     if v % _BLOCK or v // _BLOCK <= 2 * _GATHER:  # a small vocabulary: no fast path
         return full()
-    cut, ok = _cut_gathered(key_bv, e_bv, top_k_b, top_p_b, z_b)
+    cut, ok = _cut_gathered(x_bv, key_bv, e_bv, top_k_b, top_p_b, z_b)
     return jax.lax.cond(jnp.all(ok), lambda: cut, lambda: jnp.where(ok, cut, full()))
 
 
@@ -221,7 +225,7 @@ def _filtered(logits_bv, temperature_b, top_k_b, top_p_b) -> _Filtered:
     max_b = jnp.max(x_bv, -1)
     e_bv = jnp.exp(x_bv - max_b[:, None])
     filters = jnp.any((top_k_b > 0) | (top_p_b < 1.0))
-    cut_b = jax.lax.cond(filters, lambda: _cuts(key_bv, e_bv, top_k_b, top_p_b),
+    cut_b = jax.lax.cond(filters, lambda: _cuts(x_bv, key_bv, e_bv, top_k_b, top_p_b),
                          lambda: jnp.full(top_k_b.shape, _KEEP_ALL))
     return _Filtered(x_bv, key_bv, e_bv, _order_keys(max_b), cut_b)
 

@@ -118,7 +118,7 @@ def test_the_gathered_blocks_path_and_its_fallback_match_the_reference(monkeypat
     key = sampling._order_keys(logits)
     e = np.exp(logits - logits.max(-1, keepdims=True))
     k = np.where(top_k >= 64, 0, top_k)
-    _, ok = sampling._cut_gathered(key, e, k, top_p, e.sum(-1))
+    _, ok = sampling._cut_gathered(logits, key, e, k, top_p, e.sum(-1))
     filtering = (k > 0) | (top_p < 1)
     assert np.asarray(ok)[filtering].any() and not np.asarray(ok)[filtering].all()
     _assert_filters_match(logits, temperature, top_k, top_p)
