@@ -138,6 +138,7 @@ _KEEP_ALL = jnp.iinfo(jnp.int32).min  # the cut of a row without filters: below 
 # ways). SmolLM2 at temperature 0.6, top-p 0.95 keeps at most ~120 tokens, within 64 blocks.
 _BLOCK = 64
 _GATHER = 64
+_NARROW_STEPS = 12  # whole-row bisection steps before the banded path gathers
 
 
 def _order_keys(x: jax.Array) -> jax.Array:
@@ -146,67 +147,138 @@ def _order_keys(x: jax.Array) -> jax.Array:
     return jnp.where(x == 0, 0, jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits))
 
 
+def _key_values(key: jax.Array) -> jax.Array:
+    """The float32 values of order keys (`_order_keys`' inverse)."""
+    return jax.lax.bitcast_convert_type(jnp.where(key < 0, key ^ 0x7FFFFFFF, key), jnp.float32)
+
+
+def _bisect_step(pred, lo_b, hi_b, by_value: bool):
+    """One bisection step of [lo, hi] (pred(lo) true, the answer in [lo, hi]): at the midpoint of
+    the keys, or of the values where that lies strictly inside (fewer steps on spread values)."""
+    mid = (lo_b >> 1) + (hi_b >> 1) + ((lo_b | hi_b) & 1)  # ceil((lo + hi) / 2) without overflow
+    if by_value:
+        vmid = _order_keys(_key_values(lo_b) / 2 + _key_values(hi_b) / 2)
+        mid = jnp.where((vmid > lo_b) & (vmid <= hi_b), vmid, mid)
+    ok, active = pred(mid), lo_b < hi_b
+    return jnp.where(active & ok, mid, lo_b), jnp.where(active & ~ok, mid - 1, hi_b)
+
+
 def _largest_true(pred, lo_b: jax.Array, hi_b: jax.Array) -> jax.Array:
     """Per row, the largest int32 t in [lo, hi] with pred(t) true (pred non-increasing in t), or lo
     where none is: integer bisection, exact in at most 32 steps, stopped once every row converged."""
-
-    def body(c):
-        lo, hi = c
-        mid = (lo >> 1) + (hi >> 1) + ((lo | hi) & 1)  # ceil((lo + hi) / 2) without overflow
-        ok, active = pred(mid), lo < hi
-        return jnp.where(active & ok, mid, lo), jnp.where(active & ~ok, mid - 1, hi)
-
-    return jax.lax.while_loop(lambda c: jnp.any(c[0] < c[1]), body, (lo_b, hi_b))[0]
+    return jax.lax.while_loop(lambda c: jnp.any(c[0] < c[1]),
+                              lambda c: _bisect_step(pred, *c, by_value=False), (lo_b, hi_b))[0]
 
 
-def _cut_on(key_bn, e_bn, top_k_b, top_p_b, z_b, lo_b, hi_b):
-    """(top-k cut, final cut): each row's cut keys among the candidates `key_bn` (weights
-    exp(x - row max) `e_bn`), searched in [lo, hi]: top-k first (count(key >= cut) >= k), then
-    top-p on the top-k-filtered distribution (kept mass >= top_p * its total; `z_b`: the whole
-    row's total). A cut with nothing true in [lo, hi] comes back as lo."""
+def _mass_at_or_above(key_bn, w_bn, t_b):
+    """Per row, the total weight of the entries whose key is >= t (w: an array or a scalar)."""
+    return jnp.sum(jnp.where(key_bn >= t_b[:, None], w_bn, 0.0), -1)
+
+
+def _search(key_bn, w_bn, target_b, lo_b, hi_b, on_b, above_b=0.0):
+    """Per row, the largest key t in [lo, hi] whose weight at or above it (plus `above`) reaches
+    target; _KEEP_ALL for rows not `on`."""
+    return _largest_true(lambda t: above_b + _mass_at_or_above(key_bn, w_bn, t) >= target_b,
+                         jnp.where(on_b, lo_b, _KEEP_ALL), jnp.where(on_b, hi_b, _KEEP_ALL))
+
+
+def _two_cuts(search, mass_at_or_above, top_k_b, top_p_b, z_b, lo_b, hi_b):
+    """(cut, ok) per row: top-k (count(key >= cut) >= k), then top-p on the top-k-filtered
+    distribution (its mass at or above the cut >= top_p * its total; `z_b`: the whole row's), in
+    [lo, hi]. `search(mass, target, lo, hi, on)` -> (cut, ok) counts tokens, or with `mass` sums
+    their exp(x - row max);
+    `mass_at_or_above(t)`: the row's mass of keys >= t."""
     k_on, p_on = top_k_b > 0, top_p_b < 1.0
-    kth = _largest_true(lambda t: jnp.sum(key_bn >= t[:, None], -1) >= top_k_b,
-                        jnp.where(k_on, lo_b, _KEEP_ALL), jnp.where(k_on, hi_b, _KEEP_ALL))
-    z_kept = jnp.where(k_on, jnp.sum(jnp.where(key_bn >= kth[:, None], e_bn, 0.0), -1), z_b)
-    lo_p = jnp.maximum(lo_b, kth)
-    cut = _largest_true(
-        lambda t: jnp.sum(jnp.where(key_bn >= t[:, None], e_bn, 0.0), -1) >= top_p_b * z_kept,
-        jnp.where(p_on, lo_p, kth), jnp.where(p_on, hi_b, kth))
-    return kth, cut
+    kth, ok_k = search(False, top_k_b.astype(jnp.float32), lo_b, hi_b, k_on)
+    z_kept = jax.lax.cond(jnp.any(k_on), lambda: jnp.where(k_on, mass_at_or_above(kth), z_b),
+                          lambda: z_b)
+    cut, ok_p = search(True, top_p_b * z_kept, jnp.maximum(lo_b, kth), hi_b, p_on)
+    return jnp.where(p_on, cut, kth), ok_k & ok_p
 
 
-def _cut_gathered(x_bv, key_bv, e_bv, top_k_b, top_p_b, z_b):
-    """(cut, ok): the cut found on the _GATHER blocks with the largest maxima only; exact where ok
-    (the cut lies above every key outside them, so they hold every token at or above it)."""
-    b, v = key_bv.shape
-    key_bnk, e_bnk = (a.reshape(b, v // _BLOCK, _BLOCK) for a in (key_bv, e_bv))
+def _gather_blocks(score_bv, arrays):
+    """The _GATHER blocks (of _BLOCK tokens) with the largest scores, each array's entries there
+    [B, _GATHER * _BLOCK], and the keys of the best score and of the best score outside them."""
+    b, v = score_bv.shape
     # top-k over the blocks' maxima, not the tokens; on floats (XLA:CPU's int32 top_k is 15x
     # slower), behind a barrier (without, XLA:CPU turns it into a full sort to feed the gathers)
     top_bg, blocks_bg = jax.lax.optimization_barrier(
-        jax.lax.top_k(jnp.max(x_bv.reshape(key_bnk.shape), -1), _GATHER + 1))
-    top_bg = _order_keys(top_bg)
-    outside_b = top_bg[:, -1]  # the largest key outside the gathered blocks
-    take = lambda a: jnp.take_along_axis(a, blocks_bg[:, :-1, None], 1).reshape(b, -1)  # noqa: E731
-    kth, cut = _cut_on(take(key_bnk), take(e_bnk), top_k_b, top_p_b, z_b, outside_b,
-                       top_bg[:, 0])
-    ok_k = (top_k_b <= 0) | (kth > outside_b)
-    return cut, ok_k & ((top_p_b >= 1.0) | (cut > outside_b))
+        jax.lax.top_k(jnp.max(score_bv.reshape(b, v // _BLOCK, _BLOCK), -1), _GATHER + 1))
+    take = lambda a: jnp.take_along_axis(  # noqa: E731
+        jnp.broadcast_to(a, (b, v)).reshape(b, v // _BLOCK, _BLOCK), blocks_bg[:, :-1, None], 1)
+    return [take(a).reshape(b, -1) for a in arrays], _order_keys(top_bg[:, 0]), _order_keys(
+        top_bg[:, -1])
+
+
+def _cut_top_blocks(x_bv, key_bv, e_bv, top_k_b, top_p_b, z_b):
+    """(cut, ok): the cuts found on the _GATHER blocks with the largest maxima only; exact where
+    ok (the cut lies above every key outside them, so they hold every token at or above it)."""
+    (gk, ge), top_b, outside_b = _gather_blocks(x_bv, (key_bv, e_bv))
+
+    def search(mass, target_b, lo_b, hi_b, on_b):
+        cut = _search(gk, ge if mass else 1.0, target_b, lo_b, hi_b, on_b)
+        return cut, ~on_b | (cut > outside_b)
+
+    return _two_cuts(search, partial(_mass_at_or_above, gk, ge), top_k_b, top_p_b, z_b,
+                     outside_b, top_b)
+
+
+def _banded_search(x_bv, key_bv, w, target_b, lo_b, hi_b, on_b):
+    """(cut, ok) of `_search` over whole rows: _NARROW_STEPS bisection steps over them narrow
+    [lo, hi] to a band, then the search ends on the _GATHER blocks holding most of the band's keys
+    (the weight above the band counted whole); exact where ok (no key of the band outside those
+    blocks lies at or above the cut)."""
+    pred = lambda t: _mass_at_or_above(key_bv, w, t) >= target_b  # noqa: E731
+    lo_b, hi_b = jax.lax.fori_loop(0, _NARROW_STEPS, lambda i, c: _bisect_step(
+        pred, *c, by_value=True), (jnp.where(on_b, lo_b, _KEEP_ALL), jnp.where(on_b, hi_b,
+                                                                                _KEEP_ALL)))
+    band_bv = (key_bv >= lo_b[:, None]) & (key_bv <= hi_b[:, None])
+    (gk, gw), _, outside_b = _gather_blocks(jnp.where(band_bv, x_bv, -jnp.inf),
+                                            (key_bv, jnp.where(band_bv, w, 0.0)))
+    above_b = _mass_at_or_above(key_bv, w, hi_b + 1)
+    cut = _search(gk, gw, target_b, lo_b, hi_b, on_b, above_b)
+    return cut, ~on_b | (cut > outside_b)
+
+
+def _cut_banded(x_bv, key_bv, e_bv, top_k_b, top_p_b, z_b):
+    """(cut, ok): the cuts found by `_banded_search` over the whole rows."""
+
+    def search(mass, target_b, lo_b, hi_b, on_b):
+        return jax.lax.cond(
+            jnp.any(on_b), partial(_banded_search, x_bv, key_bv, e_bv if mass else 1.0, target_b,
+                                   lo_b, hi_b, on_b),
+            lambda: (jnp.full(on_b.shape, _KEEP_ALL), jnp.ones(on_b.shape, bool)))
+
+    return _two_cuts(search, partial(_mass_at_or_above, key_bv, e_bv), top_k_b, top_p_b, z_b,
+                     jnp.min(key_bv, -1), jnp.max(key_bv, -1))
+
+
+def _cut_whole(key_bv, e_bv, top_k_b, top_p_b, z_b):
+    """The cuts found by bisection over the whole rows (the last resort; exact)."""
+
+    def search(mass, target_b, lo_b, hi_b, on_b):
+        return _search(key_bv, e_bv if mass else 1.0, target_b, lo_b, hi_b, on_b), True
+
+    return _two_cuts(search, partial(_mass_at_or_above, key_bv, e_bv), top_k_b, top_p_b, z_b,
+                     jnp.min(key_bv, -1), jnp.max(key_bv, -1))[0]
+
+
+def _first_exact(cut_b, ok_b, fallback):
+    """cut where ok; the rest from `fallback()`, run only when some row needs it."""
+    return jax.lax.cond(jnp.all(ok_b), lambda: cut_b, lambda: jnp.where(ok_b, cut_b, fallback()))
 
 
 def _cuts(x_bv, key_bv, e_bv, top_k_b, top_p_b):
-    """Each row's cut key: the row keeps the tokens whose key is >= it (_KEEP_ALL: no filter)."""
+    """Each row's cut key: the row keeps the tokens whose key is >= it (_KEEP_ALL: no filter).
+    Each row takes the first exact answer of: the top blocks, the banded blocks, the whole row."""
     v = key_bv.shape[1]
-    z_b = jnp.sum(e_bv, -1)
-    top_k_b = jnp.where(top_k_b >= v, 0, top_k_b)  # k >= V keeps every token
-
-    def full():
-        return _cut_on(key_bv, e_bv, top_k_b, top_p_b, z_b, jnp.min(key_bv, -1),
-                       jnp.max(key_bv, -1))[1]
-
-    if v % _BLOCK or v // _BLOCK <= 2 * _GATHER:  # a small vocabulary: no fast path
-        return full()
-    cut, ok = _cut_gathered(x_bv, key_bv, e_bv, top_k_b, top_p_b, z_b)
-    return jax.lax.cond(jnp.all(ok), lambda: cut, lambda: jnp.where(ok, cut, full()))
+    args = (key_bv, e_bv, jnp.where(top_k_b >= v, 0, top_k_b), top_p_b,  # k >= V keeps all
+            jnp.sum(e_bv, -1))
+    if v % _BLOCK or v // _BLOCK <= 2 * _GATHER:  # a small vocabulary: the whole rows only
+        return _cut_whole(*args)
+    whole = partial(_cut_whole, *args)
+    banded = lambda: _first_exact(*_cut_banded(x_bv, *args), whole)  # noqa: E731
+    return _first_exact(*_cut_top_blocks(x_bv, *args), banded)
 
 
 class _Filtered(NamedTuple):

@@ -108,19 +108,25 @@ def test_per_row_filters_match_a_sort_based_reference():
     _assert_filters_match(*_random_rows(rng, 200, 50))
 
 
-def test_the_gathered_blocks_path_and_its_fallback_match_the_reference(monkeypatch):
-    """Rows whose kept tokens lie in the gathered blocks are cut there; the others on the whole
-    vocabulary; both exactly (small blocks, so both paths occur in one batch of tiny rows)."""
+@pytest.mark.parametrize("narrow_steps", [12, 1])
+def test_the_gathered_paths_and_their_fallbacks_match_the_reference(monkeypatch, narrow_steps):
+    """Rows whose kept tokens lie in the top blocks are cut there, the others on a band's blocks,
+    or else on the whole vocabulary; all exactly (tiny blocks, so every path occurs in one batch
+    of small rows: with 1 narrowing step the band rarely fits, with 12 it mostly does)."""
     monkeypatch.setattr(sampling, "_BLOCK", 4)
     monkeypatch.setattr(sampling, "_GATHER", 4)
+    monkeypatch.setattr(sampling, "_NARROW_STEPS", narrow_steps)
     rng = np.random.RandomState(2)
-    logits, temperature, top_k, top_p = _random_rows(rng, 200, 64)
-    key = sampling._order_keys(logits)
-    e = np.exp(logits - logits.max(-1, keepdims=True))
-    k = np.where(top_k >= 64, 0, top_k)
-    _, ok = sampling._cut_gathered(logits, key, e, k, top_p, e.sum(-1))
-    filtering = (k > 0) | (top_p < 1)
-    assert np.asarray(ok)[filtering].any() and not np.asarray(ok)[filtering].all()
+    logits, temperature, top_k, top_p = _random_rows(rng, 300, 64)
+    x = logits / np.where(temperature > 0, temperature, 1.0)[:, None]
+    args = (x, sampling._order_keys(x), np.exp(x - x.max(-1, keepdims=True)),
+            np.where(top_k >= 64, 0, top_k), top_p)
+    args += (args[2].sum(-1),)
+    top_ok = np.asarray(sampling._cut_top_blocks(*args)[1])
+    band_ok = np.asarray(sampling._cut_banded(*args)[1])
+    filtering = (args[3] > 0) | (top_p < 1)
+    assert top_ok[filtering].any() and not top_ok[filtering].all()
+    assert band_ok[~top_ok].any() and not band_ok[~top_ok].all()
     _assert_filters_match(logits, temperature, top_k, top_p)
 
 
