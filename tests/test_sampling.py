@@ -74,7 +74,7 @@ def _np_filter(logits, temperature, top_k, top_p):
     if top_p >= 1.0:
         return x
     order = np.argsort(-x, kind="stable")
-    p = np.exp(x[order] - x[order][0])
+    p = np.exp((x[order] - x[order][0]).astype(np.float64))  # float64: no rounding in the mass
     p /= p.sum()
     mass, last = 0.0, x[order[0]]
     for idx, pi in zip(order, p, strict=True):
@@ -106,6 +106,22 @@ def _assert_filters_match(logits, temperature, top_k, top_p):
 def test_per_row_filters_match_a_sort_based_reference():
     rng = np.random.RandomState(1)
     _assert_filters_match(*_random_rows(rng, 200, 50))
+
+
+def test_filters_match_the_reference_on_a_large_vocabulary():
+    """The default blocks on 16k tokens: peaked and flat rows, all ties, masked (-inf) tokens,
+    values around 0.0 and -0.0, each with its own settings."""
+    rng = np.random.RandomState(5)
+    v = 16384
+    flat = -np.abs(rng.randn(v)) * 1e-3
+    flat[:2] = [-0.0, 0.0]
+    masked = rng.randn(v) * 2
+    masked[rng.rand(v) < 0.3] = -np.inf
+    kinds = [rng.randn(v) * 8, rng.randn(v) * 2, np.zeros(v), masked, np.round(rng.randn(v) * 2),
+             rng.randn(v) * 1e-30, flat]
+    logits = np.stack([kinds[i % len(kinds)] for i in range(42)]).astype(np.float32)
+    _, temperature, top_k, top_p = _random_rows(rng, 42, v)
+    _assert_filters_match(logits, temperature, np.where(top_k == 10, 100, top_k), top_p)
 
 
 @pytest.mark.parametrize("narrow_steps", [12, 1])
