@@ -1,11 +1,21 @@
 """KV-cached generation: greedy equals transformers, ragged batches, seeded sampling, filters."""
 
+import jax
 import numpy as np
 import pytest
 import torch
 
 import distill
-from distill.sampling import DecodeModel, SamplingParams, filter_logits, generate
+from distill import sampling
+from distill.sampling import (
+    DecodeModel,
+    SamplingParams,
+    filter_logits,
+    generate,
+    request_key,
+    row_uniform,
+    sample_rows,
+)
 from tests.helpers import save_hf, tiny_hf
 
 
@@ -55,31 +65,150 @@ def test_seeded_sampling_is_reproducible_and_samples_differ(pair):
 
 
 def _np_filter(logits, temperature, top_k, top_p):
+    """The sort-based reference: top-k (ties at the k-th value kept), then the smallest prefix of
+    the sorted distribution whose mass reaches top_p, ties at its last value kept."""
     x = logits / temperature
-    if top_k:
+    if 0 < top_k < len(x):
         kth = np.sort(x)[-top_k]
         x = np.where(x < kth, -np.inf, x)
-    order = np.argsort(-x)
-    p = np.exp(x[order] - x[order][0])
+    if top_p >= 1.0:
+        return x
+    order = np.argsort(-x, kind="stable")
+    p = np.exp((x[order] - x[order][0]).astype(np.float64))  # float64: no rounding in the mass
     p /= p.sum()
-    keep = np.zeros_like(x, bool)
-    mass = 0.0
+    mass, last = 0.0, x[order[0]]
     for idx, pi in zip(order, p, strict=True):
         if mass >= top_p:
             break
-        keep[idx] = True
-        mass += pi
-    return np.where(keep, x, -np.inf)
+        mass, last = mass + pi, x[idx]
+    return np.where(x >= last, x, -np.inf)
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 0.9), (0.6, 5, 1.0), (0.7, 8, 0.5)])
-def test_filters_match_a_numpy_reference(temperature, top_k, top_p):
-    logits = np.random.RandomState(1).randn(3, 50).astype(np.float32) * 3
+def _random_rows(rng, b, v):
+    """Rows of logits with their own settings: ties, top_k >= V, a tiny top_p, greedy rows."""
+    logits = (rng.randn(b, v) * rng.choice([0.5, 3.0, 8.0], (b, 1))).astype(np.float32)
+    logits[::3] = np.round(logits[::3])  # many ties
+    temperature = rng.choice([0.0, 0.3, 0.7, 1.0, 1.5], b).astype(np.float32)
+    top_k = rng.choice([0, 1, 3, 10, v, v + 7], b).astype(np.int32)
+    top_p = rng.choice([1.0, 0.95, 0.5, 1e-4], b).astype(np.float32)
+    return logits, temperature, top_k, top_p
+
+
+def _assert_filters_match(logits, temperature, top_k, top_p):
     ours = np.asarray(filter_logits(logits, temperature, top_k, top_p))
-    for row in range(3):
-        ref = _np_filter(logits[row], temperature, top_k, top_p)
-        assert np.array_equal(np.isinf(ours[row]), np.isinf(ref))
-        np.testing.assert_allclose(ours[row][~np.isinf(ref)], ref[~np.isinf(ref)], rtol=1e-6)
+    for row, (t, k, p) in enumerate(zip(temperature, top_k, top_p, strict=True)):
+        ref = _np_filter(logits[row], t if t > 0 else 1.0, k, p)  # greedy rows come back unscaled
+        kept = ~np.isinf(ref)
+        assert np.array_equal(~np.isinf(ours[row]), kept), (row, t, k, p)
+        np.testing.assert_allclose(ours[row][kept], ref[kept], rtol=1e-6)
+
+
+def test_per_row_filters_match_a_sort_based_reference():
+    rng = np.random.RandomState(1)
+    _assert_filters_match(*_random_rows(rng, 200, 50))
+
+
+def test_filters_match_the_reference_on_a_large_vocabulary():
+    """The default blocks on 16k tokens: peaked and flat rows, all ties, masked (-inf) tokens,
+    values around 0.0 and -0.0, each with its own settings."""
+    rng = np.random.RandomState(5)
+    v = 16384
+    flat = -np.abs(rng.randn(v)) * 1e-3
+    flat[:2] = [-0.0, 0.0]
+    masked = rng.randn(v) * 2
+    masked[rng.rand(v) < 0.3] = -np.inf
+    kinds = [rng.randn(v) * 8, rng.randn(v) * 2, np.zeros(v), masked, np.round(rng.randn(v) * 2),
+             rng.randn(v) * 1e-30, flat]
+    logits = np.stack([kinds[i % len(kinds)] for i in range(42)]).astype(np.float32)
+    _, temperature, top_k, top_p = _random_rows(rng, 42, v)
+    _assert_filters_match(logits, temperature, np.where(top_k == 10, 100, top_k), top_p)
+
+
+@pytest.mark.parametrize("narrow_steps", [12, 1])
+def test_the_gathered_paths_and_their_fallbacks_match_the_reference(monkeypatch, narrow_steps):
+    """Rows whose kept tokens lie in the top blocks are cut there, the others on a band's blocks,
+    or else on the whole vocabulary; all exactly (tiny blocks, so every path occurs in one batch
+    of small rows: with 1 narrowing step the band rarely fits, with 12 it mostly does)."""
+    monkeypatch.setattr(sampling, "_BLOCK", 4)
+    monkeypatch.setattr(sampling, "_GATHER", 4)
+    monkeypatch.setattr(sampling, "_NARROW_STEPS", narrow_steps)
+    rng = np.random.RandomState(2)
+    logits, temperature, top_k, top_p = _random_rows(rng, 300, 64)
+    x = logits / np.where(temperature > 0, temperature, 1.0)[:, None]
+    args = (x, sampling._order_keys(x), np.exp(x - x.max(-1, keepdims=True)),
+            np.where(top_k >= 64, 0, top_k), top_p)
+    args += (args[2].sum(-1),)
+    top_ok = np.asarray(sampling._cut_top_blocks(*args)[1])
+    band_ok = np.asarray(sampling._cut_banded(*args)[1])
+    filtering = (args[3] > 0) | (top_p < 1)
+    assert top_ok[filtering].any() and not top_ok[filtering].all()
+    assert band_ok[~top_ok].any() and not band_ok[~top_ok].all()
+    _assert_filters_match(logits, temperature, top_k, top_p)
+
+
+def _filtered_softmax(logits, temperature, top_k, top_p):
+    x = _np_filter(logits.astype(np.float64), temperature, top_k, top_p)
+    p = np.exp(x - x.max())
+    return p / p.sum()
+
+
+def _draws(logits, temperature, top_k, top_p, n=20_000, seed=0):
+    """The empirical distribution of n draws of `sample_rows` on n copies of one row."""
+    u = jax.random.uniform(jax.random.PRNGKey(seed), (n,))
+    full = lambda v, dt: np.full(n, v, dt)  # noqa: E731
+    tok = sample_rows(np.tile(logits, (n, 1)), u, full(temperature, np.float32),
+                      full(top_k, np.int32), full(top_p, np.float32))
+    return np.bincount(np.asarray(tok), minlength=len(logits)) / n
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p, wrong", [
+    (0.7, 0, 0.8, (0.7, 0, 1.0)),  # top-p against no filter
+    (1.0, 0, 0.6, (1.0, 0, 0.7)),  # top-p (4 tokens) against one that keeps one token more
+    (1.3, 4, 1.0, (1.3, 5, 1.0)),  # top-k against k + 1
+    (1.0, 5, 0.7, (1.0, 0, 0.7)),  # top-p on the top-k-filtered distribution (3 tokens), not
+])                                 # on the whole one (5 tokens)
+def test_sampled_tokens_follow_the_filtered_softmax(temperature, top_k, top_p, wrong):
+    logits = np.array([2.0, 1.6, 1.4, 1.1, 0.9, 0.7, 0.5, 0.2, 0.0, -0.3, -0.8, -1.5], np.float32)
+    want = _filtered_softmax(logits, temperature, top_k, top_p)
+    other = _filtered_softmax(logits, *wrong)
+    got = _draws(logits, temperature, top_k, top_p)
+    tv = lambda a, b: 0.5 * np.abs(a - b).sum()  # noqa: E731
+    assert tv(want, other) > 0.06  # the wrong filter is far from the right one ...
+    assert tv(got, want) < 0.02 and tv(got, other) > 0.02  # ... and the draws tell them apart
+    assert got[want == 0].sum() == 0  # a removed token is never drawn
+
+
+def test_greedy_rows_take_the_first_maximum_and_no_removed_token_is_drawn():
+    logits = np.array([[0.0, 3.0, 3.0, 1.0, -np.inf], [5.0, 1.0, 5.0, 2.0, 0.0],
+                       [1.0, 2.0, 3.0, -np.inf, -np.inf], [0.0, 0.0, 9.0, 0.0, 0.0]], np.float32)
+    temperature = np.array([0.0, 0.0, 1.0, 1.0], np.float32)
+    for u in (0.0, 0.5, 1.0 - 2.0**-24):  # 1 - 2^-24: the largest float32 below 1
+        tok = np.asarray(sample_rows(logits, np.full(4, u, np.float32), temperature,
+                                     np.array([0, 0, 2, 0], np.int32),
+                                     np.array([1.0, 1.0, 1.0, 1e-3], np.float32)))
+        assert tok[0] == 1 and tok[1] == 0  # argmax: the first of tied maxima
+        assert tok[2] in (1, 2) and tok[3] == 2
+
+
+def test_a_rows_random_stream_depends_on_its_own_key_only():
+    keys = np.stack([request_key(seed, s) for seed in range(16) for s in range(4)])  # 64 rows
+    steps = np.arange(64, dtype=np.int32) * 7
+    batch = np.asarray(row_uniform(keys, steps))
+    alone = np.asarray(row_uniform(keys[9:10], steps[9:10]))
+    assert batch[9] == alone[0] and len(set(batch.tolist())) == 64
+    assert ((batch >= 0) & (batch < 1)).all()
+    want = jax.random.fold_in(jax.random.PRNGKey(2), 1)
+    np.testing.assert_array_equal(request_key(2, 1), np.asarray(want))
+
+
+def test_new_per_row_settings_compile_nothing():
+    step = jax.jit(sample_rows)
+    rng = np.random.RandomState(3)
+    logits = rng.randn(8, 40).astype(np.float32)
+    for _ in range(4):
+        _, temperature, top_k, top_p = _random_rows(rng, 8, 40)
+        step(logits, rng.rand(8).astype(np.float32), temperature, top_k, top_p)
+    assert step._cache_size() == 1
 
 
 def test_logprobs_match_transformers_scores(pair):
