@@ -337,30 +337,36 @@ def sample(model_path, prompt, system, raw, max_new_tokens, temperature, top_p, 
 
 @cli.command(help="Serve MODEL over an OpenAI-compatible API: POST /v1/chat/completions (plain or "
              "streaming, reasoning split out as reasoning_content) and GET /v1/models.\n\n"
-             f"MODEL is {MODEL_HELP}; it needs a tokenizer with a chat template. Concurrent "
-             "requests are batched into one generate call.")
+             f"MODEL is {MODEL_HELP}; it needs a tokenizer with a chat template. Requests run "
+             "in the inference engine's slots, each with its own sampling settings, joining as "
+             "slots free up; every program is compiled at start (see --no-warmup).")
 @click.argument("model_path", metavar="MODEL", type=click.Path())
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to listen on; 0.0.0.0 exposes the server to the network.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--model-name", default=None, help="Name in /v1/models and answers (default: MODEL).")
-@click.option("--max-batch", default=16, show_default=True, type=click.IntRange(1),
-              help="Most sequences per generate call.")
-@click.option("--batch-wait-ms", default=10.0, show_default=True, type=click.FloatRange(0),
-              help="How long a batch waits for more requests before it starts.")
+@click.option("--slots", default=16, show_default=True, type=click.IntRange(1),
+              help="Sequences decoded at once (a request with n choices takes n); each holds a "
+                   "KV cache of --max-len tokens, so memory grows with slots x max-len.")
+@click.option("--max-len", type=click.IntRange(2), default=None,
+              help="Prompt plus completion tokens per request (default: the model's context, "
+                   "at most 4096); longer requests get HTTP 400.")
+@click.option("--no-warmup", "no_warmup", is_flag=True,
+              help="Start at once and compile each program when a request first needs it.")
 @click.option("--default-max-tokens", default=1024, show_default=True, type=click.IntRange(1),
               help="Token budget of a request that sets no max_tokens.")
 @click.option("--api-key-env", metavar="VAR", default=None,
               help="Require the value of environment variable VAR as the bearer token.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
               show_default=True, help="Weight and compute dtype.")
-def serve(model_path, host, port, model_name, max_batch, batch_wait_ms, default_max_tokens,
+def serve(model_path, host, port, model_name, slots, max_len, no_warmup, default_max_tokens,
           api_key_env, dtype):
+    from distill.inference import EngineConfig
     from distill.serve.app import serve as run_server
 
-    run_server(model_path, host, port, model_name=model_name, dtype=dtype, max_batch=max_batch,
-               batch_wait_ms=batch_wait_ms, default_max_tokens=default_max_tokens,
-               api_key_env=api_key_env, echo=click.echo)
+    run_server(model_path, host, port, model_name=model_name, dtype=dtype,
+               config=EngineConfig(slots=slots, max_len=max_len), warmup=not no_warmup,
+               default_max_tokens=default_max_tokens, api_key_env=api_key_env, echo=click.echo)
 
 
 @cli.command()
