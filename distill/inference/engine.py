@@ -455,7 +455,7 @@ class Engine:
                     self.programs.add(("prefill", c, w))
                     self.cache = programs.prefill(
                         self.graphdef, self.weights, self.cache, jnp.int32(0),
-                        jnp.zeros((1, c), jnp.int32), jnp.int32(0), jnp.int32(0),
+                        jnp.asarray(np.zeros((1, c), np.int32)), jnp.int32(0), jnp.int32(0),
                         layout=self.layout, w=w)
         for w in self.windows:
             for lp in (False, True) if logprobs else (False,):
