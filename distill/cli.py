@@ -479,30 +479,38 @@ def bench_data(tokens, steps, gguf_path, out_dir):
 @click.option("--minutes", type=click.FloatRange(0.1), default=10.0, show_default=True,
               help="How long the load runs.")
 @click.option("--concurrency", type=click.IntRange(1, 1024), default=64, show_default=True,
-              help="Clients, each with one request in flight at a time.")
+              help="Clients, each with one request in flight at a time and its own temperature "
+                   "and top-p.")
 @click.option("--max-tokens", type=click.IntRange(1), default=64, show_default=True,
               help="The largest completion budget (each request draws from max/4 to max).")
 @click.option("--warmup-s", type=click.FloatRange(0), default=60.0, show_default=True,
-              help="RSS growth is measured from this point on.")
+              help="RSS growth is measured from this point of the load on.")
 @click.option("--disconnect-every", type=click.IntRange(0), default=20, show_default=True,
               help="Every N-th streaming client hangs up after its first delta (0: none).")
-@click.option("--max-batch", type=click.IntRange(1), default=16, show_default=True,
-              help="The server's --max-batch.")
+@click.option("--slots", type=click.IntRange(1), default=16, show_default=True,
+              help="The server's --slots, and the standalone engine's.")
+@click.option("--max-len", type=click.IntRange(2), default=256, show_default=True,
+              help="The server's --max-len, and the standalone engine's (the soak's prompts are "
+                   "short; a small one keeps the warm-up short).")
+@click.option("--baseline-s", type=click.FloatRange(1), default=60.0, show_default=True,
+              help="How long the standalone engine (in process, the same requests) runs first.")
 @click.option("--model", "model_path", type=click.Path(), default=None,
               help="MODEL to serve (default: the SmolLM2 GGUF `make models` fetched).")
 @click.option("--out", "out_path", type=click.Path(), default="students/bench/soak.json",
               show_default=True, help="Where the summary goes (JSON).")
-def bench_soak(minutes, concurrency, max_tokens, warmup_s, disconnect_every, max_batch,
-               model_path, out_path):
+def bench_soak(minutes, concurrency, max_tokens, warmup_s, disconnect_every, slots, max_len,
+               baseline_s, model_path, out_path):
     """`distill serve` under sustained load on 127.0.0.1: requests done and failed, p50 / p99
-    latency, completion tokens/s, and the server's resident memory after the warm-up and at the
-    end (the server runs as its own process)."""
+    latency and time to first token, completion tokens/s against the standalone engine's on the
+    same requests (measured first, in process), and the server's resident memory after the
+    warm-up and at the end (the server runs as its own process)."""
     from distill.bench import smollm2_path
-    from distill.bench.soak import run_soak, soak_table, write_json
+    from distill.bench.soak import SoakConfig, run_soak, soak_table, write_json
 
-    summary = run_soak(model_path or smollm2_path(None), seconds=minutes * 60,
-                       concurrency=concurrency, max_tokens=max_tokens, warmup_s=warmup_s,
-                       disconnect_every=disconnect_every, max_batch=max_batch, echo=click.echo)
+    cfg = SoakConfig(seconds=minutes * 60, concurrency=concurrency, max_tokens=max_tokens,
+                     warmup_s=warmup_s, disconnect_every=disconnect_every, slots=slots,
+                     max_len=max_len, baseline_s=baseline_s)
+    summary = run_soak(model_path or smollm2_path(None), cfg, echo=click.echo)
     write_json(Path(out_path), summary)
     click.echo(soak_table(summary))
     if summary["requests_failed"]:
