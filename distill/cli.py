@@ -337,30 +337,36 @@ def sample(model_path, prompt, system, raw, max_new_tokens, temperature, top_p, 
 
 @cli.command(help="Serve MODEL over an OpenAI-compatible API: POST /v1/chat/completions (plain or "
              "streaming, reasoning split out as reasoning_content) and GET /v1/models.\n\n"
-             f"MODEL is {MODEL_HELP}; it needs a tokenizer with a chat template. Concurrent "
-             "requests are batched into one generate call.")
+             f"MODEL is {MODEL_HELP}; it needs a tokenizer with a chat template. Requests run "
+             "in the inference engine's slots, each with its own sampling settings, joining as "
+             "slots free up; every program is compiled at start (see --no-warmup).")
 @click.argument("model_path", metavar="MODEL", type=click.Path())
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to listen on; 0.0.0.0 exposes the server to the network.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--model-name", default=None, help="Name in /v1/models and answers (default: MODEL).")
-@click.option("--max-batch", default=16, show_default=True, type=click.IntRange(1),
-              help="Most sequences per generate call.")
-@click.option("--batch-wait-ms", default=10.0, show_default=True, type=click.FloatRange(0),
-              help="How long a batch waits for more requests before it starts.")
+@click.option("--slots", default=16, show_default=True, type=click.IntRange(1),
+              help="Sequences decoded at once (a request with n choices takes n); each holds a "
+                   "KV cache of --max-len tokens, so memory grows with slots x max-len.")
+@click.option("--max-len", type=click.IntRange(2), default=None,
+              help="Prompt plus completion tokens per request (default: the model's context, "
+                   "at most 4096); longer requests get HTTP 400.")
+@click.option("--no-warmup", "no_warmup", is_flag=True,
+              help="Start at once and compile each program when a request first needs it.")
 @click.option("--default-max-tokens", default=1024, show_default=True, type=click.IntRange(1),
               help="Token budget of a request that sets no max_tokens.")
 @click.option("--api-key-env", metavar="VAR", default=None,
               help="Require the value of environment variable VAR as the bearer token.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
               show_default=True, help="Weight and compute dtype.")
-def serve(model_path, host, port, model_name, max_batch, batch_wait_ms, default_max_tokens,
+def serve(model_path, host, port, model_name, slots, max_len, no_warmup, default_max_tokens,
           api_key_env, dtype):
+    from distill.inference import EngineConfig
     from distill.serve.app import serve as run_server
 
-    run_server(model_path, host, port, model_name=model_name, dtype=dtype, max_batch=max_batch,
-               batch_wait_ms=batch_wait_ms, default_max_tokens=default_max_tokens,
-               api_key_env=api_key_env, echo=click.echo)
+    run_server(model_path, host, port, model_name=model_name, dtype=dtype,
+               config=EngineConfig(slots=slots, max_len=max_len), warmup=not no_warmup,
+               default_max_tokens=default_max_tokens, api_key_env=api_key_env, echo=click.echo)
 
 
 @cli.command()
@@ -473,30 +479,38 @@ def bench_data(tokens, steps, gguf_path, out_dir):
 @click.option("--minutes", type=click.FloatRange(0.1), default=10.0, show_default=True,
               help="How long the load runs.")
 @click.option("--concurrency", type=click.IntRange(1, 1024), default=64, show_default=True,
-              help="Clients, each with one request in flight at a time.")
+              help="Clients, each with one request in flight at a time and its own temperature "
+                   "and top-p.")
 @click.option("--max-tokens", type=click.IntRange(1), default=64, show_default=True,
               help="The largest completion budget (each request draws from max/4 to max).")
 @click.option("--warmup-s", type=click.FloatRange(0), default=60.0, show_default=True,
-              help="RSS growth is measured from this point on.")
+              help="RSS growth is measured from this point of the load on.")
 @click.option("--disconnect-every", type=click.IntRange(0), default=20, show_default=True,
               help="Every N-th streaming client hangs up after its first delta (0: none).")
-@click.option("--max-batch", type=click.IntRange(1), default=16, show_default=True,
-              help="The server's --max-batch.")
+@click.option("--slots", type=click.IntRange(1), default=16, show_default=True,
+              help="The server's --slots, and the standalone engine's.")
+@click.option("--max-len", type=click.IntRange(2), default=256, show_default=True,
+              help="The server's --max-len, and the standalone engine's (the soak's prompts are "
+                   "short; a small one keeps the warm-up short).")
+@click.option("--baseline-s", type=click.FloatRange(1), default=60.0, show_default=True,
+              help="How long the standalone engine (in process, the same requests) runs first.")
 @click.option("--model", "model_path", type=click.Path(), default=None,
               help="MODEL to serve (default: the SmolLM2 GGUF `make models` fetched).")
 @click.option("--out", "out_path", type=click.Path(), default="students/bench/soak.json",
               show_default=True, help="Where the summary goes (JSON).")
-def bench_soak(minutes, concurrency, max_tokens, warmup_s, disconnect_every, max_batch,
-               model_path, out_path):
+def bench_soak(minutes, concurrency, max_tokens, warmup_s, disconnect_every, slots, max_len,
+               baseline_s, model_path, out_path):
     """`distill serve` under sustained load on 127.0.0.1: requests done and failed, p50 / p99
-    latency, completion tokens/s, and the server's resident memory after the warm-up and at the
-    end (the server runs as its own process)."""
+    latency and time to first token, completion tokens/s against the standalone engine's on the
+    same requests (measured first, in process), and the server's resident memory after the
+    warm-up and at the end (the server runs as its own process)."""
     from distill.bench import smollm2_path
-    from distill.bench.soak import run_soak, soak_table, write_json
+    from distill.bench.soak import SoakConfig, run_soak, soak_table, write_json
 
-    summary = run_soak(model_path or smollm2_path(None), seconds=minutes * 60,
-                       concurrency=concurrency, max_tokens=max_tokens, warmup_s=warmup_s,
-                       disconnect_every=disconnect_every, max_batch=max_batch, echo=click.echo)
+    cfg = SoakConfig(seconds=minutes * 60, concurrency=concurrency, max_tokens=max_tokens,
+                     warmup_s=warmup_s, disconnect_every=disconnect_every, slots=slots,
+                     max_len=max_len, baseline_s=baseline_s)
+    summary = run_soak(model_path or smollm2_path(None), cfg, echo=click.echo)
     write_json(Path(out_path), summary)
     click.echo(soak_table(summary))
     if summary["requests_failed"]:

@@ -1,6 +1,6 @@
 """`distill serve`: the OpenAI-compatible app over a toy R1-style model, run for real on a loopback
-port (answers equal the sampling engine's, reasoning split out, streaming, logprobs, batching of
-concurrent requests, faults, 4xx answers), and generate's streaming hook."""
+port (answers equal the inference engine's, reasoning split out, streaming, logprobs, concurrent
+requests side by side with their own settings, seeds, compiles, faults, 4xx answers)."""
 
 import copy
 import json
@@ -9,13 +9,12 @@ import threading
 import time
 
 import httpx
-import numpy as np
 import pytest
 from starlette.testclient import TestClient
 
-from distill import sampling
 from distill.chat import prompt_ids, split_reasoning
-from distill.sampling import SamplingParams, generate, stop_ids
+from distill.inference import Engine, EngineConfig, compiles
+from distill.sampling import SamplingParams
 from distill.serve.app import ServerThread, build_app
 from distill.serve.protocol import StreamText, visible_text
 from tests.faults import FaultConfig, with_faults
@@ -26,7 +25,7 @@ QUESTION = "Start with 7. Add 3, then multiply by 2. What is the result?"
 
 @pytest.fixture(scope="module")
 def server(toy_qwen2):
-    app = build_app(*toy_qwen2, "toy", max_batch=16)
+    app = build_app(*toy_qwen2, "toy")  # 16 slots of 2,048 tokens (the toy's context)
     with ServerThread(app) as base_url:
         with httpx.Client(base_url=base_url, timeout=120) as client:
             yield app, client
@@ -38,11 +37,20 @@ def chat(client, **body):
     return client.post("/v1/chat/completions", json=body)
 
 
-def engine_text(toy_qwen2, params: SamplingParams):
-    model, tok = toy_qwen2
-    [c] = generate(model, [prompt_ids(tok, QUESTION)], params, stop_ids(model, tok), tok,
-                   pad_id=tok.pad_token_id or 0)
+@pytest.fixture(scope="module")
+def reference(toy_qwen2):
+    """An engine of the server's shape in the test's own thread."""
+    return Engine(*toy_qwen2)
+
+
+def engine_text(reference, params: SamplingParams, question: str = QUESTION):
+    [c] = reference.generate([prompt_ids(reference.tokenizer, question)], params)
     return c
+
+
+def ids_of(choice) -> list[int]:
+    """A choice's token ids, from its logprobs (asked with return_tokens_as_token_ids)."""
+    return [int(e["token"].removeprefix("token_id:")) for e in choice["logprobs"]["content"]]
 
 
 # ------------------------------------------------------------------ reasoning split (no model)
@@ -109,19 +117,18 @@ def test_completion_shape_and_usage(server):
 
 
 @pytest.mark.parametrize("temperature, seed", [(0.0, None), (1.0, 5)])
-def test_answer_equals_the_sampling_engine(server, toy_qwen2, temperature, seed):
-    """A request served alone draws what generate draws (greedy, and sampled with its seed)."""
+def test_answer_equals_the_inference_engine(server, reference, toy_qwen2, temperature, seed):
+    """A request draws what the engine's generate draws (greedy, and sampled with its seed)."""
     _, client = server
     body = dict(temperature=temperature, max_tokens=16, logprobs=True,
                 return_tokens_as_token_ids=True)
     if seed is not None:
         body["seed"] = seed
     data = chat(client, **body).json()
-    want = engine_text(toy_qwen2, SamplingParams(max_new_tokens=16, temperature=temperature,
-                                              seed=seed or 0, logprobs=1))
+    want = engine_text(reference, SamplingParams(max_new_tokens=16, temperature=temperature,
+                                                 seed=seed or 0, logprobs=1))
     [choice] = data["choices"]
-    ids = [int(e["token"].removeprefix("token_id:")) for e in choice["logprobs"]["content"]]
-    assert ids == want.token_ids
+    assert ids_of(choice) == want.token_ids
     reasoning, content = split_reasoning(want.text, opened=True)
     assert (choice["message"]["reasoning_content"], choice["message"]["content"]) == (
         reasoning, content)
@@ -162,7 +169,7 @@ def sse(client, **body):
 
 def test_streamed_deltas_equal_the_plain_answer(server):
     _, client = server
-    body = dict(max_tokens=64, temperature=1.0, seed=11)  # 64 tokens: two decode chunks
+    body = dict(max_tokens=64, temperature=1.0, seed=11)  # 64 tokens: several host visits
     plain = chat(client, **body).json()
     events = sse(client, **body, stream_options={"include_usage": True})
     assert events[-1] == "[DONE]"
@@ -203,33 +210,83 @@ def test_n_choices(server):
     assert 0 < data["usage"]["completion_tokens"] <= 2 * 64
 
 
-def test_concurrent_requests_share_generate_calls(server):
-    app, client = server
-    engine = app.state.engine
-    before, answers = engine.generate_calls, [None] * 8
+def ask_together(client, bodies: list[dict]) -> list[httpx.Response]:
+    """POST every body at once, each from its own thread; the answers in order."""
+    answers = [None] * len(bodies)
 
     def ask(i):
-        answers[i] = chat(client, max_tokens=4 + i, temperature=0,
-                          messages=[{"role": "user", "content": f"question {i}"}])
+        answers[i] = chat(client, **bodies[i])
 
-    with engine.paused():
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
-        while engine.pending < 8:
-            time.sleep(0.01)
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
     for t in threads:
         t.join()
-    assert engine.generate_calls == before + 1
-    for i, r in enumerate(answers):
-        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 4 + i
+    return answers
+
+
+# the seeded request, and seven others with settings of their own (greedy, top-k, top-p, n = 2,
+# logprobs, no seed, other budgets and prompts)
+SEEDED = dict(temperature=0.8, top_p=0.9, seed=7, max_tokens=24, logprobs=True,
+              return_tokens_as_token_ids=True)
+OTHERS = [dict(temperature=0, max_tokens=30), dict(temperature=1.0, top_k=5, max_tokens=8),
+          dict(temperature=0.3, top_p=0.5, seed=1, max_tokens=20),
+          dict(temperature=0.6, n=2, max_tokens=16), dict(temperature=1.2, max_tokens=12),
+          dict(temperature=0.05, logprobs=True, top_logprobs=2, max_tokens=28),
+          dict(temperature=0.9, top_k=40, top_p=0.95, max_tokens=6,
+               messages=[{"role": "user", "content": "Start with 5. Add 1. Result?"}])]
+
+
+def test_a_seeded_request_draws_the_same_tokens_alone_and_beside_others(server, reference):
+    app, client = server
+    alone = chat(client, **SEEDED).json()["choices"][0]
+    want = engine_text(reference, SamplingParams(max_new_tokens=24, temperature=0.8, top_p=0.9,
+                                                 seed=7, logprobs=1))
+    assert ids_of(alone) == want.token_ids
+    engine = app.state.jobs.engine
+    steps, tokens = engine.slot_steps, engine.tokens_delivered
+    answers = ask_together(client, [SEEDED, *OTHERS])
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+    assert ids_of(answers[0].json()["choices"][0]) == ids_of(alone)
+    assert answers[0].json()["choices"][0]["message"] == alone["message"]
+    # they shared the slots: one request alone fills at most 1/16 of the slot-steps
+    assert (engine.tokens_delivered - tokens) / (engine.slot_steps - steps) > 1 / 16
+    for r, body in zip(answers[1:], OTHERS, strict=True):
+        usage = r.json()["usage"]
+        assert 0 < usage["completion_tokens"] <= body["max_tokens"] * body.get("n", 1)
+
+
+@pytest.fixture(scope="module")
+def warm_server(toy_qwen2):
+    """A small engine (8 slots of 128 tokens) with every program compiled."""
+    config = EngineConfig(slots=8, max_len=128, prefill_chunk=64, min_window=128)
+    app = build_app(*toy_qwen2, "toy", config=config)
+    programs, _ = app.state.jobs.warmup()
+    assert programs == len(app.state.jobs.engine.programs) > 0
+    with ServerThread(app) as base_url:
+        with httpx.Client(base_url=base_url, timeout=120) as client:
+            yield app, client
+
+
+@pytest.mark.slow
+def test_new_sampling_settings_after_warmup_compile_nothing(warm_server):
+    """8 concurrent requests, 8 temperatures (and top-p, top-k, seeds, budgets, logprobs,
+    streaming) the server has never seen: no compile."""
+    _, client = warm_server
+    before = compiles()
+    bodies = [dict(temperature=0.05 + 0.13 * i, top_p=1.0 - 0.05 * i, top_k=3 * i, seed=100 + i,
+                   max_tokens=1 + 9 * i, logprobs=i % 3 == 0, stream=i == 7) for i in range(8)]
+    answers = ask_together(client, bodies)
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+    assert compiles() == before
 
 
 @pytest.mark.parametrize("body, needle", [
     ({"messages": []}, "messages"),
     ({"max_tokens": 4}, "messages"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature"),
-    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4096}, "context"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4096}, "limit of 2048"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 17}, "16 slots"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 25}, "top_logprobs"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "role"),
     ({"messages": "hi"}, "messages"),
@@ -240,6 +297,33 @@ def test_bad_requests_get_400(server, body, needle):
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert needle in error["message"] and error["code"] == 400
+
+
+def test_requests_past_the_engine_get_400_and_the_others_run_on(server):
+    """A prompt longer than the engine's limit, or max_tokens past it: 400 with one line, while
+    a request already running streams on and a later one is answered."""
+    _, client = server
+    running, got = {}, []
+
+    def stream():
+        running["events"] = sse(client, max_tokens=48, temperature=0)
+
+    t = threading.Thread(target=stream)
+    t.start()
+    long_prompt = [{"role": "user", "content": "x" * 3000}]  # 3,000 tokens: past 2,048
+    for body in ({"messages": long_prompt}, {"messages": long_prompt, "max_tokens": 8},
+                 {"max_tokens": 2040}, {"max_tokens": 2047}):
+        r = chat(client, **body)
+        message = r.json()["error"]["message"]
+        assert r.status_code == 400 and "\n" not in message, r.text
+        assert "limit of 2048 tokens" in message and "max_tokens" in message
+        got.append(message)
+    assert "a prompt of 30" in got[0] and "a prompt of 42 tokens plus max_tokens 2040" in got[2]
+    t.join()
+    assert running["events"][-1] == "[DONE]"
+    finish = json.loads(running["events"][-2])["choices"][0]["finish_reason"]
+    assert finish in ("stop", "length")
+    assert chat(client, max_tokens=4).status_code == 200
 
 
 def test_bad_json_unknown_model_and_route(server):
@@ -285,65 +369,16 @@ def test_fault_kinds(toy_qwen2):
         assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code == 200
 
 
-# ------------------------------------------------------------------ generate's streaming hook
-
-
-def test_generate_on_chunk_reports_every_token_once(toy_qwen2):
-    model, tok = toy_qwen2
-    ids = prompt_ids(tok, QUESTION)
-    params = SamplingParams(max_new_tokens=64, temperature=1.0, n=2, seed=4)
-    calls = []
-    got = generate(model, [ids], params, stop_ids(model, tok), tok, on_chunk=calls.append)
-    plain = generate(model, [ids], params, stop_ids(model, tok), tok)
-    assert [c.token_ids for c in got] == [c.token_ids for c in plain]
-    assert len(calls) == 2 and all(len(rows) == 2 for rows in calls)  # 64 tokens: two chunks
-    eos = set(stop_ids(model, tok))
-    for j, c in enumerate(got):
-        streamed = [t for rows in calls for t in rows[j]]
-        assert [t for t in streamed if t not in eos] == c.token_ids
-
-
-def test_rows_on_chunk_drops_end_there_and_the_others_run_on(toy_qwen2):
-    model, tok = toy_qwen2
-    ids = prompt_ids(tok, QUESTION)
-    params = SamplingParams(max_new_tokens=128, temperature=0.0)
-    chunks = []
-
-    def drop_the_second(rows):
-        chunks.append(rows)
-        return [1]
-
-    got = generate(model, [ids, ids], params, stop_ids(model, tok), tok,
-                   on_chunk=drop_the_second)
-    [plain] = generate(model, [ids], params, stop_ids(model, tok), tok)
-    assert len(plain.token_ids) == 128  # greedy runs the whole budget here
-    assert got[0].token_ids == plain.token_ids and len(chunks) == 4
-    first = len(chunks[0][1])  # the first chunk: the prefill's token and STOP_CHECK_EVERY more
-    assert first <= sampling.STOP_CHECK_EVERY + 1
-    assert got[1].token_ids == plain.token_ids[:first] and got[1].finish_reason == "length"
-    assert all(rows[1] == [] for rows in chunks[1:])
-
-
-def test_a_new_seed_does_not_compile_again(toy_qwen2):
-    model, tok = toy_qwen2
-    ids = prompt_ids(tok, QUESTION)
-    generate(model, [ids], SamplingParams(max_new_tokens=64, temperature=1.0, seed=1))
-    size = sampling._decode_chunk._cache_size()
-    a = generate(model, [ids], SamplingParams(max_new_tokens=64, temperature=1.0, seed=2))
-    b = generate(model, [ids], SamplingParams(max_new_tokens=64, temperature=1.0, seed=3))
-    assert sampling._decode_chunk._cache_size() == size
-    assert not np.array_equal(a[0].token_ids, b[0].token_ids)
-
-
 # ------------------------------------------------------------------ the command line
 
 
 def test_cli_help():
     proc = invoke_cli(["serve", "--help"])
     assert proc.returncode == 0
-    for needle in ("/v1/chat/completions", "--host", "--port", "--max-batch", "--api-key-env"):
+    for needle in ("/v1/chat/completions", "--host", "--port", "--slots", "--max-len",
+                   "--no-warmup", "--api-key-env"):
         assert needle in proc.stdout
-    assert "--fault-rate" not in proc.stdout  # drills only
+    assert "--fault-rate" not in proc.stdout and "--max-batch" not in proc.stdout
 
 
 def test_cli_errors_are_one_line(tmp_path):
@@ -364,27 +399,31 @@ def _wait_until(pred, timeout=60.0) -> bool:
     return pred()
 
 
-def test_clients_that_leave_free_their_batch_slot(toy_qwen2):
-    app = build_app(*toy_qwen2, "toy", max_batch=4)
-    engine = app.state.engine
+def test_clients_that_leave_free_their_slot(toy_qwen2):
+    app = build_app(*toy_qwen2, "toy", config=EngineConfig(slots=1))
+    jobs = app.state.jobs
     long = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 1536,
             "temperature": 0}
     with ServerThread(app) as base_url, httpx.Client(base_url=base_url, timeout=120) as client:
         whole = client.post("/v1/chat/completions", json=long).json()
         assert whole["usage"]["completion_tokens"] == 1536  # greedy: the same request runs this long
-        before = engine.tokens_generated
-        # a streaming client reads its first delta and hangs up: its round ends at the next chunk
+        before = jobs.tokens_generated
+        # a streaming client reads its first delta and hangs up: its slot frees at the next visit
         with client.stream("POST", "/v1/chat/completions", json={**long, "stream": True}) as r:
             first_text = next(x for x in r.iter_lines() if x and '"role"' not in x)
-        assert '"delta"' in first_text  # the round was decoding when the client left
-        assert _wait_until(lambda: engine.jobs_cancelled == 1 and engine.jobs_done == 2)
-        assert engine.tokens_generated - before < 1536 // 2
-        # a plain client gives up while its request waits in the queue: it never runs
-        calls = engine.generate_calls
-        with engine.paused():
-            with pytest.raises(httpx.ReadTimeout):
-                httpx.post(f"{base_url}/v1/chat/completions", json=long, timeout=0.3)
-            time.sleep(1.0)  # the server notices within DISCONNECT_POLL_S
-        assert _wait_until(lambda: engine.jobs_cancelled == 2)
-        assert engine.generate_calls == calls and engine.pending == 0
+        assert '"delta"' in first_text  # the request was decoding when the client left
+        assert _wait_until(lambda: jobs.requests_cancelled == 1 and jobs.requests_done == 1)
+        assert jobs.tokens_generated - before < 1536 // 2
+        # a plain client gives up while its request waits for the one slot: it never runs
+        runner = threading.Thread(target=lambda: client.post("/v1/chat/completions", json=long))
+        runner.start()
+        while jobs.engine.pending or not any(jobs.engine.slots):
+            time.sleep(0.01)  # the long request holds the slot
+        tokens = jobs.tokens_generated
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base_url}/v1/chat/completions", json=long, timeout=0.3)
+        assert _wait_until(lambda: jobs.requests_cancelled == 2)  # noticed within DISCONNECT_POLL_S
+        assert jobs.engine.pending == 0
+        runner.join()
+        assert jobs.requests_done == 2 and jobs.tokens_generated == tokens + 1536
         assert chat(client).status_code == 200

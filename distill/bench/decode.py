@@ -142,7 +142,7 @@ def bench_generate(gguf: Path, prompts: int = 16, n: int = 4, new_tokens: int = 
         rows.append({"benchmark": "generate_jax", "model": name, "prompts": prompts, "n": n,
                      "new_tokens": new_tokens, "tokens_per_s": tokens / seconds})
     model, tok = distill.load_pretrained(gguf)
-    with ServerThread(build_app(model, tok, "smollm2", max_batch=16)) as url:
+    with ServerThread(build_app(model, tok, "smollm2")) as url:
         bench_http(f"{url}/v1", "smollm2", requests=16, concurrency=16, max_new_tokens=new_tokens)
         r = bench_http(f"{url}/v1", "smollm2", requests=64, concurrency=16,
                        max_new_tokens=new_tokens)

@@ -34,11 +34,10 @@ from pydantic import Field
 from distill.config import Frozen
 from distill.errors import DistillError
 from distill.inference import programs
-from distill.inference._rows_tmp import request_key
 from distill.inference.completion import Completion, completion_of
 from distill.inference.programs import TOP_LOGPROBS, Layout, SlotArrays
 from distill.models.decoder import layer_stack_paths, unstack_layers
-from distill.sampling import SamplingParams
+from distill.sampling import SamplingParams, request_key
 
 log = logging.getLogger(__name__)
 

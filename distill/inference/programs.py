@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from distill.inference._rows_tmp import row_uniform, sample_rows
 from distill.models.decoder import unstack_layers
+from distill.sampling import row_uniform, sample_rows
 
 TOP_LOGPROBS = 20  # the most log-probabilities a request may ask for per token (OpenAI's cap)
 

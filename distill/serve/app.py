@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import random
 import socket
 import threading
 import time
@@ -22,9 +23,10 @@ from starlette.routing import Route
 from distill.chat import THINK_OPEN, split_reasoning
 from distill.config import read_api_key
 from distill.errors import DistillError
+from distill.inference import Completion, EngineConfig, EngineError
 from distill.pretrained import load_pretrained
-from distill.sampling import Completion
-from distill.serve.engine import BatchEngine, Job
+from distill.sampling import SamplingParams
+from distill.serve.jobs import Job, Jobs
 from distill.serve.protocol import (
     MIN_LOGPROB,
     BadRequest,
@@ -41,7 +43,7 @@ DISCONNECT_POLL_S = 0.5  # how often a waiting non-streaming request checks that
 
 class _JobStream(StreamingResponse):
     """A job's SSE response; a client that leaves mid-stream (Starlette stops the stream when it
-    hears the disconnect) cancels the job, which frees its batch slot."""
+    hears the disconnect) cancels the job, which frees its engine slots."""
 
     def __init__(self, job: Job, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -52,17 +54,18 @@ class _JobStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             if not self.job.result.done():
-                self.job.cancelled = True
+                self.job.cancel()
 
 
 class _Server:
-    """The endpoints' shared state: model, engine, name, key."""
+    """The endpoints' shared state: tokenizer, jobs (the engine), name, key."""
 
-    def __init__(self, model, tokenizer, model_name: str, engine: BatchEngine, api_key: str | None,
+    def __init__(self, tokenizer, model_name: str, jobs: Jobs, api_key: str | None,
                  default_max_tokens: int):
-        self.model, self.tokenizer, self.name, self.engine = model, tokenizer, model_name, engine
+        self.tokenizer, self.name, self.jobs = tokenizer, model_name, jobs
         self.api_key, self.default_max_tokens = api_key, default_max_tokens
         self.created = int(time.time())
+        self._rng = random.Random()  # seeds for requests without one
 
     def authorized(self, request: Request) -> bool:
         if self.api_key is None:
@@ -76,7 +79,7 @@ class _Server:
             return error_response(401, "invalid API key")
         return JSONResponse({"object": "list", "data": [
             {"id": self.name, "object": "model", "created": self.created, "owned_by": "distill",
-             "max_model_len": self.engine.max_positions}]})
+             "max_model_len": self.jobs.max_len}]})
 
     async def chat(self, request: Request) -> Response:
         if not self.authorized(request):
@@ -85,18 +88,20 @@ class _Server:
         try:
             req = parse_request(body)
             job = self._job(req)
+            self.jobs.submit(job)
         except BadRequest as e:
             return error_response(e.status, str(e))
-        self.engine.submit(job)
+        except EngineError as e:  # too long for the engine's slots, n past them, ...
+            return error_response(400, str(e))
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": self.name}
         if req.stream:
             return _JobStream(job, self._events(req, job, meta), media_type="text/event-stream",
                               headers={"Cache-Control": "no-cache"})
-        while not job.result.done():  # a client that leaves frees its batch slot
+        while not job.result.done():  # a client that leaves frees its engine slots
             await asyncio.wait([job.result], timeout=DISCONNECT_POLL_S)
             if not job.result.done() and await request.is_disconnected():
-                job.cancelled = True
+                job.cancel()
                 return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         try:
             completions = job.result.result()
@@ -117,20 +122,22 @@ class _Server:
         except DistillError as e:
             raise BadRequest(f"messages: {e}") from None
         ids = self.tokenizer.encode(text, add_special_tokens=False)
-        room = self.engine.max_positions - len(ids)
-        wanted = req.max_completion_tokens or req.max_tokens
-        if room < 1 or (wanted is not None and wanted > room):
-            raise BadRequest(f"this model's context is {self.engine.max_positions} tokens; the "
-                              f"prompt has {len(ids)} and max_tokens asks for {wanted or 1} more")
-        greedy = req.temperature == 0
-        k = max(req.top_logprobs or 0, 1) if req.logprobs else 0
-        key = (req.temperature, 1.0 if greedy else req.top_p, 0 if greedy else max(req.top_k, 0),
-               req.stops(), k)
         loop = asyncio.get_running_loop()
-        return Job(ids=ids, n=req.n, max_tokens=wanted or min(self.default_max_tokens, room),
-                    key=key, seed=req.seed, opened=text.rstrip().endswith(THINK_OPEN),
-                    stream=req.stream, loop=loop, result=loop.create_future(),
-                    events=asyncio.Queue() if req.stream else None)
+        return Job(ids=ids, params=self._params(req, len(ids)),
+                   opened=text.rstrip().endswith(THINK_OPEN), loop=loop,
+                   result=loop.create_future(), events=asyncio.Queue() if req.stream else None)
+
+    def _params(self, req: ChatRequest, prompt_tokens: int) -> SamplingParams:
+        """The request's own settings; the engine rejects what does not fit its slots."""
+        wanted = req.max_completion_tokens or req.max_tokens
+        room = self.jobs.max_len - prompt_tokens
+        greedy = req.temperature == 0
+        seed = self._rng.randrange(2**31) if req.seed is None else req.seed & 0x7FFFFFFF
+        return SamplingParams(
+            max_new_tokens=wanted or max(1, min(self.default_max_tokens, room)),
+            temperature=req.temperature, top_p=1.0 if greedy else req.top_p,
+            top_k=0 if greedy else max(req.top_k, 0), n=req.n, seed=seed, stop=req.stops(),
+            logprobs=max(req.top_logprobs or 0, 1) if req.logprobs else 0)
 
     # -- answers
 
@@ -203,29 +210,29 @@ class _Server:
         yield "data: [DONE]\n\n"
 
 
-def build_app(model, tokenizer, model_name: str, *, max_batch: int = 16,
-              batch_wait_ms: float = 10.0, api_key: str | None = None,
-              default_max_tokens: int = 1024) -> Starlette:
+def build_app(model, tokenizer, model_name: str, *, config: EngineConfig | None = None,
+              api_key: str | None = None, default_max_tokens: int = 1024) -> Starlette:
     """The OpenAI-compatible app over a loaded (model, tokenizer).
 
-    max_batch: most choices per generate call; batch_wait_ms: how long a round waits for more
-    requests before it starts; api_key: required as `Authorization: Bearer KEY` when set;
-    default_max_tokens: the budget of a request without max_tokens (capped by the context).
-    `app.state.engine` is the BatchEngine (counters, `paused()`). The engine's worker runs while
-    the app's lifespan does.
+    config: the inference engine's shape (slots, max_len: prompt plus completion tokens per
+    request, ...); api_key: required as `Authorization: Bearer KEY` when set;
+    default_max_tokens: the budget of a request without max_tokens (capped by max_len).
+    `app.state.jobs` is the server's `Jobs` (counters; `.engine` the inference engine, which
+    compiles its programs as requests first need them unless `jobs.warmup()` ran). The engine's
+    worker thread runs while the app's lifespan does.
     """
     if tokenizer is None or not tokenizer.chat_template:
         raise DistillError(f"{model_name}: `distill serve` needs a tokenizer with a chat template")
-    engine = BatchEngine(model, tokenizer, max_batch, batch_wait_ms)
-    server = _Server(model, tokenizer, model_name, engine, api_key, default_max_tokens)
+    jobs = Jobs(model, tokenizer, config)
+    server = _Server(tokenizer, model_name, jobs, api_key, default_max_tokens)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        engine.start()
+        jobs.start()
         try:
             yield
         finally:
-            engine.stop()
+            jobs.stop()
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         return error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
@@ -233,7 +240,7 @@ def build_app(model, tokenizer, model_name: str, *, max_batch: int = 16,
     app = Starlette(routes=[Route("/v1/chat/completions", server.chat, methods=["POST"]),
                             Route("/v1/models", server.models, methods=["GET"])],
                     lifespan=lifespan, exception_handlers={HTTPException: http_error})
-    app.state.engine = engine
+    app.state.jobs = jobs
     return app
 
 
@@ -271,7 +278,7 @@ class ServerThread:
             httpx.post(f"{base_url}/v1/chat/completions", json={...})
 
     `base_url` has no "/v1"; the OpenAI SDK wants `base_url + "/v1"`. Leaving the block stops the
-    server (requests still hanging are cut after `graceful_s`) and its batching worker.
+    server (requests still hanging are cut after `graceful_s`) and its engine's worker.
     """
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, graceful_s: float = 1.0):
@@ -306,17 +313,23 @@ class ServerThread:
 
 
 def serve(model_path, host: str = "127.0.0.1", port: int = 8000, *, model_name: str | None = None,
-          dtype: str = "float32", max_batch: int = 16, batch_wait_ms: float = 10.0,
+          dtype: str = "float32", config: EngineConfig | None = None, warmup: bool = True,
           default_max_tokens: int = 1024, api_key_env: str | None = None, echo=print) -> None:
     """Load MODEL and serve it until interrupted. The port is taken before the (slow) load, so a
-    busy one fails at once; `echo` receives the line that says where the server listens."""
+    busy one fails at once; with `warmup` every engine program is compiled before the first
+    request. `echo` receives the lines that say where the server listens."""
     api_key = read_api_key(api_key_env, "clients must send") if api_key_env else None
     sock = bind_socket(host, port)
     model, tokenizer = load_pretrained(model_path, param_dtype=dtype)
     name = model_name or str(model_path).rstrip("/")
-    app = build_app(model, tokenizer, name, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
-                    api_key=api_key, default_max_tokens=default_max_tokens)
-    echo(f"serving {name!r} at {_url(sock)}/v1 (chat/completions, models); Ctrl-C stops it")
+    app = build_app(model, tokenizer, name, config=config, api_key=api_key,
+                    default_max_tokens=default_max_tokens)
+    jobs = app.state.jobs
+    if warmup:
+        programs, seconds = jobs.warmup()
+        echo(f"warm-up: {programs} engine programs compiled in {seconds:.1f} s")
+    echo(f"serving {name!r} at {_url(sock)}/v1 (chat/completions, models; "
+         f"{jobs.engine.config.slots} slots of {jobs.max_len} tokens); Ctrl-C stops it")
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         echo(f"warning: listening on {host} without an API key (see --api-key-env)")
     _uvicorn(app).run(sockets=[sock])
