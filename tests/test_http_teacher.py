@@ -18,10 +18,9 @@ from distill.backends.http import (
     chat_url,
     retry_after_s,
 )
-from distill.chat import prompt_ids
 from distill.data.records import PromptRecord
 from distill.errors import DistillError
-from distill.sampling import SamplingParams, generate, stop_ids
+from distill.sampling import SamplingParams
 from distill.serve.app import ServerThread, build_app
 from distill.tokenizer import Tokenizer
 from tests.faults import FaultConfig, with_faults
@@ -102,12 +101,15 @@ def test_logprobs_come_with_bytes_from_the_named_tokenizer(base_url, toy_qwen2_d
     assert http.tokenizer_identity["vocab_size"] == len(table)
 
 
-def warm_up(toy_qwen2, text, params, batch_sizes):
-    """Compile the shapes the server's rounds will use, so that only injected hangs time out."""
-    model, tok = toy_qwen2
-    ids = prompt_ids(tok, text)
-    for b in batch_sizes:
-        generate(model, [ids] * b, params, stop_ids(model, tok), tok)
+def warm_up(app, url: str, prompts, params) -> None:
+    """One request with faults off (no draw from the fault sequence), so the server compiles
+    what its answers need and only injected hangs time out."""
+    cfg = app.cfg
+    app.cfg = cfg.model_copy(update={"kinds": ()})
+    try:
+        teacher(url).complete(prompts[:1], params)
+    finally:
+        app.cfg = cfg
 
 
 def test_faults_every_sample_exactly_once(toy_qwen2, caplog):
@@ -117,8 +119,8 @@ def test_faults_every_sample_exactly_once(toy_qwen2, caplog):
     app = with_faults(build_app(*toy_qwen2, "toy", max_batch=1), faults)
     prompts = [PromptRecord(f"f{i}", f"Fault drill {i}") for i in range(8)]
     params = SamplingParams(max_new_tokens=8, temperature=0.0, n=2)
-    warm_up(toy_qwen2, prompts[0].prompt, SamplingParams(max_new_tokens=16), batch_sizes=(1,))
     with ServerThread(app) as url, caplog.at_level(logging.WARNING):
+        warm_up(app, url, prompts, params)
         out = teacher(url, timeout_s=2.0, backoff_initial_s=0.05, backoff_max_s=0.2,
                       max_retries=20).complete(prompts, params)
     assert set(app.state.faults) == {"429", "500", "hang", "drop"}
