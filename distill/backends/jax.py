@@ -115,10 +115,11 @@ class JaxSampler:
         out: list[list[Sample]] = [[] for _ in prompts]
 
         def done(k: int, req: Request) -> None:
-            if req.error is None:
-                out[k] = [self._sample(c, len(ids[k])) for c in req.completions]
-                for s in out[k] if on_sample else ():
-                    on_sample(s)
+            if req.error is not None:
+                return  # complete() raises it
+            out[k] = [self._sample(c, len(ids[k])) for c in req.completions]
+            for s in out[k] if on_sample is not None else ():
+                on_sample(s)
 
         try:
             reqs = [eng.submit(row, params.model_copy(update={"seed": prompt_seed(params.seed, p.id)}),
@@ -139,7 +140,8 @@ class JaxSampler:
                       top_logprobs=c.top_logprobs, **self._bytes(c))
 
     def close(self) -> None:
-        """Nothing to release: the model's buffers go with the object."""
+        """Let the engine's KV cache go now (the model's buffers go with the object)."""
+        self._engine = None
 
 
 def sample_text(model_path, prompt: str, params: SamplingParams, *, system=None, raw=False,
