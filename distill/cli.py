@@ -98,7 +98,8 @@ def generate(config, overrides, overwrite, quiet):
     \b
     CONFIG is a run config (see configs/runs/) with sections:
       prompts   source (jsonl / parquet / csv / save_to_disk dir / hub name / synthetic), columns
-      teacher   kind: jax (a MODEL path run in-process) or openai (base_url, model, api_key_env)
+      teacher   kind: jax (a MODEL path run in-process; engine: slots, max_len) or openai
+                (base_url, model, api_key_env)
       sampling  n, temperature, top_p, max_new_tokens, seed, logprobs
       filters   keep correct|complete|all, truncation, <think> format, language mix, dedup, decontamination
       output    root (teacher_traces), prompts_per_shard

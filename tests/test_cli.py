@@ -82,6 +82,11 @@ def test_wrong_type_via_set():
     assert_user_error(proc, "tiny-qwen2.yaml", "model.num_hidden_layers", "integer", "'lots'")
 
 
+def test_sample_past_the_context_is_one_line(toy_qwen2_dir):
+    proc = invoke_cli(["sample", toy_qwen2_dir, "--prompt", "hi", "--max-new-tokens", "5000"])
+    assert_user_error(proc, "plus max_tokens 5000", "past the engine's limit of 2048 tokens")
+
+
 def test_missing_checkpoint_path(tmp_path):
     assert_user_error(invoke_cli(["export", tmp_path / "nope", "--out", tmp_path / "o"]), "nope",
                       "no such file")

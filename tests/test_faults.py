@@ -45,7 +45,7 @@ def _temporaries(files: dict) -> list[str]:
 def test_generate_on_a_full_disk_says_what_is_safe_and_resumes_exactly(tmp_path, teacher_dir):
     def cfg(name, root):
         return generate_config(tmp_path / f"{name}.yaml", root,
-                               {"kind": "jax", "model": str(teacher_dir), "batch_size": 2},
+                               {"kind": "jax", "model": str(teacher_dir), "engine": {"slots": 4}},
                                prompts={"synthetic": {"n": 40, "seed": 3}})
 
     ref = cfg("gen", tmp_path / "ref")

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import pytest
 import yaml
@@ -44,7 +45,7 @@ def check_complete(run_dir: Path, prompts: int, n: int) -> list[dict]:
 
 def test_in_process_teacher_writes_a_dataset_that_datasets_loads(tmp_path, teacher_dir):
     cfg = generate_config(tmp_path / "run.yaml", tmp_path / "out",
-                       {"kind": "jax", "model": str(teacher_dir), "batch_size": 2})
+                       {"kind": "jax", "model": str(teacher_dir), "engine": {"slots": 4}})
     summary = run_generate(cfg, progress=False)
     assert (summary.prompts, summary.samples, summary.records) == (10, 20, 20)
     rows = check_complete(summary.run_dir, 10, 2)
@@ -87,7 +88,7 @@ def _cli(cfg: Path, env=None) -> subprocess.Popen:
 
 
 def test_kill_9_at_three_points_then_resume_equals_an_uninterrupted_run(tmp_path, teacher_dir):
-    teacher = {"kind": "jax", "model": str(teacher_dir), "batch_size": 2}
+    teacher = {"kind": "jax", "model": str(teacher_dir), "engine": {"slots": 4}}
     reference = run_generate(generate_config(tmp_path / "ref.yaml", tmp_path / "ref", teacher),
                              progress=False)
     cfg = generate_config(tmp_path / "run.yaml", tmp_path / "out", teacher)
@@ -114,6 +115,36 @@ def test_kill_9_at_three_points_then_resume_equals_an_uninterrupted_run(tmp_path
     assert proc.returncode == 0, err
     rows = check_complete(run_dir, 10, 2)
     assert rows == records(reference.run_dir)
+
+
+def test_engine_slot_count_and_resume_do_not_change_the_records(tmp_path, teacher_dir):
+    """Each prompt samples from its own seed: 2 slots or 5, every prompt in one shard or two per
+    shard, the same records (what lets a resumed run, or one on another machine, match)."""
+    runs = [run_generate(generate_config(tmp_path / f"{name}.yaml", tmp_path / name,
+                                         {"kind": "jax", "model": str(teacher_dir),
+                                          "engine": {"slots": slots}},
+                                         output={"prompts_per_shard": pps}), progress=False)
+            for name, slots, pps in [("two", 2, 2), ("five", 5, 10)]]
+    two, five = (check_complete(r.run_dir, 10, 2) for r in runs)
+    assert len({r["completion"] for r in two}) > 10  # sampled, not one text
+    # every field the same; the stored log-probabilities to float32 rounding (a matmul over 2
+    # rows or 5 may sum in another order)
+    assert [{**r, "top_logprobs": None} for r in two] == [{**r, "top_logprobs": None} for r in five]
+    for a, b in zip(two, five, strict=True):
+        np.testing.assert_allclose(a["top_logprobs"], b["top_logprobs"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("teacher, sampling", [
+    ({"engine": {"max_len": 64}}, {}),
+    ({}, {"max_new_tokens": 4000}),  # past the toy teacher's context of 2,048 tokens
+], ids=["engine-max-len", "model-context"])
+def test_a_prompt_past_the_engine_limit_is_one_line(tmp_path, teacher_dir, teacher, sampling):
+    cfg = generate_config(tmp_path / "c.yaml", tmp_path / "out",
+                          {"kind": "jax", "model": str(teacher_dir), **teacher}, sampling=sampling)
+    line = assert_user_error(invoke_cli(["generate", cfg, "--quiet"], cwd=REPO),
+                             "prompt arith-3-0:", "past the engine's limit")
+    assert ("of 64 tokens" if teacher else "of 2048 tokens") in line
+    assert not data_store.read_manifest(tmp_path / "out" / "c")["complete"]
 
 
 @pytest.mark.parametrize("content, columns, expected", [

@@ -55,10 +55,12 @@ def test_export_reloads_in_transformers_bit_exact(tmp_path, name):
     ids = _ids(ref.config.vocab_size, t=40)
     np.testing.assert_allclose(hf_logits(back, ids), hf_logits(ref, ids), atol=1e-5, rtol=0)
     # greedy generation: distill and transformers agree on 32 new tokens (no end-of-sequence stop)
-    from distill.sampling import SamplingParams, generate
+    from distill.inference import Engine, EngineConfig
+    from distill.sampling import SamplingParams
 
     prompt = [int(i) for i in ids[0, :12]]
-    [ours] = generate(model, [prompt], SamplingParams(max_new_tokens=32))
+    engine = Engine(model, config=EngineConfig(slots=1, max_len=44), eos_ids=[])
+    [ours] = engine.generate([prompt], SamplingParams(max_new_tokens=32))
     back.generation_config.eos_token_id = None
     with torch.no_grad():
         theirs = back.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=32,

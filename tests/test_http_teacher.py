@@ -18,7 +18,7 @@ from distill.backends.http import (
     chat_url,
     retry_after_s,
 )
-from distill.chat import THINK_CLOSE, prompt_ids
+from distill.chat import THINK_CLOSE
 from distill.data.records import PromptRecord
 from distill.errors import DistillError
 from distill.inference import EngineConfig
@@ -105,10 +105,15 @@ def test_logprobs_come_with_bytes_from_the_named_tokenizer(base_url, toy_qwen2_d
     assert http.tokenizer_identity["vocab_size"] == len(table)
 
 
-def warm_up(app, text, params):
-    """Compile the programs the server's engine will run, so that only injected hangs time out."""
-    engine = app.state.jobs.engine
-    engine.generate([prompt_ids(engine.tokenizer, text)], params)
+def warm_up(app, url: str, prompts, params) -> None:
+    """One request with faults off (no draw from the fault sequence), so the server compiles
+    what its answers need and only injected hangs time out."""
+    cfg = app.cfg
+    app.cfg = cfg.model_copy(update={"kinds": ()})
+    try:
+        teacher(url).complete(prompts[:1], params)
+    finally:
+        app.cfg = cfg
 
 
 def test_faults_every_sample_exactly_once(toy_qwen2, caplog):
@@ -118,8 +123,8 @@ def test_faults_every_sample_exactly_once(toy_qwen2, caplog):
     app = with_faults(build_app(*toy_qwen2, "toy", config=EngineConfig(slots=2)), faults)
     prompts = [PromptRecord(f"f{i}", f"Fault drill {i}") for i in range(8)]
     params = SamplingParams(max_new_tokens=8, temperature=0.0, n=2)
-    warm_up(app, prompts[0].prompt, params)
     with ServerThread(app) as url, caplog.at_level(logging.WARNING):
+        warm_up(app, url, prompts, params)
         out = teacher(url, timeout_s=2.0, backoff_initial_s=0.05, backoff_max_s=0.2,
                       max_retries=20).complete(prompts, params)
     assert set(app.state.faults) == {"429", "500", "hang", "drop"}

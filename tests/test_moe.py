@@ -16,10 +16,11 @@ from safetensors.numpy import load_file
 
 import distill
 from distill.errors import DistillError
+from distill.inference import Engine, EngineConfig
 from distill.models import safetensors_io, weights
 from distill.models.families import abstract_model, load_model_config, param_count
 from distill.parallel import make_mesh
-from distill.sampling import DecodeModel, SamplingParams, generate
+from distill.sampling import SamplingParams
 from tests.helpers import hf_logits, our_logits, save_hf
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
@@ -262,13 +263,15 @@ def test_experts_sharded_over_expert_and_tensor_axes(base, monkeypatch):
 
 @pytest.mark.parametrize("unrolled", ["0", "1"])
 def test_greedy_generate_matches_transformers(base, unrolled):
-    """MLA-latent KV cache: prefill then 31 cached decode steps, on a left-padded batch; with the
-    layers scanned over the stacked weights and caches, and unrolled over per-layer copies."""
+    """MLA-latent KV cache: chunked prefill into a slot then 31 cached decode steps, prompts of
+    two lengths in two slots; with the layers scanned over the stacked weights and caches, and
+    unrolled over per-layer copies."""
     ref, _, model = base
     rng = np.random.RandomState(0)
     prompts = [rng.randint(3, 96, n).tolist() for n in (5, 21)]
-    outs = generate(DecodeModel(model, unroll=unrolled == "1"), prompts,
-                    SamplingParams(max_new_tokens=32))
+    engine = Engine(model, config=EngineConfig(slots=2, max_len=64, unroll=unrolled == "1"),
+                    eos_ids=[])
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=32))
     cache = model.init_cache(2, 64)
     assert cache.moe.latent.shape == (2, 2, 64, 32) and cache.moe.k_rope.shape == (2, 2, 64, 16)
     for prompt, out in zip(prompts, outs, strict=True):
@@ -295,7 +298,8 @@ def test_export_to_hf_loads_in_transformers(tmp_path, base):
     ids = _ids(ref.config.vocab_size, b=2, t=24, seed=5)
     np.testing.assert_allclose(hf_logits(theirs, ids), our_logits(model, ids), atol=1e-4, rtol=0)
     prompt = ids[0, :9].tolist()
-    [ours] = generate(model, [prompt], SamplingParams(max_new_tokens=32))
+    engine = Engine(model, config=EngineConfig(slots=1, max_len=64), eos_ids=[])
+    [ours] = engine.generate([prompt], SamplingParams(max_new_tokens=32))
     with torch.no_grad():
         want = theirs.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
                                pad_token_id=0, eos_token_id=None)[0, len(prompt):].tolist()

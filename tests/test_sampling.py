@@ -1,4 +1,5 @@
-"""KV-cached generation: greedy equals transformers, ragged batches, seeded sampling, filters."""
+"""Generation through the inference engine: greedy equals transformers, ragged batches arriving
+at different times, seeded sampling, stop strings, log-probabilities; the sampling filters."""
 
 import jax
 import numpy as np
@@ -7,15 +8,8 @@ import torch
 
 import distill
 from distill import sampling
-from distill.sampling import (
-    DecodeModel,
-    SamplingParams,
-    filter_logits,
-    generate,
-    request_key,
-    row_uniform,
-    sample_rows,
-)
+from distill.inference import Engine, EngineConfig
+from distill.sampling import SamplingParams, filter_logits, request_key, row_uniform, sample_rows
 from tests.helpers import save_hf, tiny_hf
 
 
@@ -24,6 +18,12 @@ def pair(tmp_path_factory):
     ref = tiny_hf("qwen2", vocab=160, seed=3)
     model, _ = distill.load_pretrained(save_hf(ref, tmp_path_factory.mktemp("s") / "hf"))
     return ref, model
+
+
+def _engine(model, slots=4, eos_ids=(), tokenizer=None, **config):
+    """An engine over `model` (no end-of-sequence id unless given), 256 tokens per sequence."""
+    return Engine(model, tokenizer, EngineConfig(slots=slots, max_len=256, **config),
+                  eos_ids=list(eos_ids))
 
 
 def _hf_greedy(ref, prompt, n):
@@ -37,7 +37,8 @@ def test_greedy_matches_transformers_on_a_ragged_batch(pair):
     ref, model = pair
     rng = np.random.RandomState(0)
     prompts = [rng.randint(3, 160, n).tolist() for n in (3, 17, 40)]
-    outs = generate(model, prompts, SamplingParams(max_new_tokens=32))
+    # two slots: the third prompt is admitted when one of the first two ends
+    outs = _engine(model, slots=2).generate(prompts, SamplingParams(max_new_tokens=32))
     for prompt, out in zip(prompts, outs, strict=True):
         assert out.token_ids == _hf_greedy(ref, prompt, 32)
         assert out.finish_reason == "length"
@@ -48,7 +49,7 @@ def test_eos_stops_a_row_and_reports_stop(pair):
     prompt = [5, 6, 7, 8]
     free = _hf_greedy(ref, prompt, 12)
     eos = free[5]  # pretend the 6th greedy token is end-of-sequence
-    [out] = generate(model, [prompt], SamplingParams(max_new_tokens=12), eos_ids=[eos])
+    [out] = _engine(model, eos_ids=[eos]).generate([prompt], SamplingParams(max_new_tokens=12))
     first = free.index(eos)
     assert out.token_ids == free[:first] and out.finish_reason == "stop"
 
@@ -56,11 +57,12 @@ def test_eos_stops_a_row_and_reports_stop(pair):
 def test_seeded_sampling_is_reproducible_and_samples_differ(pair):
     _, model = pair
     params = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.95, top_k=40, n=4, seed=7)
-    a = generate(model, [[4, 5, 6]], params)
-    b = generate(model, [[4, 5, 6]], params)
+    engine = _engine(model)
+    a = engine.generate([[4, 5, 6]], params)
+    b = engine.generate([[4, 5, 6]], params)
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
     assert len({tuple(o.token_ids) for o in a}) == 4  # n samples at T > 0 differ
-    c = generate(model, [[4, 5, 6]], SamplingParams(**{**params.__dict__, "seed": 8}))
+    c = engine.generate([[4, 5, 6]], SamplingParams(**{**params.__dict__, "seed": 8}))
     assert [o.token_ids for o in c] != [o.token_ids for o in a]
 
 
@@ -214,7 +216,7 @@ def test_new_per_row_settings_compile_nothing():
 def test_logprobs_match_transformers_scores(pair):
     ref, model = pair
     prompt = [9, 8, 7, 6, 5]
-    [out] = generate(model, [prompt], SamplingParams(max_new_tokens=8, logprobs=3))
+    [out] = _engine(model).generate([prompt], SamplingParams(max_new_tokens=8, logprobs=3))
     with torch.no_grad():
         hf = ref.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0,
                           eos_token_id=None, output_logits=True, return_dict_in_generate=True)
@@ -236,11 +238,12 @@ def test_stop_string_ends_the_row_early_and_cuts_text_and_tokens(pair):
     _, model = pair
     tok = _Letters()
     prompts = [[5, 6, 7, 8], [9, 10, 11]]
-    free = generate(model, prompts, SamplingParams(max_new_tokens=100), tokenizer=tok)
+    engine = _engine(model, tokenizer=tok)
+    free = engine.generate(prompts, SamplingParams(max_new_tokens=100))
     # a stop string that the first row's free-running text reaches at its 40th token or so
     stop = free[0].text[38:41]
     first = free[0].text.find(stop)
-    outs = generate(model, prompts, SamplingParams(max_new_tokens=100, stop=(stop,)), tokenizer=tok)
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=100, stop=(stop,)))
     assert outs[0].text == free[0].text[:first] and outs[0].finish_reason == "stop"
     assert outs[0].token_ids == free[0].token_ids[: first + len(stop)]
     other = free[1].text.find(stop)
@@ -258,7 +261,7 @@ def test_unrolled_decoding_equals_the_scanned_layers(pair):
     params = SamplingParams(max_new_tokens=24, temperature=0.8, n=2, seed=3, logprobs=3)
     runs = {}
     for mode in ("0", "1"):
-        runs[mode] = generate(DecodeModel(model, unroll=mode == "1"), prompts, params)
+        runs[mode] = _engine(model, unroll=mode == "1").generate(prompts, params)
     for a, b in zip(runs["0"], runs["1"], strict=True):
         assert a.token_ids == b.token_ids and a.top_ids == b.top_ids
         np.testing.assert_allclose(a.top_logprobs, b.top_logprobs, atol=1e-5)
@@ -290,17 +293,14 @@ def test_unstacked_layers_are_per_layer_arrays_and_a_stacked_cache_stays_stacked
     np.testing.assert_allclose(got_cache.k, want_cache.k, atol=1e-6)
 
 
-def test_a_decode_model_prepares_its_layer_copies_once(pair):
-    """Repeated generate calls with one DecodeModel reuse its per-layer copies (made on first
-    use) and give what a plain model gives."""
+def test_one_engine_samples_again_as_a_fresh_one(pair):
+    """An engine prepares its weights (per-layer copies on the CPU) once: a second call on it
+    gives what its first call and a fresh engine give."""
     _, model = pair
     params = SamplingParams(max_new_tokens=8, temperature=0.8, seed=5)
-    dm = DecodeModel(model, unroll=True)
-    assert dm._unstacked is None
-    first = generate(dm, [[4, 5, 6]], params)
-    copies = dm._unstacked
-    assert copies is not None
-    assert generate(dm, [[4, 5, 6]], params)[0].token_ids == first[0].token_ids
-    assert dm._unstacked is copies
-    assert generate(model, [[4, 5, 6]], params)[0].token_ids == first[0].token_ids
-    assert DecodeModel(model, unroll=False).decode_state() is not copies
+    engine = _engine(model, unroll=True)
+    copies = engine.weights
+    first = engine.generate([[4, 5, 6]], params)
+    assert engine.generate([[4, 5, 6]], params)[0].token_ids == first[0].token_ids
+    assert engine.weights is copies
+    assert _engine(model).generate([[4, 5, 6]], params)[0].token_ids == first[0].token_ids

@@ -6,7 +6,8 @@ import torch
 
 import distill
 from distill.chat import prompt_ids
-from distill.sampling import SamplingParams, generate, stop_ids
+from distill.inference import Engine, EngineConfig
+from distill.sampling import SamplingParams
 from tests.helpers import run_cli
 
 PROMPT = "Explain in one sentence why the sky is blue."
@@ -52,10 +53,11 @@ def test_greedy_generation_matches_transformers_and_cli(ours, theirs, smollm2_gg
         out = ref.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
                            eos_token_id=None, pad_token_id=hf_tok.pad_token_id)
     expected = out[0, len(ids):].tolist()
-    [got] = generate(model, [ids], SamplingParams(max_new_tokens=32))
+    shape = EngineConfig(slots=1, max_len=len(ids) + 32)
+    [got] = Engine(model, config=shape, eos_ids=[]).generate([ids], SamplingParams(max_new_tokens=32))
     assert got.token_ids == expected
     # the CLI prints the same completion (it stops at EOS, so compare up to it)
-    [stopped] = generate(model, [ids], SamplingParams(max_new_tokens=32), stop_ids(model, tok), tok)
+    [stopped] = Engine(model, tok, shape).generate([ids], SamplingParams(max_new_tokens=32))
     proc = run_cli(["sample", smollm2_gguf, "--prompt", PROMPT, "--max-new-tokens", "32"],
                    env={"XLA_FLAGS": ""}, timeout=600)
     assert proc.returncode == 0, proc.stderr

@@ -77,10 +77,12 @@ def test_export_reloads_in_transformers_with_the_trained_chat_format(trained):
     np.testing.assert_allclose(np.asarray(ours(jnp.asarray([list(ids)], jnp.int32))), theirs,
                                atol=5e-4, rtol=0)
     # greedy decoding: 32 tokens equal (past an end-of-sequence token too)
-    from distill.sampling import SamplingParams, generate
+    from distill.inference import Engine, EngineConfig
+    from distill.sampling import SamplingParams
 
     prompt = list(ids[:first])
-    [mine] = generate(ours, [prompt], SamplingParams(max_new_tokens=32))
+    engine = Engine(ours, config=EngineConfig(slots=1, max_len=len(prompt) + 32), eos_ids=[])
+    [mine] = engine.generate([prompt], SamplingParams(max_new_tokens=32))
     ref.generation_config.eos_token_id = None  # no stop: all 32 tokens compared
     with torch.no_grad():
         out_ids = ref.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=32,

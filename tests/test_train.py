@@ -13,7 +13,8 @@ import pytest
 import distill
 from distill.data.prompts import PromptsConfig, load_prompts
 from distill.errors import DistillError
-from distill.sampling import SamplingParams, generate, stop_ids
+from distill.inference import Engine, EngineConfig
+from distill.sampling import SamplingParams
 from distill.train.loop import run_train
 from distill.verify import extract_answer
 
@@ -29,8 +30,8 @@ def greedy_accuracy(model_path, n=60) -> float:
     held = load_prompts(PromptsConfig(**PROMPTS, split="heldout"))[:n]
     ids = [tok.encode(tok.apply_chat_template(p.messages(), add_generation_prompt=True))
            for p in held]
-    outs = generate(model, ids, SamplingParams(max_new_tokens=32), stop_ids(model, tok), tok,
-                    pad_id=tok.pad_token_id or 0)
+    engine = Engine(model, tok, EngineConfig(slots=len(ids), max_len=max(map(len, ids)) + 32))
+    outs = engine.generate(ids, SamplingParams(max_new_tokens=32))
     return float(np.mean([extract_answer(o.text) == p.reference for o, p in zip(outs, held, strict=True)]))
 
 

@@ -1,6 +1,12 @@
 """The in-process sampler (`kind: jax`): any `distill.load_pretrained` model (the DeepSeek-V3 MoE
-or a dense model) sampled in batches by distill's own engine, optionally with top-k
-log-probabilities."""
+or a dense model) sampled through distill's inference engine (`distill.inference`), optionally
+with top-k log-probabilities.
+
+A `complete` call submits all of its prompts to the engine at once (continuous batching over the
+engine's slots), each with a seed of its own drawn from (run seed, prompt id); the engine adds the
+sample index. So a prompt's samples do not depend on what runs beside it: a resumed `distill
+generate`, or one with another slot count, samples the same traces.
+"""
 
 from __future__ import annotations
 
@@ -12,29 +18,37 @@ from distill.chat import prompt_ids
 from distill.config import Frozen, InputPath
 from distill.data.records import PromptRecord, Sample
 from distill.errors import DistillError
+from distill.inference import Completion, Engine, EngineConfig, EngineError, Request, stop_ids
 from distill.parallel import make_mesh, parse_mesh
 from distill.pretrained import load_pretrained
-from distill.sampling import DecodeModel, SamplingParams, generate, stop_ids
+from distill.sampling import SamplingParams
 from distill.tokenizer import Tokenizer, tokenizer_identity
 
 
 class JaxSamplerConfig(Frozen):
     """A model sampled in process. `model` is any MODEL path (HF directory, GGUF, preset YAML,
-    student run); `tokenizer` overrides where the tokenizer is read from (needed for presets)."""
+    student run); `tokenizer` overrides where the tokenizer is read from (needed for presets);
+    `engine` shapes the inference engine (`slots`: sequences decoded together; `max_len`: prompt
+    plus completion tokens per sequence, default: the longest request so far rounded up to a
+    power of two, within the model's context)."""
 
     kind: Literal["jax"] = "jax"
     model: InputPath
     tokenizer: InputPath | None = None
     dtype: Literal["float32", "bfloat16"] = "float32"
-    batch_size: int = 16  # prompts per compiled generate call (each with n samples)
+    engine: EngineConfig = EngineConfig()
     mesh: str | None = None  # e.g. "data=1,fsdp=1,tensor=2,expert=4"; None: one device
 
 
-def batch_seed(seed: int, first_prompt_id: str) -> int:
-    """The PRNG seed of one batch: a function of the run seed and the batch's first prompt only,
-    so a resumed run draws exactly what an uninterrupted one did."""
-    digest = hashlib.sha256(f"{seed}:{first_prompt_id}".encode()).digest()
+def prompt_seed(seed: int, prompt_id: str) -> int:
+    """The PRNG seed of one prompt's samples: a function of the run seed and the prompt id only,
+    so a resumed run draws exactly what an uninterrupted one did, whatever ran beside it."""
+    digest = hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def _pow2_at_least(x: int) -> int:
+    return 1 << max(x - 1, 0).bit_length()
 
 
 class JaxSampler:
@@ -52,11 +66,24 @@ class JaxSampler:
             raise DistillError(f"{cfg.model}: the tokenizer has no chat template")
         self.tokenizer = tokenizer
         self.eos_ids = stop_ids(self.model, tokenizer)
-        self.decoder = DecodeModel(self.model)  # prepared once for every batch
+        self._engine: Engine | None = None  # built on first use, sized to the requests
         self.identity = {"kind": "jax", "model": cfg.model, "dtype": cfg.dtype,
                          "architecture": type(self.model.config).__name__,
                          "family": self.model.config.family}
         self.tokenizer_identity = tokenizer_identity(tokenizer, cfg.tokenizer or cfg.model)
+
+    def engine(self, tokens: int) -> Engine:
+        """The engine, able to hold `tokens` per sequence where the model's context allows: built
+        on first use and, when `engine.max_len` is not set, rebuilt larger for a longer request
+        (its programs compile again)."""
+        eng, shape = self._engine, self.cfg.engine
+        max_len = shape.max_len or min(_pow2_at_least(max(tokens, 2)),
+                                       self.model.config.max_position_embeddings)
+        if eng is None or max_len > eng.max_len:
+            self._engine = None  # let the old KV cache go before the new one is allocated
+            eng = self._engine = Engine(self.model, self.tokenizer,
+                                        shape.model_copy(update={"max_len": max_len}), self.eos_ids)
+        return eng
 
     def _bytes(self, c) -> dict:
         """The sampled tokens' and the top-k entries' bytes (with logprobs asked for)."""
@@ -73,38 +100,60 @@ class JaxSampler:
     def complete(self, prompts: list[PromptRecord], params: SamplingParams,
                  system: str | None = None,
                  on_sample: Callable[[Sample], None] | None = None) -> list[list[Sample]]:
-        """`params.n` samples for each prompt, in order; batches of `batch_size` prompts."""
-        out: list[list[Sample]] = []
-        bs = self.cfg.batch_size
-        for start in range(0, len(prompts), bs):
-            batch = prompts[start:start + bs]
-            ids = [self.prompt_ids(p, system) for p in batch]
-            seeded = params.model_copy(update={"seed": batch_seed(params.seed, batch[0].id)})
-            completions = generate(self.decoder, ids, seeded, self.eos_ids, self.tokenizer,
-                                   pad_id=self.tokenizer.pad_token_id or 0)
-            rows: list[list[Sample]] = [[] for _ in batch]
-            for c in completions:
-                s = Sample(sample_index=c.sample_index, completion=c.text,
-                           finish_reason=c.finish_reason, prompt_tokens=len(ids[c.prompt_index]),
-                           completion_tokens=len(c.token_ids), top_ids=c.top_ids,
-                           top_logprobs=c.top_logprobs, **self._bytes(c))
-                rows[c.prompt_index].append(s)
-                if on_sample:
-                    on_sample(s)
-            out += rows
+        """`params.n` samples for each prompt, in order, all prompts submitted to the engine at
+        once; `on_sample` sees a prompt's samples when its last one ends. A prompt the engine
+        cannot take (too long for its limit) is an EngineError naming it, before any sampling."""
+        if not prompts:
+            return []
+        ids = [self.prompt_ids(p, system) for p in prompts]
+        eng = self.engine(max(map(len, ids)) + params.max_new_tokens)
+        for prompt, row in zip(prompts, ids, strict=True):
+            try:
+                eng.check(len(row), params)
+            except EngineError as e:
+                raise EngineError(f"prompt {prompt.id}: {e}") from None
+        out: list[list[Sample]] = [[] for _ in prompts]
+
+        def done(k: int, req: Request) -> None:
+            if req.error is not None:
+                return  # complete() raises it
+            out[k] = [self._sample(c, len(ids[k])) for c in req.completions]
+            for s in out[k] if on_sample is not None else ():
+                on_sample(s)
+
+        try:
+            reqs = [eng.submit(row, params.model_copy(update={"seed": prompt_seed(params.seed, p.id)}),
+                               on_done=lambda req, k=k: done(k, req))
+                    for k, (p, row) in enumerate(zip(prompts, ids, strict=True))]
+            eng.run_until_idle()
+            for req in reqs:
+                req.wait(0)  # raises a failed request's error
+        except BaseException:
+            self._engine = None  # requests may be left in its slots: start afresh next time
+            raise
         return out
 
+    def _sample(self, c: Completion, prompt_tokens: int) -> Sample:
+        return Sample(sample_index=c.sample_index, completion=c.text,
+                      finish_reason=c.finish_reason, prompt_tokens=prompt_tokens,
+                      completion_tokens=len(c.token_ids), top_ids=c.top_ids,
+                      top_logprobs=c.top_logprobs, **self._bytes(c))
+
     def close(self) -> None:
-        """Nothing to release: the model's buffers go with the object."""
+        """Let the engine's KV cache go now (the model's buffers go with the object)."""
+        self._engine = None
 
 
 def sample_text(model_path, prompt: str, params: SamplingParams, *, system=None, raw=False,
                 dtype="float32", overrides=()) -> str:
-    """Load MODEL, generate one completion for `prompt`, return its text (`distill sample`)."""
+    """Load MODEL, generate one completion for `prompt` through a one-slot engine sized to it,
+    return its text (`distill sample`). EngineError when the prompt and budget pass the model's
+    context."""
     model, tokenizer = load_pretrained(model_path, param_dtype=dtype, overrides=overrides)
     if tokenizer is None:
         raise DistillError(f"{model_path}: no tokenizer found next to the model")
     ids = prompt_ids(tokenizer, prompt, system, raw)
-    [completion] = generate(model, [ids], params, stop_ids(model, tokenizer), tokenizer,
-                            pad_id=tokenizer.pad_token_id or 0)
+    engine = Engine(model, tokenizer,
+                    EngineConfig(slots=1, max_len=max(len(ids) + params.max_new_tokens, 2)))
+    [completion] = engine.generate([ids], params)
     return completion.text

@@ -18,7 +18,8 @@ import numpy as np
 
 import distill
 from distill.export import export
-from distill.sampling import SamplingParams, generate
+from distill.inference import Engine, EngineConfig
+from distill.sampling import SamplingParams
 
 GREEDY_CHECK = 32  # tokens of greedy generation that distill and transformers must agree on
 HF_EXTRA = "pip install 'distill[hf]'"
@@ -68,7 +69,9 @@ def _transformers_check(out: Path, ours, tok, messages: list[dict], ids: list[in
     hf_text = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     probe = torch.tensor([ids], dtype=torch.long)
     # greedy, past the end-of-sequence token too, so every one of the GREEDY_CHECK tokens counts
-    [mine] = generate(ours, [ids], SamplingParams(max_new_tokens=GREEDY_CHECK))
+    engine = Engine(ours, config=EngineConfig(slots=1, max_len=len(ids) + GREEDY_CHECK),
+                    eos_ids=[])
+    [mine] = engine.generate([ids], SamplingParams(max_new_tokens=GREEDY_CHECK))
     theirs.generation_config.eos_token_id = None  # no stop: all GREEDY_CHECK tokens
     with torch.no_grad():
         hf_logits = theirs(probe).logits.numpy()

@@ -111,6 +111,9 @@ TRAIN_SEED, EVAL_SEED = 0, 1
 TOP_K = 8  # teacher log-probabilities stored per token, and used by the KD loss
 MAX_NEW_TOKENS = 48  # a 3-step solution is at most ~40 completion tokens
 TRACE_TEMPERATURE = 0.8
+# The inference engine of every in-process model (traces, eval): the toy models' KV caches are
+# small, so many slots, and a prefill budget that fills them in a few host visits
+ENGINE = {"slots": 256, "prefill_budget": 8192}
 
 # A DeepSeek-V3-shaped teacher: MLA attention, one dense layer, then MoE layers of 8 routed experts
 # (top-2) and one shared expert. The vocabulary and special ids are the demo tokenizer's.
@@ -384,7 +387,7 @@ def _cache_key(config: Path, preset: Path, tokenizer: Path, prompts: dict) -> st
 def _traces(work: Path, b: Budget, teacher: Path, progress: bool) -> dict:
     """Teacher traces of the first `trace_prompts` training prompts (one sample each)."""
     cfg = {"name": "traces", "prompts": _prompts(b, limit=b.trace_prompts),
-           "teacher": {"kind": "jax", "model": str(teacher), "batch_size": 256},
+           "teacher": {"kind": "jax", "model": str(teacher), "engine": ENGINE},
            "sampling": {"n": 1, "temperature": TRACE_TEMPERATURE, "top_p": 1.0,
                         "max_new_tokens": MAX_NEW_TOKENS, "seed": 0, "logprobs": TOP_K},
            "filters": {"keep": "correct", "dedup": "exact"},
@@ -435,11 +438,11 @@ def _eval_prompts(work: Path, b: Budget) -> Path:
 def _evaluate(run: _Run, teacher: Path, student: _StudentModel, students: dict,
               progress: bool) -> dict:
     work, b = run.work, run.budget
-    models = [{"name": "teacher", "model": str(teacher), "role": "teacher", "batch_size": 256}]
-    models += [{"name": n, "model": str(work / n), "batch_size": 256} for n in students]
+    models = [{"name": "teacher", "model": str(teacher), "role": "teacher", "engine": ENGINE}]
+    models += [{"name": n, "model": str(work / n), "engine": ENGINE} for n in students]
     if b.eval_untrained:
         models.append({"name": "student-untrained", "model": str(student.preset),
-                       "tokenizer": str(student.tokenizer), "batch_size": 256})
+                       "tokenizer": str(student.tokenizer), "engine": ENGINE})
     cfg = {"name": "demo", "prompts": {"source": str(_eval_prompts(work, b))}, "models": models,
            "protocol": {"n": b.eval_n, "temperature": 0.6, "top_p": 0.95,
                         "max_new_tokens": MAX_NEW_TOKENS, "seed": 0, "greedy": True},

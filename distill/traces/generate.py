@@ -55,9 +55,10 @@ class GenerateConfig(Frozen):
 
 
 # Fields that change how fast or how robustly a run goes, not what it produces: they may differ
-# between a run and its resumption.
+# between a run and its resumption (an in-process teacher's engine shape included: each prompt
+# samples from its own seed, whatever runs beside it).
 OPERATIONAL = {"teacher": {"concurrency", "timeout_s", "max_retries", "backoff_initial_s",
-                           "backoff_max_s", "api_key_env", "mesh"}, "output": {"root"}}
+                           "backoff_max_s", "api_key_env", "mesh", "engine"}, "output": {"root"}}
 
 
 def identity_config(cfg: GenerateConfig) -> dict:
