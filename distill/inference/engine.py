@@ -449,13 +449,15 @@ class Engine:
         if any(self.slots) or self._waiting or self._incoming:
             raise EngineError("warmup() needs an idle engine")
         np.asarray(request_key(0, 0))
+        # tokens staged as _prefill_chunk stages them: jnp.asarray of a numpy array compiles a
+        # small program per shape in this JAX (jnp.zeros would leave those to the first request)
         for c in self.chunks:
             for w in self.windows:
                 if w >= c:
                     self.programs.add(("prefill", c, w))
                     self.cache = programs.prefill(
                         self.graphdef, self.weights, self.cache, jnp.int32(0),
-                        jnp.zeros((1, c), jnp.int32), jnp.int32(0), jnp.int32(0),
+                        jnp.asarray(np.zeros((1, c), np.int32)), jnp.int32(0), jnp.int32(0),
                         layout=self.layout, w=w)
         for w in self.windows:
             for lp in (False, True) if logprobs else (False,):
