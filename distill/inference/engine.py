@@ -154,6 +154,10 @@ class Engine:
         self.unroll = jax.default_backend() == "cpu" if config.unroll is None else config.unroll
         self.layout = Layout.of(model, self.unroll)
         self.graphdef, state = nnx.split(model)
+        # weights committed to their shardings, as set_weights puts new ones: a program's
+        # compile key includes whether its arguments are committed
+        self._shardings = jax.tree.map(lambda a: a.sharding, state)
+        state = jax.device_put(state, self._shardings)
         self._paths = tuple(layer_stack_paths(model))
         self.weights = _unstack(self._paths, state) if self.unroll else state
         self._check_memory()
@@ -442,6 +446,7 @@ class Engine:
         model of the same architecture) without recompiling any program."""
         if isinstance(weights, nnx.Module):
             weights = nnx.state(weights)
+        weights = jax.device_put(weights, self._shardings)  # no copy where already there
         self.weights = _unstack(self._paths, weights) if self.unroll else weights
 
     def warmup(self, logprobs: bool = True) -> int:
