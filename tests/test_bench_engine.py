@@ -31,6 +31,8 @@ def test_batching_figures(report):
     # fewer slot-steps for the same tokens: a freed slot takes the next request at once
     assert b["continuous"]["slot_steps"] < b["static"]["slot_steps"]
     assert b["utilisation_ratio"] > 1
+    # a request computes whole decode chunks: no run beats that bound
+    assert b["static"]["utilisation"] < b["continuous"]["utilisation"] <= b["chunk_bound"] <= 1
 
 
 def test_compiles_and_step_figures(report):
