@@ -162,7 +162,10 @@ class Engine:
         self.weights = _unstack(self._paths, state) if self.unroll else state
         self._check_memory()
         cache = model.init_cache(config.slots, self.cache_len)
-        self.cache = unstack_layers(cache) if self.unroll else cache
+        cache = unstack_layers(cache) if self.unroll else cache
+        # committed as every program's output is: warmup's first program would be compiled
+        # for an uncommitted cache, and compiled again when a request first runs it
+        self.cache = jax.device_put(cache, jax.tree.map(lambda a: a.sharding, cache))
         self._init_slots()
         self._ids = itertools.count()
         self._incoming: list[Request] = []
