@@ -31,6 +31,9 @@ def test_batching_figures(report):
     # fewer slot-steps for the same tokens: a freed slot takes the next request at once
     assert b["continuous"]["slot_steps"] < b["static"]["slot_steps"]
     assert b["utilisation_ratio"] > 1
+    su = report["sustained"]
+    assert su["clients"] == 12 and su["requests"] == 24 and su["tokens"] > 0
+    assert 0 < su["utilisation"] <= 1 and 0 < su["utilisation_steady"] <= 1
     # a request computes whole decode chunks: no run beats that bound
     assert b["static"]["utilisation"] < b["continuous"]["utilisation"] <= b["chunk_bound"] <= 1
 
@@ -51,6 +54,6 @@ def test_compiles_and_step_figures(report):
     for t in report["ttft"]:
         assert 0 < t["ttft_p50_s"] <= t["ttft_max_s"] and t["prefill_chunk_s"] > 0
     lines = table(report)
-    for figure in ("utilisation at concurrency 12", "sampled / greedy", "TTFT at concurrency 4",
+    for figure in ("utilisation, 12 requests at once", "12 clients sustained", "sampled / greedy", "TTFT at concurrency 4",
                    "compiles after warmup (sweep)", "set_weights / decode step"):
         assert figure in lines, figure
