@@ -412,21 +412,29 @@ def plan(config, mesh, seq_len, batch, mode, device_memory, verdict, overrides):
         sys.exit(1)
 
 
+def _suites() -> tuple[str, ...]:
+    from distill.bench.suites import SUITES
+
+    return ("all", *SUITES)
+
+
 @cli.group(invoke_without_command=True)
 @click.option("--suite", "suites", multiple=True, default=("all",), show_default=True,
-              type=click.Choice(["all", "decode", "moe", "generate", "train", "data", "device"]),
+              type=_RegistryChoice(_suites),
               help="Which suite to run (repeat for several); all = every suite, in this order.")
 @click.option("--compare", type=click.Choice(["transformers"]), default="transformers",
               show_default=True, help="The reference run side by side in the same process.")
 @click.option("--gguf", "gguf_path", type=click.Path(), default=None,
               help="SmolLM2 GGUF file (default: the one `make models` fetched).")
+@click.option("--model", "model_path", type=click.Path(), default=None,
+              help=f"The engine suite's model: {MODEL_HELP} (default: the SmolLM2 GGUF).")
 @click.option("--out", "out_dir", type=click.Path(), default="students/bench", show_default=True,
               help="Folder for each suite's JSON file (<suite>.json).")
 @click.option("--small/--full", "small", default=None,
               help="The device suite's shapes: tiny presets (default on CPU) or the Qwen2.5-1.5B "
                    "/ 7B shapes at 8k tokens (default on GPU / TPU).")
 @click.pass_context
-def bench(ctx, suites, compare, gguf_path, out_dir, small):
+def bench(ctx, suites, compare, gguf_path, model_path, out_dir, small):
     """Benchmarks in suites, run one at a time, each table printed as soon as it is done.
 
     \b
@@ -439,6 +447,9 @@ def bench(ctx, suites, compare, gguf_path, out_dir, small):
                 the Qwen2.5-1.5B and 7B shapes at 8k packed tokens, decode at batch 1 and
                 64 beside the HBM-bandwidth limit, time to first step (sized for < 8 min
                 on an H200; not yet run on one)
+      engine    the inference engine's targets in one run: utilisation at concurrency 64 vs
+                static batching, sampled vs greedy decode step, time to first token,
+                compiles after warmup, set_weights (SmolLM2, or --model)
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -451,7 +462,7 @@ def bench(ctx, suites, compare, gguf_path, out_dir, small):
     for name in ("distill.bench", "distill.models.attention"):
         logging.getLogger(name).addHandler(handler)
         logging.getLogger(name).setLevel(logging.INFO)
-    settings = {"gguf": gguf_path, "out": Path(out_dir), "small": small,
+    settings = {"gguf": gguf_path, "model": model_path, "out": Path(out_dir), "small": small,
                 "tokens": 200_000_000, "steps": 2}
     run_suites(suites, settings, click.echo)
 

@@ -16,16 +16,18 @@ import numpy as np
 
 import distill
 from distill.backends.http import bench_http
+from distill.bench.engine import bench_engine, decode_steps_computed
 from distill.bench.moe import run
 from distill.chat import prompt_ids
 from distill.models.deepseek.experts import resolve_dispatch
-from distill.sampling import DecodeModel, SamplingParams, generate
+from distill.sampling import SamplingParams
 from distill.serve.app import ServerThread, build_app
 
 PROMPT = "Write a short story about a robot who learns to paint."
 
 
 PRESETS = {"tiny-moe": Path(__file__).resolve().parents[2] / "configs" / "teachers" / "tiny-moe.yaml"}
+
 
 def _best_of(fn, repeats: int) -> float:
     fn()  # warm-up: compile / first-call costs are not counted
@@ -65,23 +67,24 @@ def decode_matmul_ms(cfg, batch: int, repeats: int = 3) -> float:
 def bench_decode(gguf: Path, batch_sizes=(1, 16), new_tokens: int = 64, repeats: int = 2) -> list[dict]:
     """Greedy decode tokens/s of distill vs transformers `generate` on the same SmolLM2 weights.
 
-    Both are timed end to end (prefill included), and with one new token, which gives each
-    side's prefill and its time per decode step. `matmul_floor_ms` is `decode_matmul_ms`: what
+    Ours is the inference engine with one slot a row. Both are timed end to end (prefill
+    included), and with one new token, which gives each side's prefill and its time per decode
+    step (the engine decodes whole chunks of `decode_steps`, so one token computes a chunk). `matmul_floor_ms` is `decode_matmul_ms`: what
     the step's matrix products alone take here, so `best_ratio` is the largest end-to-end ratio
     reachable with these matrix products (our prefill plus that floor per step)."""
     import torch  # the hf extra: imported only where the reference side runs
     from transformers import AutoModelForCausalLM
 
-
     model, tok = distill.load_pretrained(gguf)
-    decoder = DecodeModel(model)  # its layer copies made once, outside the timed runs
     ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                dtype=torch.float32).eval()
     ids = prompt_ids(tok, PROMPT)
     rows = []
     for b in batch_sizes:
-        def ours(n, b=b):
-            out = generate(decoder, [ids] * b, SamplingParams(max_new_tokens=n))  # no EOS ids
+        engine = bench_engine(model, tok, b, len(ids), new_tokens)
+
+        def ours(n, b=b, engine=engine):
+            out = engine.generate([ids] * b, SamplingParams(max_new_tokens=n))
             assert all(len(o.token_ids) == n for o in out)
 
         def theirs(n, b=b):
@@ -92,19 +95,26 @@ def bench_decode(gguf: Path, batch_sizes=(1, 16), new_tokens: int = 64, repeats:
 
         t = {(side, n): _best_of(lambda f=f, n=n: f(n), repeats)
              for n in (new_tokens, 1) for side, f in (("ours", ours), ("theirs", theirs))}
-        step = {side: (t[side, new_tokens] - t[side, 1]) / (new_tokens - 1) for side in ("ours", "theirs")}
+        # the engine decodes whole chunks: one token costs a chunk, new_tokens a few
+        computed = {"ours": [decode_steps_computed(engine, n) for n in (new_tokens, 1)],
+                    "theirs": [new_tokens, 1]}
+        step = {side: (t[side, new_tokens] - t[side, 1]) / (c[0] - c[1])
+                for side, c in computed.items()}
+        prefill = {"ours": t["ours", 1] - (computed["ours"][1] - 1) * step["ours"],
+                   "theirs": t["theirs", 1]}  # the prompt plus one step, both sides
         floor = decode_matmul_ms(model.config, b) / 1e3
         rows.append({"benchmark": "decode", "model": "SmolLM2-135M-Instruct", "batch": b,
                      "prompt_tokens": len(ids), "new_tokens": new_tokens,
                      "distill_tokens_per_s": b * new_tokens / t["ours", new_tokens],
                      "transformers_tokens_per_s": b * new_tokens / t["theirs", new_tokens],
                      "speedup": t["theirs", new_tokens] / t["ours", new_tokens],
-                     "distill_prefill_ms": 1e3 * t["ours", 1],
-                     "transformers_prefill_ms": 1e3 * t["theirs", 1],
+                     "distill_prefill_ms": 1e3 * prefill["ours"],
+                     "transformers_prefill_ms": 1e3 * prefill["theirs"],
                      "distill_step_ms": 1e3 * step["ours"],
                      "transformers_step_ms": 1e3 * step["theirs"],
                      "matmul_floor_ms": 1e3 * floor,
-                     "best_ratio": t["theirs", new_tokens] / (t["ours", 1] + (new_tokens - 1) * floor)})
+                     "best_ratio": t["theirs", new_tokens] / (prefill["ours"]
+                                                              + (new_tokens - 1) * floor)})
     return rows
 
 
@@ -133,8 +143,10 @@ def bench_generate(gguf: Path, prompts: int = 16, n: int = 4, new_tokens: int = 
             rng = np.random.default_rng(0)
             ids = [rng.integers(3, model.config.vocab_size, 40).tolist() for _ in range(prompts)]
 
-        def run(decoder=DecodeModel(model), ids=ids):  # noqa: B008 (one per model, bound here)
-            out = generate(decoder, ids, params)  # no EOS ids: every row runs to new_tokens
+        engine = bench_engine(model, tok, prompts * n, max(map(len, ids)), new_tokens)
+
+        def run(engine=engine, ids=ids):
+            out = engine.generate(ids, params)  # no EOS ids: every row runs to new_tokens
             return sum(len(o.token_ids) for o in out)
 
         tokens = run()

@@ -9,8 +9,9 @@
    optimizer state). FLOPs are `dense_flops_per_token` with attention over the real documents
    (packed rows attend within a document); MFU is against the measured bfloat16 matmul peak and,
    where the device is known, its nominal dense peak.
-3. Decode tokens/s at batch 1 and 64 (the 1.5B shape, bfloat16 weights and KV cache) beside the
-   HBM-bandwidth limit: a step must read every weight and the KV cache once, so
+3. Decode tokens/s of the inference engine (one slot a row) at batch 1 and 64 (the 1.5B shape,
+   bfloat16 weights and KV cache) beside the HBM-bandwidth limit: a step must read every weight
+   and the KV cache once, so
    limit = batch / ((weight bytes + cache bytes) / measured bandwidth).
 4. Time to first step: a fresh model to the end of its first training step (initialisation,
    compilation, the step).
@@ -30,7 +31,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from distill.bench.engine import bench_engine, decode_steps_computed
 from distill.bench.train import QWEN25_1_5B, _distill_steps, _peak, _resolve
 from distill.models.attention import (
     MaskInfo,
@@ -39,7 +42,7 @@ from distill.models.attention import (
 )
 from distill.models.kernels import cudnn_attention, fused_attention
 from distill.pretrained import init_model
-from distill.sampling import DecodeModel, SamplingParams, generate
+from distill.sampling import SamplingParams
 from distill.train.flops import dense_flops_per_token
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "students"
@@ -271,15 +274,15 @@ def decode_vs_bandwidth(preset: Path, batch: int, bandwidth: float, small: bool)
     _, cfg = _resolve(preset)
     cfg = cfg.model_copy(update={"param_dtype": "bfloat16", "dtype": "bfloat16"})
     model = init_model(cfg, seed=0)
-    decoder = DecodeModel(model)
     # small: enough steps that their time stands above the noise of a busy 2-core machine (32
     # steps of a tiny model once came out shorter than one step, a negative tokens/s)
     prompt, new = (32, 129) if small else (512, 65)
+    engine = bench_engine(model, None, batch, prompt, new)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, cfg.vocab_size, prompt).tolist() for _ in range(batch)]
 
     def run(n):
-        generate(decoder, prompts, SamplingParams(max_new_tokens=n))
+        engine.generate(prompts, SamplingParams(max_new_tokens=n))
 
     timings = {}
     for n in (new, 1):
@@ -289,8 +292,10 @@ def decode_vs_bandwidth(preset: Path, batch: int, bandwidth: float, small: bool)
             t = time.perf_counter()
             run(n)
             timings[n] = min(timings[n], time.perf_counter() - t)
-    step_s = (timings[new] - timings[1]) / (new - 1)
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(decoder.state))
+    # the engine decodes whole chunks of decode_steps: one token computes a chunk
+    step_s = ((timings[new] - timings[1])
+              / (decode_steps_computed(engine, new) - decode_steps_computed(engine, 1)))
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
     slots = prompt + new  # the cache a step reads: every slot of every row
     cache_bytes = (2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * slots
                    * cfg.head_size * 2)

@@ -1,7 +1,8 @@
 """`distill bench --suite NAME`: the benchmarks in suites that run one at a time, each printing a
 progress line as it starts, its table as soon as it is done, and its rows to
 `<out>/<suite>.json`. "all" runs every suite in turn (more than 25 minutes on a 2-core
-machine); "device" is the accelerator suite (`distill.bench.device`, small shapes on CPU)."""
+machine); "device" is the accelerator suite (`distill.bench.device`, small shapes on CPU);
+"engine" the inference engine's targets (`distill.bench.engine`)."""
 
 from __future__ import annotations
 
@@ -63,6 +64,14 @@ def _device(s):
     return result, table(result)
 
 
+def _engine(s):
+    from distill.bench.engine import main, table
+
+    result = main(s.get("model") or smollm2_path(s["gguf"]), s["out"] / "engine.json",
+                  progress=s["echo"])
+    return result, table(result)
+
+
 SUITES: dict[str, Suite] = {
     "decode": Suite("greedy decode tokens/s of SmolLM2-135M at batch 1 and 16 vs transformers",
                     _decode),
@@ -72,6 +81,8 @@ SUITES: dict[str, Suite] = {
     "data": Suite("the training-data pipeline at R1 scale (tokenized cache, packing)", _data),
     "device": Suite("the accelerator path: kernel parity, train MFU, decode vs bandwidth",
                     _device),
+    "engine": Suite("the inference engine's targets: utilisation vs static batching, sampled "
+                    "vs greedy step, time to first token, compiles, set_weights", _engine),
 }
 ALL = tuple(SUITES)  # "all"
 
@@ -89,7 +100,7 @@ def run_suites(names, settings: dict, echo: Callable[[str], None]) -> dict[str, 
         t = time.perf_counter()
         rows, table = suite.run({**settings, "echo": echo})
         path = out / f"{name}.json"
-        if name != "device":  # the device suite writes its own file as it goes
+        if name not in ("device", "engine"):  # these write their own file as they go
             path.write_text(json.dumps(rows, indent=2) + "\n")
         written[name] = path
         echo(f"{table}\n\n[{i}/{len(order)}] {name}: done in {time.perf_counter() - t:.0f} s "

@@ -155,6 +155,10 @@ class Engine:
         self.unroll = jax.default_backend() == "cpu" if config.unroll is None else config.unroll
         self.layout = Layout.of(model, self.unroll)
         self.graphdef, state = nnx.split(model)
+        # weights committed to their shardings, as set_weights puts new ones: a program's
+        # compile key includes whether its arguments are committed
+        self._shardings = jax.tree.map(lambda a: a.sharding, state)
+        state = jax.device_put(state, self._shardings)
         self._paths = tuple(layer_stack_paths(model))
         self.weights = _unstack(self._paths, state) if self.unroll else state
         self._check_memory()
@@ -466,7 +470,9 @@ class Engine:
         rest of the cache replicated, as the decode of a batch is; otherwise as it is."""
         sharding = getattr(jax.tree.leaves(self.weights)[0], "sharding", None)
         if not isinstance(sharding, NamedSharding):
-            return cache
+            # committed as every program's output is: warmup's first program would be compiled
+            # for an uncommitted cache, and compiled again when a request first runs it
+            return jax.device_put(cache, jax.tree.map(lambda a: a.sharding, cache))
         mesh = sharding.mesh
         data = mesh.shape.get("data", 1)
 
@@ -496,6 +502,7 @@ class Engine:
         model of the same architecture) without recompiling any program."""
         if isinstance(weights, nnx.Module):
             weights = nnx.state(weights)
+        weights = jax.device_put(weights, self._shardings)  # no copy where already there
         self.weights = _unstack(self._paths, weights) if self.unroll else weights
 
     def warmup(self, logprobs: bool = True) -> int:

@@ -3,9 +3,9 @@ slot, a slot's cache copied to another. Each is a pure function of the weights (
 `Engine.set_weights` swaps them without a recompile), the cache (donated: updated in place) and
 small per-slot arrays; the only static arguments are shapes from a fixed set of buckets.
 
-The cache's attention reads are behind two functions, `window` and `put_window`: a program slices
-every slot's cache to a window of W slots (W a bucket over the longest sequence it serves), runs on
-the window and writes it back. A paged or ragged attention kernel would replace this seam by one
+The cache's attention reads are behind two functions, `window` and `put_new`: a decode chunk
+slices every slot's cache to a window of W entries (W a bucket over the longest sequence it
+serves), runs on the window and writes back the entries it added. A paged or ragged attention kernel would replace this seam by one
 that takes slot ids and lengths.
 
 Dimension alphabet: S slots (the batch), W cache window, C prompt-chunk length, K decode steps per
@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from distill.models.decoder import unstack_layers
+from distill.models.layers import read_slots, write_slots
 from distill.sampling import row_uniform, sample_rows
 
 TOP_LOGPROBS = 20  # the most log-probabilities a request may ask for per token (OpenAI's cap)
@@ -69,10 +70,17 @@ def window(cache, layout: Layout, w: int):
     return jax.tree.map(lambda c: jax.lax.slice_in_dim(c, 0, w, axis=layout.seq_axis), cache)
 
 
-def put_window(cache, win, layout: Layout):
-    """`cache` with its first entries replaced by `win` (in place when `cache` is donated)."""
-    return jax.tree.map(
-        lambda c, u: jax.lax.dynamic_update_slice(c, u, (0,) * c.ndim), cache, win)
+def put_new(cache, win, start_s, t: int, layout: Layout):
+    """`cache` with each slot's `t` entries from `start_s` [S] on taken from its window `win`
+    (only what a decode chunk wrote goes back; in place when `cache` is donated)."""
+    def put(c, u):
+        def one(c, u):  # one layer: [S, ...]
+            return write_slots(c, read_slots(u, start_s, t, layout.seq_axis - layout.batch_axis),
+                               start_s, layout.seq_axis - layout.batch_axis)
+
+        return one(c, u) if layout.batch_axis == 0 else jax.vmap(one)(c, u)
+
+    return jax.tree.map(put, cache, win)
 
 
 def _row(cache, layout: Layout, slot, w: int):
@@ -168,5 +176,6 @@ def decode(graphdef, weights, cache, slots: SlotArrays, eos_ids, *, layout: Layo
                        last=jnp.where(s.active, tok, s.last), active=s.active & ~done)
         return (win, s), Emitted(tok, live > 0, *rec)
 
+    start = slots.lengths
     (win, slots), out = jax.lax.scan(step, (window(cache, layout, w), slots), None, length=steps)
-    return put_window(cache, win, layout), slots, out
+    return put_new(cache, win, start, steps, layout), slots, out
