@@ -89,9 +89,11 @@ def _cli(cfg: Path, env=None) -> subprocess.Popen:
 
 def test_kill_9_at_three_points_then_resume_equals_an_uninterrupted_run(tmp_path, teacher_dir):
     teacher = {"kind": "jax", "model": str(teacher_dir), "engine": {"slots": 4}}
-    reference = run_generate(generate_config(tmp_path / "ref.yaml", tmp_path / "ref", teacher),
-                             progress=False)
-    cfg = generate_config(tmp_path / "run.yaml", tmp_path / "out", teacher)
+    # 20 shards of one prompt: the engine writes a shard faster than the kills come
+    more = {"prompts": {"synthetic": {"n": 20, "seed": 3}}, "output": {"prompts_per_shard": 1}}
+    reference = run_generate(generate_config(tmp_path / "ref.yaml", tmp_path / "ref", teacher,
+                                             **more), progress=False)
+    cfg = generate_config(tmp_path / "run.yaml", tmp_path / "out", teacher, **more)
     run_dir = tmp_path / "out" / "run"
     rng = random.Random(0)
     stored = []
@@ -109,11 +111,11 @@ def test_kill_9_at_three_points_then_resume_equals_an_uninterrupted_run(tmp_path
         proc.wait()
         stored.append(len(data_store.read_manifest(run_dir)["shards"]))
         data_store.read_table(run_dir)  # every listed shard's checksum is valid after each kill
-    assert stored[-1] < 5, "the run finished before the third kill; the test proves nothing"
+    assert stored[-1] < 20, "the run finished before the third kill; the test proves nothing"
     proc = _cli(cfg)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    rows = check_complete(run_dir, 10, 2)
+    rows = check_complete(run_dir, 20, 2)
     assert rows == records(reference.run_dir)
 
 

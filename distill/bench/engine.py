@@ -244,17 +244,17 @@ def step_cost(eng: Engine, tok, visits: int, rounds: int = 2) -> dict:
 
 
 def prefill_chunk_s(eng: Engine, length: int, repeats: int = 3) -> float:
-    """Seconds of one prompt chunk of `length` tokens (at most the largest chunk; its bucket)
-    into a slot of an idle engine."""
+    """Seconds of one prompt's first chunk of `length` tokens (at most the largest chunk; its
+    bucket) into a slot of an idle engine: the program a lone prompt's prefill runs."""
     length = min(length, eng.chunks[-1])
     c = next(c for c in eng.chunks if c >= length)
-    w = next(w for w in eng.windows if w >= c)
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        eng.cache = programs.prefill(eng.graphdef, eng.weights, eng.cache, jnp.int32(0),
-                                     jnp.asarray(np.zeros((1, c), np.int32)), jnp.int32(0),
-                                     jnp.int32(length), layout=eng.layout, w=w)
+        eng.cache = programs.prefill_first(
+            eng.graphdef, eng.weights, eng.cache, jnp.asarray(np.zeros(1, np.int32)),
+            jnp.asarray(np.zeros((1, c), np.int32)), jnp.asarray(np.full(1, length, np.int32)),
+            layout=eng.layout)
         jax.block_until_ready(eng.cache)
         best = min(best, time.perf_counter() - t)
     return best
