@@ -403,14 +403,19 @@ class Engine:
             self.tokens_delivered += len(new)
             if req.on_delta is not None and new:
                 req.on_delta(req, slot.sample, new)
-            if not self.host.active[i] or self._hit_stop(req, slot.sample):
+            if not self.host.active[i] or self._hit_stop(req, slot.sample, len(new)):
                 self._end_sample(i)
 
-    def _hit_stop(self, req: Request, sample: int) -> bool:
+    def _hit_stop(self, req: Request, sample: int, new: int) -> bool:
+        """Whether a stop string ends in the text of this visit's `new` tokens. Only the tail is
+        decoded (the new tokens and enough before them for the longest stop string), so a long
+        sample costs the same per visit as a short one."""
         stops = req.params.stop
-        if not stops or self.tokenizer is None:
+        if not stops or self.tokenizer is None or not new:
             return False
-        text = self.tokenizer.decode(req.tokens[sample])
+        # a character is at most 4 byte-level tokens
+        tail = new + 4 * max(len(s) for s in stops) + 4
+        text = self.tokenizer.decode(req.tokens[sample][-tail:])
         return any(s in text for s in stops)
 
     def _end_sample(self, i: int) -> None:
