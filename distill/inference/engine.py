@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import random
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -171,7 +170,6 @@ class Engine:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._rng = random.Random()
         self.programs: set[tuple] = set()  # the (program, shape) pairs this engine has run
         self.visits = self.slot_steps = self.tokens_delivered = 0
 
@@ -185,8 +183,6 @@ class Engine:
         after each host visit."""
         ids = [int(t) for t in ids]
         self.check(len(ids), params)
-        if params.seed is None:  # pragma: no cover - SamplingParams.seed is an int
-            params = params.model_copy(update={"seed": self._rng.randrange(2**31)})
         req = Request(next(self._ids), ids, params, on_delta, on_done)
         with self._cond:
             self._incoming.append(req)
