@@ -19,6 +19,7 @@ from distill.config import Frozen, InputPath
 from distill.data.records import PromptRecord, Sample
 from distill.errors import DistillError
 from distill.inference import Completion, Engine, EngineConfig, EngineError, Request, stop_ids
+from distill.inference.engine import pow2_at_least
 from distill.parallel import make_mesh, parse_mesh
 from distill.pretrained import load_pretrained
 from distill.sampling import SamplingParams
@@ -47,10 +48,6 @@ def prompt_seed(seed: int, prompt_id: str) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def _pow2_at_least(x: int) -> int:
-    return 1 << max(x - 1, 0).bit_length()
-
-
 class JaxSampler:
     """Samples completions from a model loaded in this process (a `Sampler`)."""
 
@@ -77,7 +74,7 @@ class JaxSampler:
         on first use and, when `engine.max_len` is not set, rebuilt larger for a longer request
         (its programs compile again)."""
         eng, shape = self._engine, self.cfg.engine
-        max_len = shape.max_len or min(_pow2_at_least(max(tokens, 2)),
+        max_len = shape.max_len or min(pow2_at_least(max(tokens, 2)),
                                        self.model.config.max_position_embeddings)
         if eng is None or max_len > eng.max_len:
             self._engine = None  # let the old KV cache go before the new one is allocated

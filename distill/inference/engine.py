@@ -84,7 +84,8 @@ def _unstack(paths, tree):
     return unstack_layers(tree, paths)
 
 
-def _pow2_at_least(x: int) -> int:
+def pow2_at_least(x: int) -> int:
+    """The smallest power of two >= x (1 for x <= 1): the engine's bucket rule."""
     return 1 << max(x - 1, 0).bit_length()
 
 
@@ -147,7 +148,7 @@ class Engine:
         self.cache_len = -(-self.max_len // 16) * 16 + config.prefill_chunk
         self.chunks = sorted({c for c in (16, 64, config.prefill_chunk) if c <= config.prefill_chunk})
         self.row_buckets = sorted({min(4 ** i, config.slots) for i in range(8)})
-        self.windows = sorted({min(_pow2_at_least(w), self.cache_len)
+        self.windows = sorted({min(pow2_at_least(w), self.cache_len)
                                for w in [config.min_window, *self.chunks, self.cache_len]}
                               | {w for w in (2 ** i for i in range(4, 20))
                                  if config.min_window < w < self.cache_len})
