@@ -336,10 +336,7 @@ class Engine:
             i, n = rows[j] if j < len(rows) else rows[0]  # padding rows repeat the first
             tokens[j, :n] = self.slots[i].req.ids[:n]
             slot_p[j], n_p[j] = i, n
-        self.programs.add(("prefill_first", p, c))
-        self.cache = programs.prefill_first(self.graphdef, self.weights, self.cache,
-                                            jnp.asarray(slot_p), jnp.asarray(tokens),
-                                            jnp.asarray(n_p), layout=self.layout)
+        self._run_first(slot_p, tokens, n_p)
         for i, n in rows:
             self.slots[i].fed = n
             self.host.lengths[i] = n  # the decode's idle writes land past the prompt
@@ -350,10 +347,7 @@ class Engine:
         w = self._window(slot.fed + c)
         tokens = np.zeros((1, c), np.int32)
         tokens[0, :n] = slot.req.ids[slot.fed:slot.fed + n]
-        self.programs.add(("prefill", c, w))
-        self.cache = programs.prefill(self.graphdef, self.weights, self.cache, jnp.int32(i),
-                                      jnp.asarray(tokens), jnp.int32(slot.fed), jnp.int32(n),
-                                      layout=self.layout, w=w)
+        self._run_later(i, tokens, slot.fed, n, w)
         slot.fed += n
         self.host.lengths[i] = slot.fed
 
@@ -363,9 +357,7 @@ class Engine:
             if slot is None or slot.req is not req:
                 continue
             if i != src:
-                self.programs.add(("copy_slot",))
-                self.cache = programs.copy_slot(self.cache, jnp.int32(src), jnp.int32(i),
-                                                layout=self.layout)
+                self._run_copy(src, i)
             slot.decoding = True
             h = self.host
             h.lengths[i], h.last[i], h.active[i] = len(req.ids) - 1, req.ids[-1], True
@@ -376,11 +368,7 @@ class Engine:
         occupied = [i for i, s in enumerate(self.slots) if s is not None]
         w = self._window(min(int(h.lengths[occupied].max()) + steps, self.cache_len))
         want_lp = any(s is not None and s.decoding and s.req.params.logprobs for s in self.slots)
-        self.programs.add(("decode", w, want_lp))
-        self.cache, slots, out = programs.decode(
-            self.graphdef, self.weights, self.cache, SlotArrays(*map(jnp.asarray, h)), self._eos,
-            layout=self.layout, w=w, steps=steps, logprobs=want_lp)
-        slots, out = jax.device_get((slots, out))
+        slots, out = jax.device_get(self._run_decode(w, want_lp))
         was_active = h.active.copy()
         self.host = SlotArrays(*(np.array(a) for a in slots))
         self.slot_steps += self.config.slots * steps
@@ -451,6 +439,34 @@ class Engine:
                 if req.on_done is not None:
                     req.on_done(req)
 
+    # -- the programs, each run with the arguments staged one way (warmup and requests alike, so
+    # what warmup compiled is what a request runs)
+
+    def _run_first(self, slot_p: np.ndarray, tokens_pc: np.ndarray, n_p: np.ndarray) -> None:
+        self.programs.add(("prefill_first", *tokens_pc.shape))
+        self.cache = programs.prefill_first(self.graphdef, self.weights, self.cache,
+                                            jnp.asarray(slot_p), jnp.asarray(tokens_pc),
+                                            jnp.asarray(n_p), layout=self.layout)
+
+    def _run_later(self, i: int, tokens_1c: np.ndarray, start: int, n: int, w: int) -> None:
+        self.programs.add(("prefill", tokens_1c.shape[1], w))
+        self.cache = programs.prefill(self.graphdef, self.weights, self.cache, jnp.int32(i),
+                                      jnp.asarray(tokens_1c), jnp.int32(start), jnp.int32(n),
+                                      layout=self.layout, w=w)
+
+    def _run_copy(self, src: int, dst: int) -> None:
+        self.programs.add(("copy_slot",))
+        self.cache = programs.copy_slot(self.cache, jnp.int32(src), jnp.int32(dst),
+                                        layout=self.layout)
+
+    def _run_decode(self, w: int, logprobs: bool):
+        """One decode chunk over every slot: the slots' new state and what they emitted."""
+        self.programs.add(("decode", w, logprobs))
+        self.cache, slots, out = programs.decode(
+            self.graphdef, self.weights, self.cache, SlotArrays(*map(jnp.asarray, self.host)),
+            self._eos, layout=self.layout, w=w, steps=self.config.decode_steps, logprobs=logprobs)
+        return slots, out
+
     # -- slots, windows, memory
 
     def _init_slots(self) -> None:
@@ -514,30 +530,17 @@ class Engine:
         np.asarray(request_key(0, 0))
         for p in self.row_buckets:
             for c in self.chunks:
-                self.programs.add(("prefill_first", p, c))
-                self.cache = programs.prefill_first(
-                    self.graphdef, self.weights, self.cache, jnp.asarray(np.zeros(p, np.int32)),
-                    jnp.asarray(np.zeros((p, c), np.int32)), jnp.asarray(np.zeros(p, np.int32)),
-                    layout=self.layout)
+                self._run_first(np.zeros(p, np.int32), np.zeros((p, c), np.int32),
+                                np.zeros(p, np.int32))
         c = self.config.prefill_chunk
         for w in self.windows:
             if w >= 2 * c:  # a later chunk starts at c or beyond
-                self.programs.add(("prefill", c, w))
-                self.cache = programs.prefill(
-                    self.graphdef, self.weights, self.cache, jnp.int32(0),
-                    jnp.asarray(np.zeros((1, c), np.int32)), jnp.int32(0), jnp.int32(0),
-                    layout=self.layout, w=w)
+                self._run_later(0, np.zeros((1, c), np.int32), 0, 0, w)
         for w in self.windows:
             for lp in (False, True) if logprobs else (False,):
-                self.programs.add(("decode", w, lp))
-                self.cache = programs.decode(
-                    self.graphdef, self.weights, self.cache,
-                    SlotArrays(*map(jnp.asarray, self.host)), self._eos, layout=self.layout, w=w,
-                    steps=self.config.decode_steps, logprobs=lp)[0]
+                self._run_decode(w, lp)  # every slot idle: nothing changes
         if self.config.slots > 1:
-            self.programs.add(("copy_slot",))
-            self.cache = programs.copy_slot(self.cache, jnp.int32(0), jnp.int32(1),
-                                            layout=self.layout)
+            self._run_copy(0, 1)
         jax.block_until_ready(self.cache)
         return len(self.programs)
 
