@@ -9,11 +9,31 @@ so a document weighs in proportion to its completion tokens, as in the R1-distil
 batch with no masked position gives loss 0, not NaN.
 
 Teacher signal. Per target position the traces store the teacher's K most likely next tokens
-(`top_ids_btk`) and their log-probabilities (`top_logprobs_btk`, as the teacher sampled them). The
-teacher distribution is that top-k renormalised: q = softmax_K(top_logprobs / tau), which re-tempers
-the stored log-probabilities exactly (up to the mass outside the top-k, which is dropped; there is no
-"rest" bucket). Entries whose log-probability is -inf are absent (zero weight); a position with no
-entry is left out of the distillation mean.
+(`top_ids_btk`) and their log-probabilities (`top_logprobs_btk`): real, unnormalised
+log-probabilities of the teacher's temperature-1 distribution over its whole vocabulary, whatever
+temperature the traces were sampled at. The in-process engine records them from the raw logits,
+before temperature and filters (`distill.inference.programs`; tests/test_loss_references.py). vLLM
+V1 returns the same by default: its `logprobs_mode` defaults to "raw_logprobs", the log-softmax
+of the model's logits before temperature, penalties and top-k/top-p (a teacher's server must not
+be started with "processed_logprobs"; vLLM V0 returned processed ones), and its `prompt_logprobs`,
+which teacher scoring reads, are the log-softmax of the model's logits with no sampling setting
+applied (V1's model runner, `_get_prompt_logprobs_dict`). The teacher distribution is that top-k
+renormalised: q = softmax_K(top_logprobs / tau), which re-tempers the stored log-probabilities
+exactly (up to the mass outside the top-k, which is dropped) unless the tail bucket is on.
+Entries whose log-probability is -inf are absent (zero weight); a position with no entry is left
+out of the distillation mean.
+
+Tail bucket (`Divergence.tail`, config `loss.tail_bucket`; TRL's `loss_add_tail`). The teacher's K
+entries keep their stored probabilities q_k (no renormalisation) and the rest, 1 - sum_k q_k, is
+one more class; the student's classes are its full-vocabulary probabilities p(k) at the same ids and
+its mass outside them, 1 - sum_k p(k), computed in log space as the logsumexp of its logits outside
+the ids (no cancellation). The teacher's tail is log(-expm1(logsumexp_k log q_k)), floored at
+2**-23 (float32's resolution of that sum: stored probabilities that add up to 1 leave an unknown,
+not an empty, rest). A position whose ids cover the whole vocabulary has no tail class on either
+side, so with a full-vocabulary top-k each divergence is exactly the full-vocabulary one. The
+tail is defined at temperature 1 only (the tempered mass of a bucket is not a function of its
+mass) and for the divergences over one tokenizer (forward_kl, reverse_kl, jsd); the config and
+the loss functions refuse other combinations with one line.
 
 Divergences, with tau = temperature applied to the student's logits and the teacher's log-probs, all
 multiplied by tau**2 so gradient sizes stay comparable across temperatures (Hinton et al. 2015):
@@ -21,7 +41,8 @@ multiplied by tau**2 so gradient sizes stay comparable across temperatures (Hint
 - forward_kl: KL(q || p) = sum_k q_k (log q_k - log p(k)), p the student's softmax over the full
   vocabulary read at the K ids, so student mass outside the teacher's top-k is penalised (top-k KD).
 - reverse_kl: KL(r || q), r the student's softmax restricted to the same K ids and renormalised
-  (the teacher is unknown outside its top-k).
+  (the teacher is unknown outside its top-k); with the tail bucket, r is the student's K + 1
+  classes as they are (not renormalised).
 - jsd: the generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024, eq. 1) as TRL's
   `GKDTrainer.generalized_jsd_loss` computes it: M = beta q + (1 - beta) r,
   JSD = beta KL(q || M) + (1 - beta) KL(r || M); beta = 0 is forward_kl and beta = 1 is reverse_kl
@@ -43,8 +64,17 @@ jsd leave unmatched entries out; two divergences read them:
   distributions; the teacher is unknown past its top-k, so both sides stop at n). With no
   unmatched entry gold's ULD term is 0, so gold with one tokenizer is forward_kl exactly.
 
-`distill_loss` mixes (1 - alpha) * cross-entropy + alpha * divergence; `chunked_loss` computes the same
-from hidden states over sequence chunks, so float32 [B, T, V] logits never exist at once.
+`distill_loss` mixes (1 - alpha) * cross-entropy + alpha * divergence; `chunked_loss` computes the
+same from hidden states over sequence chunks, so float32 [B, T, V] logits never exist at once.
+
+On-policy batches (`policy=PolicyTerm(old_logprobs_bt, advantages_bt)`, the student's own samples):
+the loss is the token-level mean over the mask of the divergence to the teacher (when `div` is
+given) plus the importance-weighted policy-gradient term -(exp(log p(y_t) - old_t) * A_t), p the
+student at temperature 1, old the sampler's log-probability of the token, A its advantage (which
+already carries any teacher log-ratio or reward); neither old nor A gets a gradient, and there is
+no cross-entropy term (alpha is ignored). Both terms are divided by the number of masked positions,
+so each chunk's weight is known in the forward pass, as for the off-policy loss. Without `policy`
+everything is the off-policy loss above, unchanged.
 
 The divergences are a registry (`DIVERGENCES`, filled by `@register_divergence`): a divergence is
 one function of the per-position views (`TokenView`) and its hyperparameters (`Divergence`), and
@@ -84,6 +114,14 @@ class Divergence(NamedTuple):
     temperature: float = 1.0
     matched_weight: float = 1.0  # gold only
     unmatched_weight: float = 1.0  # gold only
+    tail: bool = False  # the mass outside the top-k as one more class (forward_kl/reverse_kl/jsd)
+
+
+class PolicyTerm(NamedTuple):
+    """An on-policy batch's policy-gradient inputs (a pytree; neither gets a gradient)."""
+
+    old_logprobs_bt: jax.Array  # float32 [B, T]: the sampler's log-prob of each target token
+    advantages_bt: jax.Array  # float32 [B, T]: per target token (already includes any reward)
 
 
 class TokenView(NamedTuple):
@@ -96,6 +134,8 @@ class TokenView(NamedTuple):
     matched_btk: jax.Array  # present entries that are student tokens
     log_q_btk: jax.Array  # the teacher's top-k renormalised over valid_btk, at tau
     log_p_btk: jax.Array  # the student's full-vocabulary log-softmax read at ids_btk
+    # With the tail bucket valid_btk, log_q_btk and log_p_btk have K + 1 entries, the tail class
+    # last, and log_q_btk keeps the stored probabilities (see the module docstring).
 
 
 class DivergenceKind(NamedTuple):
@@ -125,6 +165,19 @@ def divergence_kind(name: str) -> DivergenceKind:
         raise DistillError(f"unknown distillation divergence {name!r}; choose one of "
                            f"{', '.join(DIVERGENCES)}")
     return DIVERGENCES[name]
+
+
+def tail_problem(kind: str, temperature: float) -> str | None:
+    """Why the tail bucket cannot go with divergence `kind` at `temperature` (None: it can; a
+    name that is no divergence, e.g. "sft", has nothing to add the tail to)."""
+    if kind in DIVERGENCES and DIVERGENCES[kind].reads_unmatched:
+        return (f"the tail bucket is for the divergences over one tokenizer "
+                f"({', '.join(k for k, d in DIVERGENCES.items() if not d.reads_unmatched)}), "
+                f"not {kind!r}")
+    if kind in DIVERGENCES and temperature != 1.0:
+        return (f"the tail bucket needs temperature 1, not {temperature}: the mass outside the "
+                "top-k cannot be re-tempered as one class")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,8 +224,31 @@ def _uld(p_btv: jax.Array, q_btk: jax.Array, exclude_btk: jax.Array | None) -> j
                    axis=-1)
 
 
+_TAIL_FLOOR = 2.0**-23  # the least teacher tail: float32's resolution of a sum near 1
+
+
+def _with_tail(view: TokenView, teacher_lp_btk: jax.Array, lse_bt: jax.Array) -> TokenView:
+    """`view` (at temperature 1) with the tail class appended on both sides: the teacher's
+    stored probabilities kept as they are and the mass outside the ids one more class."""
+    z_btv, valid = view.z_btv, view.valid_btk
+    lse_q = jax.nn.logsumexp(jnp.where(valid, teacher_lp_btk, _NEG), axis=-1)
+    log_q_tail = jnp.log(-jnp.expm1(jnp.minimum(lse_q, jnp.log1p(-_TAIL_FLOOR))))
+    b, t, _ = view.ids_btk.shape
+    hit_btv = jnp.zeros(z_btv.shape, jnp.float32).at[
+        jnp.arange(b)[:, None, None], jnp.arange(t)[None, :, None], view.ids_btk].add(
+        valid.astype(jnp.float32)) > 0
+    has_tail = ~jnp.all(hit_btv, axis=-1)  # some vocabulary outside the ids
+    log_p_tail = jax.nn.logsumexp(jnp.where(hit_btv, _NEG, z_btv), axis=-1) - lse_bt
+    log_q = jnp.where(valid, teacher_lp_btk, _NEG)
+    return view._replace(
+        valid_btk=jnp.concatenate([valid, has_tail[..., None]], axis=-1),
+        log_q_btk=jnp.concatenate([log_q, jnp.where(has_tail, log_q_tail, _NEG)[..., None]], -1),
+        log_p_btk=jnp.concatenate(
+            [view.log_p_btk, jnp.where(has_tail, log_p_tail, _NEG)[..., None]], axis=-1))
+
+
 def _token_view(logits_btv: jax.Array, teacher: TeacherTopK, tau: float,
-                reads_unmatched: bool) -> TokenView:
+                reads_unmatched: bool, tail: bool = False) -> TokenView:
     """The student and teacher distributions at each position, as every divergence reads them."""
     z_btv = logits_btv / tau
     ids = jnp.clip(teacher.top_ids_btk, 0, logits_btv.shape[-1] - 1)
@@ -183,15 +259,18 @@ def _token_view(logits_btv: jax.Array, teacher: TeacherTopK, tau: float,
     if not reads_unmatched:
         valid = matched  # an entry that is no student token means nothing to these divergences
     log_q = _log_normalise(jnp.where(valid, teacher_lp, 0.0) / tau, valid)
-    log_p = jnp.where(valid, z_btk - _logsumexp_v(z_btv)[..., None], _NEG)
-    return TokenView(z_btv, ids, z_btk, valid, matched, log_q, log_p)
+    lse = _logsumexp_v(z_btv)
+    log_p = jnp.where(valid, z_btk - lse[..., None], _NEG)
+    view = TokenView(z_btv, ids, z_btk, valid, matched, log_q, log_p)
+    return _with_tail(view, teacher_lp, lse) if tail else view
 
 
 def _token_kd(logits_btv: jax.Array, teacher: TeacherTopK, div: Divergence
               ) -> tuple[jax.Array, jax.Array]:
     """Divergence [B, T] and whether the position has any teacher entry."""
     kind = divergence_kind(div.kind)
-    view = _token_view(logits_btv, teacher, float(div.temperature), kind.reads_unmatched)
+    view = _token_view(logits_btv, teacher, float(div.temperature), kind.reads_unmatched,
+                       div.tail)
     return kind.per_token(view, div), jnp.any(view.valid_btk, axis=-1)
 
 
@@ -209,10 +288,15 @@ def _forward_kl(v: TokenView, div: Divergence) -> jax.Array:
     return _kl(v.log_q_btk, v.log_p_btk, v.valid_btk) * _tau2(div)
 
 
+def _student_r(v: TokenView, div: Divergence) -> jax.Array:
+    """The student as reverse_kl and jsd compare it: restricted to the teacher's K ids and
+    renormalised, or with the tail bucket its K + 1 classes as they are."""
+    return v.log_p_btk if div.tail else _log_normalise(v.z_btk, v.valid_btk)
+
+
 @register_divergence("reverse_kl")
 def _reverse_kl(v: TokenView, div: Divergence) -> jax.Array:
-    log_r = _log_normalise(v.z_btk, v.valid_btk)  # the student restricted to the teacher's K ids
-    return _kl(log_r, v.log_q_btk, v.valid_btk) * _tau2(div)
+    return _kl(_student_r(v, div), v.log_q_btk, v.valid_btk) * _tau2(div)
 
 
 @register_divergence("jsd")
@@ -222,7 +306,7 @@ def _jsd(v: TokenView, div: Divergence) -> jax.Array:
         return _forward_kl(v, div)
     if beta == 1.0:
         return _reverse_kl(v, div)
-    log_r = _log_normalise(v.z_btk, v.valid_btk)
+    log_r = _student_r(v, div)
     log_m = jnp.logaddexp(v.log_q_btk + jnp.log(beta), log_r + jnp.log1p(-beta))
     out = (beta * _kl(v.log_q_btk, log_m, v.valid_btk)
            + (1.0 - beta) * _kl(log_r, log_m, v.valid_btk))
@@ -248,26 +332,59 @@ def _uld_divergence(v: TokenView, div: Divergence) -> jax.Array:
 # Sums (what chunks add up) and the final mean
 
 
-def _sums(logits_btv, targets_bt, mask_bt, teacher, alpha, div: Divergence | None) -> dict:
-    """Masked sums of one batch (or chunk): cross-entropy, hits, tokens and, with KD, divergence."""
+def _sums(logits_btv, targets_bt, mask_bt, teacher, alpha, div: Divergence | None,
+          policy: PolicyTerm | None = None) -> dict:
+    """Masked sums of one batch (or chunk): cross-entropy, hits, tokens and, with KD, divergence;
+    with `policy`, the policy-gradient term, importance ratio and entropy too."""
     logits_btv = logits_btv.astype(jnp.float32)
     mask = mask_bt.astype(jnp.float32)
     nll, correct = _token_ce(logits_btv, targets_bt)
     out = {"ce_sum": jnp.sum(nll * mask), "correct": jnp.sum(correct * mask),
            "tokens": jnp.sum(mask)}
-    if _uses_teacher(div, alpha):
+    if _uses_teacher(div, alpha, policy):
         per_token, has_teacher = _token_kd(logits_btv, teacher, div)
         kd_mask = mask * has_teacher
         out["kd_sum"] = jnp.sum(per_token * kd_mask)
         out["kd_tokens"] = jnp.sum(kd_mask)
+    if policy is not None:
+        out |= _policy_sums(logits_btv, -nll, mask, policy)
     return out
 
 
+def _policy_sums(logits_btv, logp_bt, mask, policy: PolicyTerm) -> dict:
+    """Masked sums of -(ratio * A) (the gradient flows through log p only), of the ratio, and of
+    the student's entropy at temperature 1 (a metric)."""
+    old = jax.lax.stop_gradient(policy.old_logprobs_bt.astype(jnp.float32))
+    adv = jax.lax.stop_gradient(policy.advantages_bt.astype(jnp.float32))
+    ratio = jnp.exp(logp_bt - old)
+    probs = jax.nn.softmax(logits_btv, axis=-1)
+    entropy = _logsumexp_v(logits_btv) - jnp.sum(probs * logits_btv, axis=-1)
+    return {"pg_sum": jnp.sum(-ratio * adv * mask), "ratio_sum": jnp.sum(ratio * mask),
+            "entropy_sum": jnp.sum(jax.lax.stop_gradient(entropy) * mask)}
+
+
+def _finish_policy(sums: dict, metrics: dict) -> tuple[jax.Array, dict]:
+    """The on-policy loss from the sums: (KD + policy gradient) / masked positions."""
+    n = jnp.maximum(sums["tokens"], 1.0)
+    pg = sums["pg_sum"] / n
+    metrics |= {"pg": pg, "ratio": sums["ratio_sum"] / n, "entropy": sums["entropy_sum"] / n}
+    loss = pg
+    if "kd_sum" in sums:
+        kd = sums["kd_sum"] / n
+        loss = kd + pg
+        metrics |= {"kd": kd, "kd_tokens": sums["kd_tokens"]}
+    metrics["loss"] = loss
+    return loss, metrics
+
+
 def _finish(sums: dict, alpha: float) -> tuple[jax.Array, dict]:
-    """Token-level means from the sums; (1 - alpha) * CE + alpha * KD when there is a teacher."""
+    """Token-level means from the sums; (1 - alpha) * CE + alpha * KD when there is a teacher
+    (the on-policy objective when the sums carry a policy term)."""
     tokens = sums["tokens"]
     ce = sums["ce_sum"] / jnp.maximum(tokens, 1.0)
     metrics = {"ce": ce, "tokens": tokens, "accuracy": sums["correct"] / jnp.maximum(tokens, 1.0)}
+    if "pg_sum" in sums:
+        return _finish_policy(sums, metrics)
     loss = ce
     if "kd_sum" in sums:
         kd = sums["kd_sum"] / jnp.maximum(sums["kd_tokens"], 1.0)
@@ -277,18 +394,24 @@ def _finish(sums: dict, alpha: float) -> tuple[jax.Array, dict]:
     return loss, metrics
 
 
-def _uses_teacher(div: Divergence | None, alpha: float) -> bool:
-    return div is not None and alpha != 0.0
+def _uses_teacher(div: Divergence | None, alpha: float, policy: PolicyTerm | None = None) -> bool:
+    """Whether the teacher term is computed: a divergence with alpha != 0 or on a policy batch."""
+    return div is not None and (alpha != 0.0 or policy is not None)
 
 
-def _check(div: Divergence | None, alpha: float, teacher) -> None:
+def _check(div: Divergence | None, alpha: float, teacher, policy: PolicyTerm | None = None) -> None:
     """One-line errors for a combination that cannot work (bounds are the config's: LossConfig)."""
-    if div is None and alpha != 0.0:
+    if div is None and alpha != 0.0 and policy is None:
         raise DistillError(f"loss 'sft' has no teacher term: alpha must be 0 (got {alpha}); "
                            f"choose one of {', '.join(DIVERGENCES)} to distil")
     if div is not None:
         divergence_kind(div.kind)
-    if _uses_teacher(div, alpha) and teacher is None:
+        if div.tail and (problem := tail_problem(div.kind, float(div.temperature))):
+            raise DistillError(problem)
+    if _uses_teacher(div, alpha, policy) and teacher is None:
+        if policy is not None:
+            raise DistillError(f"the on-policy loss with divergence {div.kind!r} needs the "
+                               "teacher's top-k log-probabilities, and the batch carries none")
         raise DistillError(f"loss {div.kind!r} with alpha {alpha} needs the teacher's top-k "
                            "log-probabilities, and the batch carries none (set alpha to 0, or "
                            "generate traces with top-k log-probabilities)")
@@ -323,20 +446,26 @@ def kd_loss(student_logits_btv: jax.Array, top_ids_btk: jax.Array, top_logprobs_
 
 def distill_loss(logits_btv: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array,
                  teacher: TeacherTopK | None = None, *, div: Divergence | None = None,
-                 alpha: float = 0.0):
+                 alpha: float = 0.0, policy: PolicyTerm | None = None):
     """(1 - alpha) * cross_entropy + alpha * the divergence `div` to the teacher's top-k.
 
     `div` None (SFT) or alpha 0 is exactly `cross_entropy`: the teacher is not read. alpha is a
     Python float (static under jit), as `div`'s fields are. Metrics: loss, ce, tokens,
     accuracy, and with a teacher term kd and kd_tokens.
+
+    With `policy` (an on-policy batch) the loss is the on-policy objective of the module
+    docstring instead: the mean over the mask of the divergence (when `div` is given; the
+    teacher is then required) plus -(ratio * A); alpha is ignored. Metrics also: pg, ratio and
+    entropy (means over the mask; kd is then divided by the masked positions too).
     """
-    _check(div, alpha, teacher)
-    return _finish(_sums(logits_btv, targets_bt, mask_bt, teacher, alpha, div), alpha)
+    _check(div, alpha, teacher, policy)
+    return _finish(_sums(logits_btv, targets_bt, mask_bt, teacher, alpha, div, policy), alpha)
 
 
 def chunked_loss(hidden_btd: jax.Array, head_fn: Callable[[jax.Array], jax.Array],
                  targets_bt: jax.Array, mask_bt: jax.Array, teacher: TeacherTopK | None = None, *,
-                 div: Divergence | None = None, alpha: float = 0.0, chunk: int = 512):
+                 div: Divergence | None = None, alpha: float = 0.0, chunk: int = 512,
+                 policy: PolicyTerm | None = None):
     """`distill_loss(head_fn(hidden_btd), ...)` computed over sequence chunks of `chunk` positions.
 
     head_fn maps hidden [B, c, D] to logits [B, c, V] (e.g. `model.logits`); the arrays it closes
@@ -349,26 +478,22 @@ def chunked_loss(hidden_btd: jax.Array, head_fn: Callable[[jax.Array], jax.Array
     then runs three matmuls a chunk (logits, dHidden, dHead) instead of four (the backward pass
     recomputing the logits), and no [B, chunk, V] tensor is kept or rebuilt for the backward
     pass. The returned metrics carry no gradient (only the loss does). T need not divide by
-    `chunk`: the tail is padded with masked positions.
+    `chunk`: the tail is padded with masked positions. With `policy`, the on-policy objective
+    of `distill_loss` (its weights are 1 / masked positions, known in the forward pass too).
     """
-    _check(div, alpha, teacher)
+    _check(div, alpha, teacher, policy)
     t = hidden_btd.shape[1]
     chunk = max(1, min(int(chunk), t))
     n = -(-t // chunk)
-    teacher = teacher if _uses_teacher(div, alpha) else None
+    teacher = teacher if _uses_teacher(div, alpha, policy) else None
     rest = (_chunks(targets_bt, n, chunk, 0), _chunks(mask_bt, n, chunk, 0),
             None if teacher is None else TeacherTopK(
                 _chunks(teacher.top_ids_btk, n, chunk, 0),
-                _chunks(teacher.top_logprobs_btk, n, chunk, -jnp.inf)))
+                _chunks(teacher.top_logprobs_btk, n, chunk, -jnp.inf)),
+            None if policy is None else PolicyTerm(*(_chunks(x, n, chunk, 0.0) for x in policy)))
     h_chunks = _chunks(hidden_btd, n, chunk, 0.0)
     head, consts = jax.closure_convert(head_fn, h_chunks[0])
-    # d loss / d (each chunk's sums): what `_finish` divides them by
-    mask = mask_bt.astype(jnp.float32)
-    tokens = jnp.maximum(jnp.sum(mask), 1.0)
-    weights = {"ce_sum": (1.0 - alpha if teacher is not None else 1.0) / tokens}
-    if teacher is not None:
-        has_teacher = jnp.any(jnp.isfinite(teacher.top_logprobs_btk), axis=-1)
-        weights["kd_sum"] = alpha / jnp.maximum(jnp.sum(mask * has_teacher), 1.0)
+    weights = _sum_weights(mask_bt, teacher, alpha, policy is not None)
     static = (head, alpha, div)
     loss, sums = _head_loss(static, jax.lax.stop_gradient(weights), h_chunks, consts, rest)
     _, metrics = _finish(jax.lax.stop_gradient(sums), alpha)
@@ -376,24 +501,38 @@ def chunked_loss(hidden_btd: jax.Array, head_fn: Callable[[jax.Array], jax.Array
     return loss, metrics
 
 
+def _sum_weights(mask_bt, teacher: TeacherTopK | None, alpha: float, policy: bool) -> dict:
+    """d loss / d (each chunk's sums): what `_finish` divides them by."""
+    mask = mask_bt.astype(jnp.float32)
+    tokens = jnp.maximum(jnp.sum(mask), 1.0)
+    if policy:
+        return {"pg_sum": 1.0 / tokens} | ({} if teacher is None else {"kd_sum": 1.0 / tokens})
+    weights = {"ce_sum": (1.0 - alpha if teacher is not None else 1.0) / tokens}
+    if teacher is not None:
+        has_teacher = jnp.any(jnp.isfinite(teacher.top_logprobs_btk), axis=-1)
+        weights["kd_sum"] = alpha / jnp.maximum(jnp.sum(mask * has_teacher), 1.0)
+    return weights
+
+
 def _head_loss_forward(static, weights, h_chunks, consts, rest):
     """(loss, sums, dLoss/dHidden chunks, dLoss/dHead) over the chunks, one scan."""
     head, alpha, div = static
 
-    def chunk_objective(h_bcd, consts, tgt_bc, m_bc, teach):
-        sums = _sums(head(h_bcd, *consts), tgt_bc, m_bc, teach, alpha, div)
+    def chunk_objective(h_bcd, consts, tgt_bc, m_bc, teach, pol):
+        sums = _sums(head(h_bcd, *consts), tgt_bc, m_bc, teach, alpha, div, pol)
         return sum(w * sums[k] for k, w in weights.items()), sums
 
     def body(acc, x):
-        h_bcd, (tgt_bc, m_bc, teach) = x
-        loss, vjp, sums = jax.vjp(
-            lambda h, c: chunk_objective(h, c, tgt_bc, m_bc, teach), h_bcd, consts, has_aux=True)
+        h_bcd, (tgt_bc, m_bc, teach, pol) = x
+        loss, vjp, sums = jax.vjp(lambda h, c: chunk_objective(h, c, tgt_bc, m_bc, teach, pol),
+                                  h_bcd, consts, has_aux=True)
         d_h, d_consts = vjp(jnp.ones((), loss.dtype))
         loss_acc, sums_acc, d_acc = acc
         d_acc = jax.tree.map(lambda a, d: a + d.astype(jnp.float32), d_acc, d_consts)
         return (loss_acc + loss, jax.tree.map(jnp.add, sums_acc, sums), d_acc), d_h
 
-    keys = ("ce_sum", "correct", "tokens") + (() if rest[2] is None else ("kd_sum", "kd_tokens"))
+    keys = (("ce_sum", "correct", "tokens") + (() if rest[2] is None else ("kd_sum", "kd_tokens"))
+            + (() if rest[3] is None else ("pg_sum", "ratio_sum", "entropy_sum")))
     zeros = {k: jnp.zeros((), jnp.float32) for k in keys}
     d_zeros = jax.tree.map(lambda c: jnp.zeros(c.shape, jnp.float32), consts)
     (loss, sums, d_consts), d_h = jax.lax.scan(

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from distill.config import Frozen, InputPath, OutputPath
 from distill.errors import DistillError
-from distill.losses import DIVERGENCES, Divergence
+from distill.losses import DIVERGENCES, Divergence, tail_problem
 from distill.models.config import AttentionName, ContextParallelName, RematName
 from distill.parallel import parse_mesh
 from distill.train.data import DataConfig
@@ -56,7 +56,9 @@ class LossConfig(Frozen):
     top-k log-probabilities: loss = (1 - alpha) CE + alpha KD. forward_kl / reverse_kl / jsd
     need the student to share the teacher's tokenizer; gold (matched-vocabulary KL plus ULD on
     the rest) and uld (sorted-probability distance alone) work across tokenizers too. The
-    bounds of the divergence's hyperparameters are checked here, once."""
+    bounds of the divergence's hyperparameters are checked here, once. `tail_bucket` adds the
+    teacher's mass outside its stored top-k as one more class (forward_kl / reverse_kl / jsd at
+    temperature 1; see `distill.losses`)."""
 
     kind: LossName = "sft"
     alpha: float = Field(0.5, ge=0, le=1)  # ignored for sft
@@ -64,14 +66,25 @@ class LossConfig(Frozen):
     temperature: float = Field(1.0, gt=0)
     matched_weight: float = Field(1.0, ge=0)  # gold: the KL over entries that are student tokens
     unmatched_weight: float = Field(1.0, ge=0)  # gold: ULD over the teacher's other entries
+    tail_bucket: bool = False  # the mass outside the teacher's top-k as one more class
     chunk: int = Field(1024, ge=1)  # sequence chunk of the loss head: never [B, T, V] logits at once
+
+    @field_validator("tail_bucket")
+    @classmethod
+    def _tail_fits(cls, tail: bool, info: ValidationInfo) -> bool:
+        problem = tail and tail_problem(info.data.get("kind", "sft"),
+                                        info.data.get("temperature", 1.0))
+        if problem:
+            raise ValueError(problem)
+        return tail
 
     def divergence(self) -> Divergence | None:
         """The teacher term's hyperparameters (every `Divergence` field, read from this config
-        by name); None for sft."""
+        by name, `tail` from tail_bucket); None for sft."""
         if self.kind == "sft":
             return None
-        return Divergence(**{f: getattr(self, f) for f in Divergence._fields})
+        names = {"tail": "tail_bucket"}
+        return Divergence(**{f: getattr(self, names.get(f, f)) for f in Divergence._fields})
 
 
 class LoopConfig(Frozen):
