@@ -16,6 +16,7 @@ from distill.errors import DistillError
 from distill.losses import (
     DIVERGENCES,
     Divergence,
+    PolicyTerm,
     TeacherTopK,
     chunked_loss,
     cross_entropy,
@@ -247,14 +248,18 @@ def _shapes(jaxpr) -> set[tuple[int, ...]]:
     return out
 
 
-def test_chunked_gradient_never_holds_full_logits(batch):
+@pytest.mark.parametrize("tail,on_policy", [(False, False), (True, False), (True, True)])
+def test_chunked_gradient_never_holds_full_logits(batch, tail, on_policy):
+    """Off-policy, with the tail bucket (its [B, chunk, V] mask of the top-k ids), and the
+    on-policy objective (its entropy over the vocabulary)."""
     _, targets, mask, ids, lps = batch
     teacher = TeacherTopK(jnp.asarray(ids), jnp.asarray(lps))
     hidden, w_dv = _head_problem()
+    policy = PolicyTerm(jnp.zeros((B, T)), jnp.ones((B, T))) if on_policy else None
 
     def chunked(h, w):
         return chunked_loss(h, lambda x: x @ w, targets, mask, teacher, chunk=3,
-                            div=Divergence("jsd"), alpha=0.5)[0]
+                            div=Divergence("jsd", tail=tail), alpha=0.5, policy=policy)[0]
 
     shapes = _shapes(jax.make_jaxpr(jax.grad(chunked, argnums=(0, 1)))(hidden, w_dv).jaxpr)
     assert (B, 3, V) in shapes
