@@ -1,9 +1,11 @@
-"""Model backends that sample, behind one protocol (`Sampler`), and their registry: `kind` ->
-(config table, sampler). `distill generate`'s teacher and `distill eval`'s models are tables of
-the union `sampler_union` builds from it, and `make_sampler` opens the one a table describes.
+"""Model backends that sample and score, behind two protocols (`Sampler`, `Scorer`), and their
+registry: `kind` -> (config table, sampler, scorer). `distill generate`'s teacher and `distill
+eval`'s models are tables of the union `sampler_union` builds from it; `make_sampler` opens the
+sampler a table describes, `make_scorer` its scorer (on-policy distillation's teacher).
 
-A new backend is its config class (with `kind: Literal["name"] = "name"`) and a class
-implementing `Sampler`, registered with one `register` line below.
+A new backend is its config class (with `kind: Literal["name"] = "name"`), a class implementing
+`Sampler` and, where the model can score given tokens, one implementing `Scorer`, registered with
+one `register` line below.
 """
 
 from __future__ import annotations
@@ -12,34 +14,38 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from distill.backends.base import Sampler
-from distill.backends.http import OpenAISampler, OpenAISamplerConfig
-from distill.backends.jax import JaxSampler, JaxSamplerConfig
+from distill.backends.base import Sampler, Scorer
+from distill.backends.http import OpenAISampler, OpenAISamplerConfig, OpenAIScorer
+from distill.backends.jax import JaxSampler, JaxSamplerConfig, JaxScorer
 from distill.config import Frozen, tagged_union
+from distill.errors import DistillError
 
 DEFAULT_KIND = "jax"  # a table without `kind` runs in process
 
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
-    """One registered backend: its config table, the sampler it opens, and a few words on where
-    the model runs (for the error that lists the kinds)."""
+    """One registered backend: its config table, the sampler it opens, a few words on where the
+    model runs (for the error that lists the kinds), and the scorer it opens (None: it cannot
+    score given tokens)."""
 
     config: type[Frozen]
     sampler: Callable[[Any], Sampler]
     runs: str
+    scorer: Callable[[Any], Scorer] | None = None
 
 
 BACKENDS: dict[str, Backend] = {}
 
 
-def register(config: type[Frozen], sampler: Callable[[Any], Sampler], runs: str) -> None:
+def register(config: type[Frozen], sampler: Callable[[Any], Sampler], runs: str,
+             scorer: Callable[[Any], Scorer] | None = None) -> None:
     """Add a backend under the kind its config's `kind` field defaults to."""
-    BACKENDS[config.model_fields["kind"].default] = Backend(config, sampler, runs)
+    BACKENDS[config.model_fields["kind"].default] = Backend(config, sampler, runs, scorer)
 
 
-register(JaxSamplerConfig, JaxSampler, "in process")
-register(OpenAISamplerConfig, OpenAISampler, "an OpenAI-compatible server")
+register(JaxSamplerConfig, JaxSampler, "in process", JaxScorer)
+register(OpenAISamplerConfig, OpenAISampler, "an OpenAI-compatible server", OpenAIScorer)
 
 
 def sampler_union(extra: type[Frozen] | None = None) -> Any:
@@ -63,5 +69,16 @@ def make_sampler(cfg) -> Sampler:
     return BACKENDS[cfg.kind].sampler(cfg)
 
 
-__all__ = ["BACKENDS", "Backend", "Sampler", "SamplerConfig", "make_sampler", "register",
-           "sampler_union"]
+def make_scorer(cfg) -> Scorer:
+    """The scorer of the backend a config table describes, opened (`kind: jax` loads the model
+    into this process; `kind: openai` asks the server as `cfg.scoring` says); close it when
+    done. A backend that cannot score is a DistillError."""
+    backend = BACKENDS[cfg.kind]
+    if backend.scorer is None:
+        raise DistillError(f"backend kind {cfg.kind!r} ({backend.runs}) cannot score given "
+                           "tokens; on-policy distillation needs one that can")
+    return backend.scorer(cfg)
+
+
+__all__ = ["BACKENDS", "Backend", "Sampler", "SamplerConfig", "Scorer", "make_sampler",
+           "make_scorer", "register", "sampler_union"]

@@ -1,12 +1,14 @@
-"""What every sampling backend is: the `Sampler` protocol `distill generate` and `distill eval`
-call, whatever runs the model (this process, an OpenAI-compatible server)."""
+"""What every backend is: the `Sampler` protocol `distill generate` and `distill eval` call, and
+the `Scorer` protocol on-policy distillation's teacher answers through, whatever runs the model
+(this process, an OpenAI-compatible server)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 from distill.data.records import PromptRecord, Sample
+from distill.inference import TokenScores
 from distill.sampling import SamplingParams
 
 
@@ -31,4 +33,30 @@ class Sampler(Protocol):
 
     def close(self) -> None:
         """Release what the sampler holds (connections); it is not used afterwards."""
+        ...
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """A model that gives its log-probabilities to tokens it is handed (the teacher of on-policy
+    distillation scoring the student's samples), at temperature 1.
+
+    identity, tokenizer_identity: as `Sampler`'s; the token ids a scorer takes and gives are in
+    that tokenizer. vocab_size: the width of a whole-vocabulary answer, None where unknown.
+    """
+
+    identity: dict
+    tokenizer_identity: dict | None
+    vocab_size: int | None
+
+    def score(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+              top_k: int | None = 0) -> list[TokenScores]:
+        """Per (prompt, completion) pair, in order, the log-probability of each completion token
+        given the prompt and the completion before it; top_k > 0 adds the k most likely entries
+        at each completion position, None the whole vocabulary (see
+        `distill.inference.score_sequences`)."""
+        ...
+
+    def close(self) -> None:
+        """Release what the scorer holds; it is not used afterwards."""
         ...

@@ -1,5 +1,7 @@
 """The OpenAI-compatible sampler (`kind: openai`): samples from any `/v1/chat/completions` server
-(vLLM, SGLang, the DeepSeek API, `distill serve`).
+(vLLM, SGLang, the DeepSeek API, `distill serve`); and its scorer, the log-probabilities such a
+server gives to tokens it is handed (`OpenAIScorer`, request and answer shapes in
+`prompt_logprobs`).
 
 One request per (prompt, sample) with `n=1` and its own seed, because many servers ignore `n`;
 up to `concurrency` requests in flight. Rate limits, server errors, timeouts and dropped
@@ -27,9 +29,17 @@ from typing import Any, Literal
 import httpx
 from pydantic import Field
 
+from distill.backends.prompt_logprobs import (
+    ENABLE,
+    parse_sglang,
+    parse_vllm,
+    sglang_body,
+    vllm_body,
+)
 from distill.config import Frozen, InputPath, read_api_key
 from distill.data.records import PromptRecord, Sample
 from distill.errors import DistillError
+from distill.inference import TokenScores
 from distill.sampling import SamplingParams
 from distill.tokenizer import Tokenizer, tokenizer_identity
 
@@ -50,7 +60,9 @@ class OpenAISamplerConfig(Frozen):
     logprobs into the bytes they stand for (what distillation across tokenizers aligns) and
     names the tokenizer in the manifest; without it the bytes come from the answer's `bytes`
     fields, which servers fill from decoded text (not byte-exact for a token that splits a
-    character).
+    character). scoring: the API a `make_scorer` scorer asks for the log-probabilities of given
+    tokens: "vllm" (`/v1/completions` with `prompt_logprobs`: vLLM, `distill serve`) or "sglang"
+    (SGLang's `/generate` with `return_logprob`).
     """
 
     kind: Literal["openai"] = "openai"
@@ -64,6 +76,7 @@ class OpenAISamplerConfig(Frozen):
     backoff_max_s: float = Field(60.0, ge=0)
     extra_body: dict[str, Any] = {}
     tokenizer: InputPath | None = None
+    scoring: Literal["vllm", "sglang"] = "vllm"
 
 
 def chat_url(base_url: str) -> str:
@@ -170,17 +183,19 @@ class _Cancelled(Exception):
     """Another request of the same call failed; this one stops quietly."""
 
 
-class OpenAISampler:
-    """Samples completions from an OpenAI-compatible chat completions server (a `Sampler`).
+class HttpClient:
+    """What the OpenAI-compatible backends share: a connection pool to one server and JSON POSTs to
+    `self.url` retried with the config's backoff (`_post`).
 
     `transport` and `sleep` are for tests (an httpx transport, and a function that receives each
     backoff delay in seconds instead of waiting it).
     """
 
+    url: str
+
     def __init__(self, cfg: OpenAISamplerConfig, *, transport: httpx.BaseTransport | None = None,
                  sleep: Callable[[float], None] | None = None):
         self.cfg = cfg
-        self.url = chat_url(cfg.base_url)
         headers = {}
         if cfg.api_key_env:
             key = read_api_key(cfg.api_key_env, f"for {cfg.base_url}")
@@ -191,83 +206,29 @@ class OpenAISampler:
                                     limits=limits, transport=transport)
         self._sleep = sleep
         self._rng = random.Random()
-        self._warned_ids = False
-        self._token_bytes = None
+        self.tokenizer: Tokenizer | None = None
         self.tokenizer_identity = None  # the server's tokenizer, where the config names it
         if cfg.tokenizer:
-            tokenizer = Tokenizer.from_pretrained(cfg.tokenizer)
-            self._token_bytes = tokenizer.token_bytes()
-            self.tokenizer_identity = tokenizer_identity(tokenizer, cfg.tokenizer)
-
-    @property
-    def identity(self) -> dict:
-        """What the traces record as their teacher (no key)."""
-        return {"kind": self.cfg.kind, "base_url": self.cfg.base_url, "model": self.cfg.model}
-
-    def __repr__(self) -> str:
-        return f"OpenAISampler(url={self.url!r}, model={self.cfg.model!r})"
+            self.tokenizer = Tokenizer.from_pretrained(cfg.tokenizer)
+            self.tokenizer_identity = tokenizer_identity(self.tokenizer, cfg.tokenizer)
 
     def close(self) -> None:
         """Close the connection pool."""
         self._client.close()
 
-    # -- sampling
-
-    def complete(self, prompts: list[PromptRecord], params: SamplingParams,
-                 system: str | None = None,
-                 on_sample: Callable[[Sample], None] | None = None) -> list[list[Sample]]:
-        """`params.n` samples for each prompt, in order. `on_sample` sees each sample as it
-        arrives (from worker threads, one at a time). The first failure ends the call."""
-        out: list[list[Sample | None]] = [[None] * params.n for _ in prompts]
-        stop, lock = threading.Event(), threading.Lock()
-
-        def one(i: int, s: int) -> None:
-            sample = self.sample(prompts[i], s, params, system, stop)
-            out[i][s] = sample
-            if on_sample is not None and not stop.is_set():  # the call has not failed meanwhile
-                with lock:
-                    on_sample(sample)
-
-        tasks = [(i, s) for i in range(len(prompts)) for s in range(params.n)]
-        if not tasks:
-            return []
+    def _each(self, tasks: list[tuple], fn: Callable[..., None], stop: threading.Event) -> None:
+        """`fn(*task)` for every task on up to `concurrency` threads; the first failure sets
+        `stop` (the others end at their next retry wait; queued ones never start) and is raised."""
         pool = ThreadPoolExecutor(min(self.cfg.concurrency, len(tasks)), "distill-http")
-        futures = [pool.submit(one, i, s) for i, s in tasks]
+        futures = [pool.submit(fn, *task) for task in tasks]
         try:
             for future in as_completed(futures):
                 future.result()
         except BaseException:
-            stop.set()  # the others end at their next retry wait; queued ones never start
+            stop.set()
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         pool.shutdown()
-        return out  # type: ignore[return-value]
-
-    def request_body(self, prompt: PromptRecord, index: int, params: SamplingParams,
-                     system: str | None = None) -> dict:
-        """The JSON body asking for sample `index` of `prompt`."""
-        body: dict[str, Any] = {
-            "model": self.cfg.model, "messages": prompt.messages(system),
-            "max_tokens": params.max_new_tokens, "temperature": params.temperature,
-            "top_p": params.top_p, "n": 1, "seed": sample_seed(params.seed, prompt.id, index)}
-        if params.top_k:
-            body["top_k"] = params.top_k
-        if params.stop:
-            body["stop"] = list(params.stop)
-        if params.logprobs:
-            # vLLM's return_tokens_as_token_ids names each token by its id; others ignore it
-            body.update(logprobs=True, top_logprobs=params.logprobs,
-                        return_tokens_as_token_ids=True)
-        return {**body, **self.cfg.extra_body}
-
-    def sample(self, prompt: PromptRecord, index: int, params: SamplingParams,
-               system: str | None = None, stop: threading.Event | None = None) -> Sample:
-        """One sample (a request, retried as needed)."""
-        data = self._post(self.request_body(prompt, index, params, system),
-                          stop or threading.Event())
-        return self.parse_sample(data, index, want_logprobs=params.logprobs > 0)
-
-    # -- one request
 
     def _post(self, body: dict, stop: threading.Event) -> dict:
         attempts = self.cfg.max_retries + 1
@@ -317,6 +278,75 @@ class OpenAISampler:
         if not isinstance(data, dict):
             raise DistillError(f"{self.url}: the answer is not a JSON object")
         return data
+
+
+class OpenAISampler(HttpClient):
+    """Samples completions from an OpenAI-compatible chat completions server (a `Sampler`).
+
+    `transport` and `sleep` are for tests (see `HttpClient`).
+    """
+
+    def __init__(self, cfg: OpenAISamplerConfig, *, transport: httpx.BaseTransport | None = None,
+                 sleep: Callable[[float], None] | None = None):
+        super().__init__(cfg, transport=transport, sleep=sleep)
+        self.url = chat_url(cfg.base_url)
+        self._warned_ids = False
+        self._token_bytes = self.tokenizer.token_bytes() if self.tokenizer else None
+
+    @property
+    def identity(self) -> dict:
+        """What the traces record as their teacher (no key)."""
+        return {"kind": self.cfg.kind, "base_url": self.cfg.base_url, "model": self.cfg.model}
+
+    def __repr__(self) -> str:
+        return f"OpenAISampler(url={self.url!r}, model={self.cfg.model!r})"
+
+    # -- sampling
+
+    def complete(self, prompts: list[PromptRecord], params: SamplingParams,
+                 system: str | None = None,
+                 on_sample: Callable[[Sample], None] | None = None) -> list[list[Sample]]:
+        """`params.n` samples for each prompt, in order. `on_sample` sees each sample as it
+        arrives (from worker threads, one at a time). The first failure ends the call."""
+        out: list[list[Sample | None]] = [[None] * params.n for _ in prompts]
+        stop, lock = threading.Event(), threading.Lock()
+
+        def one(i: int, s: int) -> None:
+            sample = self.sample(prompts[i], s, params, system, stop)
+            out[i][s] = sample
+            if on_sample is not None and not stop.is_set():  # the call has not failed meanwhile
+                with lock:
+                    on_sample(sample)
+
+        tasks = [(i, s) for i in range(len(prompts)) for s in range(params.n)]
+        if not tasks:
+            return []
+        self._each(tasks, one, stop)
+        return out  # type: ignore[return-value]
+
+    def request_body(self, prompt: PromptRecord, index: int, params: SamplingParams,
+                     system: str | None = None) -> dict:
+        """The JSON body asking for sample `index` of `prompt`."""
+        body: dict[str, Any] = {
+            "model": self.cfg.model, "messages": prompt.messages(system),
+            "max_tokens": params.max_new_tokens, "temperature": params.temperature,
+            "top_p": params.top_p, "n": 1, "seed": sample_seed(params.seed, prompt.id, index)}
+        if params.top_k:
+            body["top_k"] = params.top_k
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if params.logprobs:
+            # vLLM's return_tokens_as_token_ids names each token by its id; others ignore it
+            body.update(logprobs=True, top_logprobs=params.logprobs,
+                        return_tokens_as_token_ids=True)
+        return {**body, **self.cfg.extra_body}
+
+    def sample(self, prompt: PromptRecord, index: int, params: SamplingParams,
+               system: str | None = None, stop: threading.Event | None = None) -> Sample:
+        """One sample (a request, retried as needed)."""
+        data = self._post(self.request_body(prompt, index, params, system),
+                          stop or threading.Event())
+        return self.parse_sample(data, index, want_logprobs=params.logprobs > 0)
 
     # -- answer -> Sample
 
@@ -385,6 +415,85 @@ class OpenAISampler:
             return ([bytes(e["bytes"]) for e in entries],
                     [[bytes(t["bytes"]) for t in row] for row in tops])
         return None, None
+
+
+def score_url(base_url: str, scoring: str) -> str:
+    """Where a scorer posts: vLLM's /v1/completions beside chat completions, or SGLang's
+    /generate at the server's root (a trailing "/v1" of base_url dropped)."""
+    chat = chat_url(base_url)
+    if scoring == "vllm":
+        return chat.removesuffix("/chat/completions") + "/completions"
+    url = httpx.URL(chat.removesuffix("/chat/completions"))
+    return str(url.copy_with(path=url.path.rstrip("/").removesuffix("/v1") + "/generate"))
+
+
+class OpenAIScorer(HttpClient):
+    """The log-probabilities a served model gives to tokens it is handed (a `Scorer`): vLLM's (or
+    `distill serve`'s) /v1/completions with `prompt_logprobs`, or SGLang's /generate with
+    `return_logprob` (`cfg.scoring`); one request per sequence, up to `concurrency` in flight,
+    retried as the sampler's are. The first request of the scorer's life goes alone: a server
+    that cannot score is one DistillError line naming the URL and what to enable, before any
+    other request. `vocab_size` is the configured tokenizer's (None without one; the whole
+    vocabulary is then available from vLLM only)."""
+
+    def __init__(self, cfg: OpenAISamplerConfig, *, transport: httpx.BaseTransport | None = None,
+                 sleep: Callable[[float], None] | None = None):
+        super().__init__(cfg, transport=transport, sleep=sleep)
+        self.url = score_url(cfg.base_url, cfg.scoring)
+        self.vocab_size = self.tokenizer.vocab_size if self.tokenizer else None
+        self._probed = False
+
+    @property
+    def identity(self) -> dict:
+        """Where the scores come from (no key)."""
+        return {"kind": self.cfg.kind, "base_url": self.cfg.base_url, "model": self.cfg.model,
+                "scoring": self.cfg.scoring}
+
+    def __repr__(self) -> str:
+        return f"OpenAIScorer(url={self.url!r}, model={self.cfg.model!r})"
+
+    def score(self, prompts, completions, top_k: int | None = 0) -> list[TokenScores]:
+        """The server's log-probabilities of each completion given its prompt (token ids in the
+        server's tokenization), in order; see `distill.inference.score_sequences` for top_k."""
+        if len(prompts) != len(completions):
+            raise DistillError(f"{len(prompts)} prompts but {len(completions)} completions")
+        if top_k is None and self.cfg.scoring == "sglang" and self.vocab_size is None:
+            raise DistillError(f"{self.url}: the whole vocabulary from SGLang needs its size: set "
+                               "the teacher's tokenizer")
+        out: list[TokenScores | None] = [None] * len(prompts)
+        stop = threading.Event()
+
+        def one(i: int) -> None:
+            out[i] = self.score_one(prompts[i], completions[i], top_k, stop)
+
+        tasks = [(i,) for i in range(len(prompts))]
+        if tasks and not self._probed:  # a server that cannot score says so before the rest go
+            try:
+                one(0)
+            except DistillError as e:
+                raise DistillError(_with_hint(str(e), self.cfg.scoring)) from None
+            self._probed, tasks = True, tasks[1:]
+        if tasks:
+            self._each(tasks, one, stop)
+        return out  # type: ignore[return-value]
+
+    def score_one(self, prompt, completion, top_k: int | None = 0,
+                  stop: threading.Event | None = None) -> TokenScores:
+        """One sequence's scores (a request, retried as needed)."""
+        ids = [*prompt, *completion]
+        if self.cfg.scoring == "vllm":
+            body, parse = vllm_body(self.cfg.model, ids, top_k), parse_vllm
+        else:
+            body, parse = sglang_body(ids, top_k, self.vocab_size), parse_sglang
+        data = self._post({**body, **self.cfg.extra_body}, stop or threading.Event())
+        return parse(data, len(prompt), completion, top_k, self.url)
+
+
+def _with_hint(message: str, scoring: str) -> str:
+    """A rejected probe request's error, with what the server needs to score."""
+    if re.search(r": HTTP 4\d\d: ", message):
+        return f"{message} (scoring needs prompt log-probabilities: {ENABLE[scoring]})"
+    return message
 
 
 def bench_http(base_url: str, model: str, *, requests: int = 64, concurrency: int = 8,

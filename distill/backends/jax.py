@@ -1,6 +1,7 @@
 """The in-process sampler (`kind: jax`): any `distill.load_pretrained` model (the DeepSeek-V3 MoE
 or a dense model) sampled through distill's inference engine (`distill.inference`), optionally
-with top-k log-probabilities.
+with top-k log-probabilities; and its scorer (`JaxScorer`), the model's log-probabilities on
+given tokens.
 
 A `complete` call submits all of its prompts to the engine at once (continuous batching over the
 engine's slots), each with a seed of its own drawn from (run seed, prompt id); the engine adds the
@@ -18,7 +19,16 @@ from distill.chat import prompt_ids
 from distill.config import Frozen, InputPath
 from distill.data.records import PromptRecord, Sample
 from distill.errors import DistillError
-from distill.inference import Completion, Engine, EngineConfig, EngineError, Request, stop_ids
+from distill.inference import (
+    Completion,
+    Engine,
+    EngineConfig,
+    EngineError,
+    Request,
+    TokenScores,
+    score_sequences,
+    stop_ids,
+)
 from distill.inference.engine import pow2_at_least
 from distill.parallel import make_mesh, parse_mesh
 from distill.pretrained import load_pretrained
@@ -48,25 +58,36 @@ def prompt_seed(seed: int, prompt_id: str) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+def load_model(cfg: JaxSamplerConfig):
+    """(model, tokenizer) a config names, the model placed on its mesh; a missing tokenizer is a
+    DistillError."""
+    mesh = make_mesh(parse_mesh(cfg.mesh)) if cfg.mesh else None
+    model, tokenizer = load_pretrained(cfg.model, param_dtype=cfg.dtype, mesh=mesh)
+    if cfg.tokenizer:
+        tokenizer = Tokenizer.from_pretrained(cfg.tokenizer)
+    if tokenizer is None:
+        raise DistillError(f"{cfg.model}: no tokenizer next to the model; set teacher.tokenizer")
+    return model, tokenizer
+
+
+def model_identity(cfg: JaxSamplerConfig, model) -> dict:
+    """What traces and runs record of an in-process model."""
+    return {"kind": "jax", "model": cfg.model, "dtype": cfg.dtype,
+            "architecture": type(model.config).__name__, "family": model.config.family}
+
+
 class JaxSampler:
     """Samples completions from a model loaded in this process (a `Sampler`)."""
 
     def __init__(self, cfg: JaxSamplerConfig):
         self.cfg = cfg
-        mesh = make_mesh(parse_mesh(cfg.mesh)) if cfg.mesh else None
-        self.model, tokenizer = load_pretrained(cfg.model, param_dtype=cfg.dtype, mesh=mesh)
-        if cfg.tokenizer:
-            tokenizer = Tokenizer.from_pretrained(cfg.tokenizer)
-        if tokenizer is None:
-            raise DistillError(f"{cfg.model}: no tokenizer next to the model; set teacher.tokenizer")
+        self.model, tokenizer = load_model(cfg)
         if not tokenizer.chat_template:
             raise DistillError(f"{cfg.model}: the tokenizer has no chat template")
         self.tokenizer = tokenizer
         self.eos_ids = stop_ids(self.model, tokenizer)
         self._engine: Engine | None = None  # built on first use, sized to the requests
-        self.identity = {"kind": "jax", "model": cfg.model, "dtype": cfg.dtype,
-                         "architecture": type(self.model.config).__name__,
-                         "family": self.model.config.family}
+        self.identity = model_identity(cfg, self.model)
         self.tokenizer_identity = tokenizer_identity(tokenizer, cfg.tokenizer or cfg.model)
 
     def engine(self, tokens: int) -> Engine:
@@ -139,6 +160,33 @@ class JaxSampler:
     def close(self) -> None:
         """Let the engine's KV cache go now (the model's buffers go with the object)."""
         self._engine = None
+
+
+class JaxScorer:
+    """A model in this process scoring tokens it is handed (a `Scorer`), through
+    `distill.inference.score_sequences`: the whole vocabulary is available. `model` (and its
+    `tokenizer`) may be one already loaded, e.g. placed on the student's mesh; otherwise the
+    config's is loaded as `JaxSampler` loads it. `batch_rows`: sequences per forward."""
+
+    def __init__(self, cfg: JaxSamplerConfig, *, model=None, tokenizer=None,
+                 batch_rows: int = 8):
+        self.cfg = cfg
+        if model is None:
+            model, loaded = load_model(cfg)
+            tokenizer = tokenizer or loaded
+        self.model, self.tokenizer, self.batch_rows = model, tokenizer, batch_rows
+        self.identity = model_identity(cfg, model)
+        self.tokenizer_identity = (None if tokenizer is None else
+                                   tokenizer_identity(tokenizer, cfg.tokenizer or cfg.model))
+        self.vocab_size = model.config.vocab_size
+
+    def score(self, prompts, completions, top_k: int | None = 0) -> list[TokenScores]:
+        """See `distill.inference.score_sequences`."""
+        return score_sequences(self.model, prompts, completions, top_k,
+                               batch_rows=self.batch_rows)
+
+    def close(self) -> None:
+        """Nothing to release beyond the model, which goes with the object."""
 
 
 def sample_text(model_path, prompt: str, params: SamplingParams, *, system=None, raw=False,
