@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 
 import distill
+from distill.backends import make_scorer
 from distill.backends.http import OpenAISamplerConfig, OpenAIScorer
 from distill.backends.jax import JaxSamplerConfig, JaxScorer
 from distill.backends.prompt_logprobs import parse_sglang, parse_vllm, sglang_body, vllm_body
 from distill.errors import DistillError
-from distill.inference import compiles, score_sequences
+from distill.inference import EngineConfig, compiles, score_sequences
+from distill.serve.app import ServerThread, build_app
 
 PROMPTS = [[5, 17, 200, 31], [9], [44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60],
            [3, 3]]
@@ -253,3 +255,17 @@ def test_make_scorer_opens_each_backends_scorer(toy_qwen2_dir):
     assert s.logprobs.shape == (3,) and s.top_ids.shape == (3, 2)
     served.close()
     local.close()
+
+
+def test_distill_serve_scores_as_the_in_process_teacher(toy_qwen2, toy_qwen2_dir):
+    """A real `distill serve` of ours, asked through the vLLM request, gives the in-process
+    teacher's numbers (issue 29's served-teacher target: within 1e-5)."""
+    app = build_app(*toy_qwen2, "toy", config=EngineConfig(slots=2, max_len=64))
+    local = jax_scorer(toy_qwen2, toy_qwen2_dir)
+    with ServerThread(app) as base_url:
+        scorer = make_scorer(OpenAISamplerConfig(base_url=f"{base_url}/v1", model="toy",
+                                                 scoring="vllm", concurrency=2))
+        for k in (0, 4, None):
+            assert_same_scores(scorer.score(PROMPTS, COMPLETIONS, k),
+                               local.score(PROMPTS, COMPLETIONS, k), atol=1e-5)
+        scorer.close()
