@@ -378,3 +378,15 @@ def test_a_completion_cut_inside_a_character_scores_what_decodes():
     [got] = SpanScorer(fake, teacher, student).score([PromptRecord("p", "q")], [ids])
     assert (got.span_of_token[-2:] == -1).all() and (got.span_of_token[:-2] >= 0).all()
     assert fake.asked[0][1] == [teacher.encode("Answer: ")]
+
+
+def test_a_sharded_teacher_scores_as_a_single_device_one(toy_qwen2, toy_qwen2_dir, teacher_dir,
+                                                          moe):
+    """JaxScorer on a mesh of the 8 fake devices (the MoE's experts sharded too) gives the
+    single-device numbers."""
+    for path, model, mesh in ((toy_qwen2_dir, toy_qwen2[0], "data=2,fsdp=2,tensor=2"),
+                              (teacher_dir, moe[0], "data=1,fsdp=2,tensor=1,expert=4")):
+        sharded = JaxScorer(JaxSamplerConfig(model=str(path), mesh=mesh))
+        assert len(jax.tree.leaves(sharded.model)[0].sharding.device_set) > 1
+        assert_same_scores(sharded.score(PROMPTS, COMPLETIONS, 3),
+                           score_sequences(model, PROMPTS, COMPLETIONS, 3), atol=1e-5)

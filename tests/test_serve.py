@@ -407,6 +407,7 @@ def test_api_key(toy_qwen2):
         r = client.get("/v1/models", headers={"Authorization": "Bearer nope"})
         assert r.status_code == 401 and "sekrit" not in r.text
         assert client.post("/v1/chat/completions", json={}).status_code == 401
+        assert client.post("/v1/completions", json={"prompt": [1]}).status_code == 401
         assert client.get("/v1/models", headers={"Authorization": "Bearer sekrit"}).status_code == 200
 
 
@@ -440,7 +441,7 @@ def test_fault_kinds(toy_qwen2):
 def test_cli_help():
     proc = invoke_cli(["serve", "--help"])
     assert proc.returncode == 0
-    for needle in ("/v1/chat/completions", "--host", "--port", "--slots", "--max-len",
+    for needle in ("/v1/chat/completions", "/v1/completions", "prompt_logprobs", "--host", "--port", "--slots", "--max-len",
                    "--no-warmup", "--api-key-env"):
         assert needle in proc.stdout
     assert "--fault-rate" not in proc.stdout and "--max-batch" not in proc.stdout
