@@ -381,6 +381,7 @@ def test_completions_of_text_and_the_whole_vocabulary(server, toy_qwen2):
     ({"prompt": [1, 2, 320]}, "token id 320 is outside the vocabulary (320 ids)"),
     ({"prompt": [1, 2], "stream": True}, "stream: not supported"),
     ({"prompt": [1, 2], "prompt_logprobs": -2}, "prompt_logprobs"),
+    ({"prompt": [1, 2], "prompt_logprobs": 321}, "prompt_logprobs: at most the vocabulary (320)"),
     ({"prompt": [1, 2], "max_tokens": 2047}, "limit of 2048"),
     ({"max_tokens": 2}, "prompt"),
 ])

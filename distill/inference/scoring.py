@@ -89,7 +89,8 @@ def score_sequences(model, prompts: Sequence[Sequence[int]], completions: Sequen
     for start in range(0, len(order), batch_rows):
         group = order[start:start + batch_rows]
         b = min(pow2_at_least(len(group)), batch_rows)
-        t = pow2_at_least(max(len(rows[group[0]]), MIN_LENGTH_BUCKET))
+        # the context caps the bucket (a context that is no power of two is its own bucket)
+        t = min(pow2_at_least(max(len(rows[group[0]]), MIN_LENGTH_BUCKET)), context)
         tokens = np.zeros((b, t), np.int32)
         for r, i in enumerate(group):
             tokens[r, :len(rows[i])] = rows[i]

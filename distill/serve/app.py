@@ -128,7 +128,10 @@ class _Server:
         completions = await self._finish(job, request)
         if isinstance(completions, Response):
             return completions
-        prompt_logprobs = None if scored is None else await scored
+        try:
+            prompt_logprobs = None if scored is None else await scored
+        except Exception as e:
+            return error_response(500, f"scoring the prompt failed: {e}")
         choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason,
                     "stop_reason": None, "prompt_logprobs": prompt_logprobs,
                     "logprobs": None if req.logprobs is None else self.scorer.completion_logprobs(
@@ -177,10 +180,13 @@ class _Server:
         self._check_model(req.model)
         if req.stream:
             raise BadRequest("stream: not supported on /v1/completions (use chat/completions)")
+        vocab = self.scorer.model.config.vocab_size
+        if req.prompt_logprobs is not None and req.prompt_logprobs > vocab:
+            raise BadRequest(f"prompt_logprobs: at most the vocabulary ({vocab}), or -1 for all")
         if isinstance(req.prompt, str):
             ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         else:
-            ids, vocab = list(req.prompt), self.scorer.model.config.vocab_size
+            ids = list(req.prompt)
             bad = next((i for i in ids if not 0 <= i < vocab), None)
             if bad is not None:
                 raise BadRequest(f"prompt: token id {bad} is outside the vocabulary ({vocab} ids)")
