@@ -115,9 +115,10 @@ class _Server:
             req = parse_request(body, CompletionRequest)
             ids = self._completion_ids(req)
             loop = asyncio.get_running_loop()
-            job = Job(ids=ids, params=self._params(req, len(ids), req.max_tokens,
-                                                   0 if req.logprobs is None else max(req.logprobs, 1)),
-                      opened=False, loop=loop, result=loop.create_future())
+            params = self._params(req, len(ids), req.max_tokens,
+                                  0 if req.logprobs is None else max(req.logprobs, 1))
+            job = Job(ids=ids, params=params, opened=False, loop=loop,
+                      result=loop.create_future())
             self.jobs.submit(job)
         except BadRequest as e:
             return error_response(e.status, str(e))
@@ -132,14 +133,7 @@ class _Server:
             prompt_logprobs = None if scored is None else await scored
         except Exception as e:
             return error_response(500, f"scoring the prompt failed: {e}")
-        choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason,
-                    "stop_reason": None, "prompt_logprobs": prompt_logprobs,
-                    "logprobs": None if req.logprobs is None else self.scorer.completion_logprobs(
-                        c, req.logprobs, req.return_tokens_as_token_ids)}
-                   for i, c in enumerate(completions)]
-        return JSONResponse({"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
-                             "created": int(time.time()), "model": self.name, "choices": choices,
-                             "usage": self._usage(job, completions)})
+        return JSONResponse(self._text_answer(req, job, completions, prompt_logprobs))
 
     async def _finish(self, job: Job, request: Request) -> list[Completion] | Response:
         """The job's completions once done; 499 when the client leaves (which frees its engine
@@ -239,6 +233,18 @@ class _Server:
         choices = [{"index": i, "message": self._message(job, c), "finish_reason": c.finish_reason,
                     "logprobs": self._choice_logprobs(req, c)} for i, c in enumerate(completions)]
         return {**meta, "object": "chat.completion", "choices": choices,
+                "usage": self._usage(job, completions)}
+
+    def _text_answer(self, req: CompletionRequest, job: Job, completions: list[Completion],
+                     prompt_logprobs: list | None) -> dict:
+        """A /v1/completions answer in vLLM's shape (every choice carries the prompt's scores)."""
+        choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason,
+                    "stop_reason": None, "prompt_logprobs": prompt_logprobs,
+                    "logprobs": None if req.logprobs is None else self.scorer.completion_logprobs(
+                        c, req.logprobs, req.return_tokens_as_token_ids)}
+                   for i, c in enumerate(completions)]
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+                "created": int(time.time()), "model": self.name, "choices": choices,
                 "usage": self._usage(job, completions)}
 
     async def _events(self, req: ChatRequest, job: Job, meta: dict):
