@@ -335,10 +335,9 @@ def test_completions_sample_from_token_ids_as_the_engine_does(server, reference,
     legacy logprobs name the tokens, and prompt_logprobs hold each prompt token's entry."""
     _, client = server
     ids = prompt_ids(toy_qwen2[1], QUESTION)
-    r = client.post("/v1/completions", json={"model": "toy", "prompt": ids, "max_tokens": 8,
-                                             "temperature": 0, "logprobs": 2,
-                                             "return_tokens_as_token_ids": True,
-                                             "prompt_logprobs": 3})
+    body = {"model": "toy", "prompt": ids, "max_tokens": 8, "temperature": 0, "logprobs": 2,
+            "return_tokens_as_token_ids": True, "prompt_logprobs": 3}
+    r = client.post("/v1/completions", json=body)
     assert r.status_code == 200, r.text
     data = r.json()
     assert data["object"] == "text_completion" and data["id"].startswith("cmpl-")
@@ -358,6 +357,11 @@ def test_completions_sample_from_token_ids_as_the_engine_does(server, reference,
         assert ranks[:3] == [1, 2, 3] and row[str(token)]["rank"] >= 1
         assert row[str(token)]["decoded_token"] == toy_qwen2[1].decode([token])
     assert data["usage"]["prompt_tokens"] == len(ids)
+    before = compiles()  # another k up to 20 runs the same scoring program
+    r = client.post("/v1/completions", json={**body, "prompt_logprobs": 7})
+    assert compiles() == before
+    for token, row in zip(ids[1:], r.json()["choices"][0]["prompt_logprobs"][1:], strict=True):
+        assert len(row) in (7, 8) and str(token) in row
 
 
 def test_completions_of_text_and_the_whole_vocabulary(server, toy_qwen2):

@@ -14,6 +14,7 @@ import threading
 import numpy as np
 
 from distill.inference import Completion, score_sequences
+from distill.inference.programs import TOP_LOGPROBS
 from distill.serve.protocol import MIN_LOGPROB
 
 
@@ -37,14 +38,15 @@ class PromptScorer:
         """vLLM's prompt_logprobs of `ids` with the top `k` entries (-1: all) per position."""
         if len(ids) < 2:
             return [None] * len(ids)
+        # one program for every k up to OpenAI's cap (its top entries sliced), not one per k
+        asked = None if k == -1 else TOP_LOGPROBS if 0 < k <= TOP_LOGPROBS else k
         with self._lock:
-            [s] = score_sequences(self.model, [ids[:1]], [ids[1:]], None if k == -1 else k,
-                                  ranks=True)
+            [s] = score_sequences(self.model, [ids[:1]], [ids[1:]], asked, ranks=True)
         rows: list[dict | None] = [None]
         for t, token in enumerate(ids[1:]):
             entries: dict[int, tuple[float, int]] = {}
             if s.top_ids is not None:
-                order = np.argsort(-s.top_logprobs[t], kind="stable")
+                order = np.argsort(-s.top_logprobs[t], kind="stable")[:None if k == -1 else k]
                 for rank, j in enumerate(order, 1):
                     entries[int(s.top_ids[t, j])] = (float(s.top_logprobs[t, j]), rank)
             entries[int(token)] = (float(s.logprobs[t]), int(s.ranks[t]))  # vLLM's rank for it
