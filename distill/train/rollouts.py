@@ -20,6 +20,7 @@ import numpy as np
 
 from distill.backends import make_scorer
 from distill.backends.jax import JaxScorer
+from distill.backends.spans import SpanScorer
 from distill.chat import split_think
 from distill.data.prompts import load_prompts
 from distill.data.records import PromptRecord
@@ -96,13 +97,13 @@ class Rollouts:
         self.prompts: list[PromptRecord] = load_prompts(cfg.prompts)
         self.ids = [self._render(tokenizer, p) for p in self.prompts]
         self.scorer, teacher_tok = _open_teacher(cfg, mesh, source)
+        self.teacher_vocab = self.scorer.vocab_size or teacher_tok.vocab_size
         self.same_vocabulary = teacher_tok.vocabulary_fingerprint() == \
             tokenizer.vocabulary_fingerprint()
         self.loss = resolve_loss(cfg, self.same_vocabulary, isinstance(self.scorer, JaxScorer),
                                  source)
         self.spans = None
         if not self.same_vocabulary:
-            from distill.backends.spans import SpanScorer  # TODO(merge): top level
             self.spans = SpanScorer(self.scorer, teacher_tok, tokenizer)
         longest = max(len(i) for i in self.ids)
         self.seq_len = -(-(longest + cfg.max_new_tokens) // 16) * 16
@@ -187,7 +188,8 @@ class Rollouts:
             rows.put(r, self.ids[s.prompt], s.ids, s.logprobs, inside,
                      np.zeros_like(adv) if full else adv)
             if full:
-                rows.put_teacher(r, len(self.ids[s.prompt]), scores[r], self.vocab)
+                rows.put_teacher(r, len(self.ids[s.prompt]), scores[r], self.vocab,
+                                 whole=not self.cfg.top_k)
             kl_sum -= float(gap.sum())
             kl_tokens += float(inside.sum())
         return rows.arrays(full), kl_sum / max(kl_tokens, 1.0)
@@ -196,8 +198,7 @@ class Rollouts:
         """The teacher's scores of the samples (one tokenizer). An id past the teacher's
         vocabulary (a padding row of the student's embedding, which an untrained student may
         sample) is read by the teacher as id 0 and gets log-probability -inf (then the floor)."""
-        v = self.scorer.vocab_size
-        unknown = [np.asarray(s.ids) >= v if v else np.zeros(len(s.ids), bool) for s in samples]
+        unknown = [np.asarray(s.ids) >= self.teacher_vocab for s in samples]
         scores = self.scorer.score([self.ids[s.prompt] for s in samples],
                                    [np.where(u, 0, s.ids).tolist()
                                     for s, u in zip(samples, unknown, strict=True)], top_k=top_k)
@@ -255,12 +256,20 @@ class _Rows:
         self.old[r, at] = lps
         self.adv[r, at] = adv
 
-    def put_teacher(self, r: int, prompt_len: int, score, vocab: int) -> None:
-        """The teacher's entries at row r's completion positions (K: its top-k or every id)."""
+    def put_teacher(self, r: int, prompt_len: int, score, vocab: int, whole: bool) -> None:
+        """The teacher's entries at row r's completion positions: its top-k, or with `whole` its
+        whole distribution laid over the student's `vocab` ids (an id the teacher has not gets
+        `TEACHER_FLOOR`; one the student has not is left out), so no tail class is left to
+        rounding (1 - the sum of a whole float32 distribution is noise)."""
         ids, lps = score.top_ids, score.top_logprobs
         if ids is None:
             raise DistillError("the teacher returned no top-k entries for a full-distribution "
                                "loss; use onpolicy.loss sampled_reverse_kl")
+        if whole:
+            both = min(vocab, lps.shape[-1])
+            lps = np.concatenate([lps[:, :both], np.full((len(lps), vocab - both), _LOG_FLOOR,
+                                                         np.float32)], axis=-1)
+            ids = np.broadcast_to(np.arange(vocab, dtype=np.int32), lps.shape)
         if self.top_ids is None:
             k = ids.shape[-1]
             self.top_ids = np.zeros((self.r, self.length, k), np.int32)
