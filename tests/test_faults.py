@@ -22,7 +22,7 @@ from distill.data import store as data_store
 
 from . import toy
 from .disk import error_lines, run_on_small_disk
-from .helpers import DISTILL, run_cli
+from .helpers import DISTILL, run_cli, shared_compile_cache
 from .runs import free_port, generate_config, run_params, train_config, train_process, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,7 +77,7 @@ def test_train_on_a_full_disk_says_what_is_safe_and_resumes_bitwise(world, tmp_p
     run = [*DISTILL, "train", str(cfg), "--quiet"]
     # 200 KiB: the tokenized cache does not fit; 4 MiB: two checkpoints fit, the third does not
     cache, ckpt, done = run_on_small_disk(root, [(200, run), (4096, run), (65536, run)],
-                                          env={**ENV, "DISTILL_CACHE": str(tmp_path / "cache"),
+                                          env={**ENV, **shared_compile_cache(),
                                                "XLA_FLAGS": TWO_DEVICES},
                                           cwd=REPO)
     line = _one_error(cache)
@@ -216,8 +216,9 @@ def test_eval_on_a_full_disk_leaves_the_previous_report(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # A lost host
 
+# 60 steps: the victim is killed as the first checkpoint (step 20) lands, 40 steps before the end
 PAIR = dict(mesh="data=1,fsdp=2,tensor=1", distributed={"lost_after_s": 10},
-            train={"steps": 200, "checkpoint_every": 20, "log_every": 20,
+            train={"steps": 60, "checkpoint_every": 20, "log_every": 20,
                    "async_checkpoints": True})
 
 
