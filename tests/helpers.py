@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -54,6 +58,29 @@ def our_logits(model, ids: np.ndarray) -> np.ndarray:
     return np.asarray(model(jnp.asarray(ids, jnp.int32)))
 
 
+def hf_greedy(ref, prompt: list[int], n: int, eos=None) -> list[int]:
+    """transformers' greedy continuation of one prompt: `n` new ids (fewer at `eos`)."""
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
+                           max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=eos)
+    return out[0, len(prompt):].tolist()
+
+
+def staggered(engine, prompts, budgets, first=2):
+    """Greedy completions from an inference engine with requests arriving at different times:
+    submit `first` requests, run two host visits, then submit the rest; run to the end."""
+    from distill.sampling import SamplingParams
+
+    reqs = [engine.submit(p, SamplingParams(max_new_tokens=b))
+            for p, b in zip(prompts[:first], budgets[:first], strict=True)]
+    engine.step()
+    engine.step()
+    reqs += [engine.submit(p, SamplingParams(max_new_tokens=b))
+             for p, b in zip(prompts[first:], budgets[first:], strict=True)]
+    engine.run_until_idle()
+    return [r.wait()[0] for r in reqs]
+
+
 def load(path):
     model, _ = distill.load_pretrained(path)
     return model
@@ -65,6 +92,17 @@ DISTILL = [sys.executable, "-m", "distill.cli"]  # `distill` in a fresh interpre
 def environment(env=None) -> dict[str, str]:
     """This process's environment with `env` applied (a value None: the variable removed)."""
     return {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
+
+
+@functools.cache
+def shared_compile_cache() -> dict[str, str]:
+    """The environment that gives the toy runs' processes one JAX compilation cache for the test
+    session (a fresh directory, removed at exit): what one `distill train` or `generate` process
+    compiled, the next loads instead of compiling it again. Every program is kept, however fast
+    it compiled."""
+    path = tempfile.mkdtemp(prefix="distill-test-jax-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return {"DISTILL_CACHE": path, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 
 def start_cli(args, *, cwd=None, env=None, script=False) -> subprocess.Popen:

@@ -216,14 +216,14 @@ def test_eval_benchmark_in_process_and_served_agree(local, tmp_path):
     student = toy.qwen2_dir(tmp_path / "DeepSeek-R1-Distill-Qwen-7B")
     common = ["--source", local["math500"], "--limit", "2", "--quiet", "--set", "protocol.n=1",
               "--set", "protocol.max_new_tokens=6", "--set", "protocol.temperature=0"]
-    local_run = run_cli(["eval", "--benchmark", "math500", "--model", str(student), *common],
-                        cwd=tmp_path)
+    local_run = invoke_cli(["eval", "--benchmark", "math500", "--model", str(student), *common],
+                           cwd=tmp_path)
     assert local_run.returncode == 0, local_run.stderr
     assert "| published pass@1 | 92.8% (DeepSeek-R1 report) |" in local_run.stdout
     model, tok = distill.load_pretrained(student)
     with ServerThread(build_app(model, tok, "toy")) as url:
-        served = run_cli(["eval", "--benchmark", "math500", "--model", f"{url}/v1", *common],
-                         cwd=tmp_path)
+        served = invoke_cli(["eval", "--benchmark", "math500", "--model", f"{url}/v1", *common],
+                            cwd=tmp_path)
     assert served.returncode == 0, served.stderr
     out = tmp_path / "students" / "eval"
     a = [json.loads(x) for x in (out / "math500-DeepSeek-R1-Distill-Qwen-7B" /

@@ -22,7 +22,7 @@ from distill.data import store as data_store
 
 from . import toy
 from .disk import error_lines, run_on_small_disk
-from .helpers import DISTILL, run_cli
+from .helpers import DISTILL, invoke_cli, run_cli, shared_compile_cache
 from .runs import free_port, generate_config, run_params, train_config, train_process, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def test_generate_on_a_full_disk_says_what_is_safe_and_resumes_exactly(tmp_path,
                                prompts={"synthetic": {"n": 40, "seed": 3}})
 
     ref = cfg("gen", tmp_path / "ref")
-    done = run_cli(["generate", ref, "--quiet"], cwd=REPO, env=CPU, timeout=None)
+    done = invoke_cli(["generate", ref, "--quiet"], cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     root = tmp_path / "disk"
     run = [*DISTILL, "generate", str(cfg("gen", root)), "--quiet"]
@@ -77,7 +77,7 @@ def test_train_on_a_full_disk_says_what_is_safe_and_resumes_bitwise(world, tmp_p
     run = [*DISTILL, "train", str(cfg), "--quiet"]
     # 200 KiB: the tokenized cache does not fit; 4 MiB: two checkpoints fit, the third does not
     cache, ckpt, done = run_on_small_disk(root, [(200, run), (4096, run), (65536, run)],
-                                          env={**ENV, "DISTILL_CACHE": str(tmp_path / "cache"),
+                                          env={**ENV, **shared_compile_cache(),
                                                "XLA_FLAGS": TWO_DEVICES},
                                           cwd=REPO)
     line = _one_error(cache)
@@ -188,7 +188,7 @@ def test_export_on_a_full_disk_leaves_the_previous_export(tmp_path):
     student = toy.qwen2_dir(tmp_path / "student")
     root, out = tmp_path / "disk", tmp_path / "disk" / "hf"
     args = ["export", str(student), "--out", str(out), "--force"]
-    assert run_cli(args, cwd=REPO, env=CPU, timeout=None).returncode == 0
+    assert invoke_cli(args, cwd=REPO).returncode == 0
     line, before = _fails_then_redone(root, out, [*DISTILL, *args])
     assert line.endswith(f"{out} is as it was; free space and rerun the same command"), line
     assert _tree(out) == before  # the same export, written again
@@ -204,7 +204,7 @@ def test_eval_on_a_full_disk_leaves_the_previous_report(tmp_path):
         "models": [{"name": "student", "model": str(student)}],
         "protocol": {"n": 2, "max_new_tokens": 8, "seed": 0}, "output": str(out)}))
     args = ["eval", str(cfg), "--quiet"]
-    first = run_cli(args, cwd=REPO, env=CPU, timeout=None)
+    first = invoke_cli(args, cwd=REPO)
     assert first.returncode == 0, first.stderr[-3000:]
     previous = (out / "samples.jsonl").read_text()
     line, _ = _fails_then_redone(root, out, [*DISTILL, *args])
@@ -216,8 +216,9 @@ def test_eval_on_a_full_disk_leaves_the_previous_report(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # A lost host
 
+# 60 steps: the victim is killed as the first checkpoint (step 20) lands, 40 steps before the end
 PAIR = dict(mesh="data=1,fsdp=2,tensor=1", distributed={"lost_after_s": 10},
-            train={"steps": 200, "checkpoint_every": 20, "log_every": 20,
+            train={"steps": 60, "checkpoint_every": 20, "log_every": 20,
                    "async_checkpoints": True})
 
 
@@ -230,19 +231,21 @@ def _pair(cfg: Path, port: int) -> list[subprocess.Popen]:
 
 @pytest.fixture(scope="module")
 def pair_reference(world, tmp_path_factory):
-    """The parameters of an uninterrupted two-process run."""
+    """The parameters of an uninterrupted two-process run, and its tokenized cache (which the
+    interrupted runs reuse: they lose a host long after their cache is complete)."""
     root = tmp_path_factory.mktemp("pair")
-    cfg = train_config(world, root / "ref.yaml", **PAIR, data={"cache_dir": str(root / "cache")})
+    data = {"cache_dir": str(root / "cache")}
+    cfg = train_config(world, root / "ref.yaml", **PAIR, data=data)
     for p in _pair(cfg, free_port()):
         assert p.wait(timeout=300) == 0, p.stderr.read()
-    return run_params(root / "students" / "ref")
+    return run_params(root / "students" / "ref"), data
 
 
 @pytest.mark.parametrize("victim", [0, 1], ids=["coordinator-lost", "worker-lost"])
 def test_a_lost_process_stops_the_other_in_one_line_and_the_pair_resumes_bitwise(
         world, tmp_path, pair_reference, victim):
-    cfg = train_config(world, tmp_path / "run.yaml", **PAIR,
-                       data={"cache_dir": str(tmp_path / "cache")})
+    reference, data = pair_reference
+    cfg = train_config(world, tmp_path / "run.yaml", **PAIR, data=data)
     ckpts = tmp_path / "students" / "run" / "checkpoints"
     procs = _pair(cfg, free_port())
     assert wait_for(lambda: ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()))
@@ -263,7 +266,7 @@ def test_a_lost_process_stops_the_other_in_one_line_and_the_pair_resumes_bitwise
     print(f"victim {victim}: the survivor stopped {elapsed:.1f} s after the kill: {lines[0]}")
     for p in _pair(cfg, free_port()):
         assert p.wait(timeout=300) == 0, p.stderr.read()
-    for a, b in zip(run_params(tmp_path / "students" / "run"), pair_reference, strict=True):
+    for a, b in zip(run_params(tmp_path / "students" / "run"), reference, strict=True):
         assert np.array_equal(a, b)
 
 

@@ -21,7 +21,7 @@ from distill.models import safetensors_io, weights
 from distill.models.families import abstract_model, load_model_config, param_count
 from distill.parallel import make_mesh
 from distill.sampling import SamplingParams
-from tests.helpers import hf_logits, our_logits, save_hf
+from tests.helpers import hf_greedy, hf_logits, our_logits, save_hf, staggered
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
         "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.8}
@@ -263,22 +263,23 @@ def test_experts_sharded_over_expert_and_tensor_axes(base, monkeypatch):
 
 @pytest.mark.parametrize("unrolled", ["0", "1"])
 def test_greedy_generate_matches_transformers(base, unrolled):
-    """MLA-latent KV cache: chunked prefill into a slot then 31 cached decode steps, prompts of
-    two lengths in two slots; with the layers scanned over the stacked weights and caches, and
-    unrolled over per-layer copies."""
+    """MLA-latent KV cache in slots: 4 requests on 2 slots arriving at different times (the later
+    ones wait for a free slot), prompts written in chunks of 16 (21 = 16 + 5), up to 31 cached
+    decode steps past YaRN's original 32 positions; with the layers scanned over the stacked
+    weights and caches, and unrolled over per-layer copies."""
     ref, _, model = base
     rng = np.random.RandomState(0)
-    prompts = [rng.randint(3, 96, n).tolist() for n in (5, 21)]
-    engine = Engine(model, config=EngineConfig(slots=2, max_len=64, unroll=unrolled == "1"),
-                    eos_ids=[])
-    outs = engine.generate(prompts, SamplingParams(max_new_tokens=32))
+    prompts = [rng.randint(3, 96, n).tolist() for n in (5, 21, 1, 40)]
+    budgets = [32, 9, 16, 7]
+    # two cache windows (16 and the whole cache): every window is one more program to compile
+    engine = Engine(model, config=EngineConfig(slots=2, max_len=96, prefill_chunk=16,
+                                               decode_steps=4, min_window=128,
+                                               unroll=unrolled == "1"), eos_ids=[])
+    outs = staggered(engine, prompts, budgets)
     cache = model.init_cache(2, 64)
     assert cache.moe.latent.shape == (2, 2, 64, 32) and cache.moe.k_rope.shape == (2, 2, 64, 16)
-    for prompt, out in zip(prompts, outs, strict=True):
-        with torch.no_grad():
-            want = ref.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
-                                pad_token_id=0, eos_token_id=None)[0, len(prompt):].tolist()
-        assert out.token_ids == want
+    assert [o.token_ids for o in outs] == [
+        hf_greedy(ref, p, b) for p, b in zip(prompts, budgets, strict=True)]
 
 
 def test_export_to_hf_loads_in_transformers(tmp_path, base):

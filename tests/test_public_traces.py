@@ -226,8 +226,8 @@ def test_cli_bad_input_is_one_line_exit_2_nothing_written(tmp_path, files, monke
 
 def test_import_writes_a_store_that_reads_like_generated_traces(files, tmp_path):
     out = tmp_path / "tt"
-    result = run_cli(["traces", "import", str(files["openr1_math"]), "--name", "r1math",
-                      "--out", str(out), "--quiet"])
+    result = invoke_cli(["traces", "import", str(files["openr1_math"]), "--name", "r1math",
+                         "--out", str(out), "--quiet"])
     assert result.returncode == 0, result.stderr
     run = out / "r1math"
     manifest = read_manifest(run)
@@ -260,7 +260,7 @@ def test_import_dedups_filters_and_resumes(tmp_path):
     args = ["traces", "import", str(src), "--name", "d", "--out", str(tmp_path / "tt"),
             "--quiet", "--set", "output.rows_per_shard=2", "--set",
             f"filters.decontaminate=[{decon}]", "--set", "filters.decontam_ngram=2"]
-    assert run_cli(args).returncode == 0
+    assert invoke_cli(args).returncode == 0
     m = read_manifest(tmp_path / "tt" / "d")
     assert m["totals"]["records"] == 2 and len(m["shards"]) == 4
     assert m["totals"]["rejected"] == {"duplicate": 2, "contaminated": 2, "language_mix": 1}
@@ -268,7 +268,7 @@ def test_import_dedups_filters_and_resumes(tmp_path):
     first, totals = read_table(tmp_path / "tt" / "d").to_pylist(), m["totals"]
     m["shards"], m["complete"] = m["shards"][:2], False
     (tmp_path / "tt" / "d" / "manifest.json").write_text(json.dumps(m))
-    assert run_cli(args).returncode == 0
+    assert invoke_cli(args).returncode == 0
     again = read_manifest(tmp_path / "tt" / "d")
     assert again["complete"] and again["totals"] == totals
     assert read_table(tmp_path / "tt" / "d").to_pylist() == first
@@ -405,8 +405,8 @@ def test_an_import_without_verdicts_trains_by_default(files, tmp_path):
     """OpenThoughts has no reference and no verdict: the import keeps what passed the filters,
     and its store says training should keep complete traces (not only verified ones)."""
     out = tmp_path / "tt"
-    assert run_cli(["traces", "import", str(files["openthoughts"]), "--out", str(out),
-                    "--quiet"]).returncode == 0
+    assert invoke_cli(["traces", "import", str(files["openthoughts"]), "--out", str(out),
+                       "--quiet"]).returncode == 0
     run = out / "train-0"
     assert read_manifest(run)["default_keep"] == "complete"
     assert len(read_traces([str(run)]).datasets[0]) == 5

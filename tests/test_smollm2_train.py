@@ -17,7 +17,7 @@ from distill.data.prompts import PromptsConfig
 from distill.data.render import render_example
 from distill.traces.reference import write_reference_traces
 from distill.train.loop import run_train
-from tests.helpers import run_cli
+from tests.helpers import invoke_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,8 +51,7 @@ def test_export_reloads_in_transformers_with_the_trained_chat_format(trained):
 
     root, result = trained
     out = root / "hf"
-    proc = run_cli(["export", result.run_dir, "--out", out, "--dtype", "float32"], cwd=REPO,
-                   timeout=None)
+    proc = invoke_cli(["export", result.run_dir, "--out", out, "--dtype", "float32"], cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     ours, tok = distill.load_pretrained(result.run_dir)
     ref = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
