@@ -186,7 +186,7 @@ def _source_name(source: str, config: str | None) -> str:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_help_from(attention=ATTENTION, context_parallel=CONTEXT_PARALLEL)
 def train(config, overrides, quiet):
-    """Fine-tune a student on traces into students/<run>/ (resumable).
+    """Fine-tune a student on traces, or distil it on-policy, into students/<run>/ (resumable).
 
     \b
     CONFIG is a training config (see configs/runs/r1-distill-qwen-7b.yaml) with sections:
@@ -195,7 +195,12 @@ def train(config, overrides, quiet):
                 attention ({attention})
       data      traces (teacher_traces/<run> dirs), weights, keep, seq_len, batch_size, top_k
       loss      kind (sft, or a divergence registered in distill.losses: a name it
-                does not know gets the list), alpha, beta, temperature
+                does not know gets the list), alpha, beta, temperature, tail_bucket
+      onpolicy  on-policy distillation (optional): prompts (as generate's), teacher (kind jax
+                in process, or openai: vLLM / SGLang / distill serve scoring prompts),
+                fraction (GKD's lambda: the share of on-policy steps; 1 needs no data),
+                group_size, prompts_per_step, max_new_tokens, loss (reverse_kl,
+                sampled_reverse_kl, jsd, forward_kl), reward_weight
       optim     lr, warmup_steps, schedule, weight_decay, clip_norm
       train     steps or epochs, grad_accum, log/eval/checkpoint intervals
       mesh      e.g. data=1,fsdp=8,tensor=1, or fsdp=2,context=4 to split each row's
@@ -427,7 +432,8 @@ def _suites() -> tuple[str, ...]:
 @click.option("--gguf", "gguf_path", type=click.Path(), default=None,
               help="SmolLM2 GGUF file (default: the one `make models` fetched).")
 @click.option("--model", "model_path", type=click.Path(), default=None,
-              help=f"The engine suite's model: {MODEL_HELP} (default: the SmolLM2 GGUF).")
+              help=f"The engine and onpolicy suites' model: {MODEL_HELP} (default: the SmolLM2 "
+                   "GGUF).")
 @click.option("--out", "out_dir", type=click.Path(), default="students/bench", show_default=True,
               help="Folder for each suite's JSON file (<suite>.json).")
 @click.option("--small/--full", "small", default=None,
@@ -450,6 +456,8 @@ def bench(ctx, suites, compare, gguf_path, model_path, out_dir, small):
       engine    the inference engine's targets in one run: utilisation at concurrency 64 vs
                 static batching, sampled vs greedy decode step, time to first token,
                 compiles after warmup, set_weights (SmolLM2, or --model)
+      onpolicy  an on-policy distillation step beside an SFT step on the same student
+                (SmolLM2, or --model), with its sampling / scoring / training shares
     """
     if ctx.invoked_subcommand is not None:
         return

@@ -224,7 +224,9 @@ def _uld(p_btv: jax.Array, q_btk: jax.Array, exclude_btk: jax.Array | None) -> j
                    axis=-1)
 
 
-_TAIL_FLOOR = 2.0**-23  # the least teacher tail: float32's resolution of a sum near 1
+# the least probability a teacher is taken to give (its tail class; a token it cannot produce, on
+# the student's own samples): float32's resolution of a sum near 1
+TEACHER_FLOOR = 2.0**-23
 
 
 def _with_tail(view: TokenView, teacher_lp_btk: jax.Array, lse_bt: jax.Array) -> TokenView:
@@ -232,7 +234,7 @@ def _with_tail(view: TokenView, teacher_lp_btk: jax.Array, lse_bt: jax.Array) ->
     stored probabilities kept as they are and the mass outside the ids one more class."""
     z_btv, valid = view.z_btv, view.valid_btk
     lse_q = jax.nn.logsumexp(jnp.where(valid, teacher_lp_btk, _NEG), axis=-1)
-    log_q_tail = jnp.log(-jnp.expm1(jnp.minimum(lse_q, jnp.log1p(-_TAIL_FLOOR))))
+    log_q_tail = jnp.log(-jnp.expm1(jnp.minimum(lse_q, jnp.log1p(-TEACHER_FLOOR))))
     b, t, _ = view.ids_btk.shape
     hit_btv = jnp.zeros(z_btv.shape, jnp.float32).at[
         jnp.arange(b)[:, None, None], jnp.arange(t)[None, :, None], view.ids_btk].add(

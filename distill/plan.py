@@ -287,9 +287,11 @@ def run_plan(config_path: str | Path, mesh_text: str, *, seq_len: int | None = N
     model_cfg, train_cfg = _configs(config_path, overrides, mesh_text, batch, seq_len)
     n = math.prod(shape.values())
     mesh = make_mesh(shape, jax.devices("cpu")[:n])
-    seq_len = train_cfg.data.seq_len if train_cfg else seq_len or 4096
     rows = shape.get("data", 1) * shape.get("fsdp", 1)
-    batch = train_cfg.data.batch_size if train_cfg else batch or rows
+    if train_cfg:
+        batch, seq_len = train_cfg.step_shape(seq_len)
+    else:
+        seq_len, batch = seq_len or 4096, batch or rows
     t0 = time.perf_counter()
     if mode == "train":  # exactly what `distill train` refuses, plan refuses
         check_layout(batch, train_cfg.train.grad_accum if train_cfg else 1, shape,

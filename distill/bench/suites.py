@@ -2,7 +2,8 @@
 progress line as it starts, its table as soon as it is done, and its rows to
 `<out>/<suite>.json`. "all" runs every suite in turn (more than 25 minutes on a 2-core
 machine); "device" is the accelerator suite (`distill.bench.device`, small shapes on CPU);
-"engine" the inference engine's targets (`distill.bench.engine`)."""
+"engine" the inference engine's targets (`distill.bench.engine`); "onpolicy" the cost of an
+on-policy distillation step (`distill.bench.onpolicy`)."""
 
 from __future__ import annotations
 
@@ -72,6 +73,13 @@ def _engine(s):
     return result, table(result)
 
 
+def _onpolicy(s):
+    from distill.bench.onpolicy import bench_onpolicy, table
+
+    result = bench_onpolicy(s.get("model") or smollm2_path(s["gguf"]))
+    return result, table(result)
+
+
 SUITES: dict[str, Suite] = {
     "decode": Suite("greedy decode tokens/s of SmolLM2-135M at batch 1 and 16 vs transformers",
                     _decode),
@@ -83,6 +91,8 @@ SUITES: dict[str, Suite] = {
                     _device),
     "engine": Suite("the inference engine's targets: utilisation vs static batching, sampled "
                     "vs greedy step, time to first token, compiles, set_weights", _engine),
+    "onpolicy": Suite("an on-policy distillation step beside an SFT step on the same student, "
+                      "with its sampling and scoring shares", _onpolicy),
 }
 ALL = tuple(SUITES)  # "all"
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from distill.backends import SamplerConfig
 from distill.config import Frozen, InputPath, OutputPath
+from distill.data.prompts import PromptsConfig
 from distill.errors import DistillError
+from distill.inference import EngineConfig
 from distill.losses import DIVERGENCES, Divergence, tail_problem
 from distill.models.config import AttentionName, ContextParallelName, RematName
 from distill.parallel import parse_mesh
@@ -102,6 +105,48 @@ class LoopConfig(Frozen):
     seed: int = 0
 
 
+OnPolicyLoss = Literal["auto", "reverse_kl", "forward_kl", "jsd", "sampled_reverse_kl"]
+
+
+class OnPolicyConfig(Frozen):
+    """On-policy distillation (the `onpolicy:` table): on a step drawn on-policy the student samples
+    `group_size` completions of each of `prompts_per_step` prompts through the inference engine
+    with its live weights (temperature 1, no top-k / top-p: the tokens really are the policy's),
+    the teacher scores the student's tokens, and the step moves the student toward the teacher
+    where the student actually goes (GKD, Agarwal et al. 2024; Thinking Machines 2025).
+
+    `fraction` is GKD's lambda: the share of steps that are on-policy (drawn per step from the
+    run's seed); the others are today's off-policy steps on the traces of `data:` (so 0 is
+    off-policy KD alone, and 1 needs no traces). Losses, named by what they compute:
+    - reverse_kl: KL(student || teacher) per token over the whole vocabulary (the teacher's
+      `top_k` entries plus the rest as one class; top_k null: every id), in-process teacher;
+    - forward_kl / jsd (`beta`): the same with the other direction / GKD's generalized JSD;
+    - sampled_reverse_kl: the estimate on the sampled token only, log q(x) - log p(x) as the
+      advantage of an importance-weighted policy gradient (what a served teacher, which returns
+      the sampled tokens' log-probabilities, allows; across tokenizers, per aligned span);
+    - auto: reverse_kl for an in-process teacher sharing the student's tokenizer, else
+      sampled_reverse_kl.
+    `reward_weight` adds the verifier's reward (the answer checked against the prompt's
+    reference, `distill.verify`), centred over the prompt's group, to every token's advantage."""
+
+    prompts: PromptsConfig
+    teacher: SamplerConfig
+    fraction: float = Field(1.0, ge=0, le=1)
+    group_size: int = Field(4, ge=1)
+    prompts_per_step: int = Field(8, ge=1)
+    max_new_tokens: int = Field(256, ge=1)
+    loss: OnPolicyLoss = "auto"
+    beta: float = Field(0.5, ge=0, le=1)
+    top_k: int | None = Field(None, ge=1)  # teacher entries per token (null: the whole vocabulary)
+    reward_weight: float = Field(0.0, ge=0)
+    system: str | None = None
+    engine: EngineConfig = EngineConfig(slots=64)
+
+    def rows(self) -> int:
+        """Sequences per on-policy step."""
+        return self.prompts_per_step * self.group_size
+
+
 class DistributedConfig(Frozen):
     """Multi-host: unset fields come from the environment (JAX's own cluster detection, or
     DISTILL_COORDINATOR / DISTILL_NUM_PROCESSES / DISTILL_PROCESS_ID)."""
@@ -116,13 +161,31 @@ class DistributedConfig(Frozen):
 class TrainConfig(Frozen):
     name: str | None = None  # students/<name>; default: the config file's stem
     student: StudentConfig
-    data: DataConfig
+    data: DataConfig | None = None  # the traces; needed unless every step is on-policy
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
     train: LoopConfig = LoopConfig()
     mesh: str | None = None  # "data=1,fsdp=8,tensor=1"; None: every device on fsdp
     distributed: DistributedConfig | None = None
     output_root: OutputPath = Field("students", validate_default=True)  # runs: output_root/<name>
+    onpolicy: OnPolicyConfig | None = None
+
+    def step_shape(self, seq_len: int | None = None) -> tuple[int, int]:
+        """(rows, row length) of a training step: the traces' batch, else the on-policy rows
+        (their length: `seq_len`, default the completion budget plus 1,024 prompt tokens)."""
+        if self.data is not None:
+            return self.data.batch_size, self.data.seq_len
+        return self.onpolicy.rows(), seq_len or self.onpolicy.max_new_tokens + 1024
+
+    @model_validator(mode="after")
+    def _has_data(self) -> TrainConfig:
+        if self.data is None and (self.onpolicy is None or self.onpolicy.fraction < 1):
+            raise ValueError("data: the traces to train on are needed (only a run whose every "
+                             "step is on-policy, onpolicy.fraction 1, goes without)")
+        if self.data is None and self.train.steps is None:
+            raise ValueError("train.steps: an on-policy run without traces has no epochs; "
+                             "set the number of steps")
+        return self
 
     @field_validator("mesh")
     @classmethod

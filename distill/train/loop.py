@@ -43,10 +43,11 @@ from distill.train.checkpoint import Checkpoints, safe_words
 from distill.train.config import TrainConfig, check_layout, check_seq_len
 from distill.train.data import DataState, TrainData
 from distill.train.flops import dense_flops_per_token
-from distill.train.losses import make_loss_fn
+from distill.train.losses import make_loss_fn, make_onpolicy_loss_fn
 from distill.train.optim import make_optimizer, schedule
 from distill.train.prefetch import Prefetch
 from distill.train.progress import TrainProgress
+from distill.train.rollouts import Rollouts, is_onpolicy, onpolicy_before
 from distill.train.step import TrainState, batch_sharding, compile_step, make_step, state_sharding
 from distill.train.teacher_vocab import check_teacher_vocabulary
 
@@ -192,18 +193,27 @@ def _train(cfg: TrainConfig, config_path: Path, progress: bool, stop_after: int 
     run_dir = Path(cfg.output_root) / cfg.name
     devices = list(devices if devices is not None else jax.devices())
     mesh = make_mesh(parse_mesh(cfg.mesh) if cfg.mesh else {"fsdp": len(devices)}, devices)
-    check_layout(cfg.data.batch_size, cfg.train.grad_accum, dict(mesh.shape), str(config_path),
-                 cfg.data.seq_len)
+    source = str(config_path)
+    if cfg.data is not None:
+        check_layout(cfg.data.batch_size, cfg.train.grad_accum, dict(mesh.shape), source,
+                     cfg.data.seq_len)
+    if cfg.onpolicy is not None:
+        check_layout(cfg.onpolicy.rows(), cfg.train.grad_accum, dict(mesh.shape),
+                     f"{source}: onpolicy (prompts_per_step x group_size rows)")
     lead = jax.process_index() == 0
-    run_dir.mkdir(parents=True, exist_ok=True)
 
     model, tokenizer = load_student(cfg, mesh)
-    check_seq_len(cfg.data.seq_len, model.config, str(config_path))
-    check_teacher_vocabulary(cfg.data.traces, tokenizer, cfg.loss, cfg.data.top_k)
     cache_root = Path(cfg.output_root) / TOKEN_CACHE
-    data = TrainData.from_config(cfg.data, tokenizer, jax.process_index(), jax.process_count(),
-                                 cache_root=cache_root, progress=progress)
-    heldout = _heldout_data(cfg, tokenizer, cache_root)
+    data = heldout = None
+    if cfg.data is not None:
+        check_seq_len(cfg.data.seq_len, model.config, source)
+        check_teacher_vocabulary(cfg.data.traces, tokenizer, cfg.loss, cfg.data.top_k)
+        data = TrainData.from_config(cfg.data, tokenizer, jax.process_index(),
+                                     jax.process_count(), cache_root=cache_root,
+                                     progress=progress)
+        heldout = _heldout_data(cfg, tokenizer, cache_root)
+    rollouts = (Rollouts(cfg.onpolicy, model, tokenizer, cfg.train.seed, mesh, source)
+                if cfg.onpolicy is not None else None)
     total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * data.steps_per_epoch(0)))
     tx = make_optimizer(cfg.optim, total)
     sched = schedule(cfg.optim, total)
@@ -214,8 +224,12 @@ def _train(cfg: TrainConfig, config_path: Path, progress: bool, stop_after: int 
     loss_fn = make_loss_fn(cfg.loss)
     step_fn = compile_step(make_step(graphdef, tx, loss_fn, sched, cfg.train.grad_accum),
                            state_sh, mesh)
+    onpolicy_fn = None if rollouts is None else compile_step(
+        make_step(graphdef, tx, make_onpolicy_loss_fn(rollouts.divergence()), sched,
+                  cfg.train.grad_accum), state_sh, mesh)
     eval_fn = jax.jit(lambda p, b: loss_fn(nnx.merge(graphdef, p), b))
 
+    run_dir.mkdir(parents=True, exist_ok=True)
     ckpts = Checkpoints(run_dir / CHECKPOINTS, cfg.train.keep_checkpoints,
                         cfg.train.async_checkpoints)
     data_state = DataState()
@@ -234,8 +248,10 @@ def _train(cfg: TrainConfig, config_path: Path, progress: bool, stop_after: int 
         log = MetricsLog(run_dir, lead)
     b_sh = batch_sharding(mesh)
     start = int(state.step)
-    flops_tok = _flops_per_token(model_cfg, cfg.data.seq_len)
-    stats = data.pack_stats(0)
+    seq_len = cfg.data.seq_len if cfg.data is not None else rollouts.seq_len
+    flops_tok = _flops_per_token(model_cfg, seq_len)
+    stats = data.pack_stats(0) if data is not None else None
+    onp = _OnPolicy(cfg, rollouts, start, b_sh)
 
     logged, stopped = [], False
 
@@ -244,26 +260,34 @@ def _train(cfg: TrainConfig, config_path: Path, progress: bool, stop_after: int 
         tokens = int((batch["segment_ids_bt"] > 0).sum()) * jax.process_count()
         return _device_batch(batch, b_sh), after, tokens
 
-    stream = map(prepare, data.batches(data_state))
-    t_last, tokens_since = time.perf_counter(), 0
+    stream = map(prepare, data.batches(data_state)) if data is not None else iter(())
+    t_last, tokens_since, steps_since = time.perf_counter(), 0, 0
     # under the mesh, the model's activation constraints (sequence over `tensor`) take effect
     with writing(run_dir, safe), _closing_on_error(ckpts), jax.set_mesh(mesh), \
             StopFlag() as flag, \
             TrainProgress(total, start, enabled=progress and lead) as bar, \
-            (Prefetch(stream, depth=cfg.train.prefetch) if cfg.train.prefetch
+            (Prefetch(stream, depth=cfg.train.prefetch) if cfg.train.prefetch and data is not None
              else contextlib.nullcontext(stream)) as batches:
         for step in range(start, total):
-            device_batch, data_state, tokens = next(batches)
-            state, metrics = step_fn(state, device_batch)
+            if onp.due(step):
+                device_batch, tokens = onp.batch(step, state.params)
+                state, metrics = onpolicy_fn(state, device_batch)
+            else:
+                device_batch, data_state, tokens = next(batches)
+                state, metrics = step_fn(state, device_batch)
             tokens_since += tokens
+            steps_since += 1
             done = step + 1
             if done % cfg.train.log_every == 0 or done == total:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 dt = time.perf_counter() - t_last
                 m["tokens_per_s"] = tokens_since / dt
                 m["flops_per_s"] = flops_tok * tokens_since / dt
-                m["packing_efficiency"] = stats.efficiency
-                t_last, tokens_since = time.perf_counter(), 0
+                m["step_s"] = dt / steps_since
+                if stats is not None:
+                    m["packing_efficiency"] = stats.efficiency
+                m.update(onp.window_metrics(dt))
+                t_last, tokens_since, steps_since = time.perf_counter(), 0, 0
                 logged.append(m["loss"])
                 log.write(done, m)
                 bar.update(done, m)
@@ -271,7 +295,8 @@ def _train(cfg: TrainConfig, config_path: Path, progress: bool, stop_after: int 
                 ev = _heldout_loss(eval_fn, state.params, heldout, cfg.train.eval_batches, b_sh)
                 log.write(done, {"heldout_loss": ev})
                 bar.note(f"step {done}: held-out loss {ev:.4f}")
-            extra = {"data": data_state.to_dict(), "seed": cfg.train.seed}
+            extra = {"data": data_state.to_dict(), "seed": cfg.train.seed,
+                     "onpolicy_steps": onp.count}
             halt = flag.signal is not None or (stop_after is not None and done - start >= stop_after)
             if done % cfg.train.checkpoint_every == 0 or done == total or halt:
                 ckpts.save(done, state, extra, force=True)
@@ -281,7 +306,50 @@ def _train(cfg: TrainConfig, config_path: Path, progress: bool, stop_after: int 
     with writing(run_dir, safe):
         ckpts.close()
         log.close()
+    onp.close()
     return TrainResult(run_dir, int(state.step), logged, stopped)
+
+
+class _OnPolicy:
+    """The on-policy side of the loop: which steps are on-policy (GKD's lambda, drawn per step
+    from the seed), their batches from the rollouts, and the rollout metrics of a log window."""
+
+    def __init__(self, cfg: TrainConfig, rollouts: Rollouts | None, start: int, sharding):
+        self.rollouts, self.sharding = rollouts, sharding
+        self.seed = cfg.train.seed
+        self.fraction = cfg.onpolicy.fraction if cfg.onpolicy is not None else 0.0
+        # where the prompt stream stands: the on-policy steps before `start`
+        self.count = onpolicy_before(self.seed, start, self.fraction) if rollouts else 0
+        self._window: list[dict[str, float]] = []
+
+    def due(self, step: int) -> bool:
+        return self.rollouts is not None and is_onpolicy(self.seed, step, self.fraction)
+
+    def batch(self, step: int, weights) -> tuple[dict, int]:
+        """The device batch of on-policy step `step` and its completion tokens (all processes);
+        each process puts its own share of the rows."""
+        rollout = self.rollouts.make(step, self.count, weights)
+        self.count += 1
+        self._window.append(rollout.metrics)
+        n, p = jax.process_count(), jax.process_index()
+        rows = {k: v[p * len(v) // n:(p + 1) * len(v) // n] for k, v in rollout.batch.items()}
+        tokens = int(rollout.batch["loss_mask_bt"].sum())
+        return _device_batch(rows, self.sharding), tokens
+
+    def window_metrics(self, seconds: float) -> dict[str, float]:
+        """The mean rollout metrics since the last log, and the share of the window's wall time
+        spent sampling and scoring."""
+        if not self._window:
+            return {}
+        out = {k: float(np.mean([m[k] for m in self._window])) for k in self._window[0]}
+        spent = sum(m["rollout_s"] + m["score_s"] for m in self._window)
+        out["rollout_share"] = spent / max(seconds, 1e-9)
+        self._window = []
+        return out
+
+    def close(self) -> None:
+        if self.rollouts is not None:
+            self.rollouts.close()
 
 
 @contextlib.contextmanager
