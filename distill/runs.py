@@ -162,9 +162,13 @@ def load_run(run_dir: str | Path, *, param_dtype: str = "float32", dtype: str = 
     cfg = validate(ModelFile, {"model": data}, str(run_dir / MODEL)).model
     abstract = abstract_model(cfg)
     graphdef, params = nnx.split(abstract)
-    shardings = (state_shardings(params, mesh) if mesh is not None
-                 else jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
-                                   params))
+    if mesh is not None:  # one sharding per nnx.Variable, as a tree of the params' structure
+        by_var = state_shardings(params, mesh)
+        shardings = jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(
+            by_var, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding)))
+    else:
+        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
+                                 params)
     target = abstract_with_shardings(params, shardings)
     # checkpoints hold float32 master weights; restore as stored, then cast to param_dtype
     stored = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding),

@@ -50,6 +50,26 @@ def test_sharded_logits_equal_unsharded(tmp_path, mesh):
     assert split["lm_head_dv"] == jax.sharding.PartitionSpec("fsdp", "tensor")
 
 
+def test_a_run_directory_loads_onto_a_mesh(tmp_path, mesh):
+    """A training run's directory (what `student.init` of an on-policy run names) loads sharded,
+    with the same logits as unsharded."""
+    from distill.runs import MODEL
+    from distill.train.checkpoint import Checkpoints
+    from distill.train.step import TrainState
+
+    model, _ = distill.load_pretrained("configs/students/tiny-llama.yaml")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / MODEL).write_text(model.config.model_dump_json())
+    ckpts = Checkpoints(run / "checkpoints", keep=1, async_save=False)
+    ckpts.save(1, TrainState(nnx.state(model), {}, np.int32(1)), {}, force=True)
+    ckpts.close()
+    plain, _ = distill.load_pretrained(run)
+    sharded, _ = distill.load_pretrained(run, mesh=mesh)
+    ids = np.random.RandomState(0).randint(0, plain.config.vocab_size, (4, 16))
+    np.testing.assert_allclose(our_logits(sharded, ids), our_logits(plain, ids), atol=1e-5, rtol=0)
+
+
 def test_shard_module_and_random_init_on_mesh(mesh):
     from distill.pretrained import init_model
 
