@@ -21,13 +21,15 @@ class OnPolicy:
     """The "SFT then on-policy" student: SFT on the traces for `sft_steps` of the student's
     steps, then the rest on-policy (`distill.train` `onpolicy:`): each step the student samples
     `group_size` completions of `prompts_per_step` fresh training prompts at temperature 1 and
-    moves toward the in-process teacher's distribution on its own tokens (`loss`), at `lr`."""
+    moves toward the in-process teacher's distribution on its own tokens, at `lr`. `loss` "auto":
+    the reverse KL over the whole vocabulary where the student shares the teacher's tokenizer,
+    else its sampled-token estimate on the byte-aligned spans of the two tokenizations."""
 
     sft_steps: int
     prompts_per_step: int
     group_size: int
     lr: float
-    loss: str = "reverse_kl"
+    loss: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,19 +4,25 @@ Stages (each through the same library call the matching `distill` command makes)
 
 1. tokenizer  a SentencePiece BPE trained on the task's corpus (`distill.demo.tokenizer`), shared
               by the teacher and the students (`student_tokenizer="other"`: the students get one
-              of their own, and the logit losses are GOLD and ULD across the two)
+              of their own; the logit losses are GOLD and ULD across the two, and on-policy
+              scores the student's completions on byte-aligned spans)
 2. teacher    a tiny DeepSeek-V3-shaped MoE trained with distill's trainer on the worked solutions
               of 3-step arithmetic chains (`distill.data.synthetic`, compact style); cached: a
               later run reuses it when its tokenizer, shape and training config are unchanged
-3. traces     `run_generate` with the teacher on training prompts: sampled completions, answers
-              checked, the correct ones kept with the teacher's top-k log-probabilities
-4. students   a smaller dense Llama-shaped student, three times with the same steps and batch:
-              SFT on the teacher's traces; SFT + forward-KL logit distillation on the same traces;
-              and the baseline: SFT on final answers only (the same prompts' reference answers,
-              no reasoning; `write_reference_traces(answers_only=True)`)
+3. traces     `run_generate` with the teacher on the first `trace_prompts` training prompts:
+              sampled completions, answers checked, the correct ones kept with the teacher's
+              top-k log-probabilities. Few of them (the R1 regime: the teacher outclasses an SFT
+              student; `distill.demo.budgets`)
+4. students   a smaller dense Llama-shaped student, four times with the same total steps and
+              batch: SFT on the teacher's traces; SFT + off-policy KD (forward KL on the stored
+              top-k plus the tail bucket); SFT for part of the steps, then on-policy for the rest
+              (the student samples fresh training prompts, the in-process teacher scores its
+              tokens; `distill.train` `onpolicy:`); and the baseline: SFT on final answers only
+              (`write_reference_traces(answers_only=True)`)
 5. eval       `run_eval` on held-out problems (a different seed, any question also in the training
               set removed): pass@1 over n samples with a 95% interval, greedy accuracy, for the
-              teacher and the three students (and the untrained student in the quick budget)
+              teacher and the students (and the untrained student in the quick budget), each with
+              its paired difference against SFT alone (`distill.demo.summary`)
 6. export     the best distilled student to a Hugging Face directory, read back by distill and,
               where transformers is installed, reloaded with transformers (AutoModelForCausalLM +
               AutoTokenizer): logits, the rendered chat template, its token ids and 32 greedy
