@@ -342,7 +342,8 @@ def sample(model_path, prompt, system, raw, max_new_tokens, temperature, top_p, 
 
 
 @cli.command(help="Serve MODEL over an OpenAI-compatible API: POST /v1/chat/completions (plain or "
-             "streaming, reasoning split out as reasoning_content) and GET /v1/models.\n\n"
+             "streaming, reasoning split out as reasoning_content), POST /v1/completions "
+             "(vLLM's, with prompt_logprobs: scores given tokens) and GET /v1/models.\n\n"
              f"MODEL is {MODEL_HELP}; it needs a tokenizer with a chat template. Requests run "
              "in the inference engine's slots, each with its own sampling settings, joining as "
              "slots free up; every program is compiled at start (see --no-warmup).")

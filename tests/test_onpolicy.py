@@ -51,7 +51,8 @@ def test_schedule_and_prompt_stream_depend_on_seed_and_step_only():
 
 def test_onpolicy_steps_pull_the_student_toward_the_teacher(world, toy_qwen2_dir, tmp_path):
     cfg = onpolicy_config(world, toy_qwen2_dir, tmp_path / "learn.yaml",
-                          train={"steps": 24, "log_every": 4}, optim={"lr": 1e-2})
+                          train={"steps": 12, "log_every": 2},
+                          optim={"lr": 1e-2, "warmup_steps": 1})
     result = run_train(cfg, progress=False)
     m = metrics(result.run_dir)
     kl = [r["sampled_reverse_kl"] for r in m]

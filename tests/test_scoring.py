@@ -12,11 +12,18 @@ import numpy as np
 import pytest
 
 import distill
+from distill.backends import make_scorer
 from distill.backends.http import OpenAISamplerConfig, OpenAIScorer
 from distill.backends.jax import JaxSamplerConfig, JaxScorer
 from distill.backends.prompt_logprobs import parse_sglang, parse_vllm, sglang_body, vllm_body
+from distill.backends.spans import SpanScorer
+from distill.chat import R1_DISTILL_CHAT_TEMPLATE
+from distill.data.records import PromptRecord
 from distill.errors import DistillError
-from distill.inference import compiles, score_sequences
+from distill.inference import EngineConfig, TokenScores, compiles, score_sequences
+from distill.serve.app import ServerThread, build_app
+from distill.tokenizer import Tokenizer
+from tests import vocabularies
 
 PROMPTS = [[5, 17, 200, 31], [9], [44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60],
            [3, 3]]
@@ -253,3 +260,133 @@ def test_make_scorer_opens_each_backends_scorer(toy_qwen2_dir):
     assert s.logprobs.shape == (3,) and s.top_ids.shape == (3, 2)
     served.close()
     local.close()
+
+
+def test_distill_serve_scores_as_the_in_process_teacher(toy_qwen2, toy_qwen2_dir):
+    """A real `distill serve` of ours, asked through the vLLM request, gives the in-process
+    teacher's numbers (issue 29's served-teacher target: within 1e-5)."""
+    app = build_app(*toy_qwen2, "toy", config=EngineConfig(slots=2, max_len=64))
+    local = jax_scorer(toy_qwen2, toy_qwen2_dir)
+    with ServerThread(app) as base_url:
+        scorer = make_scorer(OpenAISamplerConfig(base_url=f"{base_url}/v1", model="toy",
+                                                 scoring="vllm", concurrency=2))
+        for k in (0, 4, None):
+            assert_same_scores(scorer.score(PROMPTS, COMPLETIONS, k),
+                               local.score(PROMPTS, COMPLETIONS, k), atol=1e-5)
+        scorer.close()
+
+
+# ------------------------------------------------------------------ across tokenizers (spans)
+
+COMPLETION_TEXT = ("<think>\nWe need 12 * 34. 12 * 34 = 408, and 408 — checked: ✅ 日本 café.\n"
+                   "</think>\n\nThe answer is $\\boxed{408}$.")
+
+
+class FakeScorer:
+    """A Scorer whose log-prob of a teacher token is a known dyadic number of its id (sums are
+    exact in any order); it keeps what it was asked."""
+
+    identity, tokenizer_identity, vocab_size = {"kind": "fake"}, None, None
+
+    def __init__(self):
+        self.asked = []
+
+    @staticmethod
+    def value(token_id: int) -> float:
+        return -((token_id % 13) + 1) / 16
+
+    def score(self, prompts, completions, top_k=0):
+        self.asked.append((prompts, completions))
+        return [TokenScores(np.float32([self.value(t) for t in c])) for c in completions]
+
+    def close(self):
+        pass
+
+
+def with_template(tokenizer, template):
+    return Tokenizer(tokenizer.backend, tokenizer.special_tokens_map, template)
+
+
+def check_spans(got, student_ids, kept_from, student, teacher_ids, teacher):
+    """Every span's sum is the fake log-probs of exactly the teacher tokens whose bytes are the
+    span's student tokens' bytes; template-only tokens (before kept_from, EOS) have none."""
+    s_bytes, t_bytes = student.token_bytes(), teacher.token_bytes()
+    assert (got.span_of_token[:kept_from] == -1).all()
+    kept = np.flatnonzero(got.span_of_token >= 0)
+    spans = got.span_of_token[kept]
+    assert (np.diff(spans) >= 0).all() and spans[0] == 0 and len(got.teacher_logprobs) == spans[-1] + 1
+    t_ends = np.cumsum([len(t_bytes[i]) for i in teacher_ids])
+    at = 0
+    for g in range(len(got.teacher_logprobs)):
+        run = kept[spans == g]
+        assert (np.diff(run) == 1).all()  # a span is a run of student tokens
+        text = b"".join(s_bytes[student_ids[j]] for j in run)
+        inside = [k for k, end in enumerate(t_ends) if at < end <= at + len(text)]
+        assert b"".join(t_bytes[teacher_ids[k]] for k in inside) == text
+        assert got.teacher_logprobs[g] == sum(FakeScorer.value(teacher_ids[k]) for k in inside)
+        at += len(text)
+    assert at == t_ends[-1]  # every teacher token is in a span
+
+
+def test_spans_from_deepseek_v3_teaching_a_qwen25_student():
+    teacher, student = vocabularies.deepseek_r1(), vocabularies.qwen25()
+    completion = student.encode(COMPLETION_TEXT) + [student.eos_token_id]
+    fake = FakeScorer()
+    [got] = SpanScorer(fake, teacher, student).score([PromptRecord("p", "What is 12 * 34?")],
+                                                     [completion])
+    [(prompts, completions)] = fake.asked
+    assert prompts == [teacher.encode(teacher.apply_chat_template(
+        [{"role": "user", "content": "What is 12 * 34?"}], add_generation_prompt=True))]
+    assert completions == [teacher.encode(COMPLETION_TEXT)]  # re-tokenized, EOS left out
+    assert got.span_of_token[-1] == -1 and len(got.span_of_token) == len(completion)
+    assert 10 < len(got.teacher_logprobs) < len(completion)  # some spans hold several tokens
+    check_spans(got, completion, 0, student, completions[0], teacher)
+
+
+def test_a_think_tag_the_teachers_prompt_opened_is_template_only():
+    """A Qwen2.5-vocabulary teacher with the R1 template (its generation prompt ends with
+    `<think>\\n`) scoring a DeepSeek-vocabulary student that wrote the tag itself."""
+    teacher = with_template(vocabularies.qwen25(), R1_DISTILL_CHAT_TEMPLATE)
+    student = vocabularies.deepseek_r1()
+    completion = student.encode(COMPLETION_TEXT) + [student.eos_token_id]
+    opened = len(student.encode("<think>\n"))
+    fake = FakeScorer()
+    [got] = SpanScorer(fake, teacher, student).score([PromptRecord("p", "What is 12 * 34?")],
+                                                     [completion])
+    [(prompts, [teacher_ids])] = fake.asked
+    assert teacher.decode(prompts[0]).endswith("<think>\n")
+    assert teacher_ids == teacher.encode(COMPLETION_TEXT.removeprefix("<think>\n"))
+    assert (got.span_of_token[:opened] == -1).all() and got.span_of_token[opened] == 0
+    check_spans(got, completion, opened, student, teacher_ids, teacher)
+
+
+def test_one_tokenizer_gives_one_span_per_token():
+    tokenizer = vocabularies.deepseek_r1()
+    completion = tokenizer.encode(COMPLETION_TEXT) + [tokenizer.eos_token_id]
+    [got] = SpanScorer(FakeScorer(), tokenizer, tokenizer).score(
+        [PromptRecord("p", "What is 12 * 34?")], [completion])
+    np.testing.assert_array_equal(got.span_of_token, np.arange(len(completion)))
+    np.testing.assert_array_equal(got.teacher_logprobs,
+                                  np.float32([FakeScorer.value(t) for t in completion]))
+
+
+def test_a_completion_cut_inside_a_character_scores_what_decodes():
+    teacher, student = vocabularies.deepseek_r1(), vocabularies.qwen25()
+    # a sample that ended after two of the three bytes of "日" (byte tokens)
+    ids = student.encode("Answer: ") + [student.ids_by_bytes()[bytes([b])] for b in "日".encode()][:2]
+    fake = FakeScorer()
+    [got] = SpanScorer(fake, teacher, student).score([PromptRecord("p", "q")], [ids])
+    assert (got.span_of_token[-2:] == -1).all() and (got.span_of_token[:-2] >= 0).all()
+    assert fake.asked[0][1] == [teacher.encode("Answer: ")]
+
+
+def test_a_sharded_teacher_scores_as_a_single_device_one(toy_qwen2, toy_qwen2_dir, teacher_dir,
+                                                          moe):
+    """JaxScorer on a mesh of the 8 fake devices (the MoE's experts sharded too) gives the
+    single-device numbers."""
+    for path, model, mesh in ((toy_qwen2_dir, toy_qwen2[0], "data=2,fsdp=2,tensor=2"),
+                              (teacher_dir, moe[0], "data=1,fsdp=2,tensor=1,expert=4")):
+        sharded = JaxScorer(JaxSamplerConfig(model=str(path), mesh=mesh))
+        assert len(jax.tree.leaves(sharded.model)[0].sharding.device_set) > 1
+        assert_same_scores(sharded.score(PROMPTS, COMPLETIONS, 3),
+                           score_sequences(model, PROMPTS, COMPLETIONS, 3), atol=1e-5)

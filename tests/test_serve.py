@@ -9,6 +9,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 from starlette.testclient import TestClient
 
@@ -326,6 +327,75 @@ def test_requests_past_the_engine_get_400_and_the_others_run_on(server):
     assert chat(client, max_tokens=4).status_code == 200
 
 
+# ------------------------------------------------------------------ /v1/completions (vLLM's)
+
+
+def test_completions_sample_from_token_ids_as_the_engine_does(server, reference, toy_qwen2):
+    """A prompt of token ids (no chat template) draws what the engine draws for those ids; the
+    legacy logprobs name the tokens, and prompt_logprobs hold each prompt token's entry."""
+    _, client = server
+    ids = prompt_ids(toy_qwen2[1], QUESTION)
+    body = {"model": "toy", "prompt": ids, "max_tokens": 8, "temperature": 0, "logprobs": 2,
+            "return_tokens_as_token_ids": True, "prompt_logprobs": 3}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert data["object"] == "text_completion" and data["id"].startswith("cmpl-")
+    [choice] = data["choices"]
+    [want] = reference.generate([ids], SamplingParams(max_new_tokens=8, logprobs=2))
+    lp = choice["logprobs"]
+    assert [int(t.removeprefix("token_id:")) for t in lp["tokens"]] == want.token_ids
+    assert choice["text"] == want.text and choice["finish_reason"] == want.finish_reason
+    assert lp["token_logprobs"] == pytest.approx(want.token_logprobs, abs=1e-5)
+    assert all(2 <= len(top) <= 3 for top in lp["top_logprobs"])
+    assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+    rows = choice["prompt_logprobs"]
+    assert len(rows) == len(ids) and rows[0] is None
+    for token, row in zip(ids[1:], rows[1:], strict=True):
+        assert str(token) in row and len(row) in (3, 4)
+        ranks = sorted(e["rank"] for e in row.values())
+        assert ranks[:3] == [1, 2, 3] and row[str(token)]["rank"] >= 1
+        assert row[str(token)]["decoded_token"] == toy_qwen2[1].decode([token])
+    assert data["usage"]["prompt_tokens"] == len(ids)
+    before = compiles()  # another k up to 20 runs the same scoring program
+    r = client.post("/v1/completions", json={**body, "prompt_logprobs": 7})
+    assert compiles() == before
+    for token, row in zip(ids[1:], r.json()["choices"][0]["prompt_logprobs"][1:], strict=True):
+        assert len(row) in (7, 8) and str(token) in row
+
+
+def test_completions_of_text_and_the_whole_vocabulary(server, toy_qwen2):
+    _, client = server
+    tokenizer = toy_qwen2[1]
+    r = client.post("/v1/completions", json={"prompt": "The quick brown fox", "max_tokens": 3,
+                                             "prompt_logprobs": -1, "seed": 3})
+    assert r.status_code == 200, r.text
+    [choice] = r.json()["choices"]
+    rows = choice["prompt_logprobs"]
+    assert len(rows) == len(tokenizer.encode("The quick brown fox", add_special_tokens=True))
+    for row in rows[1:]:
+        assert len(row) == 320  # every token, ranks 1..V
+        assert sorted(e["rank"] for e in row.values()) == list(range(1, 321))
+        assert sum(np.exp(e["logprob"]) for e in row.values()) == pytest.approx(1, abs=1e-4)
+    assert choice["logprobs"] is None and r.json()["usage"]["completion_tokens"] <= 3
+
+
+@pytest.mark.parametrize("body, needle", [
+    ({"prompt": []}, "prompt: empty"),
+    ({"prompt": [1, 2, 320]}, "token id 320 is outside the vocabulary (320 ids)"),
+    ({"prompt": [1, 2], "stream": True}, "stream: not supported"),
+    ({"prompt": [1, 2], "prompt_logprobs": -2}, "prompt_logprobs"),
+    ({"prompt": [1, 2], "prompt_logprobs": 321}, "prompt_logprobs: at most the vocabulary (320)"),
+    ({"prompt": [1, 2], "max_tokens": 2047}, "limit of 2048"),
+    ({"max_tokens": 2}, "prompt"),
+])
+def test_bad_completions_requests_get_400(server, body, needle):
+    _, client = server
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 400, r.text
+    assert needle in r.json()["error"]["message"] and "\n" not in r.json()["error"]["message"]
+
+
 def test_bad_json_unknown_model_and_route(server):
     _, client = server
     r = client.post("/v1/chat/completions", content=b"{not json")
@@ -342,6 +412,7 @@ def test_api_key(toy_qwen2):
         r = client.get("/v1/models", headers={"Authorization": "Bearer nope"})
         assert r.status_code == 401 and "sekrit" not in r.text
         assert client.post("/v1/chat/completions", json={}).status_code == 401
+        assert client.post("/v1/completions", json={"prompt": [1]}).status_code == 401
         assert client.get("/v1/models", headers={"Authorization": "Bearer sekrit"}).status_code == 200
 
 
@@ -375,7 +446,7 @@ def test_fault_kinds(toy_qwen2):
 def test_cli_help():
     proc = invoke_cli(["serve", "--help"])
     assert proc.returncode == 0
-    for needle in ("/v1/chat/completions", "--host", "--port", "--slots", "--max-len",
+    for needle in ("/v1/chat/completions", "/v1/completions", "prompt_logprobs", "--host", "--port", "--slots", "--max-len",
                    "--no-warmup", "--api-key-env"):
         assert needle in proc.stdout
     assert "--fault-rate" not in proc.stdout and "--max-batch" not in proc.stdout

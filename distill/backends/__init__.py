@@ -17,6 +17,7 @@ from typing import Any
 from distill.backends.base import Sampler, Scorer
 from distill.backends.http import OpenAISampler, OpenAISamplerConfig, OpenAIScorer
 from distill.backends.jax import JaxSampler, JaxSamplerConfig, JaxScorer
+from distill.backends.spans import SpanScorer, SpanScores
 from distill.config import Frozen, tagged_union
 from distill.errors import DistillError
 
@@ -80,5 +81,5 @@ def make_scorer(cfg) -> Scorer:
     return backend.scorer(cfg)
 
 
-__all__ = ["BACKENDS", "Backend", "Sampler", "SamplerConfig", "Scorer", "make_sampler",
-           "make_scorer", "register", "sampler_union"]
+__all__ = ["BACKENDS", "Backend", "Sampler", "SamplerConfig", "Scorer", "SpanScorer", "SpanScores",
+           "make_sampler", "make_scorer", "register", "sampler_union"]

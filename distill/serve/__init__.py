@@ -1,6 +1,9 @@
 """`distill serve`: OpenAI-compatible chat completions over any loaded model.
 
-Endpoints: `POST /v1/chat/completions` (a JSON answer, or server-sent events with `"stream": true`)
+Endpoints: `POST /v1/chat/completions` (a JSON answer, or server-sent events with `"stream": true`),
+`POST /v1/completions` (vLLM's: `prompt` as text or token ids, `max_tokens`, `temperature`, `seed`,
+`logprobs`, and `prompt_logprobs` k, the prompt tokens' log-probabilities with the top k, -1: the
+whole vocabulary, which a teacher that scores the student's tokens answers through; no streaming)
 and `GET /v1/models`. Every request is submitted to the inference engine (`distill.inference`)
 with its own sampling settings: it takes free slots as soon as there are some, beside whatever
 else runs, and is never held back by another request's settings or budget. Reasoning inside
@@ -21,7 +24,8 @@ A `seed` makes a sampled request reproducible: its random stream depends only on
 the choice's index, so it draws the same tokens alone or beside any other requests (and what
 `Engine.generate` draws with that seed). A request without one gets a random seed.
 
-The package: `protocol` (the request schema, errors, streaming text), `jobs` (requests on the
-engine: submit, stream, cancel, count), `app` (the endpoints, `build_app`, `ServerThread`,
+The package: `protocol` (the request schemas, errors, streaming text), `jobs` (requests on the
+engine: submit, stream, cancel, count), `completions` (the completions answer's log-probabilities,
+the prompt's scored beside the engine), `app` (the endpoints, `build_app`, `ServerThread`,
 `serve`).
 """

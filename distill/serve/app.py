@@ -26,11 +26,13 @@ from distill.errors import DistillError
 from distill.inference import Completion, EngineConfig, EngineError
 from distill.pretrained import load_pretrained
 from distill.sampling import SamplingParams
+from distill.serve.completions import PromptScorer
 from distill.serve.jobs import Job, Jobs
 from distill.serve.protocol import (
     MIN_LOGPROB,
     BadRequest,
     ChatRequest,
+    CompletionRequest,
     error_response,
     parse_request,
 )
@@ -58,11 +60,11 @@ class _JobStream(StreamingResponse):
 
 
 class _Server:
-    """The endpoints' shared state: tokenizer, jobs (the engine), name, key."""
+    """The endpoints' shared state: tokenizer, jobs (the engine), prompt scorer, name, key."""
 
     def __init__(self, tokenizer, model_name: str, jobs: Jobs, api_key: str | None,
-                 default_max_tokens: int):
-        self.tokenizer, self.name, self.jobs = tokenizer, model_name, jobs
+                 default_max_tokens: int, scorer: PromptScorer):
+        self.tokenizer, self.name, self.jobs, self.scorer = tokenizer, model_name, jobs, scorer
         self.api_key, self.default_max_tokens = api_key, default_max_tokens
         self.created = int(time.time())
         self._rng = random.Random()  # seeds for requests without one
@@ -98,23 +100,62 @@ class _Server:
         if req.stream:
             return _JobStream(job, self._events(req, job, meta), media_type="text/event-stream",
                               headers={"Cache-Control": "no-cache"})
-        while not job.result.done():  # a client that leaves frees its engine slots
+        completions = await self._finish(job, request)
+        if isinstance(completions, Response):
+            return completions
+        return JSONResponse(self._answer(req, job, meta, completions))
+
+    async def completions(self, request: Request) -> Response:
+        """POST /v1/completions (vLLM's shape): the prompt as text or token ids, sampled through
+        the engine; `prompt_logprobs` scored beside it on the serving model."""
+        if not self.authorized(request):
+            return error_response(401, "invalid API key")
+        body = await request.body()
+        try:
+            req = parse_request(body, CompletionRequest)
+            ids = self._completion_ids(req)
+            loop = asyncio.get_running_loop()
+            params = self._params(req, len(ids), req.max_tokens,
+                                  0 if req.logprobs is None else max(req.logprobs, 1))
+            job = Job(ids=ids, params=params, opened=False, loop=loop,
+                      result=loop.create_future())
+            self.jobs.submit(job)
+        except BadRequest as e:
+            return error_response(e.status, str(e))
+        except EngineError as e:
+            return error_response(400, str(e))
+        scored = None if req.prompt_logprobs is None else asyncio.ensure_future(
+            asyncio.to_thread(self.scorer.prompt_logprobs, ids, req.prompt_logprobs))
+        completions = await self._finish(job, request)
+        if isinstance(completions, Response):
+            return completions
+        try:
+            prompt_logprobs = None if scored is None else await scored
+        except Exception as e:
+            return error_response(500, f"scoring the prompt failed: {e}")
+        return JSONResponse(self._text_answer(req, job, completions, prompt_logprobs))
+
+    async def _finish(self, job: Job, request: Request) -> list[Completion] | Response:
+        """The job's completions once done; 499 when the client leaves (which frees its engine
+        slots), 500 when generation failed."""
+        while not job.result.done():
             await asyncio.wait([job.result], timeout=DISCONNECT_POLL_S)
             if not job.result.done() and await request.is_disconnected():
                 job.cancel()
                 return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         try:
-            completions = job.result.result()
+            return job.result.result()
         except Exception as e:
             return error_response(500, f"generation failed: {e}")
-        return JSONResponse(self._answer(req, job, meta, completions))
 
     # -- request -> job
 
+    def _check_model(self, model: str | None) -> None:
+        if model and model != self.name:
+            raise BadRequest(f"model {model!r} does not exist; this server has {self.name!r}", 404)
+
     def _job(self, req: ChatRequest) -> Job:
-        if req.model and req.model != self.name:
-            raise BadRequest(f"model {req.model!r} does not exist; this server has {self.name!r}",
-                              404)
+        self._check_model(req.model)
         messages = [m.as_dict() for m in req.messages]
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
@@ -123,13 +164,34 @@ class _Server:
             raise BadRequest(f"messages: {e}") from None
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         loop = asyncio.get_running_loop()
-        return Job(ids=ids, params=self._params(req, len(ids)),
-                   opened=text.rstrip().endswith(THINK_OPEN), loop=loop,
+        params = self._params(req, len(ids), req.max_completion_tokens or req.max_tokens,
+                              max(req.top_logprobs or 0, 1) if req.logprobs else 0)
+        return Job(ids=ids, params=params, opened=text.rstrip().endswith(THINK_OPEN), loop=loop,
                    result=loop.create_future(), events=asyncio.Queue() if req.stream else None)
 
-    def _params(self, req: ChatRequest, prompt_tokens: int) -> SamplingParams:
-        """The request's own settings; the engine rejects what does not fit its slots."""
-        wanted = req.max_completion_tokens or req.max_tokens
+    def _completion_ids(self, req: CompletionRequest) -> list[int]:
+        """A completions request's prompt ids: its text tokenized, or its ids checked."""
+        self._check_model(req.model)
+        if req.stream:
+            raise BadRequest("stream: not supported on /v1/completions (use chat/completions)")
+        vocab = self.scorer.model.config.vocab_size
+        if req.prompt_logprobs is not None and req.prompt_logprobs > vocab:
+            raise BadRequest(f"prompt_logprobs: at most the vocabulary ({vocab}), or -1 for all")
+        if isinstance(req.prompt, str):
+            ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        else:
+            ids = list(req.prompt)
+            bad = next((i for i in ids if not 0 <= i < vocab), None)
+            if bad is not None:
+                raise BadRequest(f"prompt: token id {bad} is outside the vocabulary ({vocab} ids)")
+        if not ids:
+            raise BadRequest("prompt: empty")
+        return ids
+
+    def _params(self, req: ChatRequest | CompletionRequest, prompt_tokens: int,
+                wanted: int | None, logprobs: int) -> SamplingParams:
+        """The request's own settings (`wanted` new tokens, `logprobs` top entries kept); the
+        engine rejects what does not fit its slots."""
         room = self.jobs.max_len - prompt_tokens
         greedy = req.temperature == 0
         seed = self._rng.randrange(2**31) if req.seed is None else req.seed & 0x7FFFFFFF
@@ -137,7 +199,7 @@ class _Server:
             max_new_tokens=wanted or max(1, min(self.default_max_tokens, room)),
             temperature=req.temperature, top_p=1.0 if greedy else req.top_p,
             top_k=0 if greedy else max(req.top_k, 0), n=req.n, seed=seed, stop=req.stops(),
-            logprobs=max(req.top_logprobs or 0, 1) if req.logprobs else 0)
+            logprobs=logprobs)
 
     # -- answers
 
@@ -171,6 +233,18 @@ class _Server:
         choices = [{"index": i, "message": self._message(job, c), "finish_reason": c.finish_reason,
                     "logprobs": self._choice_logprobs(req, c)} for i, c in enumerate(completions)]
         return {**meta, "object": "chat.completion", "choices": choices,
+                "usage": self._usage(job, completions)}
+
+    def _text_answer(self, req: CompletionRequest, job: Job, completions: list[Completion],
+                     prompt_logprobs: list | None) -> dict:
+        """A /v1/completions answer in vLLM's shape (every choice carries the prompt's scores)."""
+        choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason,
+                    "stop_reason": None, "prompt_logprobs": prompt_logprobs,
+                    "logprobs": None if req.logprobs is None else self.scorer.completion_logprobs(
+                        c, req.logprobs, req.return_tokens_as_token_ids)}
+                   for i, c in enumerate(completions)]
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+                "created": int(time.time()), "model": self.name, "choices": choices,
                 "usage": self._usage(job, completions)}
 
     async def _events(self, req: ChatRequest, job: Job, meta: dict):
@@ -224,7 +298,8 @@ def build_app(model, tokenizer, model_name: str, *, config: EngineConfig | None 
     if tokenizer is None or not tokenizer.chat_template:
         raise DistillError(f"{model_name}: `distill serve` needs a tokenizer with a chat template")
     jobs = Jobs(model, tokenizer, config)
-    server = _Server(tokenizer, model_name, jobs, api_key, default_max_tokens)
+    server = _Server(tokenizer, model_name, jobs, api_key, default_max_tokens,
+                     PromptScorer(model, tokenizer))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -238,6 +313,7 @@ def build_app(model, tokenizer, model_name: str, *, config: EngineConfig | None 
         return error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
 
     app = Starlette(routes=[Route("/v1/chat/completions", server.chat, methods=["POST"]),
+                            Route("/v1/completions", server.completions, methods=["POST"]),
                             Route("/v1/models", server.models, methods=["GET"])],
                     lifespan=lifespan, exception_handlers={HTTPException: http_error})
     app.state.jobs = jobs
@@ -328,7 +404,7 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8000, *, model_name: 
     if warmup:
         programs, seconds = jobs.warmup()
         echo(f"warm-up: {programs} engine programs compiled in {seconds:.1f} s")
-    echo(f"serving {name!r} at {_url(sock)}/v1 (chat/completions, models; "
+    echo(f"serving {name!r} at {_url(sock)}/v1 (chat/completions, completions, models; "
          f"{jobs.engine.config.slots} slots of {jobs.max_len} tokens); Ctrl-C stops it")
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         echo(f"warning: listening on {host} without an API key (see --api-key-env)")

@@ -1,5 +1,6 @@
-"""The server's protocol side: the accepted request body (`ChatRequest`, OpenAI's fields with
-vLLM's extensions), error answers, and turning a growing completion into streamed text deltas."""
+"""The server's protocol side: the accepted request bodies (`ChatRequest`, `CompletionRequest`:
+OpenAI's fields with vLLM's extensions), error answers, and turning a growing completion into
+streamed text deltas."""
 
 from __future__ import annotations
 
@@ -72,15 +73,12 @@ class _StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatRequest(BaseModel):
-    """The accepted body of POST /v1/chat/completions (unknown fields are ignored)."""
+class _Sampled(BaseModel):
+    """The sampling fields both endpoints take (unknown fields are ignored)."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    messages: list[_Message] = Field(min_length=1)
-    max_tokens: NewTokens | None = None
-    max_completion_tokens: NewTokens | None = None
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
     top_k: int = Field(0, ge=-1)  # vLLM's convention: -1 (and 0) keep every token
@@ -88,15 +86,36 @@ class ChatRequest(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
-    stream_options: _StreamOptions | None = None
-    logprobs: bool = False
-    top_logprobs: TopLogprobs | None = None
     return_tokens_as_token_ids: bool = False
-    chat_template_kwargs: dict[str, Any] | None = None
 
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
         return tuple(s for s in stops if s)
+
+
+class ChatRequest(_Sampled):
+    """The accepted body of POST /v1/chat/completions (unknown fields are ignored)."""
+
+    messages: list[_Message] = Field(min_length=1)
+    max_tokens: NewTokens | None = None
+    max_completion_tokens: NewTokens | None = None
+    stream_options: _StreamOptions | None = None
+    logprobs: bool = False
+    top_logprobs: TopLogprobs | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class CompletionRequest(_Sampled):
+    """The accepted body of POST /v1/completions (vLLM's: `prompt` as text or token ids,
+    `prompt_logprobs` k for the prompt tokens' log-probabilities and top k, -1 for the whole
+    vocabulary; `logprobs` k for the completion's, in the legacy completions shape). Unknown
+    fields are ignored."""
+
+    prompt: str | list[int]
+    max_tokens: NewTokens = 16  # OpenAI's and vLLM's default
+    logprobs: TopLogprobs | None = None
+    prompt_logprobs: int | None = Field(None, ge=-1)
+    add_special_tokens: bool = True  # vLLM's: a text prompt gets the tokenizer's BOS
 
 
 class BadRequest(Exception):
@@ -112,7 +131,9 @@ def error_response(status: int, message: str, headers: dict | None = None) -> JS
                         headers=headers)
 
 
-def parse_request(body: bytes) -> ChatRequest:
+def parse_request(body: bytes, schema: type[BaseModel] = ChatRequest):
+    """The request `body` validated as `schema` (chat completions by default), or BadRequest
+    naming the field."""
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -120,12 +141,12 @@ def parse_request(body: bytes) -> ChatRequest:
     if not isinstance(data, dict):
         raise BadRequest("the request body must be a JSON object")
     try:
-        req = ChatRequest.model_validate(data)
+        req = schema.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "body"
         raise BadRequest(f"{where}: {err['msg']}") from None
-    if req.top_logprobs and not req.logprobs:
+    if isinstance(req, ChatRequest) and req.top_logprobs and not req.logprobs:
         raise BadRequest("top_logprobs: needs logprobs=true")
     return req
 

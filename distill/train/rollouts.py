@@ -169,9 +169,7 @@ class Rollouts:
         rows = _Rows(len(samples), self.seq_len)
         full = self.divergence() is not None
         if self.spans is None:
-            scores = self.scorer.score([self.ids[s.prompt] for s in samples],
-                                       [s.ids for s in samples],
-                                       top_k=(self.cfg.top_k or None) if full else 0)
+            scores = self._teacher_scores(samples, (self.cfg.top_k or None) if full else 0)
             spans = [(np.arange(len(s.ids), dtype=np.int32), _floored(sc.logprobs))
                      for s, sc in zip(samples, scores, strict=True)]
         else:
@@ -193,6 +191,19 @@ class Rollouts:
             kl_sum -= float(gap.sum())
             kl_tokens += float(inside.sum())
         return rows.arrays(full), kl_sum / max(kl_tokens, 1.0)
+
+    def _teacher_scores(self, samples: list[_Sample], top_k: int | None) -> list:
+        """The teacher's scores of the samples (one tokenizer). An id past the teacher's
+        vocabulary (a padding row of the student's embedding, which an untrained student may
+        sample) is read by the teacher as id 0 and gets log-probability -inf (then the floor)."""
+        v = self.scorer.vocab_size
+        unknown = [np.asarray(s.ids) >= v if v else np.zeros(len(s.ids), bool) for s in samples]
+        scores = self.scorer.score([self.ids[s.prompt] for s in samples],
+                                   [np.where(u, 0, s.ids).tolist()
+                                    for s, u in zip(samples, unknown, strict=True)], top_k=top_k)
+        for sc, u in zip(scores, unknown, strict=True):
+            sc.logprobs = np.where(u, -np.inf, sc.logprobs)
+        return scores
 
     def _rewards(self, samples: list[_Sample]) -> np.ndarray:
         """1.0 where the sample's final answer matches its prompt's reference, else 0.0."""
