@@ -443,7 +443,7 @@ def _summary(run: _Run, clock: _Clock, scores: dict, best: str, reload: dict, tr
     """The run's figures: `scores` per model (`_scores`), the `best` student, its export check
     `reload`, the `traces` stage's counts and whether the teacher was `cached`."""
     op_run = run.work / "student-onpolicy"
-    onpolicy = onpolicy_stats(op_run) if (op_run / "metrics.jsonl").is_file() else {}
+    onpolicy = onpolicy_stats(op_run) if "student-onpolicy" in scores else {}
     return Summary(budget=run.budget_name, student_tokenizer=run.student_tokenizer,
                    settings=run.budget, teacher_cached=cached, stages=list(clock.stages),
                    total_seconds=clock.elapsed(), models=models(scores, _model_params(run.work)),
