@@ -16,7 +16,8 @@ import pytest
 import transformers
 
 from distill.data.synthetic import arithmetic_problems, final_answer, solution_reasoning
-from distill.demo.pipeline import BUDGETS, STUDENTS, _teacher
+from distill.demo.budgets import BUDGETS, STUDENTS
+from distill.demo.pipeline import _teacher
 from distill.demo.tokenizer import BOS, EOS, train_tokenizer
 from distill.errors import DistillError
 from distill.models.families import active_params
@@ -216,14 +217,23 @@ def test_quick_demo_stages_write_their_outputs(quick):
     assert all(r["correct"] for r in rows)
     assert len(rows[0]["top_ids"]) == rows[0]["completion_tokens"]
     assert len(rows[0]["top_ids"][0]) == 8
+    b = BUDGETS["quick"]
     for name in STUDENTS:
-        assert (work / name / "checkpoints" / str(BUDGETS["quick"].student.steps)).is_dir()
+        steps = b.student.steps - (b.onpolicy.sft_steps if name == "student-onpolicy" else 0)
+        assert (work / name / "checkpoints" / str(steps)).is_dir(), name
+    sft_first = work / "student-onpolicy-sft" / "checkpoints" / str(b.onpolicy.sft_steps)
+    assert sft_first.is_dir()  # the on-policy student's SFT phase, then its on-policy phase
+    assert set(s["onpolicy"]) == {f"{k}_{e}" for k in ("kl", "entropy", "length")
+                                  for e in ("start", "end")}
     report = json.loads((work / "eval" / "eval.json").read_text())
     assert {m["name"] for m in report["models"]} == {"teacher", *STUDENTS, "student-untrained"}
     assert report["prompts"]["count"] == BUDGETS["quick"].eval_prompts
     printed = quick["printed"]
-    assert "student/teacher" in printed and "logit loss added to SFT" in printed
-    assert "traces vs answers-only" in printed
+    assert "best distilled student" in printed and "off-policy KD added to SFT" in printed
+    assert "answers only, against SFT on traces" in printed
+    assert "SFT then on-policy, against SFT alone" in printed and "reverse KL on own" in printed
+    assert {"kd_vs_sft", "onpolicy_vs_sft", "answers_vs_sft", "teacher_vs_sft"} <= set(
+        s["verdicts"])
 
 
 @pytest.mark.slow
@@ -267,7 +277,7 @@ def test_quick_demo_with_students_of_another_tokenizer(quick):
     students train on their own vocabulary, GOLD and ULD distil through the alignment of the
     teacher's tokens to theirs, and the summary compares them with SFT. Runs last: it rewrites
     the work directory's eval and summary."""
-    from distill.demo.pipeline import CROSS_STUDENTS
+    from distill.demo.budgets import CROSS_STUDENTS
     from distill.tokenizer import Tokenizer
 
     proc = distill_cli("demo", "--quick", "--quiet", "--student-tokenizer", "other",

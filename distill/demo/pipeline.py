@@ -4,19 +4,25 @@ Stages (each through the same library call the matching `distill` command makes)
 
 1. tokenizer  a SentencePiece BPE trained on the task's corpus (`distill.demo.tokenizer`), shared
               by the teacher and the students (`student_tokenizer="other"`: the students get one
-              of their own, and the logit losses are GOLD and ULD across the two)
+              of their own; the logit losses are GOLD and ULD across the two, and on-policy
+              scores the student's completions on byte-aligned spans)
 2. teacher    a tiny DeepSeek-V3-shaped MoE trained with distill's trainer on the worked solutions
               of 3-step arithmetic chains (`distill.data.synthetic`, compact style); cached: a
               later run reuses it when its tokenizer, shape and training config are unchanged
-3. traces     `run_generate` with the teacher on training prompts: sampled completions, answers
-              checked, the correct ones kept with the teacher's top-k log-probabilities
-4. students   a smaller dense Llama-shaped student, three times with the same steps and batch:
-              SFT on the teacher's traces; SFT + forward-KL logit distillation on the same traces;
-              and the baseline: SFT on final answers only (the same prompts' reference answers,
-              no reasoning; `write_reference_traces(answers_only=True)`)
+3. traces     `run_generate` with the teacher on the first `trace_prompts` training prompts:
+              sampled completions, answers checked, the correct ones kept with the teacher's
+              top-k log-probabilities. Few of them (the R1 regime: the teacher outclasses an SFT
+              student; `distill.demo.budgets`)
+4. students   a smaller dense Llama-shaped student, four times with the same total steps and
+              batch: SFT on the teacher's traces; SFT + off-policy KD (forward KL on the stored
+              top-k plus the tail bucket); SFT for part of the steps, then on-policy for the rest
+              (the student samples fresh training prompts, the in-process teacher scores its
+              tokens; `distill.train` `onpolicy:`); and the baseline: SFT on final answers only
+              (`write_reference_traces(answers_only=True)`)
 5. eval       `run_eval` on held-out problems (a different seed, any question also in the training
               set removed): pass@1 over n samples with a 95% interval, greedy accuracy, for the
-              teacher and the three students (and the untrained student in the quick budget)
+              teacher and the students (and the untrained student in the quick budget), each with
+              its paired difference against SFT alone (`distill.demo.summary`)
 6. export     the best distilled student to a Hugging Face directory, read back by distill and,
               where transformers is installed, reloaded with transformers (AutoModelForCausalLM +
               AutoTokenizer): logits, the rendered chat template, its token ids and 32 greedy
@@ -43,16 +49,30 @@ import jax
 import numpy as np
 import yaml
 from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from distill.config import resolve_path, save_config, validate
 from distill.data.prompts import PromptsConfig
 from distill.data.synthetic import arithmetic_problems, final_answer, solution_reasoning
-from distill.demo.export_check import export_stage, stage_result, summary_line
+from distill.demo.budgets import (
+    BUDGETS,
+    CROSS_STUDENTS,
+    ENGINE,
+    EVAL_SEED,
+    MAX_NEW_TOKENS,
+    STUDENT,
+    STUDENT_TOKENIZERS,
+    STUDENTS,
+    TEACHER,
+    TOP_K,
+    TRACE_TEMPERATURE,
+    TRAIN_SEED,
+    Budget,
+    Schedule,
+)
+from distill.demo.export_check import export_stage, stage_result
+from distill.demo.summary import Stage, Summary, models, onpolicy_stats, print_summary, verdicts
 from distill.demo.tokenizer import OTHER_PIECES, OTHER_VOCAB, train_tokenizer
 from distill.errors import DistillError
-from distill.eval import metrics
 from distill.eval.evaluate import EvalConfig, run_eval
 from distill.models.families import active_params, load_model_config
 from distill.traces.generate import GenerateConfig, run_generate
@@ -60,108 +80,8 @@ from distill.traces.reference import write_reference_traces
 from distill.train.config import TrainConfig
 from distill.train.loop import run_train
 
-TARGET_RATIO = 0.8  # the student's held-out pass@1 over the teacher's, at least
-
-
-# ---------------------------------------------------------------------------------------------
-# What the demo trains, and for how long
-
-
-@dataclasses.dataclass(frozen=True)
-class Schedule:
-    """How one model trains: `steps` of `batch_size` packed rows of `seq_len` tokens."""
-
-    steps: int
-    batch_size: int
-    seq_len: int
-    lr: float
-
-
-@dataclasses.dataclass(frozen=True)
-class Budget:
-    """Data sizes and training schedules of one demo run. A 3-step problem with its solution is
-    about 40 tokens: rows of 128 hold ~2.8 of them, rows of 48 one (at a third of the attention
-    cost per token, which is what a student step spends most on here)."""
-
-    chain_steps: int  # operations per arithmetic chain (3 in the full demo)
-    train_problems: int  # training prompts (the teacher learns their worked solutions)
-    teacher: Schedule
-    student: Schedule  # each student: SFT, SFT + KD, answers only
-    trace_prompts: int  # training prompts the teacher answers for the students
-    eval_prompts: int  # held-out prompts
-    eval_n: int  # samples per held-out prompt (plus one greedy)
-    eval_untrained: bool  # also evaluate the untrained student (the suite's baseline)
-
-
-# Measured on a 2-core CPU (full budget, 3-step chains): a 3-layer student distilled for 300 steps
-# of 64 x 48 tokens reaches about the teacher's greedy accuracy; at 250 steps it stays near 45%.
-BUDGETS = {
-    "full": Budget(chain_steps=3, train_problems=20000,
-                   teacher=Schedule(steps=300, batch_size=24, seq_len=128, lr=3e-3),
-                   student=Schedule(steps=300, batch_size=64, seq_len=48, lr=2e-3),
-                   trace_prompts=4096, eval_prompts=200, eval_n=3, eval_untrained=False),
-    # the test suite's demo: 2-step chains (about 32 tokens a problem), a fraction of the steps
-    "quick": Budget(chain_steps=2, train_problems=1500,
-                    teacher=Schedule(steps=100, batch_size=16, seq_len=128, lr=3e-3),
-                    student=Schedule(steps=60, batch_size=32, seq_len=48, lr=3e-3),
-                    trace_prompts=512, eval_prompts=64, eval_n=2, eval_untrained=True),
-}
-
-TRAIN_SEED, EVAL_SEED = 0, 1
-TOP_K = 8  # teacher log-probabilities stored per token, and used by the KD loss
-MAX_NEW_TOKENS = 48  # a 3-step solution is at most ~40 completion tokens
-TRACE_TEMPERATURE = 0.8
-# The inference engine of every in-process model (traces, eval): the toy models' KV caches are
-# small, so many slots, and a prefill budget that fills them in a few host visits
-ENGINE = {"slots": 256, "prefill_budget": 8192}
-
-# A DeepSeek-V3-shaped teacher: MLA attention, one dense layer, then MoE layers of 8 routed experts
-# (top-2) and one shared expert. The vocabulary and special ids are the demo tokenizer's.
-TEACHER = {
-    "family": "deepseek_v3", "hidden_size": 128, "intermediate_size": 384,
-    "moe_intermediate_size": 48, "num_hidden_layers": 4, "num_attention_heads": 4,
-    "q_lora_rank": None, "kv_lora_rank": 64, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16,
-    "v_head_dim": 32, "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2,
-    "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "routed_scaling_factor": 1.0,
-    "norm_topk_prob": True, "max_position_embeddings": 256, "rope_theta": 10000.0,
-    "rms_norm_eps": 1.0e-6, "tie_word_embeddings": False,
-    # rows per expert per dispatch round = tokens x top-k / experts: with training's roughly
-    # balanced routing an overflow round is cheaper than a buffer twice that size
-    "moe_capacity_factor": 1.0,
-}
-# The student: a smaller dense Llama (GQA 2). Not Qwen2: transformers 5 always loads a qwen2
-# model's tokenizer as its byte-level Qwen2Tokenizer, which cannot read the demo's SentencePiece one.
-STUDENT = {
-    "family": "llama", "hidden_size": 128, "intermediate_size": 192, "num_hidden_layers": 3,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
-    "rope_theta": 10000.0, "rms_norm_eps": 1.0e-6, "tie_word_embeddings": False,
-}
-STUDENTS = {  # run name: (trace set, loss section, what the table calls it)
-    "student-sft": ("traces", {"kind": "sft"}, "student: SFT on traces"),
-    "student-kd": ("traces", {"kind": "forward_kl", "alpha": 0.5}, "student: SFT + logit KD"),
-    "student-answers": ("answers", {"kind": "sft"}, "student: answers only"),
-}
-# `--student-tokenizer other`: the students have a vocabulary of their own (`OTHER_PIECES`), so
-# logit distillation goes through the alignment of the teacher's tokens to theirs
-CROSS_STUDENTS = {
-    "student-sft": ("traces", {"kind": "sft"}, "student (own tokenizer): SFT on traces"),
-    "student-gold": ("traces", {"kind": "gold", "alpha": 0.5},
-                     "student (own tokenizer): SFT + GOLD (matched KL + ULD)"),
-    "student-uld": ("traces", {"kind": "uld", "alpha": 0.5},
-                    "student (own tokenizer): SFT + ULD"),
-}
-STUDENT_TOKENIZERS = ("shared", "other")
-
-
 # ---------------------------------------------------------------------------------------------
 # The run
-
-
-@dataclasses.dataclass
-class Stage:
-    name: str
-    seconds: float
-    result: str
 
 
 class _Clock:
@@ -256,25 +176,28 @@ def run_demo(work_dir: str | Path = "students/demo", budget: str | Budget = "ful
         row.result = (f"{traces['records']} correct of {traces['samples']} samples "
                       f"({traces['records'] / max(traces['samples'], 1):.0%}), top-{TOP_K} "
                       "log-probs per token")
-    answers = _answers_only(work, b)
-    for name, (data, loss, label) in students.items():
+    data = {"traces": traces["dir"], "answers": _answers_only(work, b)}
+    for name, (source, loss, label) in students.items():
         with clock.stage(name, label) as row:
-            final = _student(run, name, traces["dir"] if data == "traces" else answers, loss,
-                             student, progress)
-            row.result = f"{b.student.steps} steps, final loss {final:.3f}"
+            if source == "onpolicy":
+                row.result = _onpolicy_student(run, name, data["traces"], teacher, student,
+                                               progress)
+            else:
+                final = _student(run, name, data[source], loss, student, progress)
+                row.result = f"{b.student.steps} steps, final loss {final:.3f}"
     with clock.stage("eval", f"{b.eval_prompts} held-out prompts x ({b.eval_n} samples + greedy), "
                              "every model") as row:
         report = _evaluate(run, teacher, student, students, progress)
         row.result = f"report in {work / 'eval'}"
     scores = _scores(report, work / "eval" / "samples.jsonl")
-    best = max((n for n, (data, _, _) in students.items() if data == "traces"),
+    best = max((n for n, (data, _, _) in students.items() if data != "answers"),
                key=lambda n: scores[n]["pass@1"])
     with clock.stage("export", f"{best} to Hugging Face, read back by distill and transformers"
                      ) as row:
         reload = export_stage(work, best, console)
         row.result = stage_result(reload)
     summary = _summary(run, clock, scores, best, reload, traces, cached)
-    _print_summary(console, summary)
+    print_summary(console, summary)
     (work / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
     console.print(f"every stage's config is in {work / 'configs'}; rerun one with its command "
                   f"from any directory, e.g. distill eval {work / 'configs' / 'eval.yaml'}")
@@ -416,6 +339,42 @@ def _student(run: _Run, name: str, traces: Path, loss: dict, student: _StudentMo
     return _train(cfg, progress)
 
 
+def _onpolicy_student(run: _Run, name: str, traces: Path, teacher: Path, student: _StudentModel,
+                      progress: bool) -> str:
+    """SFT on `traces` for the budget's `onpolicy.sft_steps` (run `name`-sft), then on-policy
+    from there for the rest of the student's steps (run `name`); returns the stage's result."""
+    b, op = run.budget, run.budget.onpolicy
+    first = f"{name}-sft"
+    sft = dataclasses.replace(b.student, steps=op.sft_steps)
+    cfg = _train_config(run.work, first, student.preset, traces, sft, {"kind": "sft"},
+                        student.tokenizer)
+    _train(cfg, progress)
+    final = _train(_onpolicy_config(run, name, run.work / first, teacher, student.tokenizer),
+                   progress)
+    s = onpolicy_stats(run.work / name)
+    return (f"{op.sft_steps} SFT + {b.student.steps - op.sft_steps} on-policy steps, final loss "
+            f"{final:.3f}; reverse KL on own samples {s['kl_start']:.3f} -> {s['kl_end']:.3f}")
+
+
+def _onpolicy_config(run: _Run, name: str, init: Path, teacher: Path, tokenizer: Path) -> Path:
+    """The on-policy phase's training config: no traces (every step on-policy), the training
+    prompts sampled by the student from `init` and scored by the in-process `teacher`."""
+    b, op = run.budget, run.budget.onpolicy
+    steps = b.student.steps - op.sft_steps
+    cfg = {"name": name,
+           "student": {"init": str(init), "tokenizer": str(tokenizer)},
+           "onpolicy": {"prompts": _prompts(b),
+                        "teacher": {"kind": "jax", "model": str(teacher), "engine": ENGINE},
+                        "fraction": 1.0, "group_size": op.group_size,
+                        "prompts_per_step": op.prompts_per_step,
+                        "max_new_tokens": MAX_NEW_TOKENS, "loss": op.loss},
+           "optim": {"lr": op.lr, "warmup_steps": max(1, steps // 20), "weight_decay": 0.01},
+           "train": {"steps": steps, "log_every": max(1, steps // 10),
+                     "checkpoint_every": steps, "async_checkpoints": False},
+           "output_root": str(run.work)}
+    return _write_config(TrainConfig, run.work / "configs" / f"{name}.yaml", cfg)
+
+
 def _eval_prompts(work: Path, b: Budget) -> Path:
     """Held-out problems as a JSONL file: seed EVAL_SEED, minus any question the training set
     has (a chain drawn twice would otherwise test memory, not reasoning), each question once."""
@@ -479,124 +438,15 @@ def _model_params(work: Path) -> dict[str, tuple[int, int]]:
             for name in ("teacher", "student")}
 
 
-# verdict: (model, baseline) whose paired difference of per-prompt accuracy it quotes
-VERDICTS = {"traces_vs_answers": ("student-sft", "student-answers"),
-            "logit_loss": ("student-kd", "student-sft"),
-            "gold_vs_sft": ("student-gold", "student-sft"),
-            "uld_vs_sft": ("student-uld", "student-sft"),
-            "gold_vs_uld": ("student-gold", "student-uld"),
-            "sft_vs_untrained": ("student-sft", "student-untrained")}
-
-
-@dataclasses.dataclass
-class Summary:
-    """What a demo run found: written to summary.json (`to_dict`), printed as its tables."""
-
-    budget: str  # the budget's name ("custom" for a Budget passed in)
-    student_tokenizer: str
-    settings: Budget
-    teacher_cached: bool
-    stages: list[Stage]
-    total_seconds: float
-    models: dict[str, dict]  # per model: pass@1, ci95, greedy, format, total/active params
-    best_student: str
-    verdicts: dict  # "<student>/teacher": pass@1 ratio; VERDICTS keys: [difference, half-width]
-    export: dict  # the export stage's checks (`distill.demo.export_check`)
-    traces: dict  # records, samples, rejected
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
 def _summary(run: _Run, clock: _Clock, scores: dict, best: str, reload: dict, traces: dict,
              cached: bool) -> Summary:
     """The run's figures: `scores` per model (`_scores`), the `best` student, its export check
     `reload`, the `traces` stage's counts and whether the teacher was `cached`."""
+    op_run = run.work / "student-onpolicy"
+    onpolicy = onpolicy_stats(op_run) if "student-onpolicy" in scores else {}
     return Summary(budget=run.budget_name, student_tokenizer=run.student_tokenizer,
                    settings=run.budget, teacher_cached=cached, stages=list(clock.stages),
-                   total_seconds=clock.elapsed(), models=_models(scores, _model_params(run.work)),
-                   best_student=best, verdicts=_verdicts(scores), export=reload,
-                   traces={k: v for k, v in traces.items() if k != "dir"})
-
-
-def _verdicts(scores: dict) -> dict:
-    """Each trained student's pass@1 over the teacher's, and the paired differences VERDICTS
-    names (where both models ran)."""
-    teacher = scores["teacher"]["pass@1"]
-    verdicts = {}
-    trained = [n for n in scores if n not in ("teacher", "student-untrained", "student-answers")]
-    for name in trained:
-        verdicts[f"{name}/teacher"] = scores[name]["pass@1"] / teacher if teacher else 0.0
-    pp = {n: s["per_prompt"] for n, s in scores.items()}
-    for key, (a, b_) in VERDICTS.items():
-        if a in pp and b_ in pp:  # a list, as JSON reads it back
-            verdicts[key] = list(metrics.paired_difference(pp[a], pp[b_]))
-    return verdicts
-
-
-def _models(scores: dict, params: dict[str, tuple[int, int]]) -> dict[str, dict]:
-    """Per model its scores (without the per-prompt ones) and its total and active parameters."""
-    models = {}
-    for name, s in scores.items():
-        total_p, active_p = params["teacher" if name == "teacher" else "student"]
-        models[name] = {k: v for k, v in s.items() if k != "per_prompt"}
-        models[name].update(total_params=total_p, active_params=active_p)
-    return models
-
-
-def _print_summary(console, s: Summary) -> None:
-    n = s.settings.eval_n
-    table = Table(title=f"distill demo ({s.budget} budget): held-out accuracy, "
-                        f"{s.settings.eval_prompts} prompts")
-    for col in ("model", f"pass@1 (n={n}) [95% CI]", "greedy", "params (active)"):
-        table.add_column(col, justify="left" if col == "model" else "right")
-    students = CROSS_STUDENTS if s.student_tokenizer == "other" else STUDENTS
-    labels = {"teacher": "teacher (MoE, worked solutions)",
-              **{n: label for n, (_, _, label) in students.items()},
-              "student-untrained": "student: untrained"}
-    for name, m in s.models.items():
-        lo, hi = m["ci95"]
-        params = f"{m['total_params'] / 1e6:.2f}M ({m['active_params'] / 1e6:.2f}M)"
-        table.add_row(labels.get(name, name), f"{m['pass@1']:.1%} [{lo:.1%}, {hi:.1%}]",
-                      "-" if m["greedy"] is None else f"{m['greedy']:.1%}", params)
-    console.print(table)
-
-    stages = Table(title=f"time per stage (total {s.total_seconds:.0f} s)")
-    for col in ("stage", "seconds", "result"):
-        stages.add_column(col, justify="right" if col == "seconds" else "left")
-    for st in s.stages:
-        stages.add_row(st.name, f"{st.seconds:.1f}", st.result)
-    console.print(stages)
-    for line in verdict_lines(s):
-        console.print(line)
-
-
-def verdict_lines(s: Summary) -> list[str]:
-    """The summary's conclusions, one line each."""
-    v = s.verdicts
-    best = s.best_student
-    ratio = v[f"{best}/teacher"]
-    ok = "[green]met[/]" if ratio >= TARGET_RATIO else "[red]not met[/]"
-    lines = [f"student/teacher ({best}, pass@1) = {ratio:.0%} (target >= "
-             f"{TARGET_RATIO:.0%}): {ok}"]
-    if "traces_vs_answers" in v:
-        d, h = v["traces_vs_answers"]
-        lines.append(f"traces vs answers-only (same student, steps and batch): {100 * d:+.1f} "
-                     f"points (95% CI +/- {100 * h:.1f})"
-                     + (" [green]clearly above[/]" if d - h > 0 else ""))
-    for key, what in (("logit_loss", "logit loss added to SFT"),
-                      ("gold_vs_sft", "GOLD (across tokenizers) added to SFT"),
-                      ("uld_vs_sft", "ULD (across tokenizers) added to SFT"),
-                      ("gold_vs_uld", "GOLD vs ULD")):
-        if key in v:
-            d, h = v[key]
-            helped = "helped" if d - h > 0 else "hurt" if d + h < 0 else (
-                "made no clear difference (within noise)")
-            if key == "gold_vs_uld":
-                helped = ("GOLD ahead" if d - h > 0 else "ULD ahead" if d + h < 0
-                          else "no clear difference (within noise)")
-            lines.append(f"{what}: {helped}, {100 * d:+.1f} points (95% CI +/- {100 * h:.1f})")
-
-
-    lines.append(escape(summary_line(s.export)))  # plain text: "[hf]" is not a style
-    return lines
+                   total_seconds=clock.elapsed(), models=models(scores, _model_params(run.work)),
+                   best_student=best, verdicts=verdicts(scores), export=reload,
+                   traces={k: v for k, v in traces.items() if k != "dir"},
+                   onpolicy=onpolicy)
