@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import transformers
 
@@ -297,5 +298,9 @@ def test_quick_demo_with_students_of_another_tokenizer(quick):
         logged = [json.loads(x) for x in (work / name / "metrics.jsonl").read_text().splitlines()]
         kd = [m["kd"] for m in logged if "kd" in m]
         assert kd and kd[-1] < kd[0], name  # a teacher term, and it fell
-    assert {"gold_vs_sft", "uld_vs_sft", "gold_vs_uld"} <= set(s["verdicts"])
+    assert {"gold_vs_sft", "uld_vs_sft", "gold_vs_uld", "onpolicy_vs_sft"} <= set(s["verdicts"])
+    # on-policy across tokenizers: the teacher scored the student's samples span by span
+    logged = [json.loads(x) for x in
+              (work / "student-onpolicy" / "metrics.jsonl").read_text().splitlines()]
+    assert logged and all(np.isfinite(m["sampled_reverse_kl"]) for m in logged)
     assert "GOLD (across tokenizers) added to SFT" in proc.stdout

@@ -87,7 +87,11 @@ class SpanScorer:
         try:
             spans = align(teacher_pieces, pieces)
         except DistillError:  # a normalizer changed the text: align what is common
-            spans = align_loose(teacher_pieces, pieces)
+            try:
+                spans = align_loose(teacher_pieces, pieces)
+            except DistillError:  # it changed more than whitespace (a sampled string the
+                # teacher's normalizer rewrites): no span, so nothing of this sample is scored
+                spans = Spans(*(np.zeros(0, np.int64) for _ in range(4)))
         return _Plan(prompt_ids, teacher_ids, np.asarray(kept, np.int64), spans)
 
 

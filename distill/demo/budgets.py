@@ -116,15 +116,15 @@ STUDENTS = {  # run name: (what it trains on, loss section, what the table calls
     "student-answers": ("answers", {"kind": "sft"}, "student: answers only"),
 }
 # `--student-tokenizer other`: the students have a vocabulary of their own (`OTHER_PIECES`), so
-# logit distillation goes through the alignment of the teacher's tokens to theirs
+# logit distillation goes through the alignment of the teacher's tokens to theirs (on-policy:
+# the teacher scores the student's completions span by span)
 CROSS_STUDENTS = {
     "student-sft": ("traces", {"kind": "sft"}, "student (own tokenizer): SFT on traces"),
     "student-gold": ("traces", {"kind": "gold", "alpha": 0.5},
                      "student (own tokenizer): SFT + GOLD (matched KL + ULD)"),
     "student-uld": ("traces", {"kind": "uld", "alpha": 0.5},
                     "student (own tokenizer): SFT + ULD"),
+    "student-onpolicy": ("onpolicy", {"kind": "sft"},
+                         "student (own tokenizer): SFT then on-policy"),
 }
-# No on-policy row across tokenizers yet: the span scorer (`distill.backends.spans`) stops on the
-# students' sampled completions ("the teacher's and the student's tokens spell different texts
-# (first difference at byte 24)", quick budget, code of 2026-12-07)
 STUDENT_TOKENIZERS = ("shared", "other")
