@@ -160,3 +160,40 @@ def test_a_teacher_of_another_vocabulary_needs_the_sampled_loss(world, tmp_path)
     cfg = onpolicy_config(world, teacher, tmp_path / "cross.yaml", {"loss": "reverse_kl"})
     with pytest.raises(DistillError, match="their tokenizers differ; use sampled_reverse_kl"):
         run_train(cfg, progress=False)
+
+
+def test_a_served_teacher_that_cannot_score_prompts_is_one_line_before_anything_is_written(
+        world, toy_qwen2_dir, tmp_path):
+    """A server whose /v1/completions answers without `prompt_logprobs` (an OpenAI-compatible
+    server that does not score prompts): exit 2, one line naming the URL, no run directory."""
+    import http.server
+    import threading
+
+    class NoScores(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (the http.server name)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"id": "x", "object": "text_completion", "model": "m", "choices": [
+                {"index": 0, "text": "2", "logprobs": None, "finish_reason": "length"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NoScores)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        cfg = onpolicy_config(world, toy_qwen2_dir, tmp_path / "noscore.yaml", {
+            "loss": "sampled_reverse_kl", "teacher": {"kind": "openai", "base_url": url,
+                                                      "model": "m", "tokenizer": str(toy_qwen2_dir)}})
+        proc = run_cli(["train", cfg, "--quiet"], cwd=REPO)
+    finally:
+        server.shutdown()
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and url in lines[0], proc.stderr
+    assert "prompt_logprobs" in lines[0]
+    assert not (tmp_path / "students" / "noscore").exists()

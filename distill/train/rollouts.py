@@ -97,6 +97,9 @@ class Rollouts:
         self.prompts: list[PromptRecord] = load_prompts(cfg.prompts)
         self.ids = [self._render(tokenizer, p) for p in self.prompts]
         self.scorer, teacher_tok = _open_teacher(cfg, mesh, source)
+        if not isinstance(self.scorer, JaxScorer):  # a server that cannot score says so now
+            probe = teacher_tok.encode("1 + 1 = 2", add_special_tokens=False)
+            self.scorer.score([probe[:1]], [probe[1:]])
         self.teacher_vocab = self.scorer.vocab_size or teacher_tok.vocab_size
         self.same_vocabulary = teacher_tok.vocabulary_fingerprint() == \
             tokenizer.vocabulary_fingerprint()
