@@ -187,7 +187,9 @@ class Rollouts:
             inside = span_of >= 0
             np.add.at(student_lp, span_of[inside], s.logprobs[inside])
             gap = teacher_lp - student_lp  # log q(span) - log p(span): minus the span's reverse KL
-            adv = np.where(inside, gap[np.maximum(span_of, 0)], 0.0)
+            # (a sample with no span, e.g. text the teacher's normalizer rewrote: none trained)
+            adv = np.where(inside, gap[np.maximum(span_of, 0)], 0.0) if len(gap) else \
+                np.zeros(len(span_of))
             rows.put(r, self.ids[s.prompt], s.ids, s.logprobs, inside,
                      np.zeros_like(adv) if full else adv)
             if full:
