@@ -143,7 +143,7 @@ class Rollouts:
                               self.cfg.prompts_per_step)
         samples = self._sample(step, picked, weights)
         t1 = time.perf_counter()
-        batch, kl = self._score(samples)
+        batch, kl, scored = self._score(samples)
         t2 = time.perf_counter()
         rewards = self._rewards(samples)
         batch["advantages_bt"] = batch["advantages_bt"] + self._reward_advantage(
@@ -151,7 +151,8 @@ class Rollouts:
         lengths = [len(s.ids) for s in samples]
         return Rollout(batch, {"rollout_s": t1 - t0, "score_s": t2 - t1,
                                "completion_tokens": float(np.mean(lengths)),
-                               "sampled_reverse_kl": kl, "reward": float(np.mean(rewards))})
+                               "sampled_reverse_kl": kl, "reward": float(np.mean(rewards)),
+                               "scored_share": scored / max(sum(lengths), 1)})
 
     def _sample(self, step: int, picked: np.ndarray, weights) -> list[_Sample]:
         self.engine.set_weights(weights)
@@ -168,8 +169,10 @@ class Rollouts:
                 out.append(_Sample(int(i), list(req.tokens[j]), lps[:len(req.tokens[j])]))
         return out
 
-    def _score(self, samples: list[_Sample]) -> tuple[dict[str, np.ndarray], float]:
-        """The batch's rows with the teacher's verdict, and the sampled reverse KL (per token)."""
+    def _score(self, samples: list[_Sample]) -> tuple[dict[str, np.ndarray], float, float]:
+        """The batch's rows with the teacher's verdict, the sampled reverse KL (per scored
+        token) and how many completion tokens the teacher scored (across tokenizers: those in
+        an aligned span)."""
         rows = _Rows(len(samples), self.seq_len)
         full = self.divergence() is not None
         if self.spans is None:
@@ -197,7 +200,7 @@ class Rollouts:
                                  whole=not self.cfg.top_k)
             kl_sum -= float(gap.sum())
             kl_tokens += float(inside.sum())
-        return rows.arrays(full), kl_sum / max(kl_tokens, 1.0)
+        return rows.arrays(full), kl_sum / max(kl_tokens, 1.0), kl_tokens
 
     def _teacher_scores(self, samples: list[_Sample], top_k: int | None) -> list:
         """The teacher's scores of the samples (one tokenizer). An id past the teacher's
