@@ -58,10 +58,12 @@ def onpolicy_before(seed: int, step: int, fraction: float) -> int:
 def prompt_order(seed: int, n: int, start: int, count: int) -> np.ndarray:
     """Indices of `count` prompts from position `start` of the prompt stream: the prompts in a
     fresh seeded permutation per pass over them."""
-    out = []
+    out, perms = [], {}
     for pos in range(start, start + count):
         epoch, i = divmod(pos, n)
-        out.append(np.random.default_rng([seed, epoch]).permutation(n)[i])
+        if epoch not in perms:  # one permutation per pass touched (a step spans at most two)
+            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+        out.append(perms[epoch][i])
     return np.asarray(out)
 
 
