@@ -21,7 +21,9 @@ def test_soak_load_generator_counts_requests_departures_and_server_memory(tmp_pa
     sent = s["requests_ok"] + s["disconnected"]
     assert sent >= 8 and s["requests_ok"] > 0 and 0 < s["disconnected"] <= sent // 4, s
     assert 0 < s["p50_s"] <= s["p99_s"] and s["completion_tokens_per_s"] > 0
-    assert 0 < s["ttft_p50_s"] <= s["ttft_p99_s"] <= s["p99_s"]
+    # TTFT is over the streaming requests (those that hang up too), latency over the completed
+    # ones: their tails are of different populations, only the TTFT median sits under p99
+    assert 0 < s["ttft_p50_s"] <= s["ttft_p99_s"] and s["ttft_p50_s"] <= s["p99_s"]
     # the standalone engine ran the same kind of load first, in process
     assert s["standalone_requests"] >= 8 and s["standalone_tokens_per_s"] > 0
     assert 0 < s["standalone_utilisation"] <= 1

@@ -47,6 +47,11 @@ FIELDS = [
                                                "data": {"traces": ["/dev/null"], "cache_dir": v}},
      "output"),
     (TrainConfig, "output_root", lambda v: {"output_root": v}, "output"),
+    (TrainConfig, "onpolicy.teacher.model", lambda v: {"onpolicy": {
+        "prompts": {"source": "synthetic"}, "teacher": {**JAX_TEACHER, "model": v}}}, "input"),
+    (TrainConfig, "onpolicy.teacher.tokenizer", lambda v: {"onpolicy": {
+        "prompts": {"source": "synthetic"}, "teacher": {**JAX_TEACHER, "tokenizer": v}}},
+     "input"),
     (EvalConfig, "prompts.source", lambda v: {"prompts": {"source": v}}, "input"),
     (EvalConfig, "models.0.model", lambda v: {"models": [{"model": v}]}, "input"),
     (EvalConfig, "models.0.tokenizer", lambda v: {"models": [{"model": "/dev/null",
