@@ -39,6 +39,7 @@ AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("q_lora", None),  # MLA query latent (q_lora_rank)
     ("kv_lora", None),  # MLA kv latent + shared rope key (kv_lora_rank + qk_rope_head_dim)
     ("routing", None),  # router outputs: every device scores every expert
+    ("lora_rank", None),  # a LoRA adapter's rank axis (R): small, kept whole
     # Activations (`constrain`). Between layers the residual stream [B, T, D] is split over the
     # sequence on "tensor" (sequence parallelism): the tensor-parallel matmuls gather it and
     # scatter their outputs back, and the per-layer activations kept for the backward pass shrink

@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import field_validator
 
 from distill.models.config import DecoderConfig
+from distill.models.lora import LoraConfig
+from distill.models.quant import QuantName
 
 
 class DenseConfig(DecoderConfig):
@@ -19,6 +21,10 @@ class DenseConfig(DecoderConfig):
     sliding_window: int | None = None
     use_sliding_window: bool = False
     max_window_layers: int | None = None
+    # Runtime: adapters on the projections (a LoRA student) and the frozen base's storage
+    # (`distill.models.lora`, `distill.models.quant`); neither is part of the architecture.
+    lora: LoraConfig | None = None
+    quantize: QuantName = "none"
 
     @field_validator("num_key_value_heads")
     @classmethod

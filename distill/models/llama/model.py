@@ -13,10 +13,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from distill.models import layers
+from distill.models import layers, lora
 from distill.models.attention import DEFAULT_SETTINGS, AttentionSettings, attention
 from distill.models.decoder import CausalLM, Embed, PreNormBlocks, scan_blocks
 from distill.models.llama.config import DenseConfig
+from distill.models.quant import weight
 from distill.models.rope import apply_rope, rope_tables
 
 
@@ -52,9 +53,12 @@ class Attention(nnx.Module):
         mask_bts: a `MaskInfo` (a full sequence) or the dense [B, T, S] mask (with a cache);
         settings: the model's, for `attention`."""
         dt = x_btd.dtype
-        q = jnp.einsum("btd,dnh->btnh", x_btd, self.wq_dnh[...].astype(dt))
-        k = jnp.einsum("btd,dkh->btkh", x_btd, self.wk_dkh[...].astype(dt))
-        v = jnp.einsum("btd,dkh->btkh", x_btd, self.wv_dkh[...].astype(dt))
+        q = lora.plus_adapter(self, "q", x_btd,
+                              jnp.einsum("btd,dnh->btnh", x_btd, weight(self.wq_dnh, dt)))
+        k = lora.plus_adapter(self, "k", x_btd,
+                              jnp.einsum("btd,dkh->btkh", x_btd, weight(self.wk_dkh, dt)))
+        v = lora.plus_adapter(self, "v", x_btd,
+                              jnp.einsum("btd,dkh->btkh", x_btd, weight(self.wv_dkh, dt)))
         if self.bias:
             q = q + self.bq_nh[...].astype(dt)
             k = k + self.bk_kh[...].astype(dt)
@@ -70,7 +74,8 @@ class Attention(nnx.Module):
             kv = (k, v)
             out_btnh = attention(q, k.astype(dt), v.astype(dt), mask_bts, self.scale,
                                  kv_layout="bksh", settings=settings)
-        return jnp.einsum("btnh,nhd->btd", out_btnh, self.wo_nhd[...].astype(dt)), kv
+        out_btd = jnp.einsum("btnh,nhd->btd", out_btnh, weight(self.wo_nhd, dt))
+        return lora.plus_adapter(self, "o", out_btnh, out_btd), kv
 
 
 class MLP(nnx.Module):
@@ -84,7 +89,17 @@ class MLP(nnx.Module):
         self.w_down_fd = layers.param(rngs.params(), (L, F, D), ("layers", "mlp", "embed"), dt)
 
     def __call__(self, x_btd):
-        return layers.swiglu(x_btd, self.w_gate_df[...], self.w_up_df[...], self.w_down_fd[...])
+        dt = x_btd.dtype
+        w_gate, w_up, w_down = (weight(w, dt) for w in (self.w_gate_df, self.w_up_df,
+                                                        self.w_down_fd))
+        if not lora.has_adapters(self):
+            return layers.swiglu(x_btd, w_gate, w_up, w_down)
+        # with adapters, autodiff (the frozen weights get no gradient, which the written-out
+        # backward of `layers.swiglu` is about); the same forward ops, plus the adapters
+        gate = lora.plus_adapter(self, "gate", x_btd, jnp.einsum("...d,df->...f", x_btd, w_gate))
+        up = lora.plus_adapter(self, "up", x_btd, jnp.einsum("...d,df->...f", x_btd, w_up))
+        h = jax.nn.silu(gate) * up
+        return lora.plus_adapter(self, "down", h, jnp.einsum("...f,fd->...d", h, w_down))
 
 
 class Blocks(PreNormBlocks):
@@ -108,6 +123,8 @@ class DenseDecoder(CausalLM):
         self.embed = Embed(cfg, rngs)
         self.blocks = Blocks(cfg, rngs)
         self._init_head(cfg, rngs)
+        if cfg.lora is not None or cfg.quantize != "none":
+            lora.adapt(self, cfg.lora, cfg.quantize, rngs.params())
 
     # -- public API -----------------------------------------------------------------------------
 
