@@ -31,7 +31,14 @@ from distill.pretrained import read_hf_config
 from distill.train.config import LossConfig, TrainConfig, check_layout, check_seq_len
 from distill.train.losses import make_loss_fn
 from distill.train.optim import OptimConfig, make_optimizer, schedule
-from distill.train.step import TrainState, batch_sharding, make_step, state_sharding
+from distill.train.step import (
+    TrainState,
+    batch_sharding,
+    make_step,
+    params_sharding,
+    split_trainable,
+    state_sharding,
+)
 
 GiB = 2**30
 PLANNED_PLATFORM = "gpu"  # what a plan is for (student.dtype auto -> bfloat16), compiled on CPU
@@ -188,8 +195,10 @@ def plan_train(model_cfg, train_cfg, mesh, batch: int, seq_len: int):
     loss = train_cfg.loss if train_cfg else LossConfig()
     accum = train_cfg.train.grad_accum if train_cfg else 1
     tx = make_optimizer(optim, 1000)
-    graphdef, params = nnx.split(abstract_model(model_cfg))
+    # a LoRA student trains its adapters; its frozen base is the step's third argument
+    graphdef, params, frozen = split_trainable(abstract_model(model_cfg))
     state_sh = state_sharding(graphdef, tx, params, mesh)
+    frozen_sh = params_sharding(frozen, mesh)
     opt = jax.eval_shape(tx.init, params)
     step = jax.ShapeDtypeStruct((), jnp.int32)
     state = TrainState(params, opt, step)
@@ -199,13 +208,14 @@ def plan_train(model_cfg, train_cfg, mesh, batch: int, seq_len: int):
         ("segment_ids_bt", jnp.int32), ("positions_bt", jnp.int32))}
     fn = make_step(graphdef, tx, make_loss_fn(loss), schedule(optim, 1000), accum)
     replicated = NamedSharding(mesh, PartitionSpec())
-    jitted = jax.jit(fn, in_shardings=(state_sh, b_sh), out_shardings=(state_sh, replicated),
-                     donate_argnums=(0,))
+    jitted = jax.jit(fn, in_shardings=(state_sh, b_sh, frozen_sh),
+                     out_shardings=(state_sh, replicated), donate_argnums=(0,))
     with _mesh_context(mesh):
-        compiled = jitted.lower(state, batch_arrays).compile()
+        compiled = jitted.lower(state, batch_arrays, frozen).compile()
     p_bytes = _shard_bytes(params, state_sh.params)
     o_bytes = _shard_bytes(opt, state_sh.opt_state)
-    analytic = {"params": p_bytes, "optimizer": o_bytes, "gradients": p_bytes,
+    analytic = {"params": p_bytes + _shard_bytes(frozen, frozen_sh), "optimizer": o_bytes,
+                "gradients": p_bytes,
                 "activations": _train_activation_bytes(model_cfg, mesh, batch // accum, seq_len,
                                                        loss)}
     analytic["total"] = sum(analytic.values())

@@ -18,14 +18,14 @@ from jax.sharding import Mesh
 
 from distill.errors import DistillError
 from distill.fsutil import FREE, writing
-from distill.models import gguf, safetensors_io, weights
+from distill.models import gguf, lora, safetensors_io, weights
 from distill.models.deepseek import hf as deepseek_hf
 from distill.models.deepseek.config import MoEConfig
 from distill.models.families import load_model_config, model_class
 from distill.models.llama import hf as llama_hf
 from distill.models.llama.config import DenseConfig
-from distill.parallel import state_shardings
-from distill.runs import is_run, load_run
+from distill.parallel import shard_module, state_shardings
+from distill.runs import base_fingerprint, is_run, load_run, lora_base, read_model_config
 from distill.tokenizer import Tokenizer
 
 
@@ -72,12 +72,14 @@ def init_model(cfg: DenseConfig | MoEConfig, seed: int = 0, mesh: Mesh | None = 
 
 
 def load_pretrained(path: str | Path, *, param_dtype: str = "float32", dtype: str | None = None,
-                    mesh: Mesh | None = None, overrides=(), seed: int = 0):
+                    mesh: Mesh | None = None, overrides=(), seed: int = 0, merge: bool = False):
     """Load (model, tokenizer) from a MODEL path.
 
     param_dtype: storage dtype of the weights ("float32" or "bfloat16"); dtype: compute dtype
     (default: param_dtype). With a `mesh`, every weight is placed sharded as its logical axis
     names say while it streams in. The tokenizer is None when the path carries none.
+    A LoRA run loads its base (the run's student.init) and its adapters: as trained (quantised
+    base and all), or with `merge` folded into the unquantised base (a plain model).
     """
     path = Path(path)
     kind = model_kind(path)
@@ -88,6 +90,9 @@ def load_pretrained(path: str | Path, *, param_dtype: str = "float32", dtype: st
         cfg = load_model_config(path, [*overrides, *(f"model.{k}={v}" for k, v in runtime.items())])
         return init_model(cfg, seed, mesh), None
     if kind == "run":
+        base = lora_base(path)
+        if base is not None:
+            return _load_lora_run(path, base, mesh, merge, runtime)
         return load_run(path, mesh=mesh, **runtime)
     if kind == "gguf":
         cfg = llama_hf.config_from_hf(gguf.read_gguf_config(path), str(path), **runtime)
@@ -104,6 +109,21 @@ def load_pretrained(path: str | Path, *, param_dtype: str = "float32", dtype: st
         model = llama_hf.build_from_tensors(cfg, safetensors_io.iter_checkpoint(path), str(path), mesh)
     has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
     return model, Tokenizer.from_pretrained(path) if has_tokenizer else None
+
+
+def _load_lora_run(run_dir: Path, base_path: str, mesh, merge: bool, runtime: dict):
+    """A LoRA run: its base loaded, the run's adapters (and quantisation unless `merge`)
+    declared on it and restored from the run's checkpoint."""
+    cfg = read_model_config(run_dir, **runtime)
+    model, _ = load_pretrained(base_path, mesh=mesh, **runtime)
+    fingerprint = base_fingerprint(model)
+    model.config = cfg.model_copy(update={"lora": None, "quantize": "none"})
+    lora.adapt(model, cfg.lora, "none" if merge else cfg.quantize, jax.random.key(0))
+    if mesh is not None:  # the adapters and the quantised weights, where their names say
+        shard_module(model, mesh)
+    model, tokenizer = load_run(run_dir, mesh=mesh, base=model, fingerprint=fingerprint,
+                                **runtime)
+    return (lora.merge(model) if merge else model), tokenizer
 
 
 def hf_config(cfg: DenseConfig | MoEConfig, dtype: str | None = None) -> dict:

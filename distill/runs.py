@@ -17,6 +17,7 @@ students/.cache/tokens/<key>/   the tokenized caches of the runs' trace mixtures
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from collections.abc import Callable
@@ -88,8 +89,7 @@ def _leaf_name(path) -> str:
     return "/".join(str(k) for k in keys)
 
 
-@jax.jit
-def _leaf_sums(leaves: list) -> list:
+def _sums(leaves: list) -> list:
     """Per leaf, the wrapping uint32 sum of its elements' bit patterns (a changed bit changes it)."""
     def one(x):
         bits = x.dtype.itemsize * 8
@@ -98,6 +98,32 @@ def _leaf_sums(leaves: list) -> list:
             u = (u >> 32) ^ (u & 0xFFFFFFFF)
         return jnp.sum(u.astype(jnp.uint32), dtype=jnp.uint32)
     return [one(x) for x in leaves]
+
+
+_leaf_sums = jax.jit(_sums)
+# in bfloat16 (cast inside the program, never a copy of the whole tree): a float32 and a bfloat16
+# load of the same checkpoint agree
+_bf16_leaf_sums = jax.jit(lambda leaves: _sums([x.astype(jnp.bfloat16) for x in leaves]))
+
+
+def base_fingerprint(model) -> str:
+    """A short hash of a model's parameters as bfloat16: what a LoRA run's checkpoints name as
+    the base their adapters belong to (the same for a float32 or bfloat16 load of one base)."""
+    flat = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
+    sums = jax.device_get(_bf16_leaf_sums([x for _, x in flat]))
+    named = {_leaf_name(p): int(v) for (p, _), v in zip(flat, sums, strict=True)}
+    return hashlib.sha256(json.dumps(named, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_base(extra: dict, fingerprint: str | None, init, where: str) -> None:
+    """DistillError when a checkpoint's adapters belong to another base than `init` (whose
+    fingerprint is `fingerprint`); a checkpoint that names no base passes."""
+    base = extra.get("base")
+    if not base or fingerprint is None or base.get("fingerprint") == fingerprint:
+        return
+    raise DistillError(f"{where}: its adapters were trained on the base {base.get('init')} "
+                       f"(fingerprint {base.get('fingerprint')}), not on {init} ({fingerprint}); "
+                       "point student.init at that base")
 
 
 def checksums(tree) -> dict[str, int]:
@@ -149,19 +175,42 @@ def restore_newest(checkpoints: Path, restore: Callable[[int], T], *, step: int 
     raise DistillError(f"{checkpoints}: no checkpoint can be restored ({'; '.join(failures)})")
 
 
+def read_model_config(run_dir: str | Path, **runtime):
+    """The run's model config (model.json), with runtime fields (param_dtype, dtype) replaced."""
+    path = Path(run_dir) / MODEL
+    data = {**json.loads(path.read_text()), **runtime}
+    return validate(ModelFile, {"model": data}, str(path)).model
+
+
+def lora_base(run_dir: str | Path) -> str | None:
+    """The base model path of a LoRA run (its config's student.init); None for any other run."""
+    if not json.loads((Path(run_dir) / MODEL).read_text()).get("lora"):
+        return None
+    init = (read_config(run_dir).get("student") or {}).get("init")
+    if not init:
+        raise DistillError(f"{run_dir}: a LoRA run whose {CONFIG} names no student.init (its base)")
+    return init
+
+
 def load_run(run_dir: str | Path, *, param_dtype: str = "float32", dtype: str = "float32",
-             mesh=None, step: int | None = None, log: Callable[[str], None] = log_stderr):
+             mesh=None, step: int | None = None, log: Callable[[str], None] = log_stderr,
+             base=None, fingerprint: str | None = None):
     """(model, tokenizer) from a students/<run> directory: its model config, the parameters of its
     newest checkpoint that restores and matches its checksums (or of `step`), placed sharded on
     `mesh` when given, and its tokenizer. `log` gets one line naming the step loaded (and one for
-    each newer checkpoint that could not be)."""
+    each newer checkpoint that could not be).
+
+    A LoRA run's checkpoints hold its adapters only: `base` is then the base model with adapters
+    (`distill.models.lora.adapt`), whose adapters are restored, and `fingerprint` its
+    `base_fingerprint` (DistillError when the checkpoint names another base)."""
 
     run_dir = Path(run_dir)
-    data = json.loads((run_dir / MODEL).read_text())
-    data.update(param_dtype=param_dtype, dtype=dtype)
-    cfg = validate(ModelFile, {"model": data}, str(run_dir / MODEL)).model
-    abstract = abstract_model(cfg)
-    graphdef, params = nnx.split(abstract)
+    if base is None:
+        model, trainable = abstract_model(read_model_config(run_dir, param_dtype=param_dtype,
+                                                            dtype=dtype)), nnx.Param
+    else:
+        model, trainable = base, nnx.LoRAParam
+    graphdef, params, rest = nnx.split(model, trainable, ...)
     if mesh is not None:  # one sharding per nnx.Variable, as a tree of the params' structure
         by_var = state_shardings(params, mesh)
         shardings = jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(
@@ -174,6 +223,7 @@ def load_run(run_dir: str | Path, *, param_dtype: str = "float32", dtype: str = 
     stored = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding),
                           target)
     checkpoints = Path(run_dir, CHECKPOINTS).absolute()
+    init = (read_config(run_dir).get("student") or {}).get("init")
 
     def restore(s: int):
         restored = ocp.PyTreeCheckpointer().restore(
@@ -186,9 +236,10 @@ def load_run(run_dir: str | Path, *, param_dtype: str = "float32", dtype: str = 
         return restored
 
     step, restored = restore_newest(checkpoints, restore, step=step, log=log)
+    check_base(read_extra(checkpoints, step), fingerprint, init, f"{checkpoints}/{step}")
     log(f"{run_dir}: loaded the checkpoint of step {step}")
     params = jax.tree.map(lambda x, t: x.astype(t.dtype), restored["params"], target)
-    return nnx.merge(graphdef, params), read_tokenizer(run_dir)
+    return nnx.merge(graphdef, params, rest), read_tokenizer(run_dir)
 
 
 def read_extra(checkpoints: Path, step: int) -> dict:

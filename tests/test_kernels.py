@@ -168,12 +168,12 @@ def test_a_step_with_bfloat16_parameters_keeps_the_state_dtypes():
                                                           "dtype": "bfloat16"})
     model = random_model(cfg)
     tx = optax.adamw(1e-3)
-    graphdef, state = init_state(model, tx)
+    graphdef, state, frozen = init_state(model, tx)
     tokens, pos, seg = packed_batch(64, cfg.vocab_size)
     batch = {"tokens_bt": tokens, "targets_bt": tokens, "loss_mask_bt": seg != 0,
              "segment_ids_bt": seg, "positions_bt": pos}
     new, _ = jax.jit(make_step(graphdef, tx, make_loss_fn(LossConfig()), lambda s: 1e-3))(
-        state, batch)
+        state, batch, frozen)
     before = [x.dtype for x in jax.tree.leaves(state)]
     assert [x.dtype for x in jax.tree.leaves(new)] == before
     assert jnp.dtype(jnp.bfloat16) in before

@@ -237,34 +237,35 @@ from distill.train.data import DataConfig, TrainData
 from distill.train.losses import make_loss_fn
 from distill.train.optim import make_optimizer, schedule
 from distill.train.prefetch import Prefetch
-from distill.train.step import TrainState, batch_sharding, compile_step, make_step, state_sharding
+from distill.train.step import (TrainState, batch_sharding, compile_step, make_step,
+                                params_sharding, split_trainable, state_sharding)
 tok = Tokenizer.from_pretrained({gguf!r})
 data = TrainData.from_config(DataConfig.model_validate_json({cfg!r}), tok, cache_root={root!r})
 mesh = make_mesh({{}}, jax.devices()[:1])
 model = init_model(SMOLLM2_135M.model_copy(update={{"remat": "full"}}), seed=0, mesh=mesh)
 tx = make_optimizer(OPTIM, 100)
-graphdef, params = nnx.split(model)
+graphdef, params, frozen = split_trainable(model)
 sh = state_sharding(graphdef, tx, params, mesh)
 state = TrainState(params, jax.jit(tx.init, out_shardings=sh.opt_state)(params),
                    jax.device_put(jnp.zeros((), jnp.int32), sh.step))
 del model, params
 b_sh = batch_sharding(mesh)
 step = compile_step(make_step(graphdef, tx, make_loss_fn(LossConfig()), schedule(OPTIM, 100), 1),
-                    sh, mesh)
+                    sh, mesh, params_sharding(frozen, mesh))
 def prepare(item):
     batch, _ = item
     return {{k: jax.make_array_from_process_local_data(b_sh, np.asarray(v))
             for k, v in batch.items()}}
 resident = prepare(next(data.batches()))
 stream = Prefetch(map(prepare, data.batches()), depth=2)
-state, m = step(state, resident); jax.block_until_ready(m)   # compile, warm up
-state, m = step(state, next(stream)); jax.block_until_ready(m)
+state, m = step(state, resident, frozen); jax.block_until_ready(m)   # compile, warm up
+state, m = step(state, next(stream), frozen); jax.block_until_ready(m)
 times = {{"resident": [], "pipeline": []}}
 for _ in range({steps}):
     for name in times:
         t = time.perf_counter()
         batch = resident if name == "resident" else next(stream)
-        state, m = step(state, batch); jax.block_until_ready(m)
+        state, m = step(state, batch, frozen); jax.block_until_ready(m)
         times[name].append(time.perf_counter() - t)
 stream.close()
 result = {{k: statistics.median(v) for k, v in times.items()}}

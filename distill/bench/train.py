@@ -43,7 +43,15 @@ from distill.train.config import LossConfig
 from distill.train.flops import dense_flops_per_token, matmul_peak
 from distill.train.losses import make_loss_fn
 from distill.train.optim import OptimConfig, make_optimizer, schedule
-from distill.train.step import TrainState, batch_sharding, compile_step, make_step, state_sharding
+from distill.train.step import (
+    TrainState,
+    batch_sharding,
+    compile_step,
+    make_step,
+    params_sharding,
+    split_trainable,
+    state_sharding,
+)
 
 # The SmolLM2-135M architecture (its config.json): a Llama with tied embeddings, 134.5M
 # parameters. It is the project's real-model case (fine-tuned, exported and compared with
@@ -169,8 +177,9 @@ def _distill_steps(cfg: DenseConfig, batch: dict[str, np.ndarray], remats: Seque
     mesh = make_mesh({}, jax.devices()[:1])  # one device: the same hardware torch gets
     model = init_model(cfg, seed=0, mesh=mesh)
     tx = make_optimizer(OPTIM, total_steps)
-    graphdef, params = nnx.split(model)
+    graphdef, params, frozen = split_trainable(model)
     state_sh = state_sharding(graphdef, tx, params, mesh)
+    frozen_sh = params_sharding(frozen, mesh)
     holder = [TrainState(params, jax.jit(tx.init, out_shardings=state_sh.opt_state)(params),
                          jax.device_put(jnp.zeros((), jnp.int32), state_sh.step))]
     device_batch = jax.device_put(batch, batch_sharding(mesh))
@@ -180,9 +189,9 @@ def _distill_steps(cfg: DenseConfig, batch: dict[str, np.ndarray], remats: Seque
         key = ("distill", f"remat={policy}")
         model.config = cfg.model_copy(update={"remat": policy})  # the graphdef carries the policy
         step = compile_step(make_step(nnx.graphdef(model), tx, loss_fn,
-                                      schedule(OPTIM, total_steps)), state_sh, mesh)
+                                      schedule(OPTIM, total_steps)), state_sh, mesh, frozen_sh)
         t = time.perf_counter()
-        compiled = step.lower(holder[0], device_batch).compile()  # compiled once, here
+        compiled = step.lower(holder[0], device_batch, frozen).compile()  # compiled once, here
         temp, free = _temp_bytes(compiled), _free_bytes()
         notes[key] = {"compile_s": time.perf_counter() - t, "temp_bytes": temp}
         log.info("compiled %s %s: %.1f s, %.2f GB temporaries", *key, notes[key]["compile_s"],
@@ -193,7 +202,7 @@ def _distill_steps(cfg: DenseConfig, batch: dict[str, np.ndarray], remats: Seque
             continue
 
         def run(compiled=compiled):
-            holder[0], metrics = compiled(holder[0], device_batch)
+            holder[0], metrics = compiled(holder[0], device_batch, frozen)
             jax.block_until_ready((holder[0], metrics))
 
         fns[key] = run

@@ -14,6 +14,8 @@ from distill.errors import DistillError
 from distill.inference import EngineConfig
 from distill.losses import DIVERGENCES, Divergence, tail_problem
 from distill.models.config import AttentionName, ContextParallelName, RematName
+from distill.models.lora import LoraConfig
+from distill.models.quant import QuantName
 from distill.parallel import parse_mesh
 from distill.train.data import DataConfig
 from distill.train.optim import OptimConfig
@@ -36,6 +38,18 @@ class StudentConfig(Frozen):
     # R1-Distill students' longer context: {max_position_embeddings: 131072}
     config_overrides: dict[Literal["max_position_embeddings", "rope_theta", "bos_token_id",
                                    "eos_token_id"], Any] = {}
+    # a LoRA student: adapters on the frozen base `init` (`distill.models.lora`); the optimizer
+    # and the checkpoints hold the adapters only. `quantize` stores the frozen base quantised
+    # (QLoRA: nf4 or int8, `distill.models.quant`); it needs `lora`.
+    lora: LoraConfig | None = None
+    quantize: QuantName = "none"
+
+    @field_validator("quantize")
+    @classmethod
+    def _quantize_needs_lora(cls, quantize: str, info: ValidationInfo) -> str:
+        if quantize != "none" and info.data.get("lora") is None:
+            raise ValueError("a quantised base trains nothing by itself: set student.lora too")
+        return quantize
 
     def compute_dtype(self, platform: str) -> str:
         """The compute dtype on `platform` ("cpu", "gpu", "tpu")."""

@@ -27,6 +27,7 @@ from distill import multihost
 from distill.config import load_config, validate
 from distill.errors import DistillError
 from distill.fsutil import FREE, writing
+from distill.models import lora
 from distill.models.llama.config import DenseConfig
 from distill.parallel import make_mesh, parse_mesh
 from distill.pretrained import load_pretrained
@@ -36,6 +37,8 @@ from distill.runs import (
     TENSORBOARD,
     TOKEN_CACHE,
     abstract_with_shardings,
+    base_fingerprint,
+    check_base,
     write_run_files,
 )
 from distill.tokenizer import Tokenizer
@@ -48,7 +51,15 @@ from distill.train.optim import make_optimizer, schedule
 from distill.train.prefetch import Prefetch
 from distill.train.progress import TrainProgress
 from distill.train.rollouts import Rollouts, is_onpolicy, onpolicy_before
-from distill.train.step import TrainState, batch_sharding, compile_step, make_step, state_sharding
+from distill.train.step import (
+    TrainState,
+    batch_sharding,
+    compile_step,
+    make_step,
+    params_sharding,
+    split_trainable,
+    state_sharding,
+)
 from distill.train.teacher_vocab import check_teacher_vocabulary
 
 
@@ -85,7 +96,9 @@ def distributed_settings(cfg) -> tuple[str | None, int | None, int | None]:
 
 
 def load_student(cfg: TrainConfig, mesh):
-    """(model, tokenizer) placed sharded on `mesh`."""
+    """(model, tokenizer, base) placed sharded on `mesh`; with `student.lora`, the adapters (and
+    the quantised base) added to the loaded base, and `base` what its checkpoints name
+    ({"init", "fingerprint"}); None for a full fine-tune."""
     s = cfg.student
     model, tokenizer = load_pretrained(s.init, param_dtype=s.param_dtype,
                                        dtype=s.compute_dtype(jax.default_backend()), mesh=mesh,
@@ -98,7 +111,11 @@ def load_student(cfg: TrainConfig, mesh):
     if update:  # validated again: a bad value names the field
         cfg = model.config
         model.config = validate(type(cfg), {**cfg.model_dump(), **update}, "student.config_overrides")
-    return model, tokenizer
+    base = None
+    if s.lora is not None:
+        base = {"init": str(s.init), "fingerprint": base_fingerprint(model)}
+        lora.adapt(model, s.lora, s.quantize, jax.random.key(cfg.train.seed))
+    return model, tokenizer, base
 
 
 class MetricsLog:
@@ -202,7 +219,7 @@ def _train(cfg: TrainConfig, config_path: Path, progress: bool, stop_after: int 
                      f"{source}: onpolicy (prompts_per_step x group_size rows)")
     lead = jax.process_index() == 0
 
-    model, tokenizer = load_student(cfg, mesh)
+    model, tokenizer, base = load_student(cfg, mesh)
     cache_root = Path(cfg.output_root) / TOKEN_CACHE
     data = heldout = None
     if cfg.data is not None:
@@ -217,17 +234,22 @@ def _train(cfg: TrainConfig, config_path: Path, progress: bool, stop_after: int 
     total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * data.steps_per_epoch(0)))
     tx = make_optimizer(cfg.optim, total)
     sched = schedule(cfg.optim, total)
-    graphdef, params = nnx.split(model)
+    graphdef, params, frozen = split_trainable(model)
     state_sh = state_sharding(graphdef, tx, params, mesh)
+    frozen_sh = params_sharding(frozen, mesh)
+    params, frozen = jax.device_put(params, state_sh.params), jax.device_put(frozen, frozen_sh)
     state = TrainState(params, jax.jit(tx.init, out_shardings=state_sh.opt_state)(params),
                        jax.device_put(jnp.zeros((), jnp.int32), state_sh.step))
     loss_fn = make_loss_fn(cfg.loss)
     step_fn = compile_step(make_step(graphdef, tx, loss_fn, sched, cfg.train.grad_accum),
-                           state_sh, mesh)
+                           state_sh, mesh, frozen_sh)
     onpolicy_fn = None if rollouts is None else compile_step(
         make_step(graphdef, tx, make_onpolicy_loss_fn(rollouts.divergence()), sched,
-                  cfg.train.grad_accum), state_sh, mesh)
-    eval_fn = jax.jit(lambda p, b: loss_fn(nnx.merge(graphdef, p), b))
+                  cfg.train.grad_accum), state_sh, mesh, frozen_sh)
+    eval_jit = jax.jit(lambda p, b, f: loss_fn(nnx.merge(graphdef, p, f), b))
+
+    def eval_fn(p, b):  # the frozen base an argument, not a constant of the program
+        return eval_jit(p, b, frozen)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpts = Checkpoints(run_dir / CHECKPOINTS, cfg.train.keep_checkpoints,
@@ -235,7 +257,9 @@ def _train(cfg: TrainConfig, config_path: Path, progress: bool, stop_after: int 
     data_state = DataState()
     restored = ckpts.restore(abstract_with_shardings(state, state_sh))
     if restored is not None:
-        _, state, extra = restored
+        restored_step, state, extra = restored
+        check_base(extra, base and base["fingerprint"], cfg.student.init,
+                   f"{run_dir / CHECKPOINTS}/{restored_step}")
         data_state = DataState.from_dict(extra["data"])
     elif lead:
         with writing(run_dir, f"nothing was trained yet; {FREE} and rerun the same command"):
@@ -270,11 +294,11 @@ def _train(cfg: TrainConfig, config_path: Path, progress: bool, stop_after: int 
              else contextlib.nullcontext(stream)) as batches:
         for step in range(start, total):
             if onp.due(step):
-                device_batch, tokens = onp.batch(step, state.params)
-                state, metrics = onpolicy_fn(state, device_batch)
+                device_batch, tokens = onp.batch(step, nnx.merge_state(state.params, frozen))
+                state, metrics = onpolicy_fn(state, device_batch, frozen)
             else:
                 device_batch, data_state, tokens = next(batches)
-                state, metrics = step_fn(state, device_batch)
+                state, metrics = step_fn(state, device_batch, frozen)
             tokens_since += tokens
             steps_since += 1
             done = step + 1
@@ -296,7 +320,7 @@ def _train(cfg: TrainConfig, config_path: Path, progress: bool, stop_after: int 
                 log.write(done, {"heldout_loss": ev})
                 bar.note(f"step {done}: held-out loss {ev:.4f}")
             extra = {"data": data_state.to_dict(), "seed": cfg.train.seed,
-                     "onpolicy_steps": onp.count}
+                     "onpolicy_steps": onp.count, **({"base": base} if base else {})}
             halt = flag.signal is not None or (stop_after is not None and done - start >= stop_after)
             if done % cfg.train.checkpoint_every == 0 or done == total or halt:
                 ckpts.save(done, state, extra, force=True)
