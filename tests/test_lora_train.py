@@ -130,8 +130,9 @@ def test_qlora_trains_and_merges_into_the_unquantised_base(world, base, tmp_path
     ({"lora": {"rank": 0}}, "student.lora.rank"),
     ({"lora": {"targets": ["q", "qkv"]}}, "student.lora.targets"),
     ({"quantize": "nf4"}, "set student.lora too"),
+    ({"lora": {"dropout": 0.05}}, "LoRA dropout is not supported yet"),
     ({"init": str(REPO / "configs/teachers/tiny-moe.yaml"), "lora": LORA}, "MoE model is not supported yet"),
-], ids=["rank", "target", "quantize-alone", "moe"])
+], ids=["rank", "target", "quantize-alone", "dropout", "moe"])
 def test_bad_lora_input_fails_in_one_line(world, tmp_path, student, message):
     student = {"init": str(REPO / "configs/students/tiny-qwen2.yaml"), "tokenizer": str(world["tok"]),
                **student}
