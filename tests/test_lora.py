@@ -201,3 +201,37 @@ def test_dequantised_smollm2_weights_within_bound(smollm2, fmt):
     for t in lora.TARGETS.values():
         w = np.asarray(getattr(getattr(model.blocks, t.module), t.weight)[...])[:2]  # two layers: every shape
         _assert_within_bound(w, fmt, t.weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# distill export --adapter
+
+
+def test_export_adapter_writes_peft_dir_tokenizer_and_readme(tmp_path, tok):
+    from distill.export import export_adapter
+
+    model = _adapted(load(save_hf(tiny_hf("llama"), tmp_path / "hf")), LoraConfig(rank=8))
+    out = export_adapter(model, tok, tmp_path / "run-adapter", base_name="org/base",
+                         source="students/run")
+    names = {p.name for p in out.iterdir()}
+    assert {peft.CONFIG, peft.WEIGHTS, "README.md", "tokenizer.json"} <= names
+    readme = (out / "README.md").read_text()
+    assert "base_model: org/base" in readme and "--max-lora-rank 8" in readme
+    with pytest.raises(DistillError, match="already exists"):
+        export_adapter(model, tok, out, base_name="org/base", source="students/run")
+
+
+def test_export_adapter_of_what_is_not_a_lora_run_is_one_line(tmp_path):
+    from tests.helpers import assert_user_error, invoke_cli
+
+    hf_dir = save_hf(tiny_hf("llama"), tmp_path / "hf")
+    out = tmp_path / "out"
+    assert_user_error(invoke_cli(["export", hf_dir, "--out", out, "--adapter"]),
+                      "--adapter", "a LoRA run", "a hf model")
+    run = tmp_path / "run"  # a full fine-tune run: student.lora unset
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "model.json").write_text("{}")
+    (run / "config.yaml").write_text(f"student:\n  init: {hf_dir}\n")
+    assert_user_error(invoke_cli(["export", run, "--out", out, "--adapter"]),
+                      "a full fine-tune run")
+    assert not out.exists()
