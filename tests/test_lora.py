@@ -72,6 +72,9 @@ def _peft_parity(tmp_path, hf_dir, cfg: LoraConfig, ids, warned=None):
                             on_warning=None if warned is None else warned.append)
     # "error": a missing or unexpected adapter key raises instead of warning
     theirs = PeftModel.from_pretrained(ref, out, strict_adapter_check="error").eval()
+    again = theirs.load_adapter(out, adapter_name="again")  # PEFT's own load result, checked
+    assert not again.missing_keys and not again.unexpected_keys
+    theirs.delete_adapter("again")
     np.testing.assert_allclose(ours, hf_logits(theirs, ids), atol=gap + 1e-4, rtol=0)
     merged_theirs = theirs.merge_and_unload()
     merged = distill.save_pretrained(lora.merge(model), None, tmp_path / "merged",
@@ -132,6 +135,34 @@ def test_adapter_export_import_is_bitwise(tmp_path):
     for x, y in zip(_adapters(model), _adapters(again), strict=True):
         assert x.dtype == y.dtype and np.array_equal(x, y)
     assert json.loads((out / peft.CONFIG).read_text())["base_model_name_or_path"] == "Qwen/base"
+
+
+def test_qlora_adapters_export_and_load_on_the_unquantised_base(tmp_path):
+    hf_dir = save_hf(tiny_hf("qwen2"), tmp_path / "hf")
+    cfg = LoraConfig(rank=8, alpha=16)
+    qlora = load(hf_dir)
+    lora.adapt(qlora, cfg, "nf4", jax.random.key(0))
+    _adapted(qlora, cfg)
+    out = peft.save_adapter(qlora, tmp_path / "adapter", str(hf_dir))
+    plain = lora.adapt(load(hf_dir), cfg, "none", jax.random.key(3))
+    peft.load_adapter(plain, out)
+    for x, y in zip(_adapters(qlora), _adapters(plain), strict=True):
+        assert np.array_equal(x, y)
+
+
+def test_merge_is_in_float32_cast_once(tmp_path):
+    model, _ = distill.load_pretrained(save_hf(tiny_hf("llama"), tmp_path / "hf"),
+                                       param_dtype="bfloat16")
+    _adapted(model, LoraConfig(rank=8, alpha=16, targets=("o", "up")))
+    w_o, w_up = model.blocks.attn.wo_nhd[...], model.blocks.mlp.w_up_df[...]
+    expected_o = (w_o.astype(jnp.float32) + model.blocks.attn.o_lora.delta()).astype(jnp.bfloat16)
+    expected_up = (w_up.astype(jnp.float32) + model.blocks.mlp.up_lora.delta()).astype(jnp.bfloat16)
+    lora.merge(model)
+    assert model.config.lora is None and model.blocks.attn.o_lora is None
+    assert model.blocks.attn.wo_nhd.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(model.blocks.attn.wo_nhd[...]), np.asarray(expected_o))
+    np.testing.assert_array_equal(np.asarray(model.blocks.mlp.w_up_df[...]),
+                                  np.asarray(expected_up))
 
 
 def test_bad_adapters_are_one_line(tmp_path):
