@@ -165,6 +165,28 @@ def test_merge_is_in_float32_cast_once(tmp_path):
                                   np.asarray(expected_up))
 
 
+def test_adapter_export_on_a_full_disk_leaves_the_previous_one(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from distill.fsutil import WriteFailed
+
+    cfg = LoraConfig(rank=8, alpha=16, targets=("q",))
+    model = _adapted(load(save_hf(tiny_hf("llama"), tmp_path / "hf")), cfg)
+    out = peft.save_adapter(model, tmp_path / "adapter", "base")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(peft.weights, "save_weights_file", full)
+    with pytest.raises(WriteFailed) as e:
+        peft.save_adapter(model, out, "base", overwrite=True)
+    assert str(e.value).endswith(f"{out} is as it was; free space and rerun the same command")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "hf"]  # no temporaries
+
+
 def test_bad_adapters_are_one_line(tmp_path):
     hf_dir = save_hf(tiny_hf("llama"), tmp_path / "hf")
     cfg = LoraConfig(rank=8, alpha=16, targets=("q", "v"))
