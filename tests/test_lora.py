@@ -119,6 +119,28 @@ def test_smollm2_matches_peft_and_merge_and_unload(tmp_path, smollm2):
     print(f"smollm2 peft parity: {time.monotonic() - start:.1f} s")
 
 
+def test_an_adapter_peft_wrote_loads_into_ours(tmp_path):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    ref = tiny_hf("qwen2")
+    hf_dir = save_hf(ref, tmp_path / "hf")
+    ids = _ids(ref.config.vocab_size)
+    base = our_logits(load(hf_dir), ids)
+    base_gap = np.abs(base - hf_logits(ref, ids)).max()
+    # init_lora_weights=False: PEFT draws B at random too (its testing initialisation)
+    theirs = get_peft_model(ref, PeftLoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+        init_lora_weights=False)).eval()
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = lora.adapt(load(hf_dir), LoraConfig(rank=8, alpha=16, targets=("q", "v", "down")),
+                      "none", jax.random.key(0))
+    peft.load_adapter(ours, tmp_path / "theirs")
+    got = our_logits(ours, ids)
+    assert np.abs(got - base).max() > 1e-2  # the adapters matter
+    np.testing.assert_allclose(got, hf_logits(theirs, ids), atol=base_gap + 1e-4, rtol=0)
+
+
 def test_adapter_export_import_is_bitwise(tmp_path):
     cfg = LoraConfig(rank=8, alpha=16, targets=("q", "k", "o", "gate", "down"))
     hf_dir = save_hf(tiny_hf("qwen2"), tmp_path / "hf")
