@@ -41,7 +41,8 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, dtype: str = "bfloat1
     lora_run = kind == "run" and run_lora(checkpoint) is not None
     if adapter:
         if not lora_run:
-            what = "a full fine-tune run" if kind == "run" else f"a {kind} model, not a run"
+            what = {"run": "a full fine-tune run", "gguf": "a GGUF file, not a run"}.get(
+                kind, "a model directory, not a run")
             raise DistillError(f"{checkpoint}: --adapter exports the adapters of a LoRA run "
                                f"(trained with student.lora); this is {what}")
         model, tokenizer = load_pretrained(checkpoint)

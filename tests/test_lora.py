@@ -302,7 +302,7 @@ def test_export_adapter_of_what_is_not_a_lora_run_is_one_line(tmp_path):
     hf_dir = save_hf(tiny_hf("llama"), tmp_path / "hf")
     out = tmp_path / "out"
     assert_user_error(invoke_cli(["export", hf_dir, "--out", out, "--adapter"]),
-                      "--adapter", "a LoRA run", "a hf model")
+                      "--adapter", "a LoRA run", "a model directory, not a run")
     run = tmp_path / "run"  # a full fine-tune run: student.lora unset
     (run / "checkpoints").mkdir(parents=True)
     (run / "model.json").write_text("{}")
