@@ -109,7 +109,7 @@ def test_llama_target_subset_matches_peft_and_merge_and_unload(tmp_path):
     assert len(warned) == 1 and "--max-lora-rank 8" in warned[0]
 
 
-@pytest.mark.slow  # 25 s on 2 cores, most of it loading SmolLM2 three times
+@pytest.mark.slow  # 25-57 s on 2 busy cores: SmolLM2 loaded by us, saved, loaded twice by transformers
 def test_smollm2_matches_peft_and_merge_and_unload(tmp_path, smollm2):
     start = time.monotonic()
     model, tok = smollm2
