@@ -38,7 +38,8 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, dtype: str = "bfloat1
     if kind == "preset":
         raise DistillError(f"{checkpoint}: a preset has random weights; export a trained "
                            "students/<run> directory or a model directory")
-    lora_run = kind == "run" and run_lora(checkpoint) is not None
+    base = runs.lora_base(checkpoint) if kind == "run" else None  # a LoRA run's base
+    lora_run = base is not None
     if adapter:
         if not lora_run:
             what = {"run": "a full fine-tune run", "gguf": "a GGUF file, not a run"}.get(
@@ -46,7 +47,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, dtype: str = "bfloat1
             raise DistillError(f"{checkpoint}: --adapter exports the adapters of a LoRA run "
                                f"(trained with student.lora); this is {what}")
         model, tokenizer = load_pretrained(checkpoint)
-        return export_adapter(model, tokenizer, out_dir, base_name=run_base(checkpoint),
+        return export_adapter(model, tokenizer, out_dir, base_name=base,
                               source=str(checkpoint), force=force, on_warning=on_warning)
     # a LoRA run: its adapters merged into the unquantised base
     model, tokenizer = load_pretrained(checkpoint, merge=True) if lora_run else \
@@ -58,16 +59,6 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, dtype: str = "bfloat1
                       tokenizer)
     return save_pretrained(model, tokenizer, out_dir, dtype=dtype, overwrite=force,
                            generation_config=R1_GENERATION, extra_files={"README.md": card.encode()})
-
-
-def run_lora(run_dir: Path) -> dict | None:
-    """The `student.lora` of a run's training config (None: a full fine-tune)."""
-    return (runs.read_config(run_dir).get("student") or {}).get("lora")
-
-
-def run_base(run_dir: Path) -> str:
-    """The base model a LoRA run's adapters belong to: its `student.init`."""
-    return str((runs.read_config(run_dir).get("student") or {}).get("init"))
 
 
 def export_adapter(model, tokenizer, out_dir: str | Path, *, base_name: str, source: str,

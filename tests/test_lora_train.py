@@ -106,7 +106,7 @@ def test_a_mesh_of_8_devices_equals_one_device(world, base, tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "int8"])
-def test_qlora_trains_and_merges_into_the_unquantised_base(world, base, tmp_path, fmt):
+def test_qlora_trains_merges_into_the_unquantised_base_and_exports(world, base, tmp_path, fmt):
     cfg = lora_config(world, tmp_path, fmt, base[0], student={"quantize": fmt},
                       train={"steps": 6}, optim={"lr": 1e-2, "warmup_steps": 0})
     run_train(cfg, progress=False)
@@ -124,6 +124,29 @@ def test_qlora_trains_and_merges_into_the_unquantised_base(world, base, tmp_path
         expect = w + adapter.delta()
         got = getattr(getattr(merged.blocks, t.module), t.weight)[...]
         np.testing.assert_array_equal(got, expect, err_msg=name)
+    if fmt == "nf4":
+        _check_exports(run_dir, merged, base[0], tmp_path)
+
+
+def _check_exports(run_dir, merged, base_dir, tmp_path):
+    """`distill export` of the run (merged), and `--adapter`: transformers loads the first, PEFT
+    the second on the base; both give the merged model's logits."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    for args in (["--out", tmp_path / "merged", "--dtype", "float32"],
+                 ["--adapter", "--out", tmp_path / "adapter"]):
+        out = invoke_cli(["export", run_dir, *args])
+        assert out.returncode == 0, out.stderr
+    tokens = [[0, 5, 17, 42, 9, 3]]
+    ours = np.asarray(merged(jnp.asarray(tokens)))
+    with torch.no_grad():
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+        np.testing.assert_allclose(hf(torch.tensor(tokens)).logits.numpy(), ours, atol=1e-4)
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir),
+                                         tmp_path / "adapter").eval()
+        np.testing.assert_allclose(peft(torch.tensor(tokens)).logits.numpy(), ours, atol=1e-4)
 
 
 @pytest.mark.parametrize("student, message", [
@@ -161,3 +184,4 @@ def test_an_onpolicy_lora_student_samples_with_its_live_adapters_and_loads_anywh
                       "--raw"])
     assert out.returncode == 0, out.stderr
     assert "loaded the checkpoint of step 2" in out.stderr
+
