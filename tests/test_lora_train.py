@@ -93,16 +93,23 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run_bitwise(world, base, tmp
         assert np.array_equal(a, b)
 
 
-def test_a_mesh_of_8_devices_equals_one_device(world, base, tmp_path):
-    for name, mesh, n in (("one", "data=1,fsdp=1,tensor=1", 1), ("eight", "data=2,fsdp=2,tensor=2", 8)):
-        run_train(lora_config(world, tmp_path, name, base[0], mesh=mesh, train={"steps": 3}),
-                  progress=False, devices=jax.devices()[:n])
-    one, eight = (np.array([m["loss"] for m in metrics(tmp_path / "students" / n)])
-                  for n in ("one", "eight"))
-    np.testing.assert_allclose(eight, one, rtol=1e-5)
-    for a, b in zip(run_params(tmp_path / "students" / "eight"),
-                    run_params(tmp_path / "students" / "one"), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+def test_a_mesh_of_8_devices_and_accumulation_with_remat_equal_one_device(world, base, tmp_path):
+    runs = {  # name: (sections, devices)
+        "one": (dict(mesh="data=1,fsdp=1,tensor=1"), 1),
+        "eight": (dict(mesh="data=2,fsdp=2,tensor=2"), 8),
+        "accum": (dict(mesh="fsdp=2", train={"steps": 3, "grad_accum": 2},
+                       student={"remat": "full"}), 2),
+    }
+    for name, (sections, n) in runs.items():
+        sections = {**sections, "train": sections.get("train", {"steps": 3})}
+        run_train(lora_config(world, tmp_path, name, base[0], **sections), progress=False,
+                  devices=jax.devices()[:n])
+    losses = {n: np.array([m["loss"] for m in metrics(tmp_path / "students" / n)]) for n in runs}
+    one = run_params(tmp_path / "students" / "one")
+    for name in ("eight", "accum"):
+        np.testing.assert_allclose(losses[name], losses["one"], rtol=1e-5, err_msg=name)
+        for a, b in zip(run_params(tmp_path / "students" / name), one, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5, err_msg=name)
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "int8"])

@@ -109,8 +109,8 @@ def load_student(cfg: TrainConfig, mesh):
         raise DistillError(f"{s.init}: no tokenizer with this model; set student.tokenizer")
     update = s.model_updates()
     if update:  # validated again: a bad value names the field
-        cfg = model.config
-        model.config = validate(type(cfg), {**cfg.model_dump(), **update}, "student.config_overrides")
+        mc = model.config
+        model.config = validate(type(mc), {**mc.model_dump(), **update}, "student.config_overrides")
     base = None
     if s.lora is not None:
         base = {"init": str(s.init), "fingerprint": base_fingerprint(model)}
