@@ -17,7 +17,7 @@ from distill.train.loop import run_train
 
 from . import toy
 from .helpers import invoke_cli
-from .runs import REPO, run_params, train_config, train_process, wait_for
+from .runs import REPO, free_port, run_params, train_config, train_process, wait_for
 from .test_train import _committed, metrics
 
 LORA = {"rank": 4, "alpha": 8.0}
@@ -76,10 +76,22 @@ def test_only_adapters_train_and_the_checkpoint_holds_them_with_its_base(world, 
     assert _committed(run_dir) == [8]
 
 
-def test_kill_9_then_resume_equals_an_uninterrupted_run_bitwise(world, base, tmp_path):
+def test_kill_9_then_resume_equals_an_uninterrupted_run_bitwise_and_two_processes_one(
+        world, base, tmp_path):
     common = dict(train={"steps": 12, "checkpoint_every": 3, "log_every": 3})
     ref = train_process(lora_config(world, tmp_path, "ref", base[0], **common))
-    assert ref.wait(timeout=300) == 0, ref.stderr.read()
+    # the same run on two processes of one device each (the mesh is the same: fsdp=2)
+    port = free_port()
+    two = [train_process(lora_config(world, tmp_path, "two", base[0], **common),
+                         {"XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+                          "DISTILL_COORDINATOR": f"127.0.0.1:{port}",
+                          "DISTILL_NUM_PROCESSES": "2", "DISTILL_PROCESS_ID": str(i)})
+           for i in range(2)]
+    for p in (ref, *two):
+        assert p.wait(timeout=300) == 0, p.stderr.read()
+    for a, b in zip(run_params(tmp_path / "students" / "two"),
+                    run_params(tmp_path / "students" / "ref"), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
     cfg = lora_config(world, tmp_path, "run", base[0], **common)
     run_dir = tmp_path / "students" / "run"
     proc = train_process(cfg)
