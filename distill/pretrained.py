@@ -79,7 +79,8 @@ def load_pretrained(path: str | Path, *, param_dtype: str = "float32", dtype: st
     (default: param_dtype). With a `mesh`, every weight is placed sharded as its logical axis
     names say while it streams in. The tokenizer is None when the path carries none.
     A LoRA run loads its base (the run's student.init) and its adapters: as trained (quantised
-    base and all), or with `merge` folded into the unquantised base (a plain model).
+    base and all), or with `merge` folded into the unquantised base (a plain model). A LoRA run
+    whose base is itself a LoRA run stands on that run's merged model (as `distill train` does).
     """
     path = Path(path)
     kind = model_kind(path)
@@ -115,7 +116,7 @@ def _load_lora_run(run_dir: Path, base_path: str, mesh, merge: bool, runtime: di
     """A LoRA run: its base loaded, the run's adapters (and quantisation unless `merge`)
     declared on it and restored from the run's checkpoint."""
     cfg = read_model_config(run_dir, **runtime)
-    model, _ = load_pretrained(base_path, mesh=mesh, **runtime)
+    model, _ = load_pretrained(base_path, mesh=mesh, merge=True, **runtime)  # as it trained
     fingerprint = base_fingerprint(model)
     model.config = cfg.model_copy(update={"lora": None, "quantize": "none"})
     lora.adapt(model, cfg.lora, "none" if merge else cfg.quantize, jax.random.key(0))

@@ -189,7 +189,11 @@ def test_an_onpolicy_lora_student_samples_with_its_live_adapters_and_loads_anywh
         world, base, tmp_path):
     from .test_onpolicy import onpolicy_config
 
-    student = {"init": str(base[0]), "tokenizer": str(world["tok"]), "lora": LORA}
+    # SFT with LoRA, then on-policy with new adapters on the SFT run's merged model
+    run_train(lora_config(world, tmp_path, "sft", base[0], train={"steps": 2},
+                          optim={"lr": 1e-2, "warmup_steps": 0}), progress=False)
+    sft = tmp_path / "students" / "sft"
+    student = {"init": str(sft), "tokenizer": str(world["tok"]), "lora": LORA}
     cfg = onpolicy_config(world, base[1], tmp_path / "onp.yaml", student=student,
                           onpolicy={"fraction": 1.0}, train={"steps": 2, "log_every": 1},
                           optim={"lr": 1e-2, "warmup_steps": 0})
@@ -199,6 +203,9 @@ def test_an_onpolicy_lora_student_samples_with_its_live_adapters_and_loads_anywh
                                for r in m)
     trained, _ = distill.load_pretrained(result.run_dir)
     assert float(jnp.abs(trained.blocks.attn.q_lora.lora_b[...]).max()) > 0
+    sft_merged, _ = distill.load_pretrained(sft, merge=True)
+    assert distill.runs.read_extra(result.run_dir / "checkpoints", 2)["base"]["fingerprint"] == \
+        distill.runs.base_fingerprint(sft_merged)
     out = invoke_cli(["sample", result.run_dir, "--prompt", "1+2", "--max-new-tokens", "4",
                       "--raw"])
     assert out.returncode == 0, out.stderr

@@ -100,9 +100,10 @@ def load_student(cfg: TrainConfig, mesh):
     the quantised base) added to the loaded base, and `base` what its checkpoints name
     ({"init", "fingerprint"}); None for a full fine-tune."""
     s = cfg.student
+    # a LoRA run as `init` starts as its merged model (its adapters folded into its base)
     model, tokenizer = load_pretrained(s.init, param_dtype=s.param_dtype,
                                        dtype=s.compute_dtype(jax.default_backend()), mesh=mesh,
-                                       seed=cfg.train.seed)
+                                       seed=cfg.train.seed, merge=True)
     if s.tokenizer:
         tokenizer = Tokenizer.from_pretrained(s.tokenizer)
     if tokenizer is None:
