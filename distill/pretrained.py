@@ -8,8 +8,6 @@ for tests and planning).
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -17,7 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from distill.errors import DistillError
-from distill.fsutil import FREE, writing
+from distill.fsutil import new_directory
 from distill.models import gguf, lora, safetensors_io, weights
 from distill.models.deepseek import hf as deepseek_hf
 from distill.models.deepseek.config import MoEConfig
@@ -147,20 +145,7 @@ def save_pretrained(model, tokenizer, out_dir: str | Path, *, dtype: str = "floa
     (a full disk) leaves `out_dir` as it was, with one line that says so.
     """
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise DistillError(f"{out}: already exists and is not empty (pass overwrite/--force)")
-    safe = (f"{out} is as it was" if out.exists() else f"nothing was written to {out}")
-    with writing(out, f"{safe}; {FREE} and rerun the same command"):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        _save_into(tmp, out, model, tokenizer, dtype, max_shard_bytes, generation_config,
-                   extra_files or {})
-    return out
-
-
-def _save_into(tmp: Path, out: Path, model, tokenizer, dtype, max_shard_bytes,
-               generation_config, extra_files) -> None:
-    try:
+    with new_directory(out, overwrite) as tmp:
         cfg = model.config
         config = hf_config(cfg, dtype)
         # a DeepseekV3 model's experts are written one tensor each, as DeepSeek publishes them
@@ -172,11 +157,6 @@ def _save_into(tmp: Path, out: Path, model, tokenizer, dtype, max_shard_bytes,
         weights.save_weights(model, tmp, table, dtype, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for name, data in extra_files.items():
+        for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return out
