@@ -23,7 +23,14 @@ from distill.models.families import load_model_config, model_class
 from distill.models.llama import hf as llama_hf
 from distill.models.llama.config import DenseConfig
 from distill.parallel import shard_module, state_shardings
-from distill.runs import base_fingerprint, is_run, load_run, lora_base, read_model_config
+from distill.runs import (
+    base_fingerprint,
+    is_run,
+    load_run,
+    lora_base,
+    read_config,
+    read_model_config,
+)
 from distill.tokenizer import Tokenizer
 
 
@@ -114,7 +121,8 @@ def _load_lora_run(run_dir: Path, base_path: str, mesh, merge: bool, runtime: di
     """A LoRA run: its base loaded, the run's adapters (and quantisation unless `merge`)
     declared on it and restored from the run's checkpoint."""
     cfg = read_model_config(run_dir, **runtime)
-    model, _ = load_pretrained(base_path, mesh=mesh, merge=True, **runtime)  # as it trained
+    seed = (read_config(run_dir).get("train") or {}).get("seed", 0)  # a preset base's init
+    model, _ = load_pretrained(base_path, mesh=mesh, merge=True, seed=seed, **runtime)
     fingerprint = base_fingerprint(model)
     model.config = cfg.model_copy(update={"lora": None, "quantize": "none"})
     lora.adapt(model, cfg.lora, "none" if merge else cfg.quantize, jax.random.key(0))

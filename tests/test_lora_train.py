@@ -211,3 +211,11 @@ def test_an_onpolicy_lora_student_samples_with_its_live_adapters_and_loads_anywh
     assert out.returncode == 0, out.stderr
     assert "loaded the checkpoint of step 2" in out.stderr
 
+
+
+def test_a_lora_run_on_a_preset_base_of_another_seed_loads(world, tmp_path):
+    cfg = lora_config(world, tmp_path, "seeded", REPO / "configs/students/tiny-qwen2.yaml",
+                      train={"steps": 1, "seed": 3})
+    run_train(cfg, progress=False)
+    model, _ = distill.load_pretrained(tmp_path / "students" / "seeded")  # the base of seed 3
+    assert model.config.lora.rank == LORA["rank"]
