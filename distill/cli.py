@@ -297,7 +297,8 @@ def _benchmark_config(benchmark, model, model_name, source, limit) -> dict:
                             source=source, limit=limit)
 
 
-@cli.command(help="Write CHECKPOINT as a Hugging Face directory that transformers loads as it is.\n\n"
+@cli.command(help="Write CHECKPOINT as a Hugging Face directory that transformers loads as it is "
+             "(a LoRA run: merged into its base, or with --adapter as a PEFT adapter).\n\n"
              f"CHECKPOINT is {MODEL_HELP}.")
 @click.argument("checkpoint", type=click.Path())
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="Output directory.")
@@ -306,12 +307,14 @@ def _benchmark_config(benchmark, model, model_name, source, limit) -> dict:
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--eval", "eval_report", type=click.Path(), default=None,
               help="An eval.json from `distill eval` to quote in the model card.")
-def export(checkpoint, out_dir, dtype, force, eval_report):
+@click.option("--adapter", is_flag=True,
+              help="A LoRA run's adapters as a PEFT directory (float32) instead of merged weights.")
+def export(checkpoint, out_dir, dtype, force, eval_report, adapter):
     from distill.export import export as run_export
 
     out = run_export(checkpoint, out_dir, dtype=dtype, force=force, eval_report=eval_report,
-                     on_warning=lambda m: click.echo(f"warning: {m}", err=True))
-    click.echo(f"exported {checkpoint} -> {out} ({dtype})")
+                     on_warning=lambda m: click.echo(f"warning: {m}", err=True), adapter=adapter)
+    click.echo(f"exported {checkpoint} -> {out} ({'PEFT adapter' if adapter else dtype})")
 
 
 @cli.command(help="Generate a completion from MODEL with a KV cache and print it.\n\n"

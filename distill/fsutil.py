@@ -7,6 +7,8 @@ import contextlib
 import errno
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -104,3 +106,26 @@ def fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def new_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary sibling of `out` to fill, renamed into place when the block ends (replacing
+    `out` with `overwrite`) and removed when it fails: an interrupted write never leaves a
+    directory that looks complete, and a failed write (a full disk) is one line (WriteFailed)
+    that leaves `out` as it was. A non-empty `out` without `overwrite` is a DistillError."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise DistillError(f"{out}: already exists and is not empty (pass overwrite/--force)")
+    safe = f"{out} is as it was" if out.exists() else f"nothing was written to {out}"
+    with writing(out, f"{safe}; {FREE} and rerun the same command"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            yield tmp
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise

@@ -130,8 +130,9 @@ def test_qlora_trains_and_merges_into_the_unquantised_base(world, base, tmp_path
     ({"lora": {"rank": 0}}, "student.lora.rank"),
     ({"lora": {"targets": ["q", "qkv"]}}, "student.lora.targets"),
     ({"quantize": "nf4"}, "set student.lora too"),
+    ({"lora": {"dropout": 0.05}}, "LoRA dropout is not supported yet"),
     ({"init": str(REPO / "configs/teachers/tiny-moe.yaml"), "lora": LORA}, "MoE model is not supported yet"),
-], ids=["rank", "target", "quantize-alone", "moe"])
+], ids=["rank", "target", "quantize-alone", "dropout", "moe"])
 def test_bad_lora_input_fails_in_one_line(world, tmp_path, student, message):
     student = {"init": str(REPO / "configs/students/tiny-qwen2.yaml"), "tokenizer": str(world["tok"]),
                **student}
@@ -140,3 +141,23 @@ def test_bad_lora_input_fails_in_one_line(world, tmp_path, student, message):
     assert out.returncode == 2, out.stderr
     assert out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
     assert not (tmp_path / "students" / "bad" / "checkpoints").exists()
+
+
+def test_an_onpolicy_lora_student_samples_with_its_live_adapters_and_loads_anywhere(
+        world, base, tmp_path):
+    from .test_onpolicy import onpolicy_config
+
+    student = {"init": str(base[0]), "tokenizer": str(world["tok"]), "lora": LORA}
+    cfg = onpolicy_config(world, base[1], tmp_path / "onp.yaml", student=student,
+                          onpolicy={"fraction": 1.0}, train={"steps": 2, "log_every": 1},
+                          optim={"lr": 1e-2, "warmup_steps": 0})
+    result = run_train(cfg, progress=False)
+    m = metrics(result.run_dir)
+    assert len(m) == 2 and all(r["completion_tokens"] > 0 and r["sampled_reverse_kl"] > 0
+                               for r in m)
+    trained, _ = distill.load_pretrained(result.run_dir)
+    assert float(jnp.abs(trained.blocks.attn.q_lora.lora_b[...]).max()) > 0
+    out = invoke_cli(["sample", result.run_dir, "--prompt", "1+2", "--max-new-tokens", "4",
+                      "--raw"])
+    assert out.returncode == 0, out.stderr
+    assert "loaded the checkpoint of step 2" in out.stderr

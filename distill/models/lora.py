@@ -20,7 +20,7 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from distill.config import Frozen
 from distill.errors import DistillError
@@ -55,8 +55,17 @@ class LoraConfig(Frozen):
     rank: int = Field(16, gt=0)  # R
     alpha: float = Field(32.0, gt=0)
     targets: tuple[TargetName, ...] = tuple(TARGETS)  # the projections that get an adapter
-    dropout: float = Field(0.0, ge=0, lt=1)  # on the adapter's input, while training
+    # PEFT's lora_dropout; only 0 for now (the forward carries no random key yet). Thinking
+    # Machines' "LoRA Without Regret" (2025) and Tunix's recipes train without it.
+    dropout: float = Field(0.0, ge=0, lt=1)
     rslora: bool = False  # scale alpha / sqrt(R) instead of alpha / R
+
+    @field_validator("dropout")
+    @classmethod
+    def _no_dropout_yet(cls, p: float) -> float:
+        if p:
+            raise ValueError("LoRA dropout is not supported yet: use 0 (the default)")
+        return p
 
     @property
     def scale(self) -> float:

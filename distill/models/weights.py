@@ -139,6 +139,16 @@ def build_from_tensors(cfg, tensors: Iterable[tuple[str, np.ndarray]], source: s
     """
     graphdef, state = nnx.split(nnx.eval_shape(lambda: model_cls(cfg, nnx.Rngs(0))))
     abstract = dict(nnx.to_flat_state(state))
+    fill_state(abstract, tensors, source, mesh, table=table)
+    return nnx.merge(graphdef, nnx.from_flat_state(abstract))
+
+
+def fill_state(abstract: dict, tensors: Iterable[tuple[str, np.ndarray]], source: str,
+               mesh: Mesh | None = None, *, table: WeightTable) -> None:
+    """Set every variable of a flat state (`abstract`: native key -> nnx.Variable, abstract or
+    not) from a stream of (HF name, array) pairs, as `table` says, one tensor at a time (see
+    `build_from_tensors`). A tensor that is unexpected, repeated or misshapen, or a variable
+    left without one, is a DistillError naming it."""
     entries = _compile_table(table)
     stacked: dict[tuple, jax.Array] = {}
     pending: dict[tuple, set[tuple[int, ...]]] = {}
@@ -175,7 +185,6 @@ def build_from_tensors(cfg, tensors: Iterable[tuple[str, np.ndarray]], source: s
                            + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
     for key, var in abstract.items():
         var.set_value(done[key])
-    return nnx.merge(graphdef, nnx.from_flat_state(abstract))
 
 
 @functools.cache
@@ -271,3 +280,15 @@ def save_weights(model: nnx.Module, out_dir: Path, table: WeightTable, dtype: st
     plan = [(s[0], s[1], s[2]) for s in specs]
     return safetensors_io.write_checkpoint(
         out_dir, plan, lambda name: _hf_tensor(state, by_name[name]), max_shard_bytes)
+
+
+def save_weights_file(model: nnx.Module, path: Path, table: WeightTable,
+                      dtype: str = "float32") -> Path:
+    """Write the model's tensors that `table` names into the one safetensors file `path`
+    (a PEFT adapter's adapter_model.safetensors: small, never sharded)."""
+    specs = hf_tensor_specs(model, np.dtype(jnp.dtype(dtype)), table)
+    state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    by_name = {s[0]: s for s in specs}
+    safetensors_io.write_file(path, [(s[0], s[1], s[2]) for s in specs],
+                              lambda name: _hf_tensor(state, by_name[name]))
+    return path

@@ -29,7 +29,7 @@ from distill.errors import DistillError
 from distill.fsutil import FREE, writing
 from distill.models import lora
 from distill.models.llama.config import DenseConfig
-from distill.parallel import make_mesh, parse_mesh
+from distill.parallel import make_mesh, parse_mesh, shard_module
 from distill.pretrained import load_pretrained
 from distill.runs import (
     CHECKPOINTS,
@@ -115,6 +115,7 @@ def load_student(cfg: TrainConfig, mesh):
     if s.lora is not None:
         base = {"init": str(s.init), "fingerprint": base_fingerprint(model)}
         lora.adapt(model, s.lora, s.quantize, jax.random.key(cfg.train.seed))
+        shard_module(model, mesh)  # the adapters and quantised weights, where their names say
     return model, tokenizer, base
 
 
