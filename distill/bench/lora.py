@@ -9,7 +9,8 @@ the same adapters on an nf4 base (QLoRA). The timed steps alternate (full, LoRA,
 ratio the median of the per-round ratios. Memory is XLA's `memory_analysis` of each compiled
 step (arguments + outputs - aliased + temporaries: what the step holds), not the process RSS,
 which one process running all three cannot split (its peak is reported beside). The compiled
-FLOPs (`cost_analysis`) and dot count show that the frozen weights get no gradient.
+FLOPs (`cost_analysis`) show that the frozen weights get no gradient; like the dot count, they
+are the HLO's, where the scanned layers' loop body counts once (the head + one layer).
 
 The learning figure: `distill train` on SmolLM2-135M (real weights) and a small trace set (the
 synthetic arithmetic task's reference traces, rendered with SmolLM2's tokenizer), N steps of
@@ -221,14 +222,15 @@ def table(result: dict) -> str:
     lines = [f"LoRA / QLoRA vs full fine-tune step, {s['model']}, batch {s['batch']} x "
              f"{s['seq_len']} tokens, rank {s['rank']} on all seven projections, {s['backend']}, "
              f"median of {s['repeats']} alternating rounds; memory: {s['memory']}", "",
-             "| step | trainable params | step s | vs full | GFLOP (XLA) | dots | memory |",
+             "| step | trainable params | step s | vs full | GFLOP (XLA)* | dots* | memory |",
              "|---|---|---|---|---|---|---|"]
     for v, r in s["variants"].items():
         ratio = f"{r['vs_full']:.2f}x" if "vs_full" in r else "1.00x"
         lines.append(f"| {v} | {r['trainable_params'] / 1e6:.2f}M | {r['step_s']:.3f} | {ratio} "
                      f"| {r['flops'] / 1e9:.1f} | {r['dots']} | "
                      f"{r['memory_bytes'] / 2**30:.2f} GiB |")
-    lines.append(f"\nprocess peak RSS (all three): {s['peak_rss_bytes'] / 2**30:.2f} GiB")
+    lines.append("\n* of the compiled HLO, where the scanned layers' loop body counts once\n"
+                 f"process peak RSS (all three): {s['peak_rss_bytes'] / 2**30:.2f} GiB")
     learn = result.get("learning")
     if learn is None:
         return "\n".join(lines + ["learning figure: skipped (no SmolLM2 GGUF)"])
