@@ -462,6 +462,8 @@ def bench(ctx, suites, compare, gguf_path, model_path, out_dir, small):
                 compiles after warmup, set_weights (SmolLM2, or --model)
       onpolicy  an on-policy distillation step beside an SFT step on the same student
                 (SmolLM2, or --model), with its sampling / scoring / training shares
+      lora      full fine-tune vs LoRA r64 vs QLoRA nf4 step on SmolLM2-135M (time, FLOPs,
+                memory), and LoRA's loss reduction and adapter file beside a full run's
     """
     if ctx.invoked_subcommand is not None:
         return

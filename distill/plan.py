@@ -53,27 +53,39 @@ class PlanReport:
     mesh: dict
     batch: int
     seq_len: int
-    params: int
+    params: int  # the model's parameters (a LoRA student's base, without its adapters)
     device_memory: float  # bytes
     compiler: dict  # argument / output / alias / temp / total bytes per device, flops
-    analytic: dict  # params / optimizer / gradients / activations / total bytes per device
+    # params (trainable: all, or a LoRA student's adapters) / frozen (its base) / optimizer /
+    # gradients / activations / total bytes per device
+    analytic: dict
     compile_s: float
     fits: bool
     verdict_source: str
+    adapters: str | None = None  # a LoRA student: its adapters and base, in words
+
+    def parts(self) -> dict[str, int]:
+        """The analytic parts by name (what the table's rows and the verdict say)."""
+        a = self.analytic
+        if self.mode != "train":
+            return {"parameters": a["params"], "activations / cache": a["activations"]}
+        first = ({"parameters": a["params"]} if not self.adapters else
+                 {"parameters, frozen base": a["frozen"], "adapters (trainable)": a["params"]})
+        return {**first, "optimizer state": a["optimizer"], "gradients": a["gradients"],
+                "activations": a["activations"]}
 
     def table(self) -> str:
         c, a = self.compiler, self.analytic
-        rows = [("parameters", a["params"], c.get("argument")),
-                ("optimizer state", a.get("optimizer", 0), None),
-                ("gradients", a.get("gradients", 0), None),
-                ("activations / cache", a["activations"], None),
-                ("temporaries", None, c.get("temp")),
-                ("total per device", a["total"], c.get("total"))]
+        rows = [(name, size, None) for name, size in self.parts().items()]
+        rows += [("arguments (state, base, batch)", None, c.get("argument")),
+                 ("temporaries", None, c.get("temp")),
+                 ("total per device", a["total"], c.get("total"))]
         mesh = ",".join(f"{k}={v}" for k, v in self.mesh.items())
         lines = [f"plan: {self.model}, mode {self.mode}, mesh {mesh} ({math.prod(self.mesh.values())} "
                  f"devices), batch {self.batch} x {self.seq_len} tokens, "
-                 f"{self.params / 1e9:.2f}B parameters",
-                 "", "| per device | analytic | XLA (CPU) |", "|---|---|---|"]
+                 f"{self.params / 1e9:.2f}B parameters"]
+        lines += [f"student: {self.adapters}"] if self.adapters else []
+        lines += ["", "| per device | analytic | XLA (CPU) |", "|---|---|---|"]
         for name, ana, comp in rows:
             lines.append(f"| {name} | {_gib(ana)} | {_gib(comp)} |")
         flops = c.get("flops")
@@ -90,14 +102,12 @@ class PlanReport:
     def largest_part(self) -> str:
         """One line on a plan that does not fit: what is too big, and what shrinks it."""
         c, a = self.compiler, self.analytic
-        state = {"parameters": a["params"], "optimizer state": a.get("optimizer", 0),
-                 "gradients": a.get("gradients", 0)}
+        state = {k: v for k, v in self.parts().items() if not k.startswith("activations")}
         if sum(state.values()) > self.device_memory:  # no batch or sequence change can help
             parts = ", ".join(f"{k} {_gib(v)}" for k, v in state.items() if v)
             return (f"largest part: the {'training state' if self.mode == 'train' else 'weights'} "
                     f"alone ({parts}) needs {_gib(sum(state.values()))} per device, above "
-                    f"{_gib(self.device_memory)}: spread it over more devices (a larger fsdp or "
-                    "tensor axis)")
+                    f"{_gib(self.device_memory)}: {self._state_hint()}")
         use_compiler = "total" in c and (self.verdict_source == "compiler" or (
             self.verdict_source == "larger" and c["total"] > a["total"]))
         if use_compiler:
@@ -107,10 +117,10 @@ class PlanReport:
                      "outputs": c["output"] - c["alias"]}
         else:
             source, total = "analytic", a["total"]
-            parts = {**state, "activations / cache": a["activations"]}
+            parts = self.parts()
         name, size = max(parts.items(), key=lambda kv: kv[1])
         if not name.startswith(("activations", "temporaries")):
-            hint = "spread it over more devices (a larger fsdp or tensor axis)"
+            hint = self._state_hint()
         elif self.mode == "train":
             hint = ("lower --batch or --seq-len, raise train.grad_accum, set student.remat: "
                     "full (keeps only each layer's input), or split each row over a context "
@@ -119,6 +129,12 @@ class PlanReport:
             hint = "lower --batch or --seq-len (the KV cache), or add tensor devices"
         return (f"largest part ({source}): {name}, {_gib(size)} of {_gib(total)} per device "
                 f"({size / max(total, 1):.0%}); {hint}")
+
+    def _state_hint(self) -> str:
+        more = "spread it over more devices (a larger fsdp or tensor axis)"
+        if self.mode == "train" and not self.adapters:
+            return more + ", or train LoRA adapters on a frozen base (student.lora)"
+        return more
 
 
 def _gib(x) -> str:
@@ -163,7 +179,9 @@ def _configs(config_path: Path, overrides, mesh_text: str, batch: int | None,
     else:
         model = llama_hf.config_from_hf(read_hf_config(init), str(init),
                                         param_dtype=cfg.student.param_dtype, dtype=dtype)
-    return model.model_copy(update=cfg.student.model_updates()), cfg
+    # a LoRA / QLoRA student is planned as it trains: adapters trainable, the base frozen
+    lora = {"lora": cfg.student.lora, "quantize": cfg.student.quantize}
+    return model.model_copy(update={**cfg.student.model_updates(), **lora}), cfg
 
 
 def _shard_bytes(abstract_tree, shardings_tree) -> int:
@@ -214,8 +232,10 @@ def plan_train(model_cfg, train_cfg, mesh, batch: int, seq_len: int):
         compiled = jitted.lower(state, batch_arrays, frozen).compile()
     p_bytes = _shard_bytes(params, state_sh.params)
     o_bytes = _shard_bytes(opt, state_sh.opt_state)
-    analytic = {"params": p_bytes + _shard_bytes(frozen, frozen_sh), "optimizer": o_bytes,
-                "gradients": p_bytes,
+    # the trainable parameters get a gradient and optimizer state; the frozen base (a LoRA
+    # student's, in its storage dtype or quantised) is only read
+    analytic = {"params": p_bytes, "frozen": _shard_bytes(frozen, frozen_sh),
+                "optimizer": o_bytes, "gradients": p_bytes,
                 "activations": _train_activation_bytes(model_cfg, mesh, batch // accum, seq_len,
                                                        loss)}
     analytic["total"] = sum(analytic.values())
@@ -317,6 +337,26 @@ def run_plan(config_path: str | Path, mesh_text: str, *, seq_len: int | None = N
     memory = parse_bytes(device_memory)
     figures = {"analytic": analytic["total"], "compiler": comp.get("total", analytic["total"])}
     figure = max(figures.values()) if verdict == "larger" else figures[verdict]
+    base_params, adapters = _counts(model_cfg)
     return PlanReport(config_path.stem, mode, {k: shape.get(k, 1) for k in MESH_AXES},
-                      batch, seq_len, param_count(model_cfg), memory, comp, analytic,
-                      compile_s, figure <= memory, verdict)
+                      batch, seq_len, base_params, memory, comp, analytic,
+                      compile_s, figure <= memory, verdict, adapters)
+
+
+def _counts(model_cfg) -> tuple[int, str | None]:
+    """(the base model's parameters, a LoRA student's adapters and base in words or None)."""
+    lora = getattr(model_cfg, "lora", None)
+    quantize = getattr(model_cfg, "quantize", "none")
+    if lora is None and quantize == "none":
+        return param_count(model_cfg), None
+    base = model_cfg.model_copy(update={"lora": None, "quantize": "none"})
+    n_base = param_count(base)
+    if lora is None:
+        return n_base, f"frozen base ({quantize})"
+    state = nnx.state(abstract_model(model_cfg), nnx.LoRAParam)
+    n_lora = sum(math.prod(v.shape) for _, v in nnx.to_flat_state(state))
+    storage = ("nf4 codes + float32 scales" if quantize == "nf4" else
+               "int8 codes + float32 scales" if quantize == "int8" else model_cfg.param_dtype)
+    return n_base, (f"LoRA rank {lora.rank} on {','.join(lora.targets)}: {n_lora:,} trainable "
+                    f"float32 parameters ({n_lora / n_base:.2%} of the base); the frozen base "
+                    f"in {storage}")

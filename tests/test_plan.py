@@ -110,3 +110,77 @@ def test_bad_mesh_is_one_line():
     proc = invoke_cli(["plan", "configs/students/qwen2.5-math-1.5b.yaml", "--mesh",
                        "data=1,fsdp=0"], cwd=REPO)
     assert assert_user_error(proc).startswith("error: mesh")
+
+
+# LoRA / QLoRA students: the shipped 7B LoRA recipe with a tiny base (in process, one device)
+LORA_RUN = "configs/runs/r1-lora-qwen-7b.yaml"
+TINY_LORA = ("student.init=configs/students/tiny-qwen2.yaml", "student.lora.rank=4",
+             "student.config_overrides={}")
+
+
+@pytest.fixture(scope="module")
+def lora_plans():
+    from distill.plan import run_plan
+
+    def one(*overrides):
+        return run_plan(REPO / LORA_RUN, "data=1,fsdp=1,tensor=1", seq_len=64, batch=2,
+                        overrides=[*TINY_LORA, *overrides])
+
+    return {"full": one("student.lora=null", "student.param_dtype=float32"), "lora": one(),
+            "qlora": one("student.quantize=nf4")}
+
+
+def _adapter_elements(cfg_path: str, rank: int) -> int:
+    """sum over targets of R * (in + out) * L, from the model's shapes."""
+    from distill.models.families import load_model_config
+
+    c = load_model_config(REPO / cfg_path)
+    d, f, q, kv = (c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_size,
+                   c.num_key_value_heads * c.head_size)
+    pairs = [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]  # q k v o gate up down
+    return sum(rank * (i + o) for i, o in pairs) * c.num_hidden_layers
+
+
+def test_lora_plans_train_the_adapters_only(lora_plans):
+    from distill.models.families import load_model_config, param_count
+
+    n = _adapter_elements("configs/students/tiny-qwen2.yaml", 4)
+    base = param_count(load_model_config(REPO / "configs/students/tiny-qwen2.yaml"))
+    for kind in ("lora", "qlora"):
+        r = lora_plans[kind]
+        a = r.analytic
+        assert a["params"] == a["gradients"] == 4 * n, kind  # float32 adapters and their grads
+        # AdamW's two float32 moments per adapter element, plus a few int32 step counts
+        assert 8 * n <= a["optimizer"] < 8 * n + 64, kind
+        assert r.params == base and f"{n:,} trainable" in r.adapters
+        table = r.table()
+        for part in ("parameters, frozen base", "adapters (trainable)", "optimizer state",
+                     "gradients", "activations", "total per device"):
+            assert f"| {part} |" in table, (part, table)
+    # the bfloat16 base: 2 bytes a parameter; nf4 projections: about a quarter of that
+    assert lora_plans["lora"].analytic["frozen"] == 2 * base
+    assert lora_plans["qlora"].analytic["frozen"] < 0.8 * lora_plans["lora"].analytic["frozen"]
+    assert "nf4 codes" in lora_plans["qlora"].adapters
+
+
+def test_full_fine_tune_plan_is_larger_than_lora(lora_plans):
+    full, lora = lora_plans["full"], lora_plans["lora"]
+    assert full.adapters is None and full.analytic["frozen"] == 0
+    assert full.analytic["optimizer"] > 10 * lora.analytic["optimizer"]
+    assert lora.analytic["total"] < full.analytic["total"]
+    assert lora.compiler["argument"] < full.compiler["argument"]
+    # the frozen base gets no gradient: fewer FLOPs than the full step
+    assert lora.compiler["flops"] < full.compiler["flops"]
+
+
+def test_a_plan_that_does_not_fit_names_its_largest_part(lora_plans):
+    import dataclasses
+
+    lora = lora_plans["lora"]
+    state = sum(v for k, v in lora.parts().items() if k != "activations")
+    r = dataclasses.replace(lora, device_memory=state + 1, fits=False)  # the state fits alone
+    assert "DOES NOT FIT" in r.table()
+    [line] = [x for x in r.table().splitlines() if x.startswith("largest part (")]
+    assert "temporaries" in line or "activations" in line, r.table()
+    full = dataclasses.replace(lora_plans["full"], device_memory=1e4, fits=False)
+    assert "student.lora" in full.largest_part()  # a full fine-tune is told LoRA exists

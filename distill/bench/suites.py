@@ -3,7 +3,8 @@ progress line as it starts, its table as soon as it is done, and its rows to
 `<out>/<suite>.json`. "all" runs every suite in turn (more than 25 minutes on a 2-core
 machine); "device" is the accelerator suite (`distill.bench.device`, small shapes on CPU);
 "engine" the inference engine's targets (`distill.bench.engine`); "onpolicy" the cost of an
-on-policy distillation step (`distill.bench.onpolicy`)."""
+on-policy distillation step (`distill.bench.onpolicy`); "lora" a LoRA / QLoRA student's step and
+learning beside a full fine-tune's (`distill.bench.lora`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distill.bench import smollm2_path
+from distill.errors import DistillError
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,19 @@ def _onpolicy(s):
     return result, table(result)
 
 
+def _lora(s):
+    from distill.bench.lora import bench_lora_learning, bench_lora_step, table
+
+    try:  # real weights when there are some; else the step on SmolLM2's shape alone
+        path = s.get("model") or smollm2_path(s["gguf"])
+    except DistillError:
+        path = None
+    result = {"step": bench_lora_step(path)}
+    if path is not None:
+        result["learning"] = bench_lora_learning(path)
+    return result, table(result)
+
+
 SUITES: dict[str, Suite] = {
     "decode": Suite("greedy decode tokens/s of SmolLM2-135M at batch 1 and 16 vs transformers",
                     _decode),
@@ -93,6 +108,8 @@ SUITES: dict[str, Suite] = {
                     "vs greedy step, time to first token, compiles, set_weights", _engine),
     "onpolicy": Suite("an on-policy distillation step beside an SFT step on the same student, "
                       "with its sampling and scoring shares", _onpolicy),
+    "lora": Suite("LoRA and QLoRA steps beside the full fine-tune's (time, FLOPs, memory) on "
+                  "SmolLM2-135M, and what LoRA learns in the same steps", _lora),
 }
 ALL = tuple(SUITES)  # "all"
 

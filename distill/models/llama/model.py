@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from distill.models import layers, lora
+from distill.models import layers, lora, lora_mlp
 from distill.models.attention import DEFAULT_SETTINGS, AttentionSettings, attention
 from distill.models.decoder import CausalLM, Embed, PreNormBlocks, scan_blocks
 from distill.models.llama.config import DenseConfig
@@ -94,12 +94,8 @@ class MLP(nnx.Module):
                                                         self.w_down_fd))
         if not lora.has_adapters(self):
             return layers.swiglu(x_btd, w_gate, w_up, w_down)
-        # with adapters, autodiff (the frozen weights get no gradient, which the written-out
-        # backward of `layers.swiglu` is about); the same forward ops, plus the adapters
-        gate = lora.plus_adapter(self, "gate", x_btd, jnp.einsum("...d,df->...f", x_btd, w_gate))
-        up = lora.plus_adapter(self, "up", x_btd, jnp.einsum("...d,df->...f", x_btd, w_up))
-        h = jax.nn.silu(gate) * up
-        return lora.plus_adapter(self, "down", h, jnp.einsum("...f,fd->...d", h, w_down))
+        # with adapters: the frozen weights get no gradient, the adapters theirs (written out)
+        return lora_mlp.swiglu(self, x_btd, w_gate, w_up, w_down)
 
 
 class Blocks(PreNormBlocks):
