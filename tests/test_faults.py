@@ -22,7 +22,7 @@ from distill.data import store as data_store
 
 from . import toy
 from .disk import error_lines, run_on_small_disk
-from .helpers import DISTILL, invoke_cli, run_cli, shared_compile_cache
+from .helpers import DISTILL, invoke_cli, run_cli
 from .runs import free_port, generate_config, run_params, train_config, train_process, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,8 +77,7 @@ def test_train_on_a_full_disk_says_what_is_safe_and_resumes_bitwise(world, tmp_p
     run = [*DISTILL, "train", str(cfg), "--quiet"]
     # 200 KiB: the tokenized cache does not fit; 4 MiB: two checkpoints fit, the third does not
     cache, ckpt, done = run_on_small_disk(root, [(200, run), (4096, run), (65536, run)],
-                                          env={**ENV, **shared_compile_cache(),
-                                               "XLA_FLAGS": TWO_DEVICES},
+                                          env={**ENV, "XLA_FLAGS": TWO_DEVICES},
                                           cwd=REPO)
     line = _one_error(cache)
     assert line.startswith(f"error: {root}/.cache/tokens/") and NO_SPACE in line, line
