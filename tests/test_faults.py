@@ -70,8 +70,8 @@ def test_generate_on_a_full_disk_says_what_is_safe_and_resumes_exactly(tmp_path,
 def test_train_on_a_full_disk_says_what_is_safe_and_resumes_bitwise(world, tmp_path):
     common = dict(train={"steps": 16, "checkpoint_every": 4, "log_every": 4,
                          "async_checkpoints": True})
-    proc = train_process(train_config(world, tmp_path / "ref.yaml", **common))
-    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    # the reference runs beside the runs on the small disk (two cores, two processes)
+    ref = train_process(train_config(world, tmp_path / "ref.yaml", **common))
     root = tmp_path / "disk"
     cfg = train_config(world, tmp_path / "run.yaml", **common, output_root=str(root))
     run = [*DISTILL, "train", str(cfg), "--quiet"]
@@ -88,6 +88,7 @@ def test_train_on_a_full_disk_says_what_is_safe_and_resumes_bitwise(world, tmp_p
     assert not _temporaries(ckpt["files"])
     assert {f.split("/")[2] for f in ckpt["files"] if f.startswith("run/checkpoints/")} == {"4", "8"}
     assert done["rc"] == 0, done["stderr"][-3000:]
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()
     for a, b in zip(run_params(root / "run"), run_params(tmp_path / "students" / "ref"),
                     strict=True):
         assert np.array_equal(a, b)
