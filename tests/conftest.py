@@ -36,6 +36,27 @@ def smollm2_gguf() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def smollm2_theirs(smollm2_gguf):
+    """transformers' model of the SmolLM2 GGUF (dequantized, float32, eval mode). Session scope:
+    test_gguf, test_inference and test_smollm2 compare against it, and it takes seconds to load.
+    Tests only read it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                                dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_ours(smollm2_gguf):
+    """(model, tokenizer) of the SmolLM2 GGUF, loaded by distill (session scope, as
+    smollm2_theirs). Tests only read it."""
+    import distill
+
+    return distill.load_pretrained(smollm2_gguf)
+
+
 # Fixtures more than one test module uses (module scope, as each module had them); their imports
 # are inside, so JAX and the models load only for the tests that use them.
 
