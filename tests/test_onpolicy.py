@@ -112,9 +112,15 @@ def _committed(run_dir: Path) -> list[int]:
 def test_lambda_mixes_steps_and_kill_9_then_resume_equals_an_uninterrupted_run(
         world, toy_qwen2_dir, tmp_path):
     common = dict(train={"steps": 8, "checkpoint_every": 2, "log_every": 1})
-    # the uninterrupted reference runs beside the interrupted one (two cores, two processes)
-    ref = train_process(onpolicy_config(world, toy_qwen2_dir, tmp_path / "ref.yaml",
-                                        {"fraction": 0.7}, **common))
+    ref = onpolicy_config(world, toy_qwen2_dir, tmp_path / "ref.yaml", {"fraction": 0.7},
+                          **common)
+    proc = train_process(ref)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    # GKD's lambda: trace steps (cross-entropy) and on-policy steps as the seed draws them
+    m = metrics(tmp_path / "students" / "ref")
+    kinds = ["sampled_reverse_kl" in r for r in m]
+    assert kinds == [is_onpolicy(0, s, 0.7) for s in range(8)] and 0 < sum(kinds) < 8
+    assert all("ce" in r for r, on in zip(m, kinds, strict=True) if not on)
     cfg = onpolicy_config(world, toy_qwen2_dir, tmp_path / "run.yaml", {"fraction": 0.7},
                           **common)
     run_dir = tmp_path / "students" / "run"
@@ -126,12 +132,6 @@ def test_lambda_mixes_steps_and_kill_9_then_resume_equals_an_uninterrupted_run(
     assert _committed(run_dir)[-1] < 8
     proc = train_process(cfg)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
-    assert ref.wait(timeout=300) == 0, ref.stderr.read()
-    # GKD's lambda: trace steps (cross-entropy) and on-policy steps as the seed draws them
-    m = metrics(tmp_path / "students" / "ref")
-    kinds = ["sampled_reverse_kl" in r for r in m]
-    assert kinds == [is_onpolicy(0, s, 0.7) for s in range(8)] and 0 < sum(kinds) < 8
-    assert all("ce" in r for r, on in zip(m, kinds, strict=True) if not on)
     for a, b in zip(run_params(run_dir), run_params(tmp_path / "students" / "ref"), strict=True):
         assert np.array_equal(a, b)
 
