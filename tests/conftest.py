@@ -12,8 +12,9 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a model hub in tests
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # One compilation cache for the session (a fresh directory, removed at exit), every program kept
-# however fast it compiled: what one test compiled, a later test with the same program loads
-# instead, in this process and in the CLI processes tests start (they inherit these variables)
+# however fast it compiled: what one CLI process a test starts compiled, a later one loads (they
+# inherit these variables). Not in this process: a cache write from the engine's worker thread
+# aborted the whole pytest process on a clean clone (jax compilation_cache.put_executable_and_time).
 _COMPILE_CACHE = tempfile.mkdtemp(prefix="distill-test-jax-")
 atexit.register(shutil.rmtree, _COMPILE_CACHE, ignore_errors=True)
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _COMPILE_CACHE
@@ -21,7 +22,10 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 from pathlib import Path  # noqa: E402
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+jax.config.update("jax_enable_compilation_cache", False)  # this process only (see above)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SMOLLM2 = ROOT / ".cache/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
