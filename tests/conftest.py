@@ -1,31 +1,16 @@
-"""Test setup: JAX on CPU with 8 fake devices, so sharded code runs on a real mesh, and one JAX
-compilation cache for the session."""
+"""Test setup: JAX on CPU with 8 fake devices, so sharded code runs on a real mesh."""
 
-import atexit
 import os
-import shutil
-import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a model hub in tests
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# One compilation cache for the session (a fresh directory, removed at exit), every program kept
-# however fast it compiled: what one CLI process a test starts compiled, a later one loads (they
-# inherit these variables). Not in this process: a cache write from the engine's worker thread
-# aborted the whole pytest process on a clean clone (jax compilation_cache.put_executable_and_time).
-_COMPILE_CACHE = tempfile.mkdtemp(prefix="distill-test-jax-")
-atexit.register(shutil.rmtree, _COMPILE_CACHE, ignore_errors=True)
-os.environ["JAX_COMPILATION_CACHE_DIR"] = _COMPILE_CACHE
-os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 from pathlib import Path  # noqa: E402
 
-import jax  # noqa: E402
 import pytest  # noqa: E402
-
-jax.config.update("jax_enable_compilation_cache", False)  # this process only (see above)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SMOLLM2 = ROOT / ".cache/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,27 +23,6 @@ def smollm2_gguf() -> Path:
     if not path.is_file():
         pytest.fail(f"{path} is missing: run `make models` (or `make test`, which fetches it)")
     return path
-
-
-@pytest.fixture(scope="session")
-def smollm2_theirs(smollm2_gguf):
-    """transformers' model of the SmolLM2 GGUF (dequantized, float32, eval mode). Session scope:
-    test_gguf, test_inference and test_smollm2 compare against it, and it takes seconds to load.
-    Tests only read it."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
-                                                dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="session")
-def smollm2_ours(smollm2_gguf):
-    """(model, tokenizer) of the SmolLM2 GGUF, loaded by distill (session scope, as
-    smollm2_theirs). Tests only read it."""
-    import distill
-
-    return distill.load_pretrained(smollm2_gguf)
 
 
 # Fixtures more than one test module uses (module scope, as each module had them); their imports

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -89,6 +93,16 @@ def environment(env=None) -> dict[str, str]:
     """This process's environment with `env` applied (a value None: the variable removed)."""
     return {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
 
+
+@functools.cache
+def shared_compile_cache() -> dict[str, str]:
+    """The environment that gives the toy runs' processes one JAX compilation cache for the test
+    session (a fresh directory, removed at exit): what one `distill train` or `generate` process
+    compiled, the next loads instead of compiling it again. Every program is kept, however fast
+    it compiled."""
+    path = tempfile.mkdtemp(prefix="distill-test-jax-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return {"DISTILL_CACHE": path, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 
 def start_cli(args, *, cwd=None, env=None, script=False) -> subprocess.Popen:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from tests.helpers import start_cli
+from tests.helpers import shared_compile_cache, start_cli
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = dict(source="synthetic", synthetic={"n": 2000, "style": "compact", "min_steps": 2,
@@ -55,9 +55,9 @@ def generate_config(path: Path, root: Path, teacher: dict, **sections) -> Path:
 
 def train_process(cfg: Path, env_extra=None) -> subprocess.Popen:
     """`distill train CFG` in a process of its own with 2 fake CPU devices (signals, several
-    processes, a lost peer), compiling into the session's cache (conftest.py)."""
+    processes, a lost peer), compiling into the session's shared cache."""
     return start_cli(["train", cfg, "--quiet"], cwd=REPO,
-                     env={"JAX_PLATFORMS": "cpu",
+                     env={"JAX_PLATFORMS": "cpu", **shared_compile_cache(),
                           "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
                           **(env_extra or {})})
 

@@ -134,9 +134,8 @@ def distill_cli(*args: str, cwd: Path, env: dict) -> subprocess.CompletedProcess
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     root = fresh_clone(tmp_path_factory.mktemp("clone"))
-    # a newcomer's shell: no fake devices, a cold compilation cache of its own (not the session's)
-    env = {"XLA_FLAGS": None, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": None,
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": None,
+    # a newcomer's shell: no fake devices, a cold compilation cache of its own
+    env = {"XLA_FLAGS": None, "JAX_PLATFORMS": "cpu",
            "DISTILL_CACHE": str(tmp_path_factory.mktemp("cache")), "COLUMNS": "160"}
     proc = distill_cli("demo", "--quick", "--quiet", cwd=root, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -22,7 +22,7 @@ from distill.data import store as data_store
 
 from . import toy
 from .disk import error_lines, run_on_small_disk
-from .helpers import DISTILL, invoke_cli, run_cli
+from .helpers import DISTILL, invoke_cli, run_cli, shared_compile_cache
 from .runs import free_port, generate_config, run_params, train_config, train_process, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,14 +70,15 @@ def test_generate_on_a_full_disk_says_what_is_safe_and_resumes_exactly(tmp_path,
 def test_train_on_a_full_disk_says_what_is_safe_and_resumes_bitwise(world, tmp_path):
     common = dict(train={"steps": 16, "checkpoint_every": 4, "log_every": 4,
                          "async_checkpoints": True})
-    # the reference runs beside the runs on the small disk (two cores, two processes)
-    ref = train_process(train_config(world, tmp_path / "ref.yaml", **common))
+    proc = train_process(train_config(world, tmp_path / "ref.yaml", **common))
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
     root = tmp_path / "disk"
     cfg = train_config(world, tmp_path / "run.yaml", **common, output_root=str(root))
     run = [*DISTILL, "train", str(cfg), "--quiet"]
     # 200 KiB: the tokenized cache does not fit; 4 MiB: two checkpoints fit, the third does not
     cache, ckpt, done = run_on_small_disk(root, [(200, run), (4096, run), (65536, run)],
-                                          env={**ENV, "XLA_FLAGS": TWO_DEVICES},
+                                          env={**ENV, **shared_compile_cache(),
+                                               "XLA_FLAGS": TWO_DEVICES},
                                           cwd=REPO)
     line = _one_error(cache)
     assert line.startswith(f"error: {root}/.cache/tokens/") and NO_SPACE in line, line
@@ -88,7 +89,6 @@ def test_train_on_a_full_disk_says_what_is_safe_and_resumes_bitwise(world, tmp_p
     assert not _temporaries(ckpt["files"])
     assert {f.split("/")[2] for f in ckpt["files"] if f.startswith("run/checkpoints/")} == {"4", "8"}
     assert done["rc"] == 0, done["stderr"][-3000:]
-    assert ref.wait(timeout=300) == 0, ref.stderr.read()
     for a, b in zip(run_params(root / "run"), run_params(tmp_path / "students" / "ref"),
                     strict=True):
         assert np.array_equal(a, b)

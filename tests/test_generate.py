@@ -22,7 +22,7 @@ from distill.data.records import TRACE_SCHEMA
 from distill.tokenizer import Tokenizer
 from distill.traces.generate import run_generate
 
-from .helpers import assert_user_error, invoke_cli, start_cli
+from .helpers import assert_user_error, invoke_cli, shared_compile_cache, start_cli
 from .runs import generate_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def test_in_process_teacher_writes_a_dataset_that_datasets_loads(tmp_path, teach
 def _cli(cfg: Path, env=None) -> subprocess.Popen:
     """`distill generate CFG` in a process of its own (killed, or its real stderr read)."""
     return start_cli(["generate", cfg, "--quiet"], cwd=REPO,
-                     env={"JAX_PLATFORMS": "cpu", **(env or {})})
+                     env={"JAX_PLATFORMS": "cpu", **shared_compile_cache(), **(env or {})})
 
 
 def test_kill_9_at_three_points_then_resume_equals_an_uninterrupted_run(tmp_path, teacher_dir):

@@ -207,9 +207,9 @@ def assert_tensors_match(path: Path, model) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_gguf, smollm2_theirs):
-    """(the GGUF's path, transformers' model of it: conftest.py's smollm2_gguf, smollm2_theirs)."""
-    return smollm2_gguf, smollm2_theirs
+def smollm2(smollm2_gguf):
+    """(the GGUF's path: conftest.py's smollm2_gguf, transformers' model of it)."""
+    return smollm2_gguf, hf_load(smollm2_gguf)
 
 
 def test_smollm2_config_matches_transformers(smollm2):

@@ -7,6 +7,7 @@ serve."""
 import jax
 import numpy as np
 import pytest
+import torch
 from flax import nnx
 
 import distill
@@ -30,11 +31,14 @@ def qwen(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_greedy_equals_transformers_on_smollm2_with_staggered_arrivals(smollm2_ours,
-                                                                      smollm2_theirs):
+def test_greedy_equals_transformers_on_smollm2_with_staggered_arrivals(smollm2_gguf):
     """Real weights; 2 slots for 4 requests (the later ones wait for a free slot), prompts of
     mixed lengths written in chunks of 16, budgets that end in the middle of a decode chunk."""
-    (model, tok), ref = smollm2_ours, smollm2_theirs
+    from transformers import AutoModelForCausalLM
+
+    model, tok = distill.load_pretrained(smollm2_gguf)
+    ref = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                               dtype=torch.float32).eval()
     questions = ["What is 2 + 3?", "Name a prime number larger than ten, and explain briefly why "
                  "it is prime.", "Hi", "Write one sentence about the sea."]
     prompts = [prompt_ids(tok, q, None, False) for q in questions]

@@ -14,11 +14,18 @@ PROMPT = "Explain in one sentence why the sky is blue."
 
 
 @pytest.fixture(scope="module")
-def theirs(smollm2_gguf, smollm2_theirs):
-    from transformers import AutoTokenizer
+def theirs(smollm2_gguf):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return smollm2_theirs, AutoTokenizer.from_pretrained(smollm2_gguf.parent,
-                                                         gguf_file=smollm2_gguf.name)
+    kw = dict(gguf_file=smollm2_gguf.name)
+    tok = AutoTokenizer.from_pretrained(smollm2_gguf.parent, **kw)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, dtype=torch.float32, **kw)
+    return model.eval(), tok
+
+
+@pytest.fixture(scope="module")
+def ours(smollm2_gguf):
+    return distill.load_pretrained(smollm2_gguf)
 
 
 def _chat_ids(hf_tok):
@@ -26,8 +33,8 @@ def _chat_ids(hf_tok):
                                       add_generation_prompt=True, return_dict=False)
 
 
-def test_chat_prompt_tokens_and_logits_match(smollm2_ours, theirs):
-    model, tok = smollm2_ours
+def test_chat_prompt_tokens_and_logits_match(ours, theirs):
+    model, tok = ours
     ref, hf_tok = theirs
     ids = prompt_ids(tok, PROMPT)
     assert ids == list(_chat_ids(hf_tok))
@@ -38,8 +45,8 @@ def test_chat_prompt_tokens_and_logits_match(smollm2_ours, theirs):
 
 
 @pytest.mark.slow
-def test_greedy_generation_matches_transformers_and_cli(smollm2_ours, theirs, smollm2_gguf):
-    model, tok = smollm2_ours
+def test_greedy_generation_matches_transformers_and_cli(ours, theirs, smollm2_gguf):
+    model, tok = ours
     ref, hf_tok = theirs
     ids = prompt_ids(tok, PROMPT)
     with torch.no_grad():
@@ -59,10 +66,10 @@ def test_greedy_generation_matches_transformers_and_cli(smollm2_ours, theirs, sm
 
 
 @pytest.mark.slow
-def test_export_loads_in_transformers(smollm2_ours, theirs, tmp_path):
+def test_export_loads_in_transformers(ours, theirs, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model, tok = smollm2_ours
+    model, tok = ours
     ref, hf_tok = theirs
     out = distill.save_pretrained(model, tok, tmp_path / "smollm2-hf", dtype="float32")
     back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
