@@ -120,6 +120,14 @@ def state_shardings(state: nnx.State, mesh: Mesh):
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def params_sharding(state: nnx.State, mesh: Mesh):
+    """One NamedSharding per array of a state (a tree of exactly its arrays' structure), as its
+    variables' logical names say: what jit's in/out_shardings and device_put take."""
+    by_var = state_shardings(state, mesh)
+    return jax.tree.unflatten(jax.tree.structure(state), jax.tree.leaves(
+        by_var, is_leaf=lambda x: isinstance(x, NamedSharding)))
+
+
 def shard_module(module: nnx.Module, mesh: Mesh) -> nnx.Module:
     """Place every variable of `module` on `mesh` as its logical names say (returns the module)."""
     state = nnx.state(module)

@@ -26,7 +26,7 @@ from distill.config import load_config, read_yaml
 from distill.errors import DistillError
 from distill.models.families import abstract_model, load_model_config, param_count
 from distill.models.llama import hf as llama_hf
-from distill.parallel import MESH_AXES, make_mesh, parse_mesh, state_shardings
+from distill.parallel import MESH_AXES, make_mesh, params_sharding, parse_mesh, state_shardings
 from distill.pretrained import read_hf_config
 from distill.train.config import LossConfig, TrainConfig, check_layout, check_seq_len
 from distill.train.losses import make_loss_fn
@@ -35,7 +35,6 @@ from distill.train.step import (
     TrainState,
     batch_sharding,
     make_step,
-    params_sharding,
     split_trainable,
     state_sharding,
 )

@@ -34,7 +34,7 @@ from distill.config import save_config, validate
 from distill.errors import DistillError
 from distill.fsutil import write_atomic
 from distill.models.families import ModelFile, abstract_model
-from distill.parallel import state_shardings
+from distill.parallel import params_sharding
 from distill.tokenizer import Tokenizer
 
 CONFIG = "config.yaml"
@@ -211,10 +211,8 @@ def load_run(run_dir: str | Path, *, param_dtype: str = "float32", dtype: str = 
     else:
         model, trainable = base, nnx.LoRAParam
     graphdef, params, rest = nnx.split(model, trainable, ...)
-    if mesh is not None:  # one sharding per nnx.Variable, as a tree of the params' structure
-        by_var = state_shardings(params, mesh)
-        shardings = jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(
-            by_var, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding)))
+    if mesh is not None:
+        shardings = params_sharding(params, mesh)
     else:
         shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
                                  params)

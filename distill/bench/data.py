@@ -237,8 +237,9 @@ from distill.train.data import DataConfig, TrainData
 from distill.train.losses import make_loss_fn
 from distill.train.optim import make_optimizer, schedule
 from distill.train.prefetch import Prefetch
+from distill.parallel import params_sharding
 from distill.train.step import (TrainState, batch_sharding, compile_step, make_step,
-                                params_sharding, split_trainable, state_sharding)
+                                split_trainable, state_sharding)
 tok = Tokenizer.from_pretrained({gguf!r})
 data = TrainData.from_config(DataConfig.model_validate_json({cfg!r}), tok, cache_root={root!r})
 mesh = make_mesh({{}}, jax.devices()[:1])

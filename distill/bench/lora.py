@@ -38,7 +38,7 @@ from distill.bench.train import OPTIM, SMOLLM2_135M, _distill_batch, _random_bat
 from distill.data.prompts import PromptsConfig
 from distill.models import lora
 from distill.models.lora import TARGETS, LoraConfig
-from distill.parallel import make_mesh
+from distill.parallel import make_mesh, params_sharding
 from distill.pretrained import init_model, load_pretrained
 from distill.runs import METRICS
 from distill.train.config import LossConfig
@@ -49,7 +49,6 @@ from distill.train.step import (
     batch_sharding,
     compile_step,
     make_step,
-    params_sharding,
     split_trainable,
     state_sharding,
 )

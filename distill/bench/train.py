@@ -37,7 +37,7 @@ from distill.errors import DistillError
 from distill.models.families import load_model_config, param_count
 from distill.models.llama.config import DenseConfig
 from distill.models.llama.hf import config_to_hf
-from distill.parallel import make_mesh
+from distill.parallel import make_mesh, params_sharding
 from distill.pretrained import init_model
 from distill.train.config import LossConfig
 from distill.train.flops import dense_flops_per_token, matmul_peak
@@ -48,7 +48,6 @@ from distill.train.step import (
     batch_sharding,
     compile_step,
     make_step,
-    params_sharding,
     split_trainable,
     state_sharding,
 )

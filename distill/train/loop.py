@@ -29,7 +29,7 @@ from distill.errors import DistillError
 from distill.fsutil import FREE, writing
 from distill.models import lora
 from distill.models.llama.config import DenseConfig
-from distill.parallel import make_mesh, parse_mesh, shard_module
+from distill.parallel import make_mesh, params_sharding, parse_mesh, shard_module
 from distill.pretrained import load_pretrained
 from distill.runs import (
     CHECKPOINTS,
@@ -56,7 +56,6 @@ from distill.train.step import (
     batch_sharding,
     compile_step,
     make_step,
-    params_sharding,
     split_trainable,
     state_sharding,
 )

@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from distill.parallel import state_shardings
+from distill.parallel import params_sharding
 
 Batch = dict[str, jax.Array]  # tokens_bt, targets_bt, loss_mask_bt, segment_ids_bt, positions_bt, ...
 # (model, batch) -> (sum of the loss over target tokens, metrics incl. "tokens" and other sums)
@@ -108,14 +108,6 @@ def state_sharding(graphdef, tx, abstract_params, mesh: Mesh) -> TrainState:
                                    transform_non_params=lambda _: replicated,
                                    is_leaf=lambda x: isinstance(x, NamedSharding))
     return TrainState(p_sh, opt_sh, replicated)
-
-
-def params_sharding(abstract_params, mesh: Mesh):
-    """One NamedSharding per array of a params (or frozen) state, as its logical names say."""
-    by_var = state_shardings(abstract_params, mesh)  # one sharding per nnx.Variable
-    # the same as a tree of exactly the params' structure (one array leaf per Variable)
-    return jax.tree.unflatten(jax.tree.structure(abstract_params), jax.tree.leaves(
-        by_var, is_leaf=lambda x: isinstance(x, NamedSharding)))
 
 
 def compile_step(step_fn, state_sh: TrainState, mesh: Mesh, frozen_sh, donate: bool = True):
