@@ -32,8 +32,9 @@ Equality is math-verify's `verify` (where lighteval's `compare_gold_target` went
 decimal places. The reference is read as lighteval reads a gold: the same rules over
 `$\\boxed{reference}$` (MATH-500's `answer` column is the last `\\boxed{}` of the `solution` the pin
 reads its gold from). One quirk of the pin is not reproduced: its math pass@1 calls
-`compare_gold_target(pred, gold, doc)` (metrics_sample.py:1200, PassAtK), so its precision is a Doc
-and any comparison that reaches float rounding fails there.
+`compare_gold_target(pred, gold, doc)` (PassAtK, src/lighteval/metrics/metrics_sample.py:1194),
+so the precision it compares with is a Doc and any comparison that reaches float rounding fails
+there (a boxed 0.5 against a gold of 1/2 counts wrong at the pin, right here).
 """
 
 from __future__ import annotations
