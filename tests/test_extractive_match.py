@@ -82,7 +82,7 @@ def test_completions_read_as_lighteval_reads_them(text, value, letter, rule):
 
 @pytest.mark.parametrize("text, reference, correct", [
     ("Therefore, the final answer is: $\\boxed{\\frac{1}{2}}$. I hope it is correct", "0.5", True),
-    ("so it is 0.5", "\\frac{1}{2}", True),
+    ("so it is 0.5", "\\frac{1}{2}", True),  # False at the pin (see distill.extractive_match)
     ("Therefore, the final answer is: $\\boxed{033}$.", "33", True),
     ("First \\boxed{3}, then correcting: \\boxed{4}", "4", False),  # read as the set {3, 4}
     ("Okay so 3 + 4 = 7, and then times 2 gives 14. Hmm, wait", "14", True),  # truncated
