@@ -154,14 +154,19 @@ def _letter_regexes(letters: str) -> list[tuple[re.Pattern[str], int]]:
 _TIMEOUT_S = 5
 
 
-def _timed(fn, *args, **kwargs):
-    """fn(*args, **kwargs) under math-verify's timeout in the main thread (as lighteval's
-    `timeout` works only there), unguarded elsewhere."""
+def _timed(fn, text: str, *args, **kwargs):
+    """fn(text, ...) under math-verify's timeout in the main thread (as lighteval's `timeout`
+    works only there); elsewhere, with no timeout to stop it, a text sympy might stall on
+    (`distill.verify.may_stall`) is not parsed."""
     if threading.current_thread() is not threading.main_thread():
-        return fn(*args, **kwargs)
+        from distill.verify import may_stall
+
+        if may_stall(text):
+            raise TimeoutError(f"not parsed off the main thread: {text[:40]}...")
+        return fn(text, *args, **kwargs)
     from math_verify.utils import timeout
 
-    return timeout(_TIMEOUT_S)(fn)(*args, **kwargs)
+    return timeout(_TIMEOUT_S)(fn)(text, *args, **kwargs)
 
 
 def _percent(number):

@@ -201,3 +201,18 @@ def test_truncated_completion_reads_the_same_over_http_with_a_reasoning_parser(
     else:  # only a \boxed{} is read, from the whole text when no </think> closed a block
         assert by_model["raw"] == [(None, False, False), ("7", True, False),
                                    (None, False, False), (None, False, False)]
+
+
+def test_reading_off_the_main_thread_is_the_same():
+    """Off the main thread (no signal-based timeout there) ordinary answers read the same, and
+    one sympy could stall on is not parsed rather than left to hang."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def read(text):
+        found = read_math(text)
+        return None if found is None else str(found.value)
+
+    texts = [text for text, *_ in READINGS]
+    with ThreadPoolExecutor(1) as pool:
+        assert list(pool.map(read, texts)) == [value for _, value, *_ in READINGS]
+        assert pool.submit(read, "so \\boxed{10^{10^{10^{10}}}}").result(timeout=30) is None
