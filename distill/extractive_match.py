@@ -100,8 +100,8 @@ def _latex_env(prefix: str = "", context: str = "plain") -> str:
         rf"\s\[(?P<{prefix}latexInlineBracket>{bracket})\]\s",
     ]
     if context == "plain":
-        simple_number = r"-?\d+(?:[.,]\d+)?"
-        patterns.append(rf"(?P<{prefix}latexFraction>-?\\frac{{{simple_number}}}{{{simple_number}}})")
+        number = r"-?\d+(?:[.,]\d+)?"
+        patterns.append(rf"(?P<{prefix}latexFraction>-?\\frac{{{number}}}{{{number}}})")
     return rf"(?:(?:{'|'.join(patterns)})\s*{percent}?)"
 
 
