@@ -168,6 +168,21 @@ def test_protocol_defaults_come_from_the_benchmark_unless_set(local):
         validate(EvalConfig, {"models": [{"model": "m"}]}, "t")
 
 
+def test_answer_reading_defaults_open_r1_for_benchmarks_and_strict_for_prompts(local):
+    base = benchmark_config("gpqa", "m", source=local["gpqa"])
+    assert validate(EvalConfig, base, "t").protocol.answer_reading == "open-r1"
+    strict = validate(EvalConfig, {**base, "protocol": {"answer_reading": "strict"}}, "t")
+    assert strict.protocol.answer_reading == "strict" and strict.protocol.n == 8
+    prompts = {"prompts": {"source": "synthetic"}, "models": [{"model": "m"}]}
+    assert validate(EvalConfig, prompts, "t").protocol.answer_reading == "strict"
+    with pytest.raises(DistillError, match="answer_pattern goes with protocol.answer_reading: "
+                                           "strict"):
+        validate(EvalConfig, {**base, "answer_pattern": "= (\\d+)"}, "t")
+    with pytest.raises(DistillError, match="protocol.answer_reading: Input should be 'open-r1' "
+                                           "or 'strict'"):
+        validate(EvalConfig, {**prompts, "protocol": {"answer_reading": "lighteval"}}, "t")
+
+
 def test_published_numbers_by_model_name():
     """open-r1's lighteval measurements first (its README at 1416fa0, lines 211-212 and
     545-617), DeepSeek's own harness beside them (the R1 report, Table 5)."""

@@ -136,6 +136,13 @@ class EvalConfig(Frozen):
         return {**data, "protocol": protocol}
 
     @model_validator(mode="after")
+    def _pattern_is_strict(self) -> EvalConfig:
+        if self.answer_pattern is not None and self.protocol.answer_reading != "strict":
+            raise ValueError("answer_pattern goes with protocol.answer_reading: strict (open-r1 "
+                             "reads answers by lighteval's own rules)")
+        return self
+
+    @model_validator(mode="after")
     def _one_prompt_set(self) -> EvalConfig:
         if (self.prompts is None) == (self.benchmark is None):
             raise ValueError("give either prompts or benchmark (exactly one)")
