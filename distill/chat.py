@@ -102,6 +102,15 @@ def split_think(completion: str) -> ThinkSplit:
                       closed=reasoning is not None and answer is not None)
 
 
+def generated_text(completion: str) -> str:
+    """The text an R1-style model generated after a generation prompt that opened the think block,
+    whichever backend returned it: a leading `<think>` (what the HTTP backend puts back before a
+    server's `reasoning_content`) and the whitespace before and after it removed. So a completion
+    that never closed its think block reads the same in process and over HTTP."""
+    stripped = completion.lstrip()
+    return stripped[len(THINK_OPEN):].lstrip() if stripped.startswith(THINK_OPEN) else stripped
+
+
 def hold_back(text: str, tags) -> str:
     """`text` without its longest suffix that is a proper prefix of one of `tags` (what a growing
     text may still turn into a tag)."""

@@ -251,8 +251,10 @@ def eval_(config, benchmark, model, model_name, source, limit, overrides, quiet)
       models          a list: name, role (student|teacher), kind jax (model: MODEL path) or
                       openai (base_url, model), metrics (metrics.jsonl for the loss plot)
       protocol        k, temperature, top_p, max_new_tokens, seed, greedy (R1's by default;
-                      a benchmark sets k and max_new_tokens to its R1 values unless given)
-      answer_pattern  regex for answers without \\boxed{}
+                      a benchmark sets k and max_new_tokens to its R1 values unless given),
+                      answer_reading: open-r1 (lighteval's, as open-r1 measures; a benchmark's
+                      default) or strict (the last \\boxed{} after </think>; the prompts')
+      answer_pattern  regex for strict answers without \\boxed{}
       kl              traces: teacher_traces/<run> for per-token KL and top-1 agreement
       output          report directory (default students/eval/<name>)
 

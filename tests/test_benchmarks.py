@@ -72,10 +72,14 @@ EXTRACTION = [
 
 
 @pytest.mark.parametrize("name, text, expected, reference, correct", EXTRACTION)
-def test_answer_extraction(name, text, expected, reference, correct):
+def test_strict_answer_extraction(name, text, expected, reference, correct):
     b = benchmark(name)
     assert b.extract(text) == expected
     assert b.matches(b.extract(text), reference) is correct
+    # judge: strict reads the text after </think>, here the whole (tagless) text
+    assert b.judge(text, reference, "strict") == (expected, correct)
+    assert b.judge(f"{text} 8 \\boxed{{9}}\n</think>\n\n{text}", reference,
+                   "strict") == (expected, correct)
 
 
 @pytest.mark.parametrize("name, want", [
@@ -89,15 +93,15 @@ def test_names_and_aliases(name, want):
         benchmark("mmlu")
 
 
-def test_gpqa_shuffle_is_seeded_and_balanced(local):
+def test_gpqa_strict_shuffle_is_seeded_and_balanced(local):
     positions = [gpqa_position(i, seed=0) for i in range(198)]
     counts = collections.Counter(positions)
     assert max(counts.values()) - min(counts.values()) <= 1  # 198 = 4 * 49 + 2
     assert positions == [gpqa_position(i, seed=0) for i in range(198)]
     assert positions != [gpqa_position(i, seed=1) for i in range(198)]
-    records = load_benchmark(BENCHMARKS["gpqa"], local["gpqa"], seed=0)
-    again = load_benchmark(BENCHMARKS["gpqa"], local["gpqa"], seed=0)
-    other = load_benchmark(BENCHMARKS["gpqa"], local["gpqa"], seed=5)
+    records = load_benchmark(BENCHMARKS["gpqa"], local["gpqa"], seed=0, reading="strict")
+    again = load_benchmark(BENCHMARKS["gpqa"], local["gpqa"], seed=0, reading="strict")
+    other = load_benchmark(BENCHMARKS["gpqa"], local["gpqa"], seed=5, reading="strict")
     assert [r.prompt for r in records] == [r.prompt for r in again]
     assert [r.prompt for r in records] != [r.prompt for r in other]
     for i, r in enumerate(records):
@@ -111,17 +115,23 @@ def test_gpqa_shuffle_is_seeded_and_balanced(local):
 
 
 def test_gpqa_braces_and_whitespace_survive(tmp_path):
+    """strict strips GPQA's stray whitespace; open-r1 keeps the cells as lighteval at the pin
+    does (default_prompts.py:825-826: formatted as they are)."""
     row = {c: "" for c in pub.GPQA_COLUMNS} | {
         "Question": " Water boils at $100\\,^\\circ\\mathrm{C}$ {A}? \n",
         "Correct Answer": "$\\mathrm{C}$ \n", "Incorrect Answer 1": "{B}",
         "Incorrect Answer 2": "$\\mathbf{D}$", "Incorrect Answer 3": "none", "Record ID": "r1"}
     path = tmp_path / "gpqa.parquet"
     pq.write_table(pa.Table.from_pylist([row]), path)
-    [record] = load_benchmark(BENCHMARKS["gpqa"], str(path))
+    [record] = load_benchmark(BENCHMARKS["gpqa"], str(path), reading="strict")
     assert "Water boils at $100\\,^\\circ\\mathrm{C}$ {A}?\n\nA) " in record.prompt
     lines = dict(re.findall(r"^([ABCD])\) (.*)$", record.prompt, re.M))
     assert lines[record.reference] == "$\\mathrm{C}$"
     assert sorted(lines.values()) == sorted(["$\\mathrm{C}$", "{B}", "$\\mathbf{D}$", "none"])
+    [kept] = load_benchmark(BENCHMARKS["gpqa"], str(path))  # open-r1, the default
+    assert "answering.\n\n Water boils at $100\\,^\\circ\\mathrm{C}$ {A}? \n\n\nA) " in kept.prompt
+    assert kept.reference == "D"  # the first randint(0, 3) after seed 1234 is 3
+    assert kept.prompt.endswith("\n\nA) {B}\nB) $\\mathbf{D}$\nC) none\nD) $\\mathrm{C}$ \n")
 
 
 def test_each_benchmark_loads_from_a_local_copy(local):
@@ -158,11 +168,34 @@ def test_protocol_defaults_come_from_the_benchmark_unless_set(local):
         validate(EvalConfig, {"models": [{"model": "m"}]}, "t")
 
 
+def test_answer_reading_defaults_open_r1_for_benchmarks_and_strict_for_prompts(local):
+    base = benchmark_config("gpqa", "m", source=local["gpqa"])
+    assert validate(EvalConfig, base, "t").protocol.answer_reading == "open-r1"
+    strict = validate(EvalConfig, {**base, "protocol": {"answer_reading": "strict"}}, "t")
+    assert strict.protocol.answer_reading == "strict" and strict.protocol.n == 8
+    prompts = {"prompts": {"source": "synthetic"}, "models": [{"model": "m"}]}
+    assert validate(EvalConfig, prompts, "t").protocol.answer_reading == "strict"
+    with pytest.raises(DistillError, match="answer_pattern goes with protocol.answer_reading: "
+                                           "strict"):
+        validate(EvalConfig, {**base, "answer_pattern": "= (\\d+)"}, "t")
+    with pytest.raises(DistillError, match="protocol.answer_reading: Input should be 'open-r1' "
+                                           "or 'strict'"):
+        validate(EvalConfig, {**prompts, "protocol": {"answer_reading": "lighteval"}}, "t")
+
+
 def test_published_numbers_by_model_name():
-    assert published("/models/DeepSeek-R1-Distill-Qwen-7B", "aime24") == (55.5,
-                                                                          "DeepSeek-R1 report")
-    assert published("open-r1/OpenR1-Distill-7B", "gpqa") == (52.8, "open-r1")
-    assert published("my-student", "math500") is None
+    """open-r1's lighteval measurements first (its README at 1416fa0, lines 211-212 and
+    545-617), DeepSeek's own harness beside them (the R1 report, Table 5)."""
+    r1 = "/models/DeepSeek-R1-Distill-Qwen-7B"
+    assert [published(r1, b) for b in ("aime24", "math500", "gpqa")] == [
+        [(51.3, "open-r1 (lighteval)"), (55.5, "DeepSeek harness")],
+        [(93.5, "open-r1 (lighteval)"), (92.8, "DeepSeek harness")],
+        [(52.4, "open-r1 (lighteval)"), (49.1, "DeepSeek harness")]]
+    assert published("deepseek-ai/DeepSeek-R1-Distill-Llama-8B", "aime24") == [
+        (43.9, "open-r1 (lighteval)"), (50.4, "DeepSeek harness")]
+    assert published("open-r1/OpenR1-Distill-7B", "gpqa") == [(52.8, "open-r1 (lighteval)")]
+    assert published("my-student", "math500") == []
+    assert published(r1, "gsm8k") == []
 
 
 def _benchmark_oracle():
@@ -219,7 +252,9 @@ def test_eval_benchmark_in_process_and_served_agree(local, tmp_path):
     local_run = invoke_cli(["eval", "--benchmark", "math500", "--model", str(student), *common],
                            cwd=tmp_path)
     assert local_run.returncode == 0, local_run.stderr
-    assert "| published pass@1 | 92.8% (DeepSeek-R1 report) |" in local_run.stdout
+    assert ("| published pass@1 | 93.5% (open-r1 (lighteval)) · 92.8% (DeepSeek harness) |"
+            in local_run.stdout)
+    assert "answers read as open-r1 reads them" in local_run.stdout
     model, tok = distill.load_pretrained(student)
     with ServerThread(build_app(model, tok, "toy")) as url:
         served = invoke_cli(["eval", "--benchmark", "math500", "--model", f"{url}/v1", *common],

@@ -5,12 +5,24 @@ aliases); the eval config, `distill eval --benchmark` and `--decontaminate` take
 and the command line's help lists them, so this module imports only the standard library at
 load (numpy, math-verify and the dataset readers where they are used).
 
-Prompts are lighteval's at the commit open-r1 evaluates with (the math template for MATH-500 and
-AIME, the multiple-choice template for GPQA, its question and choices stripped as lighteval's
-later versions do), so pass@1 is comparable with the published tables;
-sampling is R1's (temperature 0.6, top-p 0.95, pass@1 averaged over n samples). GPQA's four
-choices are shuffled with a seed: the correct answer's position is balanced over the benchmark
-(each letter holds it for n/4 questions, +-1) and the order is a pure function of (seed, row).
+Prompts are lighteval's at d3da6b9b, the commit open-r1 1416fa0 evaluates with (setup.py:59): the
+math template for MATH-500 and AIME, the multiple-choice template for GPQA
+(src/lighteval/tasks/default_prompts.py:56-71, 820-834, 1348-1363 there); sampling is R1's
+(temperature 0.6, top-p 0.95, pass@1 averaged over n samples). GSM8K's prompt is not lighteval's
+(open-r1 does not evaluate GSM8K): it is the question followed by DeepSeek-R1's recommended
+instruction for math ("Please reason step by step, and put your final answer within \\boxed{}.").
+
+Two answer readings (`READINGS`, the eval protocol's `answer_reading`):
+
+- `open-r1` (the default for these presets): as open-r1 measures, lighteval's extractive match at
+  that commit over the whole completion (`distill.extractive_match`), and GPQA laid out as there:
+  the right answer at `random.randint(0, 3)` per question, drawn in row order after
+  `random.seed(1234)` (pipeline.py:257-260), the three wrong ones in their column order, question
+  and choices as the dataset has them;
+- `strict`: distill's own, the last `\\boxed{}` (a choice letter after an anchor such as
+  "Answer:") of the text after `</think>`, and GPQA's wrong choices shuffled with the protocol's
+  seed and the right one's position balanced over the benchmark (each letter holds it for n/4
+  questions, +-1), question and choices stripped; the order is a pure function of (seed, row).
 
 Every source can be replaced by a local copy (`source:`: a Parquet / JSONL file or a save_to_disk
 folder with the same columns); GPQA is gated on the hub (accept its terms, then HF_TOKEN).
@@ -19,7 +31,9 @@ folder with the same columns); GPQA is gated on the hub (accept its terms, then 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import random
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -39,18 +53,30 @@ GPQA_TEMPLATE = (
     "Answer the following multiple choice question. The last line of your response should be of "
     "the following format: 'Answer: $LETTER' (without quotes) where LETTER is one of ABCD. Think "
     "step by step before answering.\n\n{prompt}\n\nA) {A}\nB) {B}\nC) {C}\nD) {D}")
+# DeepSeek-R1's recommended math instruction (its model card), after the question
 GSM8K_TEMPLATE = "{prompt}\nPlease reason step by step, and put your final answer within \\boxed{}."
 LETTERS = "ABCD"
+READINGS = ("open-r1", "strict")  # see the module docstring
 
-# pass@1 (%) published for distilled students, to set beside ours: the DeepSeek-R1 report
-# (Table 5) and open-r1's OpenR1-Distill-7B model card (lighteval + vLLM, 32768 new tokens).
-PUBLISHED: dict[str, dict[str, tuple[float, str]]] = {
-    "deepseek-r1-distill-qwen-7b": {"aime24": (55.5, "DeepSeek-R1 report"),
-                                    "math500": (92.8, "DeepSeek-R1 report"),
-                                    "gpqa": (49.1, "DeepSeek-R1 report")},
-    "openr1-distill-7b": {"aime24": (52.7, "open-r1"), "math500": (89.0, "open-r1"),
-                          "gpqa": (52.8, "open-r1")},
+# pass@1 (%) published for distilled students, to set beside ours, like-for-like first.
+# "open-r1 (lighteval)": open-r1's own lighteval measurements in its README at 1416fa0 (vLLM,
+# 32768 new tokens, n = 64 / 4 / 8): lines 211-212 for OpenR1-Distill-7B and R1-Distill-Qwen-7B
+# (measured with the pinned lighteval), lines 545-552 / 577-584 / 610-617 for the other distills
+# (2025-05-09, the lighteval before). "DeepSeek harness": the DeepSeek-R1 report, Table 5.
+OPENR1, DEEPSEEK = "open-r1 (lighteval)", "DeepSeek harness"
+_BENCHES = ("aime24", "math500", "gpqa")
+_FIGURES = {  # model: {harness: (AIME 2024, MATH-500, GPQA-Diamond)}
+    "openr1-distill-7b": {OPENR1: (52.7, 89.0, 52.8)},
+    "deepseek-r1-distill-qwen-1.5b": {OPENR1: (30.7, 83.1, 35.8), DEEPSEEK: (28.9, 83.9, 33.8)},
+    "deepseek-r1-distill-qwen-7b": {OPENR1: (51.3, 93.5, 52.4), DEEPSEEK: (55.5, 92.8, 49.1)},
+    "deepseek-r1-distill-qwen-14b": {OPENR1: (65.9, 94.1, 61.5), DEEPSEEK: (69.7, 93.9, 59.1)},
+    "deepseek-r1-distill-qwen-32b": {OPENR1: (69.7, 95.6, 63.1), DEEPSEEK: (72.6, 94.3, 62.1)},
+    "deepseek-r1-distill-llama-8b": {OPENR1: (43.9, 88.6, 46.7), DEEPSEEK: (50.4, 89.1, 49.0)},
+    "deepseek-r1-distill-llama-70b": {OPENR1: (63.0, 95.1, 67.4), DEEPSEEK: (70.0, 94.5, 65.2)},
 }
+PUBLISHED: dict[str, dict[str, list[tuple[float, str]]]] = {
+    model: {b: [(v[i], harness) for harness, v in by.items()] for i, b in enumerate(_BENCHES)}
+    for model, by in _FIGURES.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,12 +92,28 @@ class Benchmark:
     columns: tuple[str, ...]
     n: int  # samples per prompt
     max_new_tokens: int
-    answer: str  # "boxed" | "letter" | "number": how a completion's final answer is read
-    build: Callable[[dict, int, int], tuple[str, str, str]]  # (row, index, seed) -> id, prompt, ref
+    answer: str  # "boxed" | "letter" | "number": how `strict` reads a completion's final answer
+    # (row, index, seed, reading) -> id, prompt, reference
+    build: Callable[[dict, int, int, str], tuple[str, str, str]]
     aliases: tuple[str, ...] = ()  # other names it answers to (lower case, no "-" or "_")
 
+    def judge(self, text: str, reference: str, reading: str) -> tuple[str | None, bool]:
+        """(the answer read, whether it equals the reference) of a completion's text, as
+        `reading` reads it: `open-r1` over the whole text, `strict` after `</think>`."""
+        if reading == "strict":
+            from distill.chat import split_think
+
+            predicted = self.extract(split_think(text).answer)
+            return predicted, self.matches(predicted, reference)
+        from distill.extractive_match import judge_math, read_letter
+
+        if self.answer == "letter":
+            letter = read_letter(text, LETTERS)
+            return letter, letter == reference
+        return judge_math(text, reference)
+
     def extract(self, text: str) -> str | None:
-        """The final answer of a completion's answer part, as this benchmark reads it."""
+        """The final answer of a completion's answer part, as `strict` reads it."""
         from distill.verify import extract_answer, extract_choice
 
         if self.answer == "letter":
@@ -82,6 +124,7 @@ class Benchmark:
         return extract_answer(text, _GSM8K_ANSWER)
 
     def matches(self, predicted: str | None, reference: str) -> bool:
+        """Whether a `strict` reading equals the reference."""
         from distill.verify import answers_match
 
         if predicted is None:
@@ -109,7 +152,7 @@ def _prompt_id(text) -> str:
 
 
 def _math(problem: str, id_column: str | None = None):
-    def build(row: dict, index: int, seed: int) -> tuple[str, str, str]:
+    def build(row: dict, index: int, seed: int, reading: str) -> tuple[str, str, str]:
         text = row[problem]
         rid = str(row[id_column]) if id_column and row.get(id_column) is not None else None
         return rid or _prompt_id(text), MATH_TEMPLATE.replace("{prompt}", text), str(
@@ -117,7 +160,7 @@ def _math(problem: str, id_column: str | None = None):
     return build
 
 
-def _gsm8k(row: dict, index: int, seed: int) -> tuple[str, str, str]:
+def _gsm8k(row: dict, index: int, seed: int, reading: str) -> tuple[str, str, str]:
     text = row["question"]
     return (_prompt_id(text), GSM8K_TEMPLATE.replace("{prompt}", text),
             gsm8k_reference(row["answer"]))
@@ -134,21 +177,38 @@ def gpqa_position(index: int, seed: int) -> int:
     return int(rng.permutation(4)[offset])
 
 
-def _gpqa(row: dict, index: int, seed: int) -> tuple[str, str, str]:
-    import numpy as np
+def lighteval_gpqa_position(index: int) -> int:
+    """Where lighteval at open-r1's pin puts question `index`'s right answer (0-based): draw
+    number index + 1 of `random.randint(0, 3)` after `random.seed(1234)` (pipeline.py:257-260;
+    one draw per row, in row order, default_prompts.py:822)."""
+    return _lighteval_positions(1024 * (index // 1024 + 1))[index]
 
+
+@functools.lru_cache(maxsize=2)
+def _lighteval_positions(count: int) -> tuple[int, ...]:
+    rng = random.Random(1234)  # a generator of its own, seeded as lighteval seeds the global one
+    return tuple(rng.randint(0, 3) for _ in range(count))
+
+
+def _gpqa(row: dict, index: int, seed: int, reading: str) -> tuple[str, str, str]:
     right = row["Correct Answer"]
     wrong = [row[f"Incorrect Answer {j}"] for j in (1, 2, 3)]
-    key = int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "big")
-    order = list(np.random.default_rng(key).permutation(3))
-    choices = [wrong[j] for j in order]
-    position = gpqa_position(index, seed)
+    if reading == "open-r1":  # gpqa_instruct, default_prompts.py:820-834: nothing stripped
+        position = lighteval_gpqa_position(index)
+        question, fields = row["Question"], lambda c: c
+    else:
+        import numpy as np
+
+        key = int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "big")
+        wrong = [wrong[j] for j in np.random.default_rng(key).permutation(3)]
+        position = gpqa_position(index, seed)
+        # stripped: GPQA's cells carry stray whitespace that could give the right one away
+        question, fields = str(row["Question"]).strip(), lambda c: str(c).strip()
+    choices = list(wrong)
     choices.insert(position, right)
-    # one pass (values are never re-read: GPQA's LaTeX has braces such as \mathrm{C}), fields
-    # stripped (GPQA's cells carry stray whitespace that could give the right one away)
-    prompt = GPQA_TEMPLATE.format(prompt=str(row["Question"]).strip(),
-                                  **{k: str(c).strip() for k, c in zip(LETTERS, choices,
-                                                                       strict=True)})
+    # one pass (values are never re-read: GPQA's LaTeX has braces such as \mathrm{C})
+    prompt = GPQA_TEMPLATE.format(prompt=question, **{k: fields(c) for k, c in zip(
+        LETTERS, choices, strict=True)})
     rid = row.get("Record ID") or _prompt_id(row["Question"])
     return str(rid), prompt, LETTERS[position]
 
@@ -195,8 +255,9 @@ def _open(bench: Benchmark, source: str | None):
 
 
 def load_benchmark(bench: Benchmark, source: str | None = None, seed: int = 0,
-                   limit: int | None = None) -> list[PromptRecord]:
-    """The benchmark's prompts with their references, from `source` (a local copy) or the hub."""
+                   limit: int | None = None, reading: str = "open-r1") -> list[PromptRecord]:
+    """The benchmark's prompts with their references, from `source` (a local copy) or the hub,
+    laid out for `reading` (GPQA's choices: see the module docstring)."""
     from distill.data.records import PromptRecord
 
     rows = _open(bench, source)
@@ -205,7 +266,7 @@ def load_benchmark(bench: Benchmark, source: str | None = None, seed: int = 0,
         if limit is not None and index >= limit:
             break
         try:
-            rid, prompt, reference = bench.build(row, index, seed)
+            rid, prompt, reference = bench.build(row, index, seed, reading)
         except (KeyError, TypeError, ValueError) as e:
             raise DistillError(f"{where}: not a {bench.title} row ({e})") from None
         if rid in seen:
@@ -220,7 +281,8 @@ def benchmark_prompts(bench: Benchmark, source: str | None = None) -> list[str]:
     return [str(row[bench.columns[0]]) for _, row in _open(bench, source).rows()]
 
 
-def published(model: str, bench: str) -> tuple[float, str] | None:
-    """The published pass@1 (%) and its source for a model name (its last path part), if any."""
+def published(model: str, bench: str) -> list[tuple[float, str]]:
+    """The published pass@1 figures (%) for a model name (its last path part) on `bench`, each
+    with the harness that measured it, open-r1's lighteval first; [] when there are none."""
     key = re.sub(r"[^a-z0-9.]+", "-", model.rsplit("/", 1)[-1].lower()).strip("-")
-    return PUBLISHED.get(key, {}).get(bench)
+    return PUBLISHED.get(key, {}).get(bench, [])

@@ -8,8 +8,9 @@ prompts: {source: synthetic, split: heldout, heldout_fraction: 0.2}
 models:
   - {name: student, model: students/qwen-1.5b}            # kind jax (default): in process
   - {name: r1, role: teacher, kind: openai, base_url: http://127.0.0.1:8000/v1, model: r1}
-protocol: {n: 4, temperature: 0.6, top_p: 0.95, max_new_tokens: 4096, seed: 0, greedy: true}
-answer_pattern: null             # regex with one group, used when there is no \\boxed{}
+protocol: {n: 4, temperature: 0.6, top_p: 0.95, max_new_tokens: 4096, seed: 0, greedy: true,
+           answer_reading: strict}   # open-r1 (lighteval's, the benchmarks' default) | strict
+answer_pattern: null             # regex with one group, used by strict when there is no \\boxed{}
 kl: {traces: teacher_traces/r1-math, max_samples: 64}
 output: null                     # default: students/eval/<name>
 ```
@@ -63,6 +64,10 @@ class ProtocolConfig(SystemPrompt, SamplingFields):
     top_p: TopP = 0.95
     max_new_tokens: NewTokens = 4096
     greedy: bool = True  # one extra greedy (temperature 0) sample per prompt
+    # how a completion's answer is read (`distill.data.benchmarks`): open-r1, lighteval's reading
+    # at open-r1's pin over the whole completion (and GPQA's layout there), the benchmarks'
+    # default; strict, the last \boxed{} (or anchored letter) after </think>, the prompts' default
+    answer_reading: Literal["open-r1", "strict"] = "strict"
 
 
 class KLConfig(Frozen):
@@ -116,7 +121,8 @@ class EvalConfig(Frozen):
     @model_validator(mode="before")
     @classmethod
     def _benchmark_protocol(cls, data):
-        """A benchmark's n and token budget fill what `protocol` leaves unset."""
+        """A benchmark's n, token budget and answer reading (open-r1) fill what `protocol`
+        leaves unset."""
         bench = data.get("benchmark") if isinstance(data, dict) else None
         name = bench.get("name") if isinstance(bench, dict) else None
         if not isinstance(name, str) or not isinstance(data.get("protocol", {}), dict):
@@ -125,8 +131,16 @@ class EvalConfig(Frozen):
             b = benchmark(name)
         except DistillError:
             return data  # the field validator names it
-        protocol = {"n": b.n, "max_new_tokens": b.max_new_tokens, **data.get("protocol", {})}
+        protocol = {"n": b.n, "max_new_tokens": b.max_new_tokens, "answer_reading": "open-r1",
+                    **data.get("protocol", {})}
         return {**data, "protocol": protocol}
+
+    @model_validator(mode="after")
+    def _pattern_is_strict(self) -> EvalConfig:
+        if self.answer_pattern is not None and self.protocol.answer_reading != "strict":
+            raise ValueError("answer_pattern goes with protocol.answer_reading: strict (open-r1 "
+                             "reads answers by lighteval's own rules)")
+        return self
 
     @model_validator(mode="after")
     def _one_prompt_set(self) -> EvalConfig:

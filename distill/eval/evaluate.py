@@ -31,7 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from distill import runs
 from distill.backends import make_sampler
-from distill.chat import split_think
+from distill.chat import generated_text, split_think
 from distill.config import apply_overrides, load_config, parse_overrides, resolve_path, validate
 from distill.data.benchmarks import Benchmark, benchmark, load_benchmark
 from distill.data.prompts import load_prompts
@@ -44,6 +44,7 @@ from distill.eval.agreement import (
 )
 from distill.eval.config import EvalConfig, model_name
 from distill.eval.report import build_report, write_outputs
+from distill.extractive_match import judge_math
 from distill.pretrained import model_kind
 from distill.verify import answers_match, extract_answer
 
@@ -99,7 +100,8 @@ def run_eval(config_path: str | Path | None, overrides=(), *, progress: bool = T
     name = cfg.name or config_path.stem
     out_dir = Path(cfg.output or resolve_path(Path("students") / "eval" / name))
     bench = benchmark(cfg.benchmark.name) if cfg.benchmark else None
-    prompts = (load_benchmark(bench, cfg.benchmark.source, cfg.protocol.seed, cfg.benchmark.limit)
+    prompts = (load_benchmark(bench, cfg.benchmark.source, cfg.protocol.seed, cfg.benchmark.limit,
+                              cfg.protocol.answer_reading)
                if bench else load_prompts(cfg.prompts))
     _check_references(prompts, config_path)
     _check_models(cfg)
@@ -178,11 +180,10 @@ def evaluate_model(entry, prompts: list[PromptRecord], cfg: EvalConfig, kl: _KL 
     finally:
         backend.close()
         del backend
-    judged = [[_judge(s, prompt, cfg.answer_pattern, bench)
-               for s in _in_order(group, p.n, prompt)]
+    judged = [[_judge(s, prompt, cfg, bench) for s in _in_order(group, p.n, prompt)]
               for prompt, group in zip(prompts, samples, strict=True)]
     greedy_judged = None if greedy is None else [
-        _judge(_in_order(g, 1, prompt)[0], prompt, cfg.answer_pattern, bench)
+        _judge(_in_order(g, 1, prompt)[0], prompt, cfg, bench)
         for prompt, g in zip(prompts, greedy, strict=True)]
     return ModelRun(entry, name, judged, greedy_judged, seconds, scores, notes)
 
@@ -194,16 +195,21 @@ def _in_order(group: list[Sample], n: int, prompt: PromptRecord) -> list[Sample]
     return sorted(group, key=lambda s: s.sample_index)
 
 
-def _judge(sample: Sample, prompt: PromptRecord, pattern: str | None,
+def _judge(sample: Sample, prompt: PromptRecord, cfg: EvalConfig,
            bench: Benchmark | None = None) -> Outcome:
-    """The final answer is read from the text after `</think>` (the whole text without tags),
-    as trace generation reads it (a benchmark reads it its own way: a letter for GPQA)."""
-    split = split_think(sample.completion)
+    """The answer read as `protocol.answer_reading` reads it (`distill.data.benchmarks`): open-r1
+    over the whole completion, strict from the text after `</think>` (the whole text without
+    tags) as trace generation reads it (a benchmark reads its own way: a letter for GPQA), from
+    the text as generated whatever the backend (`generated_text`)."""
+    text = generated_text(sample.completion)
+    reading = cfg.protocol.answer_reading
+    split = split_think(text)
     if bench is not None:
-        predicted = bench.extract(split.answer)
-        correct = bench.matches(predicted, prompt.reference)
+        predicted, correct = bench.judge(text, prompt.reference, reading)
+    elif reading == "open-r1":
+        predicted, correct = judge_math(text, prompt.reference)
     else:
-        predicted = extract_answer(split.answer, pattern)
+        predicted = extract_answer(split.answer, cfg.answer_pattern)
         correct = predicted is not None and answers_match(predicted, prompt.reference)
     return Outcome(sample.sample_index, sample.completion, predicted, correct, split.closed,
                    sample.completion_tokens, sample.finish_reason)

@@ -76,16 +76,22 @@ def _source(cfg: EvalConfig) -> str:
 
 
 def _published(cfg: EvalConfig, runs: list) -> dict:
-    """{model name: {"pass@1": published %, "source": where}} for the evaluated models that
-    have a published number on this benchmark (matched by model name)."""
+    """{model name: [{"pass@1": published %, "harness": who measured it}, ...]} for the evaluated
+    models that have published numbers on this benchmark (matched by model name), open-r1's
+    lighteval measurement (like-for-like under the open-r1 reading) first."""
     if cfg.benchmark is None:
         return {}
     found = {run.name: published(run.name, cfg.benchmark.name) for run in runs}
-    return {name: {"pass@1": p[0], "source": p[1]} for name, p in found.items() if p}
+    return {name: [{"pass@1": v, "harness": h} for v, h in p] for name, p in found.items() if p}
 
 
 # ---------------------------------------------------------------------------------------------
 # Markdown
+
+
+_READINGS = {"open-r1": "as open-r1 reads them (lighteval d3da6b9b's extractive match, whole "
+                         "completion)",
+             "strict": "strictly (the last \\boxed{} or anchored letter after </think>)"}
 
 
 def _pct(x: float | None) -> str:
@@ -136,14 +142,15 @@ def markdown(report: dict) -> str:
              f"{report['prompts']['count']} prompts ({report['prompts']['source']}, split "
              f"{report['prompts']['split']}); temperature {report['protocol']['temperature']}, "
              f"top-p {report['protocol']['top_p']}, {n} samples per prompt, seed "
-             f"{report['protocol']['seed']}.", "",
+             f"{report['protocol']['seed']}; answers read "
+             f"{_READINGS[report['protocol']['answer_reading']]}.", "",
              "| metric | " + " | ".join(names) + " |",
              "|---|" + "---|" * len(names)]
     lines += [f"| {key} | " + " | ".join(c.get(key, "–") for c in cols) + " |" for key in keys]
     published_ = report.get("published") or {}
     if published_:
         lines.append("| published pass@1 | " + " | ".join(
-            f"{published_[m['name']]['pass@1']:.1f}% ({published_[m['name']]['source']})"
+            " · ".join(f"{p['pass@1']:.1f}% ({p['harness']})" for p in published_[m["name"]])
             if m["name"] in published_ else "–" for m in models) + " |")
     notes = [f"- {m['name']}: {n}" for m in models for n in m["notes"]]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
