@@ -13,6 +13,16 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    """The pytest process compiles without JAX's persistent cache: `distill.cli`, which tests call
+    in process too, points JAX_COMPILATION_CACHE_DIR at the user's cache for the CLI processes
+    tests start, and JAX read it here when it was imported after such a call."""
+    import jax
+
+    jax.config.update("jax_enable_compilation_cache", False)
+
 DEFAULT_SMOLLM2 = ROOT / ".cache/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -473,6 +473,10 @@ def _wait_until(pred, timeout=60.0) -> bool:
 def test_clients_that_leave_free_their_slot(toy_qwen2):
     app = build_app(*toy_qwen2, "toy", config=EngineConfig(slots=1))
     jobs = app.state.jobs
+    # compiled here, as `distill serve` does before it listens: late in the full suite, XLA's
+    # compile of the widest decode windows on the engine's thread crashed the process (SIGSEGV
+    # in backend_compile_and_load, twice on CI's clean clone; never alone or in its module)
+    jobs.engine.warmup(logprobs=False)
     long = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 1536,
             "temperature": 0}
     with ServerThread(app) as base_url, httpx.Client(base_url=base_url, timeout=120) as client:
