@@ -23,7 +23,7 @@ from pathlib import Path
 
 from distill.data.records import PromptRecord, Sample
 from distill.errors import DistillError
-from distill.fsutil import FREE, WriteFailed, fsync_dir, write_atomic, write_error
+from distill.fsutil import FREE, fsync_dir, write_atomic, writing
 
 SAMPLES, FINGERPRINT = "samples.jsonl", "fingerprint.json"
 # fields of a model entry that change how it runs, not what it samples (a restarted server may
@@ -124,13 +124,8 @@ class SampleStore:
                "completion_tokens": sample.completion_tokens}
         line = (json.dumps(row, ensure_ascii=False) + "\n").encode()
         with self._lock:
-            try:
+            with writing(self.path, self.safe):
                 self._append(line)
-            except Exception as e:
-                reason = write_error(e)
-                if reason is None:
-                    raise
-                raise WriteFailed(self.path, reason, self.safe()) from e
             self.rows[key(row)] = row
             self.added += 1
 
@@ -149,8 +144,8 @@ class SampleStore:
 
     def safe(self) -> str:
         """What a failed write leaves safe, in a WriteFailed's words."""
-        return (f"the {len(self.rows)} samples before it are kept in {self.path}; {FREE} and "
-                "rerun the same command: it samples only the rest")
+        return (f"the {len(self.rows)} samples made before are kept in {self.path}; {FREE} "
+                "and rerun the same command: it samples only the rest")
 
     def close(self) -> None:
         """Close the file (the samples stay)."""
