@@ -13,18 +13,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distill.eval.evaluate import run_eval
 from distill.eval.samples import SAMPLES, work_dir
 from distill.sampling import sample_seed
 
 from . import toy
-from .helpers import assert_user_error, invoke_cli, shared_compile_cache, start_cli
+from .helpers import assert_user_error, invoke_cli, run_cli, shared_compile_cache, start_cli
 from .runs import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
-PROMPTS, N, SEED = 6, 3, 4
+PROMPTS, N, SEED = 5, 3, 4
 PER_MODEL = PROMPTS * (N + 1)  # n samples and a greedy one per prompt
-MODELS = ("local", "served")
+MODELS = ("served", "local")
 
 
 class Requests:
@@ -68,9 +67,9 @@ def served(tmp_path_factory):
 def write_config(path: Path, local: Path, url: str, out: Path, **protocol) -> Path:
     path.write_text(yaml.safe_dump({
         "prompts": {"source": "synthetic", "synthetic": {"n": PROMPTS, "seed": 2}},
-        "models": [{"name": "local", "model": str(local), "engine": {"slots": 2}},
-                   {"name": "served", "kind": "openai", "base_url": f"{url}/v1", "model": "toy",
-                    "concurrency": 2}],
+        "models": [{"name": "served", "kind": "openai", "base_url": f"{url}/v1", "model": "toy",
+                    "concurrency": 2},
+                   {"name": "local", "model": str(local), "engine": {"slots": 2}}],
         "protocol": {"n": N, "max_new_tokens": 24, "seed": SEED, **protocol},
         "output": str(out)}))
     return path
@@ -99,15 +98,18 @@ def strip_timing(report: dict) -> dict:
 def test_kill_9_at_three_moments_then_rerun_equals_an_uninterrupted_run(tmp_path, served):
     url, app = served
     local = toy.qwen2_dir(tmp_path / "local")
+    env = {"JAX_PLATFORMS": "cpu", **shared_compile_cache()}
     (tmp_path / "a").mkdir()  # the same config name (the report's) in another folder
-    reference = run_eval(write_config(tmp_path / "a" / "eval.yaml", local, url, tmp_path / "ref"),
-                         progress=False)
+    # in a process of its own, first: the runs below load what it compiled
+    done = run_cli(["eval", write_config(tmp_path / "a" / "eval.yaml", local, url,
+                                         tmp_path / "ref"), "--quiet"], cwd=REPO, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = json.loads((tmp_path / "ref" / "eval.json").read_text())
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "eval.yaml", local, url, out)
-    env = {"JAX_PLATFORMS": "cpu", **shared_compile_cache()}
     rng, total = random.Random(0), 2 * PER_MODEL
     # kill once the file holds k lines: k drawn in each third of the samples (the first third
-    # while the local model samples, the last while the served one does)
+    # while the served model samples, the last while the local one does)
     for third in range(3):
         keys = stored(out)
         asked = len(app.seen)
