@@ -173,3 +173,24 @@ def test_a_rerun_with_another_protocol_is_refused_in_one_line(tmp_path):
                              f"remove {folder} to start afresh")
     assert line.startswith("error: ") and not out.exists()
     assert stored(out) == [("served", "p", 0, False)]  # left as it was
+
+
+def test_a_torn_last_line_is_cut_off_and_sampled_again(tmp_path):
+    from distill.data.records import Sample
+    from distill.eval.samples import SampleStore
+
+    folder, print_ = tmp_path / "out.partial", {"protocol": {"n": 2}}
+    store = SampleStore.open(folder, print_)
+    for i in range(3):
+        store.add("m", "p", Sample(i, f"text {i}", "stop", 3, 2), greedy=i == 2)
+    store.close()
+    whole = (folder / SAMPLES).read_bytes()
+    with open(folder / SAMPLES, "ab") as f:
+        f.write(b'{"model": "m", "prompt_id": "p", "sample_in')  # a kill -9 mid-write
+    again = SampleStore.open(folder, print_)
+    assert list(again.rows) == [("m", "p", 0, False), ("m", "p", 1, False), ("m", "p", 2, True)]
+    assert (folder / SAMPLES).read_bytes() == whole  # cut back to the whole lines
+    again.add("m", "q", Sample(0, "more", "length", 3, 2), greedy=False)
+    assert stored(tmp_path / "out")[-1] == ("m", "q", 0, False)  # appended after the whole lines
+    again.remove()
+    assert not folder.exists() and again.added == 1
