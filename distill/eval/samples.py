@@ -87,7 +87,11 @@ class SampleStore:
         store = cls(folder, print_)
         fp = folder / FINGERPRINT
         if fp.is_file():
-            old = json.loads(fp.read_text(encoding="utf-8"))
+            try:
+                old = json.loads(fp.read_text(encoding="utf-8"))
+            except ValueError:
+                raise DistillError(f"{fp}: not a fingerprint distill wrote; remove {folder} to "
+                                   "start afresh") from None
             if old != print_:
                 raise DistillError(
                     f"{folder}: holds samples of another configuration (it differs in "
