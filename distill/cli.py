@@ -264,6 +264,8 @@ def eval_(config, benchmark, model, model_name, source, limit, overrides, quiet)
       distill eval --benchmark gpqa --model http://127.0.0.1:8000/v1 --set protocol.n=1
     Prints the Markdown table (with the published pass@1 of a model of the same name, where
     there is one), then the report directory (eval.json, eval.md, samples.jsonl, plots/).
+    Resumable: samples stream to <output>.partial/ as they end; rerunning the same command after
+    a kill or a full disk samples only the rest.
     """
     from distill.eval.evaluate import run_eval
     from distill.eval.report import markdown

@@ -1,7 +1,8 @@
 """How to sample: `SamplingParams`, the one validated sampling-settings type (the bounds every
 sampling table shares are declared here once), and the per-row sampling functions the inference
 engine's programs call: `sample_rows` (temperature, top-k, top-p per row, greedy rows argmax, no
-vocabulary sort), `row_uniform` and `request_key` (each sample's own random stream).
+vocabulary sort), `row_uniform` and `request_key` (each sample's own random stream), and
+`sample_seed`, the seed of one sample of one prompt that every backend asks with.
 
 Models sample through the inference engine (`distill.inference`), which takes these settings per
 request as data.
@@ -9,6 +10,7 @@ request as data.
 
 from __future__ import annotations
 
+import hashlib
 from functools import partial
 from typing import Annotated, NamedTuple
 
@@ -319,3 +321,11 @@ def request_key(seed: int, sample_index: int) -> np.ndarray:
     """The PRNG key (uint32 [2]) of one sample of a request:
     fold_in(PRNGKey(seed), sample_index)."""
     return np.asarray(jax.random.fold_in(jax.random.PRNGKey(seed), sample_index))
+
+
+def sample_seed(seed: int, prompt_id: str, index: int) -> int:
+    """The seed of one sample (one request of n = 1, in process or over HTTP): a function of the
+    run seed, the prompt id and the sample index only, so a resumed run asks for what an
+    uninterrupted one did, whatever ran beside it."""
+    digest = hashlib.sha256(f"{seed}:{prompt_id}:{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF

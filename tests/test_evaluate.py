@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import yaml
 
-from distill.backends.http import sample_seed
 from distill.data.prompts import PromptsConfig, load_prompts
 from distill.errors import DistillError
 from distill.eval import metrics as M
 from distill.eval.evaluate import run_eval
+from distill.sampling import sample_seed
 
 from . import toy
 from .helpers import assert_user_error, invoke_cli

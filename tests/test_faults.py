@@ -194,23 +194,48 @@ def test_export_on_a_full_disk_leaves_the_previous_export(tmp_path):
     assert _tree(out) == before  # the same export, written again
 
 
-def test_eval_on_a_full_disk_leaves_the_previous_report(tmp_path):
+def test_eval_on_a_full_disk_keeps_its_samples_and_the_previous_report(tmp_path):
+    """The disk fills while samples stream (one line: the samples so far are kept), then while
+    the report is written (the previous report untouched, every sample kept); with space freed
+    the rerun samples only the rest and writes the report an uninterrupted run does."""
     student = toy.qwen2_dir(tmp_path / "student")
     root, out = tmp_path / "disk", tmp_path / "disk" / "report"
+    partial = root / "report.partial" / "samples.jsonl"
     cfg = tmp_path / "eval.yaml"
     cfg.write_text(yaml.safe_dump({
         "prompts": {"source": "synthetic", "synthetic": {"n": 40, "seed": 1}, "split": "heldout",
                     "heldout_fraction": 0.25},
         "models": [{"name": "student", "model": str(student)}],
-        "protocol": {"n": 2, "max_new_tokens": 8, "seed": 0}, "output": str(out)}))
+        "protocol": {"n": 4, "max_new_tokens": 16, "seed": 0}, "output": str(out)}))
     args = ["eval", str(cfg), "--quiet"]
     first = invoke_cli(args, cwd=REPO)
     assert first.returncode == 0, first.stderr[-3000:]
-    previous = (out / "samples.jsonl").read_text()
-    line, _ = _fails_then_redone(root, out, [*DISTILL, *args])
-    assert line.endswith(f"the previous report in {out} is untouched; free space and rerun the "
-                         "same command"), line
-    assert (out / "samples.jsonl").read_text() == previous and (out / "eval.md").is_file()
+    previous, before = (out / "samples.jsonl").read_text(), _tree(out)
+    size, run = _kib(root), [*DISTILL, *args]
+    # the work file holds fewer fields than the report's samples.jsonl; and a fingerprint page
+    samples_kib = -(-(out / "samples.jsonl").stat().st_size // 4096) * 4 + 4
+    runs = run_on_small_disk(root, [
+        (size + 8, run),  # the fingerprint and one page of samples
+        (size + 8, ["cat", str(partial)]),
+        (size + samples_kib + _kib(out) // 2, run),  # every sample, not the report
+        (3 * size + 1024, run)], env={**ENV, **shared_compile_cache()}, cwd=REPO)
+    sampling, shown, reporting, redone = runs
+    kept = len(shown["stdout"].split("\n")) - 1  # whole lines (a torn last one aside)
+    total = len(previous.splitlines())  # 11 held-out prompts x (4 samples + greedy)
+    assert 0 < kept < total
+    line = _one_error(sampling)
+    assert line == (f"error: {partial}: cannot write (no space left on device); the {kept} "
+                     f"samples made before are kept in {partial}; free space and rerun the same "
+                     "command: it samples only the rest"), line
+    line = _one_error(reporting)
+    assert line.endswith(f"the previous report in {out} is untouched; the {total} samples are "
+                         f"kept in {partial}; free space and rerun the same command"), line
+    for r in (sampling, reporting):
+        report = {k: v for k, v in r["files"].items() if k.startswith("report/")}
+        assert report == before and not _temporaries(r["files"])  # untouched
+    assert redone["rc"] == 0, redone["stderr"][-3000:]
+    assert (out / "samples.jsonl").read_text() == previous
+    assert set(redone["files"]) == set(before)  # the work folder gone, no temporaries
 
 
 # ---------------------------------------------------------------------------------------------

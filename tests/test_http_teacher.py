@@ -53,7 +53,7 @@ PARAMS = SamplingParams(max_new_tokens=12, temperature=1.0, n=2, seed=7)
 
 def test_samples_in_order_with_their_fields(base_url):
     seen = []
-    out = teacher(base_url).complete(PROMPTS, PARAMS, on_sample=seen.append)
+    out = teacher(base_url).complete(PROMPTS, PARAMS, on_sample=lambda _k, s: seen.append(s))
     assert len(out) == len(PROMPTS) and len(seen) == 2 * len(PROMPTS)
     for group in out:
         assert [s.sample_index for s in group] == [0, 1]

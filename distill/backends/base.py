@@ -26,9 +26,16 @@ class Sampler(Protocol):
 
     def complete(self, prompts: list[PromptRecord], params: SamplingParams,
                  system: str | None = None,
-                 on_sample: Callable[[Sample], None] | None = None) -> list[list[Sample]]:
+                 on_sample: Callable[[int, Sample], None] | None = None,
+                 indices: Sequence[Sequence[int]] | None = None) -> list[list[Sample]]:
         """`params.n` samples for each prompt, in order, each prompt asked with the system
-        prompt `system` (None: none); `on_sample` sees each sample as it is made."""
+        prompt `system` (None: none); `on_sample(k, sample)` sees each sample as it is made,
+        with the position `k` of its prompt in `prompts`.
+
+        Sample i of a prompt is drawn with the seed `distill.sampling.sample_seed(params.seed,
+        prompt id, i)`, whatever else is asked beside it. `indices`: per prompt, the sample
+        indices to make instead of 0..n-1 (a resumed eval asks only for what it lacks); each
+        prompt's list then holds those samples, in index order."""
         ...
 
     def close(self) -> None:

@@ -14,14 +14,13 @@ part of the config, the sampler's identity, a log line or an error.
 from __future__ import annotations
 
 import email.utils
-import hashlib
 import json
 import logging
 import random
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -40,7 +39,7 @@ from distill.config import Frozen, InputPath, read_api_key
 from distill.data.records import PromptRecord, Sample
 from distill.errors import DistillError
 from distill.inference import TokenScores
-from distill.sampling import SamplingParams
+from distill.sampling import SamplingParams, sample_seed
 from distill.tokenizer import Tokenizer, tokenizer_identity
 
 log = logging.getLogger(__name__)
@@ -106,13 +105,6 @@ def served_model(base_url: str, api_key_env: str | None = None, timeout_s: float
         return str(response.json()["data"][0]["id"])
     except (ValueError, KeyError, IndexError, TypeError):
         raise DistillError(f"{url}: the server lists no model (give --model-name)") from None
-
-
-def sample_seed(seed: int, prompt_id: str, index: int) -> int:
-    """The seed of one request: a function of the run seed, the prompt id and the sample index
-    only, so a resumed run asks for what an uninterrupted one did."""
-    digest = hashlib.sha256(f"{seed}:{prompt_id}:{index}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def retry_after_s(value: str | None) -> float | None:
@@ -305,10 +297,13 @@ class OpenAISampler(HttpClient):
 
     def complete(self, prompts: list[PromptRecord], params: SamplingParams,
                  system: str | None = None,
-                 on_sample: Callable[[Sample], None] | None = None) -> list[list[Sample]]:
-        """`params.n` samples for each prompt, in order. `on_sample` sees each sample as it
-        arrives (from worker threads, one at a time). The first failure ends the call."""
-        out: list[list[Sample | None]] = [[None] * params.n for _ in prompts]
+                 on_sample: Callable[[int, Sample], None] | None = None,
+                 indices: Sequence[Sequence[int]] | None = None) -> list[list[Sample]]:
+        """`params.n` samples for each prompt (or those of `indices`), in order (see
+        `Sampler.complete`). `on_sample(k, sample)` sees each sample as it arrives (from worker
+        threads, one at a time). The first failure ends the call."""
+        wanted = indices if indices is not None else [range(params.n)] * len(prompts)
+        out: list[dict[int, Sample]] = [{} for _ in prompts]
         stop, lock = threading.Event(), threading.Lock()
 
         def one(i: int, s: int) -> None:
@@ -316,13 +311,12 @@ class OpenAISampler(HttpClient):
             out[i][s] = sample
             if on_sample is not None and not stop.is_set():  # the call has not failed meanwhile
                 with lock:
-                    on_sample(sample)
+                    on_sample(i, sample)
 
-        tasks = [(i, s) for i in range(len(prompts)) for s in range(params.n)]
-        if not tasks:
-            return []
-        self._each(tasks, one, stop)
-        return out  # type: ignore[return-value]
+        tasks = [(i, s) for i in range(len(prompts)) for s in wanted[i]]
+        if tasks:
+            self._each(tasks, one, stop)
+        return [[got[s] for s in sorted(got)] for got in out]
 
     def request_body(self, prompt: PromptRecord, index: int, params: SamplingParams,
                      system: str | None = None) -> dict:

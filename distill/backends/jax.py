@@ -3,16 +3,18 @@ or a dense model) sampled through distill's inference engine (`distill.inference
 with top-k log-probabilities; and its scorer (`JaxScorer`), the model's log-probabilities on
 given tokens.
 
-A `complete` call submits all of its prompts to the engine at once (continuous batching over the
-engine's slots), each with a seed of its own drawn from (run seed, prompt id); the engine adds the
-sample index. So a prompt's samples do not depend on what runs beside it: a resumed `distill
-generate`, or one with another slot count, samples the same traces.
+A `complete` call submits every sample it is asked for to the engine at once (continuous batching
+over the engine's slots), each as a request of its own (n = 1) with the seed
+`distill.sampling.sample_seed(run seed, prompt id, sample index)`, the seed the HTTP backend asks
+a server with. So a sample does not depend on what runs beside it: a resumed `distill generate`
+or `distill eval`, or one with another slot count, samples the same completions. (A prompt's
+samples are prefilled one by one rather than copied from one prefill: the prompt is short beside
+what its samples decode.)
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 from distill.chat import prompt_ids
@@ -32,7 +34,7 @@ from distill.inference import (
 from distill.inference.engine import pow2_at_least
 from distill.parallel import make_mesh, parse_mesh
 from distill.pretrained import load_pretrained
-from distill.sampling import SamplingParams
+from distill.sampling import SamplingParams, sample_seed
 from distill.tokenizer import Tokenizer, tokenizer_identity
 
 
@@ -49,13 +51,6 @@ class JaxSamplerConfig(Frozen):
     dtype: Literal["float32", "bfloat16"] = "float32"
     engine: EngineConfig = EngineConfig()
     mesh: str | None = None  # e.g. "data=1,fsdp=1,tensor=2,expert=4"; None: one device
-
-
-def prompt_seed(seed: int, prompt_id: str) -> int:
-    """The PRNG seed of one prompt's samples: a function of the run seed and the prompt id only,
-    so a resumed run draws exactly what an uninterrupted one did, whatever ran beside it."""
-    digest = hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def load_model(cfg: JaxSamplerConfig):
@@ -117,42 +112,49 @@ class JaxSampler:
 
     def complete(self, prompts: list[PromptRecord], params: SamplingParams,
                  system: str | None = None,
-                 on_sample: Callable[[Sample], None] | None = None) -> list[list[Sample]]:
-        """`params.n` samples for each prompt, in order, all prompts submitted to the engine at
-        once; `on_sample` sees a prompt's samples when its last one ends. A prompt the engine
-        cannot take (too long for its limit) is an EngineError naming it, before any sampling."""
-        if not prompts:
-            return []
-        ids = [self.prompt_ids(p, system) for p in prompts]
-        eng = self.engine(max(map(len, ids)) + params.max_new_tokens)
-        for prompt, row in zip(prompts, ids, strict=True):
-            try:
-                eng.check(len(row), params)
-            except EngineError as e:
-                raise EngineError(f"prompt {prompt.id}: {e}") from None
+                 on_sample: Callable[[int, Sample], None] | None = None,
+                 indices: Sequence[Sequence[int]] | None = None) -> list[list[Sample]]:
+        """`params.n` samples for each prompt (or those of `indices`), in order (see
+        `Sampler.complete`), all submitted to the engine at once, one request each;
+        `on_sample(k, sample)` sees each sample as it ends. A prompt the engine cannot take (too
+        long for its limit) is an EngineError naming it, before any sampling."""
+        wanted = indices if indices is not None else [range(params.n)] * len(prompts)
+        asked = [k for k, w in enumerate(wanted) if len(w)]
         out: list[list[Sample]] = [[] for _ in prompts]
+        if not asked:
+            return out
+        ids = {k: self.prompt_ids(prompts[k], system) for k in asked}
+        one = params.model_copy(update={"n": 1})
+        eng = self.engine(max(map(len, ids.values())) + params.max_new_tokens)
+        for k in asked:
+            try:
+                eng.check(len(ids[k]), one)
+            except EngineError as e:
+                raise EngineError(f"prompt {prompts[k].id}: {e}") from None
 
-        def done(k: int, req: Request) -> None:
+        def done(k: int, index: int, req: Request) -> None:
             if req.error is not None:
                 return  # complete() raises it
-            out[k] = [self._sample(c, len(ids[k])) for c in req.completions]
-            for s in out[k] if on_sample is not None else ():
-                on_sample(s)
+            sample = self._sample(req.completions[0], len(ids[k]), index)
+            out[k].append(sample)
+            if on_sample is not None:
+                on_sample(k, sample)
 
         try:
-            reqs = [eng.submit(row, params.model_copy(update={"seed": prompt_seed(params.seed, p.id)}),
-                               on_done=lambda req, k=k: done(k, req))
-                    for k, (p, row) in enumerate(zip(prompts, ids, strict=True))]
+            reqs = [eng.submit(ids[k], one.model_copy(update={
+                        "seed": sample_seed(params.seed, prompts[k].id, i)}),
+                        on_done=lambda req, k=k, i=i: done(k, i, req))
+                    for k in asked for i in wanted[k]]
             eng.run_until_idle()
             for req in reqs:
                 req.wait(0)  # raises a failed request's error
         except BaseException:
             self._engine = None  # requests may be left in its slots: start afresh next time
             raise
-        return out
+        return [sorted(group, key=lambda s: s.sample_index) for group in out]
 
-    def _sample(self, c: Completion, prompt_tokens: int) -> Sample:
-        return Sample(sample_index=c.sample_index, completion=c.text,
+    def _sample(self, c: Completion, prompt_tokens: int, index: int) -> Sample:
+        return Sample(sample_index=index, completion=c.text,
                       finish_reason=c.finish_reason, prompt_tokens=prompt_tokens,
                       completion_tokens=len(c.token_ids), top_ids=c.top_ids,
                       top_logprobs=c.top_logprobs, **self._bytes(c))

@@ -7,15 +7,23 @@ lengths, generated tokens/s, accuracy by difficulty, and, for students sharing t
 tokenizer, per-token KL and top-1 agreement on the teacher's traces (see
 `distill.eval.metrics` and `distill.eval.agreement` for the definitions).
 
-Generated tokens/s is over a model's whole sampling time (greedy pass included; for a model in
-process, JIT compilation too).
+Resumable, sample by sample: each completion is appended to `<output>.partial/samples.jsonl` as
+it ends, keyed by (model, prompt id, sample index, greedy) (`distill.eval.samples`). After a
+`kill -9`, a preemption or a full disk, rerunning the same command samples only what is missing
+and computes the report from the stored samples, so it equals an uninterrupted run's; a rerun
+whose protocol, prompts or models differ is refused in one line. The folder is removed once the
+report is in place.
 
-Reproducible: sampling is seeded (per batch of prompts in process, per request over HTTP), so the
-same config and seed give the same report; wall-clock numbers live apart, under "timing".
+Reproducible: every sample has its own seed, from (protocol.seed, prompt id, sample index), in
+process and over HTTP alike (`distill.sampling.sample_seed`), so a sample draws the same tokens
+whatever else is in flight, and the same config and seed give the same report; wall-clock numbers
+live apart, under "timing" (this run's sampling: seconds, samples drawn and resumed, generated
+tokens/s, JIT compilation included for a model in process).
 
 Outputs (in `output`, default students/eval/<name>/), written into a temporary folder and moved
 into place at the end, so a report directory is never half-written:
-eval.json, eval.md, samples.jsonl (one line per model, prompt and sample) and plots/*.png.
+eval.json, eval.md, samples.jsonl (one line per model, prompt and sample, in that order) and
+plots/*.png.
 """
 
 from __future__ import annotations
@@ -27,7 +35,13 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
 from distill import runs
 from distill.backends import make_sampler
@@ -44,6 +58,7 @@ from distill.eval.agreement import (
 )
 from distill.eval.config import EvalConfig, model_name
 from distill.eval.report import build_report, write_outputs
+from distill.eval.samples import SampleStore, fingerprint, work_dir
 from distill.extractive_match import judge_math
 from distill.pretrained import model_kind
 from distill.verify import answers_match, extract_answer
@@ -69,7 +84,8 @@ class Outcome:
 @dataclasses.dataclass
 class ModelRun:
     """Everything one model produced: samples [P][n], greedy [P] (or None), sampling wall time,
-    teacher agreement (or None) and notes on what was skipped."""
+    teacher agreement (or None), notes on what was skipped, and the samples and tokens this
+    run drew (the rest were stored by an earlier run)."""
 
     entry: object
     name: str
@@ -78,6 +94,8 @@ class ModelRun:
     seconds: float
     agreement: dict | None
     notes: list[str]
+    sampled: int = 0
+    sampled_tokens: int = 0
 
 
 def load_eval_config(path: str | Path, overrides=(), *, check_paths: bool = False) -> EvalConfig:
@@ -89,7 +107,8 @@ def load_eval_config(path: str | Path, overrides=(), *, check_paths: bool = Fals
 def run_eval(config_path: str | Path | None, overrides=(), *, progress: bool = True,
              data: dict | None = None) -> dict:
     """Evaluate the models a config lists and write the report; returns the eval.json content.
-    `data`: the config as a mapping instead of a file (`distill eval --benchmark`)."""
+    `data`: the config as a mapping instead of a file (`distill eval --benchmark`). Samples a
+    previous run of the same config left in `<output>.partial/` are used, not drawn again."""
     if data is not None:
         cfg = validate(EvalConfig, apply_overrides(data, parse_overrides(overrides)),
                        "distill eval --benchmark", check_paths=True)
@@ -107,14 +126,28 @@ def run_eval(config_path: str | Path | None, overrides=(), *, progress: bool = T
     _check_models(cfg)
     kl = _prepare_kl(cfg, prompts)
     curves = _loss_curves(cfg)
+    store = SampleStore.open(work_dir(out_dir), sample_fingerprint(cfg, prompts))
     runs = []
-    with _Progress(progress) as bar:
-        for entry in cfg.models:
-            runs.append(evaluate_model(entry, prompts, cfg, kl, bar, bench))
-            gc.collect()  # free one model's buffers before the next one loads
+    try:
+        with _Progress(progress) as bar:
+            for entry in cfg.models:
+                runs.append(evaluate_model(entry, prompts, cfg, kl, bar, bench, store))
+                gc.collect()  # free one model's buffers before the next one loads
+    finally:
+        store.close()
     report = build_report(name, out_dir, cfg, prompts, runs)
-    write_outputs(out_dir, report, runs, prompts, curves)
+    write_outputs(out_dir, report, runs, prompts, curves,
+                  kept=f"the {len(store.rows)} samples are kept in {store.path}")
+    store.remove()  # the report holds them now
     return report
+
+
+def sample_fingerprint(cfg: EvalConfig, prompts: list[PromptRecord]) -> dict:
+    """What decides an eval's samples (`distill.eval.samples.fingerprint`): not the answer reading,
+    which reads the stored samples anew on every run (its GPQA layout is in the prompts' digest)."""
+    models = {model_name(m): m.model_dump(mode="json", exclude={"name"}) for m in cfg.models}
+    protocol = cfg.protocol.model_dump(mode="json", exclude={"answer_reading"})
+    return fingerprint(protocol, prompts, models)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,37 +195,59 @@ def _prepare_kl(cfg: EvalConfig, prompts: list[PromptRecord]) -> _KL | None:
 
 
 def evaluate_model(entry, prompts: list[PromptRecord], cfg: EvalConfig, kl: _KL | None,
-                   bar=None, bench: Benchmark | None = None) -> ModelRun:
-    """Sample, check and (when it applies) score one model."""
+                   bar: _Progress | None, bench: Benchmark | None,
+                   store: SampleStore) -> ModelRun:
+    """Sample what `store` lacks of one model (each sample stored as it ends), then check every
+    stored sample and (when it applies) score the model."""
     name = model_name(entry)
     p = cfg.protocol
-    params = p.params()
-    greedy_params = params.greedy()
-    backend = make_sampler(entry)
-    try:
-        on_sample = bar.model(name, len(prompts) * (p.n + p.greedy)) if bar else None
-        t0 = time.perf_counter()
-        samples = backend.complete(prompts, params, p.system, on_sample=on_sample)
-        greedy = (backend.complete(prompts, greedy_params, p.system, on_sample=on_sample)
-                  if p.greedy else None)
-        seconds = time.perf_counter() - t0
-        scores, notes = _agreement(entry, backend, kl)
-    finally:
-        backend.close()
-        del backend
-    judged = [[_judge(s, prompt, cfg, bench) for s in _in_order(group, p.n, prompt)]
-              for prompt, group in zip(prompts, samples, strict=True)]
-    greedy_judged = None if greedy is None else [
-        _judge(_in_order(g, 1, prompt)[0], prompt, cfg, bench)
-        for prompt, g in zip(prompts, greedy, strict=True)]
-    return ModelRun(entry, name, judged, greedy_judged, seconds, scores, notes)
+    passes = {False: p.params(), **({True: p.params().greedy()} if p.greedy else {})}
+    todo = {greedy: [[i for i in range(params.n) if (name, q.id, i, greedy) not in store]
+                     for q in prompts] for greedy, params in passes.items()}
+    total = len(prompts) * (p.n + p.greedy)
+    left = sum(len(x) for rows in todo.values() for x in rows)
+    counted = bar.model(name, total, total - left) if bar else _Counted(lambda _s: None)
+    t0, scores, notes = time.perf_counter(), None, []
+    if left or _scored(entry, kl):  # else nothing needs the model: not loaded
+        backend = make_sampler(entry)
+        try:
+            for greedy, params in passes.items():
+                def on_sample(k: int, sample: Sample, greedy=greedy) -> None:
+                    store.add(name, prompts[k].id, sample, greedy)
+                    counted(sample)
+
+                backend.complete(prompts, params, p.system, on_sample=on_sample,
+                                 indices=todo[greedy])
+            seconds = time.perf_counter() - t0
+            scores, notes = _agreement(entry, backend, kl)
+        finally:
+            backend.close()
+            del backend
+    else:
+        seconds = 0.0
+        scores, notes = _agreement(entry, None, kl)
+    judged = [[_judge(_stored(store, name, q, i, False), q, cfg, bench)
+               for i in range(p.n)] for q in prompts]
+    greedy_judged = None if not p.greedy else [
+        _judge(_stored(store, name, q, 0, True), q, cfg, bench) for q in prompts]
+    return ModelRun(entry, name, judged, greedy_judged, seconds, scores, notes,
+                    counted.samples, counted.tokens)
 
 
-def _in_order(group: list[Sample], n: int, prompt: PromptRecord) -> list[Sample]:
-    if len(group) != n:
-        raise DistillError(f"prompt {prompt.id}: the model returned {len(group)} samples, "
-                           f"expected {n}")
-    return sorted(group, key=lambda s: s.sample_index)
+def _scored(entry, kl: _KL | None) -> bool:
+    """Whether `_agreement` scores this model (and so needs it loaded)."""
+    return kl is not None and entry.role != "teacher" and entry.kind == "jax"
+
+
+def _stored(store: SampleStore, name: str, prompt: PromptRecord, index: int,
+            greedy: bool) -> Sample:
+    row = store.rows.get((name, prompt.id, index, greedy))
+    if row is None:
+        raise DistillError(f"prompt {prompt.id}: the model returned no "
+                           f"{'greedy sample' if greedy else f'sample {index}'}")
+    return Sample(sample_index=index, completion=row["completion"],
+                  finish_reason=row["finish_reason"], prompt_tokens=row["prompt_tokens"],
+                  completion_tokens=row["completion_tokens"])
 
 
 def _judge(sample: Sample, prompt: PromptRecord, cfg: EvalConfig,
@@ -259,12 +314,28 @@ def _loss_curves(cfg: EvalConfig) -> dict[str, Path]:
     return curves
 
 
+class _Counted:
+    """An on_sample callback that counts what it sees (samples, generated tokens) and passes each
+    sample on to `report`."""
+
+    def __init__(self, report):
+        self.report, self.samples, self.tokens = report, 0, 0
+
+    def __call__(self, sample: Sample) -> None:
+        self.samples += 1
+        self.tokens += sample.completion_tokens
+        self.report(sample)
+
+
 class _Progress:
-    """A rich progress bar per model: samples done of all (n per prompt, plus greedy)."""
+    """A rich progress bar per model: samples done of all (n per prompt, plus greedy; those an
+    earlier run stored count as done), tokens generated and their rate, and the time left."""
 
     def __init__(self, enabled: bool):
         self.bar = Progress(TextColumn("[bold]eval {task.description}"), BarColumn(),
-                            MofNCompleteColumn(), TextColumn("samples · {task.fields[tps]:.1f} tok/s"),
+                            MofNCompleteColumn(), TextColumn("samples"),
+                            TextColumn("· {task.fields[tokens]:,} tokens · {task.fields[tps]:.1f} "
+                                       "tok/s ·"), TimeRemainingColumn(),
                             console=Console(stderr=True), disable=not enabled)
 
     def __enter__(self) -> _Progress:
@@ -274,15 +345,14 @@ class _Progress:
     def __exit__(self, *exc) -> None:
         self.bar.__exit__(*exc)
 
-    def model(self, name: str, total: int):
-        """The on_sample callback of one model's sampling."""
-        task = self.bar.add_task(name, total=total, tps=0.0)
-        t0, tokens = time.perf_counter(), [0]
+    def model(self, name: str, total: int, done: int = 0) -> _Counted:
+        """The on_sample callback of one model's sampling (`done`: samples already stored)."""
+        task = self.bar.add_task(name, total=total, completed=done, tokens=0, tps=0.0)
+        t0 = time.perf_counter()
 
-        def on_sample(sample: Sample) -> None:
-            tokens[0] += sample.completion_tokens
-            tps = tokens[0] / max(time.perf_counter() - t0, 1e-9)
-            self.bar.update(task, advance=1, tps=tps)
+        def update(_sample: Sample) -> None:
+            tps = counted.tokens / max(time.perf_counter() - t0, 1e-9)
+            self.bar.update(task, advance=1, tokens=counted.tokens, tps=tps)
 
-        return on_sample
-
+        counted = _Counted(update)
+        return counted

@@ -43,11 +43,13 @@ def model_metrics(run, prompts: list[PromptRecord]) -> dict:
 
 
 def timing(run) -> dict:
-    """Wall-clock figures: sampling seconds (greedy pass included), generated tokens, tokens/s."""
-    tokens = sum(o.tokens for group in run.samples for o in group)
-    tokens += sum(o.tokens for o in run.greedy or [])
-    return {"seconds": run.seconds, "generated_tokens": tokens,
-            "tokens_per_s": tokens / run.seconds if run.seconds > 0 else None}
+    """Wall-clock figures of this run's sampling (greedy pass included): seconds, samples drawn
+    and generated tokens, tokens/s; `resumed`: the samples an earlier run had stored."""
+    stored = sum(map(len, run.samples)) + len(run.greedy or [])
+    tokens = run.sampled_tokens
+    return {"seconds": run.seconds, "samples": run.sampled, "resumed": stored - run.sampled,
+            "generated_tokens": tokens,
+            "tokens_per_s": tokens / run.seconds if run.seconds > 0 and tokens else None}
 
 
 def build_report(name: str, out_dir: Path, cfg: EvalConfig, prompts: list[PromptRecord],
@@ -174,11 +176,13 @@ def sample_rows(runs: list, prompts: list[PromptRecord]):
 
 
 def write_outputs(out_dir: Path, report: dict, runs: list, prompts: list[PromptRecord],
-                  loss_curves: dict[str, Path]) -> None:
+                  loss_curves: dict[str, Path], kept: str | None = None) -> None:
     """Write every file into a temporary sibling folder, then swap it in for `out_dir`; a failed
-    write (a full disk) leaves `out_dir` as it was and ends in one line."""
+    write (a full disk) leaves `out_dir` as it was and ends in one line (which says `kept`:
+    what else is safe)."""
     safe = (f"the previous report in {out_dir} is untouched" if out_dir.exists() else
-            f"no report was written to {out_dir}") + f"; {FREE} and rerun the same command"
+            f"no report was written to {out_dir}") + (f"; {kept}" if kept else "")
+    safe += f"; {FREE} and rerun the same command"
     with writing(out_dir, safe):
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

@@ -38,7 +38,7 @@ class GenerateProgress:
     def _tps(self) -> float:
         return self.tokens / max(time.perf_counter() - self.t0, 1e-9)
 
-    def on_sample(self, sample) -> None:
+    def on_sample(self, _prompt: int, sample) -> None:
         """A sample came back (not yet judged): count its tokens; a prompt is done every n."""
         self.tokens += sample.completion_tokens
         self.samples += 1
