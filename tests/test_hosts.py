@@ -93,6 +93,24 @@ def test_a_native_part_reads_only_its_part_of_the_hf_tensor(layout, native):
         assert np.array_equal(part, want[np.ix_(*index)])
 
 
+def test_parts_of_a_fused_tensor_and_of_an_fp8_weight_are_its_values_there():
+    from distill.models.deepseek.hf import Dequantized
+
+    rng = np.random.RandomState(0)
+    fused = rng.randn(3, 8, 5).astype(np.float32)  # [E, 2F, D]
+    gate = _Array(fused)[1, :4]
+    assert gate.shape == (4, 5) and np.array_equal(gate.read(), fused[1, :4])
+    rows, cols = np.array([3, 0]), np.arange(1, 4)
+    assert np.array_equal(gate.read((rows, cols)), fused[1, :4][np.ix_(rows, cols)])
+    w = rng.randn(40, 24).astype(ml_dtypes.float8_e4m3fn)
+    scale = rng.rand(3, 2).astype(np.float32)  # 16 x 16 blocks
+    full = w.astype(np.float32) * np.repeat(np.repeat(scale, 16, 0), 16, 1)[:40, :24]
+    lazy = Dequantized(_Array(w), _Array(scale), (16, 16))
+    assert np.array_equal(lazy.read(), full)
+    rows, cols = np.array([39, 2, 17]), np.arange(10, 20)
+    assert np.array_equal(lazy.read((rows, cols)), full[np.ix_(rows, cols)])
+
+
 class _Array(LazyTensor):
     def __init__(self, w):
         self.w, self.shape, self.dtype = w, w.shape, w.dtype

@@ -10,10 +10,11 @@ is safe (`distill.train.orbax_logs.quiet_orbax_logs`, called by the command line
 tracebacks of it off stderr).
 
 On several hosts every process calls save/restore (orbax coordinates who writes what). Each
-process reads its own shards of a checkpoint, so one process's files can be damaged while another's
-are whole: the processes restore in step (`agreed`), every one trying the same step and telling
-the others whether it could, and go on to an older step together when any could not (process 0
-says which, in one line); none keeps a state before all have read the same step."""
+process reads its own shards of a checkpoint, so one process's files can be damaged while
+another's are whole: the processes restore in step (`distill.runs.agreed`), every one trying
+the same step and telling the others whether it could, and go on to an older step together when
+any could not (process 0 says which, in one line); none keeps a state before all have read the
+same step."""
 
 from __future__ import annotations
 
@@ -22,16 +23,17 @@ import shutil
 from pathlib import Path
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from distill.errors import DistillError
 from distill.fsutil import FREE, WriteFailed, write_error
 from distill.runs import (
+    agreed,
     checksums,
     committed_steps,
+    first_process,
     log_stderr,
+    read_item,
     restore_newest,
     verify_checksums,
 )
@@ -72,45 +74,34 @@ class Checkpoints:
         that fail are moved aside (process 0) so that the run's next saves replace them."""
         if self.latest() is None:
             return None
-        several = jax.process_count() > 1
 
         def one(step: int):
-            where = f"{self.directory}/{step}"
-            out = agreed(step, lambda: self._read(step, abstract_state)) if several else \
-                self.manager.restore(step, args=self._args(abstract_state))
-            verify_checksums(out.state, out.extra.get("checksums"), where)  # same on all
+            out = agreed(step, lambda: self._read(step, abstract_state))
+            verify_checksums(out.state, out.extra.get("checksums"), f"{self.directory}/{step}")
             return out
 
-        if several:  # every process logs the same lines: process 0 says them
-            log = _first_process(log)
+        say = first_process(log)  # every process would say the same lines
         listed = committed_steps(self.directory)  # before process 0 may move any aside
-        step, out = restore_newest(self.directory, one, log=log)
+        step, out = restore_newest(self.directory, one, log=say)
         newer = [s for s in listed if s > step]
         if newer:
             if jax.process_index() == 0:
                 for s in newer:
                     (self.directory / str(s)).rename(self.directory / f"{s}{UNRESTORABLE}")
-            log(f"warning: resuming from step {step}; moved the newer checkpoint(s) "
+            say(f"warning: resuming from step {step}; moved the newer checkpoint(s) "
                 f"{', '.join(map(str, newer))} aside to <step>{UNRESTORABLE}")
             if jax.process_count() > 1:  # every process sees the renames before it reloads
                 multihost_utils.sync_global_devices("distill: unrestorable checkpoints moved")
             self.manager.reload()
         return step, out.state, out.extra
 
-    @staticmethod
-    def _args(abstract_state):
-        return ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                  extra=ocp.args.JsonRestore())
-
     def _read(self, step: int, abstract_state):
-        """This process's part of checkpoint `step`, read without the manager's closing barrier
-        (a process whose read fails must not leave the others waiting there)."""
-        handler = ocp.CompositeCheckpointHandler(state=ocp.StandardCheckpointHandler(),
-                                                 extra=ocp.JsonCheckpointHandler())
-        try:
-            return handler.restore(self.directory / str(step), args=self._args(abstract_state))
-        finally:
-            handler.close()
+        """This process's part of checkpoint `step` (see `distill.runs.read_item`)."""
+        return read_item(self.directory / str(step),
+                         ocp.CompositeCheckpointHandler(state=ocp.StandardCheckpointHandler(),
+                                                        extra=ocp.JsonCheckpointHandler()),
+                         ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                            extra=ocp.args.JsonRestore()))
 
     def wait(self) -> None:
         with self._failing(None):
@@ -142,51 +133,6 @@ class Checkpoints:
 
     def safe(self, then: str = f"{FREE} and rerun the same command") -> str:
         return safe_words(self.directory, then)
-
-
-def agreed(step: int, read):
-    """`read()` on every process at once, for checkpoint `step`; its result where every process
-    read the same step, else a DistillError on every process naming those that could not and
-    why (so that all of them go on to the same older step)."""
-    why = ""
-    try:
-        out = read()
-    except Exception as e:  # noqa: BLE001 - any failure to read means this step is not restorable
-        why = _first_line(e)
-        if e.__cause__ is not None:
-            why += f" ({_first_line(e.__cause__)})"
-    told = [_decode(row) for row in multihost_utils.process_allgather(_encode(step, why))]
-    if len({s for s, _ in told}) > 1:
-        raise DistillError("the processes see different checkpoints (steps "
-                           f"{', '.join(str(s) for s, _ in told)}); they need one shared directory")
-    failed = [(i, w) for i, (_, w) in enumerate(told) if w]
-    if failed:
-        raise DistillError("; ".join(f"process {i} of {len(told)}: {w}" for i, w in failed))
-    return out
-
-
-_WHY_BYTES = 256
-
-
-def _first_line(e: BaseException) -> str:
-    """An error's first line, without TensorStore's pointer to its details."""
-    line = (str(e).strip().splitlines() or [""])[0].split(" See full TensorStore details")[0]
-    return line[:200] or type(e).__name__
-
-
-def _encode(step: int, why: str) -> np.ndarray:
-    """(step, why) as a fixed-size int32 row (every process's row has the same shape)."""
-    data = why.encode()[:_WHY_BYTES]
-    return np.array([step, len(data), *data, *[0] * (_WHY_BYTES - len(data))], np.int32)
-
-
-def _decode(row) -> tuple[int, str]:
-    step, n = int(row[0]), int(row[1])
-    return step, bytes(int(b) for b in row[2:2 + n]).decode(errors="replace")
-
-
-def _first_process(log):
-    return lambda line: log(line) if jax.process_index() == 0 else None
 
 
 def safe_words(directory: Path, then: str = f"{FREE} and rerun the same command") -> str:
