@@ -26,9 +26,11 @@ from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 import yaml
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from distill.config import save_config, validate
 from distill.errors import DistillError
@@ -175,6 +177,66 @@ def restore_newest(checkpoints: Path, restore: Callable[[int], T], *, step: int 
     raise DistillError(f"{checkpoints}: no checkpoint can be restored ({'; '.join(failures)})")
 
 
+def agreed(step: int, read: Callable[[], T]) -> T:
+    """`read()` of checkpoint `step`, on every process of a run at once: its result where every
+    process could read the same step, else a DistillError on every process naming those that
+    could not and why, so that all of them go on to the same older step together (each process
+    reads its own part of a checkpoint: one's files can be damaged where another's are whole).
+    With one process, `read()` as it is."""
+    if jax.process_count() == 1:
+        return read()
+    why = ""
+    try:
+        out = read()
+    except Exception as e:  # noqa: BLE001 - any failure to read means this step is not restorable
+        why = _first_line(e)
+        if e.__cause__ is not None:
+            why += f" ({_first_line(e.__cause__)})"
+    told = [_decode(row) for row in multihost_utils.process_allgather(_encode(step, why))]
+    if len({s for s, _ in told}) > 1:
+        raise DistillError("the processes see different checkpoints (steps "
+                           f"{', '.join(str(s) for s, _ in told)}); they need one shared directory")
+    failed = [(i, w) for i, (_, w) in enumerate(told) if w]
+    if failed:
+        raise DistillError("; ".join(f"process {i} of {len(told)}: {w}" for i, w in failed))
+    return out
+
+
+_WHY_BYTES = 256
+
+
+def _first_line(e: BaseException) -> str:
+    """An error's first line, without TensorStore's pointer to its details."""
+    line = (str(e).strip().splitlines() or [""])[0].split(" See full TensorStore details")[0]
+    return line[:200] or type(e).__name__
+
+
+def _encode(step: int, why: str) -> np.ndarray:
+    """(step, why) as a fixed-size int32 row (every process's row has the same shape)."""
+    data = why.encode()[:_WHY_BYTES]
+    return np.array([step, len(data), *data, *[0] * (_WHY_BYTES - len(data))], np.int32)
+
+
+def _decode(row) -> tuple[int, str]:
+    step, n = int(row[0]), int(row[1])
+    return step, bytes(int(b) for b in row[2:2 + n]).decode(errors="replace")
+
+
+def first_process(log: Callable[[str], None]) -> Callable[[str], None]:
+    """`log` on process 0, nothing elsewhere (for lines every process would say alike)."""
+    return lambda line: log(line) if jax.process_index() == 0 else None
+
+
+def read_item(path: Path, handler, args):
+    """`handler.restore(path, args)`: this process's part of one orbax checkpoint, read without
+    a Checkpointer's closing barrier, so that a process whose read fails does not leave the
+    others waiting there (`agreed` brings them together)."""
+    try:
+        return handler.restore(path, args=args)
+    finally:
+        handler.close()
+
+
 def read_model_config(run_dir: str | Path, **runtime):
     """The run's model config (model.json), with runtime fields (param_dtype, dtype) replaced."""
     path = Path(run_dir) / MODEL
@@ -224,15 +286,16 @@ def load_run(run_dir: str | Path, *, param_dtype: str = "float32", dtype: str = 
     init = (read_config(run_dir).get("student") or {}).get("init")
 
     def restore(s: int):
-        restored = ocp.PyTreeCheckpointer().restore(
-            checkpoints / str(s) / "state",
-            args=ocp.args.PyTreeRestore(item={"params": stored}, partial_restore=True,
-                                        restore_args=ocp.checkpoint_utils.construct_restore_args(
-                                            {"params": stored})))
+        restored = agreed(s, lambda: read_item(
+            checkpoints / str(s) / "state", ocp.PyTreeCheckpointHandler(),
+            ocp.args.PyTreeRestore(item={"params": stored}, partial_restore=True,
+                                   restore_args=ocp.checkpoint_utils.construct_restore_args(
+                                       {"params": stored}))))
         verify_checksums(restored, read_extra(checkpoints, s).get("checksums"),
                          f"{checkpoints}/{s}")
         return restored
 
+    log = first_process(log)
     step, restored = restore_newest(checkpoints, restore, step=step, log=log)
     check_base(read_extra(checkpoints, step), fingerprint, init, f"{checkpoints}/{step}")
     log(f"{run_dir}: loaded the checkpoint of step {step}")

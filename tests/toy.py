@@ -53,7 +53,7 @@ def qwen2_dir(directory: Path, seed: int = 0, layers: int = 2, hidden: int = 64)
     return write_tokenizer(directory)
 
 
-def deepseek_dir(directory: Path, seed: int = 0) -> Path:
+def deepseek_dir(directory: Path, seed: int = 0, experts: int = 4) -> Path:
     """A tiny random DeepseekV3 (MLA, 4 routed experts top-2, one dense layer) with the toy tokenizer."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
@@ -62,7 +62,7 @@ def deepseek_dir(directory: Path, seed: int = 0) -> Path:
         vocab_size=320, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32,
         kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-        n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+        n_routed_experts=experts, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
         first_k_dense_replace=1, max_position_embeddings=2048, bos_token_id=0, eos_token_id=1,
         tie_word_embeddings=False)
     DeepseekV3ForCausalLM(cfg).float().save_pretrained(directory, safe_serialization=True)

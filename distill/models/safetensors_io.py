@@ -6,6 +6,10 @@ tensor list up front (the header comes first) and pulls each tensor's data when 
 so a checkpoint never has to exist twice in host memory. Dtypes include bfloat16 and the FP8
 formats through ml_dtypes.
 
+Tensors are read whole (`SafetensorsFile.get`) or lazily, in parts (`iter_checkpoint` yields
+`StoredTensor`s, `distill.models.lazy`): a process of a multi-host load reads only the slices its
+devices hold. `READS` counts the bytes this process has taken from safetensors files.
+
 Why not the `safetensors` package (measured with 0.8.0): `safe_open(..., framework="numpy")` (and
 "flax") raises `AttributeError: module 'numpy' has no attribute 'float8_e4m3fn'` on F8_E4M3 tensors,
 the format of DeepSeek-V3/R1's weights; and `safetensors.numpy.save_file` takes every tensor at
@@ -26,6 +30,7 @@ import numpy as np
 
 from distill.errors import DistillError
 from distill.fsutil import write_atomic
+from distill.models.lazy import Index, LazyTensor, outer_take
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
@@ -43,6 +48,20 @@ DTYPES: dict[str, np.dtype] = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
+
+
+class ReadCounter:
+    """Bytes of tensor data this process has read from safetensors files (a whole tensor, or the
+    parts a lazy read takes)."""
+
+    def __init__(self):
+        self.bytes = 0
+
+    def add(self, n: int) -> None:
+        self.bytes += int(n)
+
+
+READS = ReadCounter()
 
 
 class SafetensorsFile:
@@ -89,6 +108,18 @@ class SafetensorsFile:
 
     def get(self, name: str) -> np.ndarray:
         """A read-only view of one tensor (copy it to keep it beyond the file's life)."""
+        view = self._view(name)
+        READS.add(view.nbytes)
+        return view
+
+    def read(self, name: str, index: Index | None = None) -> np.ndarray:
+        """A copy of one tensor's values at the outer product of `index` (`distill.models.lazy`),
+        the whole tensor when None; only that part of the file is read."""
+        out = outer_take(self._view(name), index)
+        READS.add(out.nbytes)
+        return out
+
+    def _view(self, name: str) -> np.ndarray:
         e = self._entries[name]
         begin, end = e["data_offsets"]
         arr = np.frombuffer(self._mmap, DTYPES[e["dtype"]], (end - begin) // DTYPES[e["dtype"]].itemsize,
@@ -130,12 +161,24 @@ def checkpoint_files(directory: str | Path) -> list[Path]:
     return files
 
 
-def iter_checkpoint(directory: str | Path) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, array view) for every tensor of every shard, one at a time."""
+class StoredTensor(LazyTensor):
+    """One tensor of an open safetensors file, read when (and where) asked for."""
+
+    def __init__(self, file: SafetensorsFile, name: str):
+        self.file, self.name = file, name
+        self.shape, self.dtype = file.shape(name), file.dtype(name)
+
+    def read(self, index: Index | None = None) -> np.ndarray:
+        return self.file.read(self.name, index)
+
+
+def iter_checkpoint(directory: str | Path) -> Iterator[tuple[str, StoredTensor]]:
+    """(name, lazy tensor) for every tensor of every shard, in file order; nothing is read until
+    a tensor is (each file stays open while its tensors are referenced)."""
     for path in checkpoint_files(directory):
-        with SafetensorsFile(path) as f:
-            for name in f.names():
-                yield name, f.get(name)
+        f = SafetensorsFile(path)
+        for name in f.names():
+            yield name, StoredTensor(f, name)
 
 
 TensorSpec = tuple[str, tuple[int, ...], np.dtype]

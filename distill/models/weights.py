@@ -26,10 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from distill.errors import DistillError
 from distill.models import safetensors_io
+from distill.models.lazy import LazyTensor, whole
 from distill.parallel import variable_sharding
 
 Row = tuple[str, str, str]
@@ -131,11 +132,14 @@ def build_from_tensors(cfg, tensors: Iterable[tuple[str, np.ndarray]], source: s
                        model_cls: type[nnx.Module]) -> nnx.Module:
     """Assemble a model from (HF name, array) pairs streamed one at a time, as `table` says.
 
-    Each tensor goes to the device (sharded as the parameter's logical names say when `mesh` is
-    given) as soon as it arrives: a stacked parameter is allocated on the device(s) first and
-    every layer's (or expert's) slice is written into it in place. Host memory therefore holds one
-    tensor at a time, not a stacked parameter (DeepSeek-V3's routed experts are 58 x 256 x 7168 x
-    2048 per projection, 436 GB in bfloat16).
+    Without a mesh, each tensor goes to the device as soon as it arrives: a stacked parameter is
+    allocated on the device first and every layer's (or expert's) slice is written into it in
+    place. Host memory therefore holds one tensor at a time, not a stacked parameter
+    (DeepSeek-V3's routed experts are 58 x 256 x 7168 x 2048 per projection, 436 GB in bfloat16).
+    On a mesh, lazy tensors (`distill.models.lazy`, as the safetensors reader gives) are read
+    per device shard once a parameter's tensors are all known: each process reads only the parts
+    of them its own devices hold, once per distinct shard, one tensor's part at a time (see
+    `_place_shards`); arrays (GGUF) are placed as they arrive, sharded.
     """
     graphdef, state = nnx.split(nnx.eval_shape(lambda: model_cls(cfg, nnx.Rngs(0))))
     abstract = dict(nnx.to_flat_state(state))
@@ -152,6 +156,7 @@ def fill_state(abstract: dict, tensors: Iterable[tuple[str, np.ndarray]], source
     entries = _compile_table(table)
     stacked: dict[tuple, jax.Array] = {}
     pending: dict[tuple, set[tuple[int, ...]]] = {}
+    planned: dict[tuple, dict[tuple[int, ...], LazyTensor]] = {}  # read per shard (on a mesh)
     done: dict[tuple, jax.Array] = {}
     for name, array in tensors:
         ent, index = _locate(name, entries, abstract, table, source)
@@ -167,9 +172,14 @@ def fill_state(abstract: dict, tensors: Iterable[tuple[str, np.ndarray]], source
         if tuple(array.shape) != tuple(expect):
             raise DistillError(f"{source}: tensor {name!r} has shape {tuple(array.shape)}, "
                                f"expected {tuple(expect)} for this config")
-        value = hf_to_native(np.asarray(array), shape, ent.layout).astype(var.dtype)
         todo.discard(index)
         sharding = variable_sharding(var, mesh) if mesh is not None else None
+        if sharding is not None and isinstance(array, LazyTensor):
+            planned.setdefault(ent.key, {})[index] = array
+            if not todo:
+                done[ent.key] = _place_shards(var, planned.pop(ent.key), ent.layout, sharding)
+            continue
+        value = hf_to_native(whole(array), shape, ent.layout).astype(var.dtype)
         if not n:
             done[ent.key] = jax.device_put(value, sharding)
             continue
@@ -185,6 +195,54 @@ def fill_state(abstract: dict, tensors: Iterable[tuple[str, np.ndarray]], source
                            + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
     for key, var in abstract.items():
         var.set_value(done[key])
+
+
+def _place_shards(var, parts: dict[tuple[int, ...], LazyTensor], layout: str,
+                  sharding: NamedSharding) -> jax.Array:
+    """A parameter made from its shards, each read from `parts` (HF tensor per slice index of
+    the leading stacked axes) where this process's devices hold it: a distinct shard is read once
+    (one tensor's part at a time, written in place on its device) and copied to the devices that
+    hold the same one."""
+    lead = len(next(iter(parts)))
+    made: dict[tuple, jax.Array] = {}
+    shards = []
+    for device, index in sharding.addressable_devices_indices_map(var.shape).items():
+        box = tuple(s.indices(n)[:2] for s, n in zip(index, var.shape, strict=True))
+        if box in made:
+            shards.append(jax.device_put(made[box], device))
+            continue
+        rest = [np.arange(a, b) for a, b in box[lead:]]
+        if not lead:
+            shard = jax.device_put(read_native(parts[()], layout, var.shape, rest)
+                                   .astype(var.dtype), device)
+        else:
+            shard = jnp.zeros(tuple(b - a for a, b in box), var.dtype, device=device)
+            for at in itertools.product(*(range(a, b) for a, b in box[:lead])):
+                value = read_native(parts[at], layout, var.shape[lead:], rest).astype(var.dtype)
+                local = tuple(i - a for i, (a, _) in zip(at, box, strict=False))
+                shard = _write_slice(None)(shard, jax.device_put(value, device), local)
+        made[box] = shard
+        shards.append(shard)
+    return jax.make_array_from_single_device_arrays(var.shape, sharding, shards)
+
+
+def read_native(tensor: LazyTensor, layout: str, native_shape: tuple[int, ...],
+                index: list[np.ndarray]) -> np.ndarray:
+    """The part of an HF tensor's native layout (`hf_to_native`) at the outer product of
+    `index` (one index array per native dim), reading only that part of the tensor."""
+    k = int(layout[1:]) if layout.startswith("t") else 0
+    # HF's tensor seen as `view` (out dims, then in dims: a reshape of [out, in]); the native
+    # array is view.transpose(perm); `groups`: the view dims each stored dim splits into
+    n = len(native_shape)
+    perm = [*range(n - k, n), *range(n - k)] if k else list(range(n))
+    view = [native_shape[j] for j in np.argsort(perm)]
+    groups = ([list(range(n))] if layout == "flat" else
+              [list(range(n - k)), list(range(n - k, n))] if k else [[j] for j in range(n)])
+    at = [index[perm.index(v)] for v in range(n)]  # the index of each view dim
+    stored = tuple(np.ravel_multi_index(np.ix_(*(at[v] for v in g)), [view[v] for v in g])
+                   .ravel() for g in groups)
+    part = tensor.read(stored).reshape([len(a) for a in at])
+    return part.transpose(perm)
 
 
 @functools.cache

@@ -9,7 +9,12 @@ any other write error) removes its temporary folder and ends in one line naming 
 is safe (`distill.train.orbax_logs.quiet_orbax_logs`, called by the command line, keeps orbax's own
 tracebacks of it off stderr).
 
-On several hosts every process calls save/restore (orbax coordinates who writes what)."""
+On several hosts every process calls save/restore (orbax coordinates who writes what). Each
+process reads its own shards of a checkpoint, so one process's files can be damaged while
+another's are whole: the processes restore in step (`distill.runs.agreed`), every one trying
+the same step and telling the others whether it could, and go on to an older step together when
+any could not (process 0 says which, in one line); none keeps a state before all have read the
+same step."""
 
 from __future__ import annotations
 
@@ -23,9 +28,12 @@ from jax.experimental import multihost_utils
 
 from distill.fsutil import FREE, WriteFailed, write_error
 from distill.runs import (
+    agreed,
     checksums,
     committed_steps,
+    first_process,
     log_stderr,
+    read_item,
     restore_newest,
     verify_checksums,
 )
@@ -68,23 +76,32 @@ class Checkpoints:
             return None
 
         def one(step: int):
-            out = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore()))
+            out = agreed(step, lambda: self._read(step, abstract_state))
             verify_checksums(out.state, out.extra.get("checksums"), f"{self.directory}/{step}")
             return out
 
-        step, out = restore_newest(self.directory, one, log=log)
-        newer = [s for s in committed_steps(self.directory) if s > step]
+        say = first_process(log)  # every process would say the same lines
+        listed = committed_steps(self.directory)  # before process 0 may move any aside
+        step, out = restore_newest(self.directory, one, log=say)
+        newer = [s for s in listed if s > step]
         if newer:
             if jax.process_index() == 0:
                 for s in newer:
                     (self.directory / str(s)).rename(self.directory / f"{s}{UNRESTORABLE}")
-            log(f"warning: resuming from step {step}; moved the newer checkpoint(s) "
+            say(f"warning: resuming from step {step}; moved the newer checkpoint(s) "
                 f"{', '.join(map(str, newer))} aside to <step>{UNRESTORABLE}")
             if jax.process_count() > 1:  # every process sees the renames before it reloads
                 multihost_utils.sync_global_devices("distill: unrestorable checkpoints moved")
             self.manager.reload()
         return step, out.state, out.extra
+
+    def _read(self, step: int, abstract_state):
+        """This process's part of checkpoint `step` (see `distill.runs.read_item`)."""
+        return read_item(self.directory / str(step),
+                         ocp.CompositeCheckpointHandler(state=ocp.StandardCheckpointHandler(),
+                                                        extra=ocp.JsonCheckpointHandler()),
+                         ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                            extra=ocp.args.JsonRestore()))
 
     def wait(self) -> None:
         with self._failing(None):

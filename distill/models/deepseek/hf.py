@@ -5,7 +5,8 @@ The weight table uses the machinery of `distill.models.weights`: `{stack}` stand
 stacked on the axis after L. Before the table sees them, the tensor stream is normalised:
   - MTP layers (`model.layers.{num_hidden_layers + j}.*`) are skipped, as transformers does;
   - FP8 e4m3 weights are multiplied out with their `weight_scale_inv` block scales (DeepSeek's
-    published layout: one float32 scale per 128 x 128 block, [ceil(out/128), ceil(in/128)]);
+    published layout: one float32 scale per 128 x 128 block, [ceil(out/128), ceil(in/128)]),
+    lazily: a part of the product reads only its part of the weight and the scales of its blocks;
   - fused experts (`mlp.experts.gate_up_proj` [E, 2F, D], `mlp.experts.down_proj` [E, D, F], the
     in-memory layout of transformers 5) are split into the per-expert tensors that checkpoints
     (DeepSeek's and transformers' `save_pretrained`) hold.
@@ -27,6 +28,7 @@ from distill.models import weights
 from distill.models.config import rope_from_hf
 from distill.models.deepseek.config import MoEConfig
 from distill.models.deepseek.model import MoEDecoder
+from distill.models.lazy import Index, LazyTensor, full_index, outer_take
 
 ARCHITECTURE = "DeepseekV3ForCausalLM"
 MODEL_TYPE = "deepseek_v3"
@@ -197,19 +199,38 @@ def dequantize_fp8(tensors: Iterable[tuple[str, np.ndarray]], block: tuple[int, 
         raise DistillError(f"{source}: tensor {next(iter(scales)) + _SCALE!r} scales no FP8 weight")
 
 
-def _dequantize(name: str, w: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int],
-                source: str) -> np.ndarray:
-    """w (e4m3) [O, I] times its block scale [ceil(O/bo), ceil(I/bi)] -> float32 [O, I]."""
-    if w.ndim != 2:
-        raise DistillError(f"{source}: FP8 tensor {name!r} has {w.ndim} dims, expected 2")
+def _dequantize(name: str, w, scale_inv, block: tuple[int, int], source: str) -> Dequantized:
+    """w (e4m3) [O, I] times its block scale [ceil(O/bo), ceil(I/bi)] -> float32 [O, I], lazily."""
+    if len(w.shape) != 2:
+        raise DistillError(f"{source}: FP8 tensor {name!r} has {len(w.shape)} dims, expected 2")
     (o, i), (bo, bi) = w.shape, block
     expect = (math.ceil(o / bo), math.ceil(i / bi))
     if tuple(scale_inv.shape) != expect:
         raise DistillError(f"{source}: {name + _SCALE!r} has shape {tuple(scale_inv.shape)}, "
                            f"expected {expect} for a {(o, i)} weight in {bo}x{bi} blocks")
-    s = np.asarray(scale_inv, np.float32)
-    full = np.repeat(np.repeat(s, bo, axis=0), bi, axis=1)[:o, :i]
-    return np.asarray(w).astype(np.float32) * full
+    return Dequantized(w, scale_inv, block)
+
+
+class Dequantized(LazyTensor):
+    """An FP8 weight times its block scales, float32; a part reads its part of the weight and
+    the scales of the blocks it touches (arrays or lazy tensors alike)."""
+
+    def __init__(self, w, scale_inv, block: tuple[int, int]):
+        self.w, self.scale_inv, self.block = w, scale_inv, block
+        self.shape, self.dtype = tuple(w.shape), np.dtype(np.float32)
+
+    def read(self, index: Index | None = None) -> np.ndarray:
+        rows, cols = full_index(self.shape) if index is None else index
+        (bo, bi), w = self.block, _take(self.w, (rows, cols))
+        # each element's block; the scales of the blocks touched, read once each
+        (br, inv_r), (bc, inv_c) = (np.unique(rows // bo, return_inverse=True),
+                                    np.unique(cols // bi, return_inverse=True))
+        s = np.asarray(_take(self.scale_inv, (br, bc)), np.float32)
+        return w.astype(np.float32) * s[inv_r][:, inv_c]
+
+
+def _take(x, index: Index) -> np.ndarray:
+    return x.read(index) if isinstance(x, LazyTensor) else outer_take(x, index)
 
 
 def split_fused_experts(tensors: Iterable[tuple[str, np.ndarray]]):
