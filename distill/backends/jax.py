@@ -15,6 +15,7 @@ import hashlib
 from collections.abc import Callable
 from typing import Literal
 
+from distill.backends.base import Piece
 from distill.chat import prompt_ids
 from distill.config import Frozen, InputPath
 from distill.data.records import PromptRecord, Sample
@@ -150,6 +151,23 @@ class JaxSampler:
             self._engine = None  # requests may be left in its slots: start afresh next time
             raise
         return out
+
+    def extend(self, prefixes, params) -> list[Piece]:
+        """One sample continuing each prefix (token ids), all submitted to the engine at once
+        (an `Extender`: budget forcing's rounds)."""
+        if not prefixes:
+            return []
+        eng = self.engine(max(len(row) + q.max_new_tokens for row, q in zip(prefixes, params,
+                                                                              strict=True)))
+        try:
+            reqs = [eng.submit(row, q.model_copy(update={"n": 1}))
+                    for row, q in zip(prefixes, params, strict=True)]
+            eng.run_until_idle()
+            done = [req.wait(0)[0] for req in reqs]
+        except BaseException:
+            self._engine = None  # requests may be left in its slots: start afresh next time
+            raise
+        return [Piece(c.text, len(c.token_ids), c.finish_reason) for c in done]
 
     def _sample(self, c: Completion, prompt_tokens: int) -> Sample:
         return Sample(sample_index=c.sample_index, completion=c.text,

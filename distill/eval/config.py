@@ -28,6 +28,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from distill.backends import sampler_union
+from distill.backends.forcing import Forcing
 from distill.config import DataSource, Frozen, InputPath, OutputPath
 from distill.data.benchmarks import benchmark
 from distill.data.prompts import PromptsConfig
@@ -63,6 +64,29 @@ class ProtocolConfig(SystemPrompt, SamplingFields):
     top_p: TopP = 0.95
     max_new_tokens: NewTokens = 4096
     greedy: bool = True  # one extra greedy (temperature 0) sample per prompt
+    # budget forcing (s1; `distill.backends.forcing`): end the thinking at N tokens, or suppress
+    # an end before N tokens by appending `wait`
+    thinking_budget: int | None = Field(None, ge=1)
+    min_thinking: int | None = Field(None, ge=1)
+    wait: str = Field("Wait", min_length=1)
+
+    @model_validator(mode="after")
+    def _thinking_bounds(self) -> ProtocolConfig:
+        budget = self.thinking_budget
+        if budget is not None and budget >= self.max_new_tokens:
+            raise ValueError(f"thinking_budget {budget} leaves no room to answer within "
+                             f"max_new_tokens {self.max_new_tokens}; give a smaller budget or "
+                             "raise max_new_tokens")
+        if budget is not None and self.min_thinking is not None and self.min_thinking >= budget:
+            raise ValueError(f"min_thinking {self.min_thinking} must be below thinking_budget "
+                             f"{budget}")
+        return self
+
+    def forcing(self) -> Forcing | None:
+        """The budget forcing this protocol asks for (None: sample plainly)."""
+        if self.thinking_budget is None and self.min_thinking is None:
+            return None
+        return Forcing(self.thinking_budget, self.min_thinking, self.wait)
 
 
 class KLConfig(Frozen):

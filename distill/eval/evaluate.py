@@ -31,11 +31,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from distill import runs
 from distill.backends import make_sampler
+from distill.backends.forcing import budget_forced
 from distill.chat import split_think
 from distill.config import apply_overrides, load_config, parse_overrides, resolve_path, validate
 from distill.data.benchmarks import Benchmark, benchmark, load_benchmark
 from distill.data.prompts import load_prompts
-from distill.data.records import PromptRecord, Sample
+from distill.data.records import PromptRecord, Sample, Thinking
 from distill.errors import DistillError
 from distill.eval.agreement import (
     agreement,
@@ -63,6 +64,7 @@ class Outcome:
     think_closed: bool
     tokens: int
     finish_reason: str
+    thinking: Thinking | None = None  # budget forcing's record of the sample
 
 
 @dataclasses.dataclass
@@ -170,8 +172,9 @@ def evaluate_model(entry, prompts: list[PromptRecord], cfg: EvalConfig, kl: _KL 
     try:
         on_sample = bar.model(name, len(prompts) * (p.n + p.greedy)) if bar else None
         t0 = time.perf_counter()
-        samples = backend.complete(prompts, params, p.system, on_sample=on_sample)
-        greedy = (backend.complete(prompts, greedy_params, p.system, on_sample=on_sample)
+        sampler = budget_forced(backend, p.forcing(), name)
+        samples = sampler.complete(prompts, params, p.system, on_sample=on_sample)
+        greedy = (sampler.complete(prompts, greedy_params, p.system, on_sample=on_sample)
                   if p.greedy else None)
         seconds = time.perf_counter() - t0
         scores, notes = _agreement(entry, backend, kl)
@@ -206,7 +209,7 @@ def _judge(sample: Sample, prompt: PromptRecord, pattern: str | None,
         predicted = extract_answer(split.answer, pattern)
         correct = predicted is not None and answers_match(predicted, prompt.reference)
     return Outcome(sample.sample_index, sample.completion, predicted, correct, split.closed,
-                   sample.completion_tokens, sample.finish_reason)
+                   sample.completion_tokens, sample.finish_reason, sample.thinking)
 
 
 def _agreement(entry, backend, kl: _KL | None) -> tuple[dict | None, list[str]]:
