@@ -170,3 +170,30 @@ def write_all(plot_dir: Path, models: list[dict], per_model_lengths: dict[str, l
     if curves and loss_curve(curves, plot_dir / "loss_curve.png"):
         written.append(plot_dir / "loss_curve.png")
     return written
+
+
+def accuracy_vs_thinking(models: list[dict], path: Path) -> None:
+    """pass@1 (95% interval whiskers) against the mean thinking tokens per budget, a line per
+    model (`distill eval --thinking-budgets`), each point labelled with its budget."""
+    fig, ax = _figure()
+    for model, color in zip(_ordered(models), _colors(len(models)), strict=True):
+        points = [p for p in model["points"] if p["mean_thinking_tokens"] is not None]
+        if not points:
+            continue
+        x = np.array([p["mean_thinking_tokens"] for p in points])
+        y = np.array([p["pass@1"]["value"] for p in points])
+        lo = np.array([p["pass@1"]["ci95"][0] for p in points])
+        hi = np.array([p["pass@1"]["ci95"][1] for p in points])
+        ax.errorbar(x, y, yerr=[y - lo, hi - y], marker="o", capsize=4, color=color,
+                    linestyle="--" if model["role"] == "teacher" else "-", label=_label(model))
+        for p, xi, yi in zip(points, x, y, strict=True):
+            ax.annotate(str(p["budget"]), (xi, yi), textcoords="offset points", xytext=(4, 4),
+                        fontsize="x-small", color=color)
+    ax.set_xscale("log")
+    ax.set_xlabel("mean thinking tokens (label: budget)")
+    ax.set_ylabel("pass@1")
+    ax.set_ylim(0, 1)
+    ax.set_title("accuracy against thinking tokens (budget forcing)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.savefig(path, format="png")
