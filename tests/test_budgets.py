@@ -160,6 +160,15 @@ def test_a_close_within_the_budget_is_left_alone(tok):
     assert forced.sampler.asked[1][1].max_new_tokens == 40 - budget
 
 
+def test_answer_prefix_follows_a_forced_close_only(tok):
+    script = [Piece("1 + 2 = 3", 4, "length"), Piece("4" + R1_THINK_END + "\\boxed{4}", 4, "stop"),
+              Piece("3}", 2, "stop")]  # round 1: both samples; round 2: the forced one
+    forced = BudgetForced(Scripted(tok, script), Forcing(budget=4, answer_prefix="\\boxed{"), "m")
+    [[one, two]] = forced.complete([PromptRecord("p", "q")], SamplingParams(max_new_tokens=40, n=2))
+    assert one.completion == "1 + 2 = 3" + R1_THINK_END + "\\boxed{3}" and one.thinking.forced
+    assert two.completion == "4" + R1_THINK_END + "\\boxed{4}" and not two.thinking.forced
+
+
 def test_a_template_without_a_think_block_is_refused(smollm2_tokenizer):
     with pytest.raises(DistillError, match="m: the chat template has no think block"):
         BudgetForced(Scripted(smollm2_tokenizer, []), Forcing(budget=8), "m")

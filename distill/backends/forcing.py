@@ -2,10 +2,10 @@
 tokens (an `Extender`: in process through the engine, served through `/v1/completions`).
 
 `Forcing(budget=N)`: a sample still inside its think block after N thinking tokens has the block
-closed as the chat template writes it (`distill.chat.think_end`, "\\n</think>\\n\\n") and goes on
-to answer with what is left of max_new_tokens. `Forcing(min_thinking=N, wait="Wait")`: a sample
-that closes its think block before N thinking tokens has the `</think>` replaced by the wait text
-and thinks on.
+closed as the chat template writes it (`distill.chat.think_end`, "\\n</think>\\n\\n"), followed by
+`answer_prefix` (s1 appends "Final Answer:"; default none), and goes on to answer with what is
+left of max_new_tokens. `Forcing(min_thinking=N, wait="Wait")`: a sample that closes its think
+block before N thinking tokens has the `</think>` replaced by the wait text and thinks on.
 
 A sample runs in rounds, all samples of a call together: each round continues every unfinished
 sample from the prompt and its text so far, tokenized as one text (the template's rendering, so
@@ -30,12 +30,14 @@ from distill.sampling import SamplingParams
 
 @dataclasses.dataclass(frozen=True)
 class Forcing:
-    """How long samples think: `budget` (end the thinking at N tokens; None: no end) and
-    `min_thinking` (suppress an end before N tokens, appending `wait`; None: never)."""
+    """How long samples think: `budget` (end the thinking at N tokens, then `answer_prefix`;
+    None: no end) and `min_thinking` (suppress an end before N tokens, appending `wait`; None:
+    never)."""
 
     budget: int | None = None
     min_thinking: int | None = None
     wait: str = "Wait"
+    answer_prefix: str = ""
 
 
 def phase_seed(seed: int, prompt_id: str, index: int, phase: int) -> int:
@@ -135,7 +137,7 @@ class BudgetForced:
             if piece.finish_reason == "stop" or run.tokens >= max_new:
                 run.finish = "stop" if piece.finish_reason == "stop" else "length"
             elif self.forcing.budget is not None and run.thinking >= self.forcing.budget:
-                self._insert(run, self.end, max_new)
+                self._insert(run, self.end + self.forcing.answer_prefix, max_new)
                 run.forced = run.answering = True
             return None
         cut = len(run.text) - len(answer) - len(THINK_CLOSE)  # where this round's `</think>` is

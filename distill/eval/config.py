@@ -64,11 +64,13 @@ class ProtocolConfig(SystemPrompt, SamplingFields):
     top_p: TopP = 0.95
     max_new_tokens: NewTokens = 4096
     greedy: bool = True  # one extra greedy (temperature 0) sample per prompt
-    # budget forcing (s1; `distill.backends.forcing`): end the thinking at N tokens, or suppress
-    # an end before N tokens by appending `wait`
+    # budget forcing (s1; `distill.backends.forcing`): end the thinking at N tokens (then write
+    # answer_prefix, e.g. s1's "Final Answer:"), or suppress an end before N tokens by appending
+    # `wait`
     thinking_budget: int | None = Field(None, ge=1)
     min_thinking: int | None = Field(None, ge=1)
     wait: str = Field("Wait", min_length=1)
+    answer_prefix: str = ""
 
     @model_validator(mode="after")
     def _thinking_bounds(self) -> ProtocolConfig:
@@ -86,7 +88,7 @@ class ProtocolConfig(SystemPrompt, SamplingFields):
         """The budget forcing this protocol asks for (None: sample plainly)."""
         if self.thinking_budget is None and self.min_thinking is None:
             return None
-        return Forcing(self.thinking_budget, self.min_thinking, self.wait)
+        return Forcing(self.thinking_budget, self.min_thinking, self.wait, self.answer_prefix)
 
 
 class KLConfig(Frozen):

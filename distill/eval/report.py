@@ -140,7 +140,8 @@ def _forcing(protocol: dict) -> str:
     """The header's words on budget forcing ("" without it)."""
     parts = []
     if protocol.get("thinking_budget"):
-        parts.append(f"thinking budget {protocol['thinking_budget']} tokens")
+        parts.append(f"thinking budget {protocol['thinking_budget']} tokens" + (
+            f" (then {protocol['answer_prefix']!r})" if protocol.get("answer_prefix") else ""))
     if protocol.get("min_thinking"):
         parts.append(f"thinking at least {protocol['min_thinking']} tokens "
                      f"(wait: {protocol['wait']!r})")
