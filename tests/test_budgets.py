@@ -58,7 +58,7 @@ class Scripted:
         self.tokenizer, self.script, self.asked = tokenizer, list(script), []
         self.identity, self.tokenizer_identity = {"kind": "scripted"}, None
 
-    def extend(self, prefixes, params):
+    def extend(self, prefixes, params, reserve=0):
         self.asked += [(list(p), q) for p, q in zip(prefixes, params, strict=True)]
         return [self.script.pop(0) for _ in prefixes]
 
@@ -183,12 +183,15 @@ def test_local_and_served_forcing_give_the_same_text(toy_qwen2_dir):
     from distill.backends.jax import JaxSampler, JaxSamplerConfig
     from distill.serve.app import ServerThread, build_app
 
-    local = JaxSampler(JaxSamplerConfig(model=str(toy_qwen2_dir)))
+    from distill.inference import EngineConfig
+
+    shape = EngineConfig(slots=4, max_len=64)  # small programs, the same on both sides
+    local = JaxSampler(JaxSamplerConfig(model=str(toy_qwen2_dir), engine=shape))
     prompts = [PromptRecord("a", "1 + 2?"), PromptRecord("b", "3 * 4?")]
     params = SamplingParams(max_new_tokens=14, n=2, temperature=1.0, seed=3)
     forcing = Forcing(budget=6)
     ours = BudgetForced(local, forcing, "local").complete(prompts, params)
-    with ServerThread(build_app(local.model, local.tokenizer, "toy")) as url:
+    with ServerThread(build_app(local.model, local.tokenizer, "toy", config=shape)) as url:
         served = OpenAISampler(OpenAISamplerConfig(base_url=f"{url}/v1", model="toy",
                                                    tokenizer=str(toy_qwen2_dir)))
         theirs = BudgetForced(served, forcing, "served").complete(prompts, params)

@@ -53,10 +53,11 @@ class Extender(Protocol):
 
     tokenizer: object
 
-    def extend(self, prefixes: Sequence[Sequence[int]],
-               params: Sequence[SamplingParams]) -> list[Piece]:
+    def extend(self, prefixes: Sequence[Sequence[int]], params: Sequence[SamplingParams],
+               reserve: int = 0) -> list[Piece]:
         """One sample (params[i].n == 1, seeded by params[i].seed) continuing each prefix, in
-        order, all in flight together."""
+        order, all in flight together. `reserve`: tokens per sequence later calls may need
+        (an engine sized once for all rounds compiles once)."""
         ...
 
 

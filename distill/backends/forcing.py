@@ -27,6 +27,8 @@ from distill.data.records import PromptRecord, Sample, Thinking
 from distill.errors import DistillError
 from distill.sampling import SamplingParams
 
+SLACK_TOKENS = 16  # a text so far may tokenize a few tokens longer than it was sampled
+
 
 @dataclasses.dataclass(frozen=True)
 class Forcing:
@@ -96,12 +98,14 @@ class BudgetForced:
         runs = [_Run(k, p, text, i) for k, (p, text) in enumerate(zip(prompts, texts, strict=True))
                 for i in range(params.n)]
         out: list[list[Sample]] = [[] for _ in prompts]
-        active = runs
+        active, reserve = runs, 0
         while active:
             ids = [self.tokenizer.encode(r.prompt_text + r.text, add_special_tokens=False)
                    for r in active]
+            # room for the longest sample in every round (a re-tokenized text may run longer)
+            reserve = reserve or max(map(len, ids)) + params.max_new_tokens + SLACK_TOKENS
             asks = [self._params(r, params) for r in active]
-            for run, piece in zip(active, self.sampler.extend(ids, asks), strict=True):
+            for run, piece in zip(active, self.sampler.extend(ids, asks, reserve), strict=True):
                 self._step(run, piece, params.max_new_tokens)
                 if run.finish is not None:
                     sample = self._sample(run)

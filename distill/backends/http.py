@@ -353,10 +353,10 @@ class OpenAISampler(HttpClient):
 
     # -- continuing given tokens (budget forcing)
 
-    def extend(self, prefixes, params) -> list[Piece]:
+    def extend(self, prefixes, params, reserve: int = 0) -> list[Piece]:
         """One sample continuing each prefix (token ids of the server's tokenizer), through
         `/v1/completions` (vLLM's, `distill serve`'s), up to `concurrency` in flight (an
-        `Extender`: budget forcing's rounds)."""
+        `Extender`: budget forcing's rounds; `reserve` is the server's business)."""
         out: list[Piece | None] = [None] * len(prefixes)
         stop, url = threading.Event(), score_url(self.cfg.base_url, "vllm")
 

@@ -152,13 +152,14 @@ class JaxSampler:
             raise
         return out
 
-    def extend(self, prefixes, params) -> list[Piece]:
-        """One sample continuing each prefix (token ids), all submitted to the engine at once
-        (an `Extender`: budget forcing's rounds)."""
+    def extend(self, prefixes, params, reserve: int = 0) -> list[Piece]:
+        """One sample continuing each prefix (token ids), all submitted to the engine at once,
+        the engine sized for `reserve` tokens at least (an `Extender`: budget forcing's
+        rounds)."""
         if not prefixes:
             return []
-        eng = self.engine(max(len(row) + q.max_new_tokens for row, q in zip(prefixes, params,
-                                                                              strict=True)))
+        eng = self.engine(max(reserve, *(len(row) + q.max_new_tokens
+                                         for row, q in zip(prefixes, params, strict=True))))
         try:
             reqs = [eng.submit(row, q.model_copy(update={"n": 1}))
                     for row, q in zip(prefixes, params, strict=True)]
