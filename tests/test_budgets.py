@@ -181,9 +181,8 @@ def test_a_template_without_a_think_block_is_refused(smollm2_tokenizer):
 def test_local_and_served_forcing_give_the_same_text(toy_qwen2_dir):
     from distill.backends.http import OpenAISampler, OpenAISamplerConfig
     from distill.backends.jax import JaxSampler, JaxSamplerConfig
-    from distill.serve.app import ServerThread, build_app
-
     from distill.inference import EngineConfig
+    from distill.serve.app import ServerThread, build_app
 
     shape = EngineConfig(slots=4, max_len=64)  # small programs, the same on both sides
     local = JaxSampler(JaxSamplerConfig(model=str(toy_qwen2_dir), engine=shape))
@@ -211,7 +210,7 @@ def test_local_and_served_forcing_give_the_same_text(toy_qwen2_dir):
 def eval_config(path: Path, model: Path, **protocol) -> Path:
     path.write_text(yaml.safe_dump({
         "prompts": {"source": "synthetic", "synthetic": {"n": 3, "seed": 1}},
-        "models": [{"name": "toy", "model": str(model)}],
+        "models": [{"name": "toy", "model": str(model), "engine": {"slots": 4, "max_len": 256}}],
         "protocol": {"n": 1, "max_new_tokens": 12, "greedy": False, **protocol},
         "output": str(path.parent / "out")}))
     return path
@@ -263,6 +262,7 @@ def test_thinking_budgets_sweep(tmp_path, toy_qwen2_dir):
         assert report["protocol"]["thinking_budget"] == budget
         assert f"thinking budget {budget} tokens" in (out / f"budget-{budget}" / "eval.md").read_text()
         assert point["pass@1"] == report["models"][0]["pass@1"]
+        assert point["answered"] == report["models"][0]["answered"]
         assert 0 < point["mean_thinking_tokens"] <= budget
         rows = [json.loads(line) for line in
                 (out / f"budget-{budget}" / "samples.jsonl").read_text().splitlines()]

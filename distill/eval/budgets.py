@@ -73,6 +73,7 @@ def summarize(reports: dict[int, dict]) -> dict:
             thinking = m.get("thinking") or {}
             entry["points"].append({
                 "budget": budget, "pass@1": m["pass@1"], "format": m["format"],
+                "answered": m["answered"],
                 "mean_thinking_tokens": thinking.get("mean_tokens"),
                 "forced": thinking.get("forced"), "report": report["output"]})
     first = reports[min(reports)]
@@ -89,7 +90,7 @@ def markdown(summary: dict) -> str:
              f"s1 budget forcing: the think block is closed at the budget and the model answers "
              f"within max_new_tokens {summary['protocol']['max_new_tokens']}; "
              f"{summary['protocol']['n']} samples per prompt. Each cell: pass@1 [95% CI] · mean "
-             "thinking tokens · format (think closed).", "",
+             "thinking tokens · answered (think closed, answer read).", "",
              "| budget | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for i, budget in enumerate(summary["budgets"]):
         cells = []
@@ -98,7 +99,7 @@ def markdown(summary: dict) -> str:
             lo, hi = p["pass@1"]["ci95"]
             tokens = p["mean_thinking_tokens"]
             cells.append(f"{100 * p['pass@1']['value']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] · "
-                         f"{'–' if tokens is None else f'{tokens:.0f}'} · {100 * p['format']:.0f}%")
+                         f"{'–' if tokens is None else f'{tokens:.0f}'} · {100 * p['answered']:.0f}%")
         lines.append(f"| {budget} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

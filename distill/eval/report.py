@@ -33,6 +33,7 @@ def model_metrics(run, prompts: list[PromptRecord]) -> dict:
         "cons@n": M.proportion(M.cons_correct(answers, correct)),
         "greedy": None if run.greedy is None else M.proportion([o.correct for o in run.greedy]),
         "format": sum(o.think_closed for o in flat) / len(flat),
+        "answered": sum(o.think_closed and o.predicted is not None for o in flat) / len(flat),
         "truncated": sum(o.finish_reason == "length" for o in flat) / len(flat),
         "lengths": M.length_stats([o.tokens for o in flat]),
         "by_difficulty": M.by_difficulty(correct, [p.meta.get("difficulty") for p in prompts]),
@@ -116,6 +117,7 @@ def _rows(model: dict, timing_: dict, n: int) -> dict[str, str]:
         f"cons@{n} [95% CI]": _with_ci(model["cons@n"]),
         "greedy [95% CI]": _with_ci(model["greedy"]),
         "format (think closed)": _pct(model["format"]),
+        "answered (think closed, answer read)": _pct(model.get("answered")),
         "truncated": _pct(model["truncated"]),
         "length mean / p50 / p90 (tokens)":
             f"{lengths['mean']:.0f} / {lengths['p50']:.0f} / {lengths['p90']:.0f}",
