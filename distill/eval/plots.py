@@ -8,6 +8,8 @@ backend switch, no GUI, safe in any process.
   prompts carry a difficulty).
 - lengths.png: the distribution of completion lengths (tokens) per model.
 - loss_curve.png: training loss (and held-out loss) against step, per model with a metrics.jsonl.
+- accuracy_vs_thinking.png (`distill eval --thinking-budgets`): pass@1 with its interval against
+  the mean thinking tokens per budget, a line per model.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +193,9 @@ def accuracy_vs_thinking(models: list[dict], path: Path) -> None:
             ax.annotate(str(p["budget"]), (xi, yi), textcoords="offset points", xytext=(4, 4),
                         fontsize="x-small", color=color)
     ax.set_xscale("log")
+    budgets = sorted({p["budget"] for m in models for p in m["points"]})
+    ax.set_xticks(budgets, [str(b) for b in budgets])  # plain numbers at the budgets
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("mean thinking tokens (label: budget)")
     ax.set_ylabel("pass@1")
     ax.set_ylim(0, 1)
