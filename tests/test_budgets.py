@@ -94,11 +94,13 @@ def rendered_until_answer(tokenizer, opening: str) -> str:
     return text[:text.index("ANSWER")]
 
 
-def test_forced_close_is_the_templates_rendering(templated):
+@pytest.mark.parametrize("cut", ["", "\n"])
+def test_forced_close_is_the_templates_rendering(templated, cut):
+    """Cut after a word, or after a newline (which the template does not render twice)."""
     tokenizer, opening = templated
     assert think_end(tokenizer) == "\n</think>\n\n"
-    budget = len(tokenizer.encode(opening + THINKING))
-    script = [Piece(opening + THINKING, budget, "length"), Piece(" 55", 2, "stop")]
+    budget = len(tokenizer.encode(opening + THINKING + cut))
+    script = [Piece(opening + THINKING + cut, budget, "length"), Piece(" 55", 2, "stop")]
     forced = BudgetForced(Scripted(tokenizer, script), Forcing(budget=budget), "m")
     [[sample]] = forced.complete([PromptRecord("p", QUESTION)],
                                  SamplingParams(max_new_tokens=budget + 20))
@@ -107,7 +109,7 @@ def test_forced_close_is_the_templates_rendering(templated):
     assert continued == want
     end_ids = tokenizer.encode(R1_THINK_END)
     assert first.max_new_tokens == budget
-    assert second.max_new_tokens == 20 - len(end_ids)
+    assert second.max_new_tokens == 20 - len(end_ids)  # what was generated counts, stripped or not
     assert sample.completion == opening + THINKING + R1_THINK_END + " 55"
     assert (sample.thinking.tokens, sample.thinking.forced, sample.finish_reason) == (
         budget, True, "stop")

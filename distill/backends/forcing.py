@@ -2,7 +2,8 @@
 tokens (an `Extender`: in process through the engine, served through `/v1/completions`).
 
 `Forcing(budget=N)`: a sample still inside its think block after N thinking tokens has the block
-closed as the chat template writes it (`distill.chat.think_end`, "\\n</think>\\n\\n"), followed by
+closed as the chat template writes it (the reasoning without trailing newlines, then
+`distill.chat.think_end`, "\\n</think>\\n\\n"), followed by
 `answer_prefix` (s1 appends "Final Answer:"; default none), and goes on to answer with what is
 left of max_new_tokens. `Forcing(min_thinking=N, wait="Wait")`: a sample that closes its think
 block before N thinking tokens has the `</think>` replaced by the wait text and thinks on.
@@ -141,6 +142,8 @@ class BudgetForced:
             if piece.finish_reason == "stop" or run.tokens >= max_new:
                 run.finish = "stop" if piece.finish_reason == "stop" else "length"
             elif self.forcing.budget is not None and run.thinking >= self.forcing.budget:
+                # templates render reasoning without its trailing newlines, then the close
+                run.text = run.text[:len(run.text) - len(reasoning)] + reasoning.rstrip("\n")
                 self._insert(run, self.end + self.forcing.answer_prefix, max_new)
                 run.forced = run.answering = True
             return None
