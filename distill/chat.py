@@ -153,3 +153,39 @@ def prompt_ids(tokenizer, prompt: str, system: str | None = None, raw: bool = Fa
         {"role": "user", "content": prompt}]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+# R1's own writing of a think block's end (`completion_text`): what a template that never renders
+# reasoning (the R1-Distill template drops it from assistant turns) is taken to mean.
+R1_THINK_END = "\n" + THINK_CLOSE + "\n\n"
+_PROBE_REASONING, _PROBE_ANSWER = "PROBE-REASONING", "PROBE-ANSWER"
+
+
+def has_think_block(tokenizer) -> bool:
+    """Whether the tokenizer's chat template knows a think block (names `<think>` or `</think>`)."""
+    template = tokenizer.chat_template or ""
+    return THINK_OPEN in template or THINK_CLOSE in template
+
+
+def think_end(tokenizer) -> str:
+    """The text that ends a think block as the tokenizer's chat template renders it between an
+    assistant turn's reasoning and its answer (Qwen3's: "\\n</think>\\n\\n"); R1's writing
+    (`R1_THINK_END`) where the template drops the reasoning of the turns it renders."""
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": (
+        f"{REASONING_START}{_PROBE_REASONING}{R1_THINK_END}{_PROBE_ANSWER}")}]
+    text = tokenizer.apply_chat_template(messages)
+    end = text.rfind(_PROBE_ANSWER)
+    start = text.rfind(_PROBE_REASONING, 0, max(end, 0))
+    between = text[start + len(_PROBE_REASONING):end] if 0 <= start < end else ""
+    return between if THINK_CLOSE in between else R1_THINK_END
+
+
+def prompt_opens_think(prompt_text: str) -> bool:
+    """Whether a rendered generation prompt leaves a think block open (R1's ends with `<think>\\n`)."""
+    return prompt_text.rstrip().endswith(THINK_OPEN)
+
+
+def think_parts(text: str, opened: bool) -> tuple[str | None, str | None]:
+    """(reasoning, answer) of a completion, unstripped: reasoning None without a think block,
+    answer None while the block is open (see `split_reasoning` for `opened`)."""
+    return _parts(text, opened)

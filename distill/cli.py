@@ -240,8 +240,12 @@ def train(config, overrides, quiet):
                    "the hub.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N problems.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field.")
+@click.option("--thinking-budgets", "budgets", default=None, metavar="N,N,...",
+              help="Run the eval once per thinking budget (s1 budget forcing: the thinking ends "
+                   "at N tokens and the model answers), each in <output>/budget-N/, and compare "
+                   "pass@1 against thinking tokens in <output>/budgets.md.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def eval_(config, benchmark, model, model_name, source, limit, overrides, quiet):
+def eval_(config, benchmark, model, model_name, source, limit, overrides, budgets, quiet):
     """Evaluate students against the teacher on held-out prompts or a standard benchmark.
 
     \b
@@ -254,6 +258,7 @@ def eval_(config, benchmark, model, model_name, source, limit, overrides, quiet)
                       a benchmark sets k and max_new_tokens to its R1 values unless given),
                       answer_reading: open-r1 (lighteval's, as open-r1 measures; a benchmark's
                       default) or strict (the last \\boxed{} after </think>; the prompts')
+                      thinking_budget, min_thinking, wait (s1 budget forcing)
       answer_pattern  regex for strict answers without \\boxed{}
       kl              traces: teacher_traces/<run> for per-token KL and top-1 agreement
       output          report directory (default students/eval/<name>)
@@ -267,14 +272,24 @@ def eval_(config, benchmark, model, model_name, source, limit, overrides, quiet)
     Resumable: samples stream to <output>.partial/ as they end; rerunning the same command after
     a kill or a full disk samples only the rest.
     """
+    from distill.eval.budgets import markdown as budgets_markdown
+    from distill.eval.budgets import parse_budgets, run_budget_sweep
     from distill.eval.evaluate import run_eval
     from distill.eval.report import markdown
+
+    run, show = run_eval, markdown
+    if budgets is not None:
+        swept = parse_budgets(budgets)
+        show = budgets_markdown
+
+        def run(config, overrides, **kw):
+            return run_budget_sweep(config, overrides, swept, **kw)
 
     if config is None:
         if benchmark is None or model is None:
             raise click.UsageError("give CONFIG, or --benchmark NAME and --model MODEL|URL")
-        report = run_eval(None, overrides, progress=not quiet,
-                          data=_benchmark_config(benchmark, model, model_name, source, limit))
+        report = run(None, overrides, progress=not quiet,
+                     data=_benchmark_config(benchmark, model, model_name, source, limit))
     else:
         if model is not None:
             raise click.UsageError("--model goes with --benchmark and no CONFIG; the models of "
@@ -285,8 +300,8 @@ def eval_(config, benchmark, model, model_name, source, limit, overrides, quiet)
         extra = [f"benchmark.name={benchmark}", "prompts=null"] if benchmark else []
         extra += [f"benchmark.source={source}"] if source else []
         extra += [f"benchmark.limit={limit}"] if limit else []
-        report = run_eval(config, [*extra, *overrides], progress=not quiet)
-    click.echo(markdown(report))
+        report = run(config, [*extra, *overrides], progress=not quiet)
+    click.echo(show(report))
     click.echo(report["output"])
 
 

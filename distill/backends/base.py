@@ -5,7 +5,7 @@ the `Scorer` protocol on-policy distillation's teacher answers through, whatever
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from distill.data.records import PromptRecord, Sample
 from distill.inference import TokenScores
@@ -40,6 +40,31 @@ class Sampler(Protocol):
 
     def close(self) -> None:
         """Release what the sampler holds (connections); it is not used afterwards."""
+        ...
+
+
+class Piece(NamedTuple):
+    """What one continuation added: its text, its generated tokens, why it ended ("stop" at an
+    end-of-sequence token, "length" at its max_new_tokens)."""
+
+    text: str
+    tokens: int
+    finish_reason: str
+
+
+@runtime_checkable
+class Extender(Protocol):
+    """A sampler that also continues given token ids (what budget forcing drives,
+    `distill.backends.forcing`): in process through the engine, served through `/v1/completions`.
+    `tokenizer`: the model's (renders prompts and continued texts into those ids)."""
+
+    tokenizer: object
+
+    def extend(self, prefixes: Sequence[Sequence[int]], params: Sequence[SamplingParams],
+               reserve: int = 0) -> list[Piece]:
+        """One sample (params[i].n == 1, seeded by params[i].seed) continuing each prefix, in
+        order, all in flight together. `reserve`: tokens per sequence later calls may need
+        (an engine sized once for all rounds compiles once)."""
         ...
 
 

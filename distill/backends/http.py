@@ -28,6 +28,7 @@ from typing import Any, Literal
 import httpx
 from pydantic import Field
 
+from distill.backends.base import Piece
 from distill.backends.prompt_logprobs import (
     ENABLE,
     parse_sglang,
@@ -222,14 +223,16 @@ class HttpClient:
             raise
         pool.shutdown()
 
-    def _post(self, body: dict, stop: threading.Event) -> dict:
+    def _post(self, body: dict, stop: threading.Event, url: str | None = None) -> dict:
+        """POST `body` to `url` (default `self.url`), retried as the config says."""
+        url = url or self.url
         attempts = self.cfg.max_retries + 1
         for attempt in range(attempts):
             if stop.is_set():
                 raise _Cancelled
             wait, unreachable = None, False
             try:
-                response = self._client.post(self.url, json=body)
+                response = self._client.post(url, json=body)
             except httpx.TransportError as e:  # timeouts included
                 last, unreachable = _describe(e, self.cfg.timeout_s), isinstance(e, httpx.ConnectError)
             else:
@@ -237,13 +240,13 @@ class HttpClient:
                     return self._json(response)
                 last = f"HTTP {response.status_code}: {server_message(response)}"
                 if not _retryable(response.status_code):
-                    raise DistillError(f"{self.url}: {last}")
+                    raise DistillError(f"{url}: {last}")
                 wait = retry_after_s(response.headers.get("retry-after"))
             if attempt + 1 < attempts:
-                self._backoff(attempt, wait, last, stop)
+                self._backoff(attempt, wait, f"{url}: {last}", stop)
         if unreachable:
-            raise DistillError(f"cannot reach {self.url} after {attempts} attempts: {last}")
-        raise DistillError(f"{self.url}: no answer after {attempts} attempts; last: {last}")
+            raise DistillError(f"cannot reach {url} after {attempts} attempts: {last}")
+        raise DistillError(f"{url}: no answer after {attempts} attempts; last: {last}")
 
     def _backoff(self, attempt: int, retry_after: float | None, error: str,
                  stop: threading.Event) -> None:
@@ -254,7 +257,7 @@ class HttpClient:
         else:
             cap = min(self.cfg.backoff_max_s, self.cfg.backoff_initial_s * 2**attempt)
             delay = self._rng.uniform(0, cap)
-        log.warning("%s: %s; retry %d of %d in %.2f s", self.url, error, attempt + 1,
+        log.warning("%s; retry %d of %d in %.2f s", error, attempt + 1,
                     self.cfg.max_retries, delay)
         if self._sleep is not None:
             self._sleep(delay)
@@ -342,6 +345,28 @@ class OpenAISampler(HttpClient):
                           stop or threading.Event())
         return self.parse_sample(data, index, want_logprobs=params.logprobs > 0)
 
+    # -- continuing given tokens (budget forcing)
+
+    def extend(self, prefixes, params, reserve: int = 0) -> list[Piece]:
+        """One sample continuing each prefix (token ids of the server's tokenizer), through
+        `/v1/completions` (vLLM's, `distill serve`'s), up to `concurrency` in flight (an
+        `Extender`: budget forcing's rounds; `reserve` is the server's business)."""
+        out: list[Piece | None] = [None] * len(prefixes)
+        stop, url = threading.Event(), score_url(self.cfg.base_url, "vllm")
+
+        def one(i: int) -> None:
+            q = params[i]
+            body = {"model": self.cfg.model, "prompt": list(prefixes[i]),
+                    "max_tokens": q.max_new_tokens, "temperature": q.temperature,
+                    "top_p": q.top_p, "n": 1, "seed": q.seed}
+            if q.top_k:
+                body["top_k"] = q.top_k
+            out[i] = _piece(self._post(body, stop, url), url)
+
+        if prefixes:
+            self._each([(i,) for i in range(len(prefixes))], one, stop)
+        return out  # type: ignore[return-value]
+
     # -- answer -> Sample
 
     def parse_sample(self, data: dict, index: int, want_logprobs: bool = False) -> Sample:
@@ -409,6 +434,20 @@ class OpenAISampler(HttpClient):
             return ([bytes(e["bytes"]) for e in entries],
                     [[bytes(t["bytes"]) for t in row] for row in tops])
         return None, None
+
+
+def _piece(data: dict, url: str) -> Piece:
+    """A Piece from a /v1/completions answer."""
+    try:
+        choice = data["choices"][0]
+        text, finish = choice["text"], choice.get("finish_reason")
+        tokens = int((data.get("usage") or {})["completion_tokens"])
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise DistillError(f"{url}: unexpected answer (no choices[0].text or "
+                           f"usage.completion_tokens): {_one_line(json.dumps(data), 120)}") from None
+    if not isinstance(text, str):
+        raise DistillError(f"{url}: unexpected answer (choices[0].text is not text)")
+    return Piece(text, tokens, "length" if finish == "length" else "stop")
 
 
 def score_url(base_url: str, scoring: str) -> str:

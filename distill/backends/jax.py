@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Literal
 
+from distill.backends.base import Piece
 from distill.chat import prompt_ids
 from distill.config import Frozen, InputPath
 from distill.data.records import PromptRecord, Sample
@@ -152,6 +153,24 @@ class JaxSampler:
             self._engine = None  # requests may be left in its slots: start afresh next time
             raise
         return [sorted(group, key=lambda s: s.sample_index) for group in out]
+
+    def extend(self, prefixes, params, reserve: int = 0) -> list[Piece]:
+        """One sample continuing each prefix (token ids), all submitted to the engine at once,
+        the engine sized for `reserve` tokens at least (an `Extender`: budget forcing's
+        rounds)."""
+        if not prefixes:
+            return []
+        eng = self.engine(max(reserve, *(len(row) + q.max_new_tokens
+                                         for row, q in zip(prefixes, params, strict=True))))
+        try:
+            reqs = [eng.submit(row, q.model_copy(update={"n": 1}))
+                    for row, q in zip(prefixes, params, strict=True)]
+            eng.run_until_idle()
+            done = [req.wait(0)[0] for req in reqs]
+        except BaseException:
+            self._engine = None  # requests may be left in its slots: start afresh next time
+            raise
+        return [Piece(c.text, len(c.token_ids), c.finish_reason) for c in done]
 
     def _sample(self, c: Completion, prompt_tokens: int, index: int) -> Sample:
         return Sample(sample_index=index, completion=c.text,

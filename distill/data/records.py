@@ -32,6 +32,16 @@ class PromptRecord:
         return msgs
 
 
+@dataclasses.dataclass(frozen=True)
+class Thinking:
+    """How a budget-forced sample thought (`distill.backends.forcing`): its thinking tokens,
+    whether its think block was closed at the budget, and the wait texts inserted."""
+
+    tokens: int
+    forced: bool
+    waits: int = 0
+
+
 @dataclasses.dataclass
 class Sample:
     """One teacher completion of one prompt, as a backend returns it.
@@ -53,6 +63,7 @@ class Sample:
     top_logprobs: list[list[float]] | None = None
     token_bytes: list[bytes] | None = None
     top_bytes: list[list[bytes]] | None = None
+    thinking: Thinking | None = None  # set by budget forcing
 
 
 _MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))

@@ -29,6 +29,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from distill.backends import sampler_union
+from distill.backends.forcing import Forcing
 from distill.config import DataSource, Frozen, InputPath, OutputPath
 from distill.data.benchmarks import benchmark
 from distill.data.prompts import PromptsConfig
@@ -68,6 +69,31 @@ class ProtocolConfig(SystemPrompt, SamplingFields):
     # at open-r1's pin over the whole completion (and GPQA's layout there), the benchmarks'
     # default; strict, the last \boxed{} (or anchored letter) after </think>, the prompts' default
     answer_reading: Literal["open-r1", "strict"] = "strict"
+    # budget forcing (s1; `distill.backends.forcing`): end the thinking at N tokens (then write
+    # answer_prefix, e.g. s1's "Final Answer:"), or suppress an end before N tokens by appending
+    # `wait`
+    thinking_budget: int | None = Field(None, ge=1)
+    min_thinking: int | None = Field(None, ge=1)
+    wait: str = Field("Wait", min_length=1)
+    answer_prefix: str = ""
+
+    @model_validator(mode="after")
+    def _thinking_bounds(self) -> ProtocolConfig:
+        budget = self.thinking_budget
+        if budget is not None and budget >= self.max_new_tokens:
+            raise ValueError(f"thinking_budget {budget} leaves no room to answer within "
+                             f"max_new_tokens {self.max_new_tokens}; give a smaller budget or "
+                             "raise max_new_tokens")
+        if budget is not None and self.min_thinking is not None and self.min_thinking >= budget:
+            raise ValueError(f"min_thinking {self.min_thinking} must be below thinking_budget "
+                             f"{budget}")
+        return self
+
+    def forcing(self) -> Forcing | None:
+        """The budget forcing this protocol asks for (None: sample plainly)."""
+        if self.thinking_budget is None and self.min_thinking is None:
+            return None
+        return Forcing(self.thinking_budget, self.min_thinking, self.wait, self.answer_prefix)
 
 
 class KLConfig(Frozen):

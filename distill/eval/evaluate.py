@@ -45,11 +45,12 @@ from rich.progress import (
 
 from distill import runs
 from distill.backends import make_sampler
+from distill.backends.forcing import budget_forced
 from distill.chat import generated_text, split_think
 from distill.config import apply_overrides, load_config, parse_overrides, resolve_path, validate
 from distill.data.benchmarks import Benchmark, benchmark, load_benchmark
 from distill.data.prompts import load_prompts
-from distill.data.records import PromptRecord, Sample
+from distill.data.records import PromptRecord, Sample, Thinking
 from distill.errors import DistillError
 from distill.eval.agreement import (
     agreement,
@@ -79,6 +80,7 @@ class Outcome:
     think_closed: bool
     tokens: int
     finish_reason: str
+    thinking: Thinking | None = None  # budget forcing's record of the sample
 
 
 @dataclasses.dataclass
@@ -211,12 +213,13 @@ def evaluate_model(entry, prompts: list[PromptRecord], cfg: EvalConfig, kl: _KL 
     if left or _scored(entry, kl):  # else nothing needs the model: not loaded
         backend = make_sampler(entry)
         try:
+            sampler = budget_forced(backend, p.forcing(), name)
             for greedy, params in passes.items():
                 def on_sample(k: int, sample: Sample, greedy=greedy) -> None:
                     store.add(name, prompts[k].id, sample, greedy)
                     counted(sample)
 
-                backend.complete(prompts, params, p.system, on_sample=on_sample,
+                sampler.complete(prompts, params, p.system, on_sample=on_sample,
                                  indices=todo[greedy])
             seconds = time.perf_counter() - t0
             scores, notes = _agreement(entry, backend, kl)
@@ -245,9 +248,11 @@ def _stored(store: SampleStore, name: str, prompt: PromptRecord, index: int,
     if row is None:
         raise DistillError(f"prompt {prompt.id}: the model returned no "
                            f"{'greedy sample' if greedy else f'sample {index}'}")
+    thinking = (Thinking(row["thinking_tokens"], row["forced"], row["waits"])
+                if "thinking_tokens" in row else None)
     return Sample(sample_index=index, completion=row["completion"],
                   finish_reason=row["finish_reason"], prompt_tokens=row["prompt_tokens"],
-                  completion_tokens=row["completion_tokens"])
+                  completion_tokens=row["completion_tokens"], thinking=thinking)
 
 
 def _judge(sample: Sample, prompt: PromptRecord, cfg: EvalConfig,
@@ -267,7 +272,7 @@ def _judge(sample: Sample, prompt: PromptRecord, cfg: EvalConfig,
         predicted = extract_answer(split.answer, cfg.answer_pattern)
         correct = predicted is not None and answers_match(predicted, prompt.reference)
     return Outcome(sample.sample_index, sample.completion, predicted, correct, split.closed,
-                   sample.completion_tokens, sample.finish_reason)
+                   sample.completion_tokens, sample.finish_reason, sample.thinking)
 
 
 def _agreement(entry, backend, kl: _KL | None) -> tuple[dict | None, list[str]]:

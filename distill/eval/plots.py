@@ -8,6 +8,8 @@ backend switch, no GUI, safe in any process.
   prompts carry a difficulty).
 - lengths.png: the distribution of completion lengths (tokens) per model.
 - loss_curve.png: training loss (and held-out loss) against step, per model with a metrics.jsonl.
+- accuracy_vs_thinking.png (`distill eval --thinking-budgets`): pass@1 with its interval against
+  the mean thinking tokens per budget, a line per model.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 log = logging.getLogger(__name__)
 
@@ -170,3 +173,33 @@ def write_all(plot_dir: Path, models: list[dict], per_model_lengths: dict[str, l
     if curves and loss_curve(curves, plot_dir / "loss_curve.png"):
         written.append(plot_dir / "loss_curve.png")
     return written
+
+
+def accuracy_vs_thinking(models: list[dict], path: Path) -> None:
+    """pass@1 (95% interval whiskers) against the mean thinking tokens per budget, a line per
+    model (`distill eval --thinking-budgets`), each point labelled with its budget."""
+    fig, ax = _figure()
+    for model, color in zip(_ordered(models), _colors(len(models)), strict=True):
+        points = [p for p in model["points"] if p["mean_thinking_tokens"] is not None]
+        if not points:
+            continue
+        x = np.array([p["mean_thinking_tokens"] for p in points])
+        y = np.array([p["pass@1"]["value"] for p in points])
+        lo = np.array([p["pass@1"]["ci95"][0] for p in points])
+        hi = np.array([p["pass@1"]["ci95"][1] for p in points])
+        ax.errorbar(x, y, yerr=[y - lo, hi - y], marker="o", capsize=4, color=color,
+                    linestyle="--" if model["role"] == "teacher" else "-", label=_label(model))
+        for p, xi, yi in zip(points, x, y, strict=True):
+            ax.annotate(str(p["budget"]), (xi, yi), textcoords="offset points", xytext=(4, 4),
+                        fontsize="x-small", color=color)
+    ax.set_xscale("log")
+    budgets = sorted({p["budget"] for m in models for p in m["points"]})
+    ax.set_xticks(budgets, [str(b) for b in budgets])  # plain numbers at the budgets
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("mean thinking tokens (label: budget)")
+    ax.set_ylabel("pass@1")
+    ax.set_ylim(0, 1)
+    ax.set_title("accuracy against thinking tokens (budget forcing)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.savefig(path, format="png")

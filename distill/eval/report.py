@@ -33,12 +33,18 @@ def model_metrics(run, prompts: list[PromptRecord]) -> dict:
         "cons@n": M.proportion(M.cons_correct(answers, correct)),
         "greedy": None if run.greedy is None else M.proportion([o.correct for o in run.greedy]),
         "format": sum(o.think_closed for o in flat) / len(flat),
+        "answered": sum(o.think_closed and o.predicted is not None for o in flat) / len(flat),
         "truncated": sum(o.finish_reason == "length" for o in flat) / len(flat),
         "lengths": M.length_stats([o.tokens for o in flat]),
         "by_difficulty": M.by_difficulty(correct, [p.meta.get("difficulty") for p in prompts]),
         "agreement": run.agreement,
         "notes": run.notes,
     }
+    thinking = [o.thinking for o in flat if o.thinking is not None]
+    if thinking:  # budget forcing: how long the samples thought
+        out["thinking"] = {"mean_tokens": sum(t.tokens for t in thinking) / len(thinking),
+                           "forced": sum(t.forced for t in thinking) / len(thinking),
+                           "waits": sum(t.waits for t in thinking) / len(thinking)}
     return out
 
 
@@ -119,6 +125,7 @@ def _rows(model: dict, timing_: dict, n: int) -> dict[str, str]:
         f"cons@{n} [95% CI]": _with_ci(model["cons@n"]),
         "greedy [95% CI]": _with_ci(model["greedy"]),
         "format (think closed)": _pct(model["format"]),
+        "answered (think closed, answer read)": _pct(model.get("answered")),
         "truncated": _pct(model["truncated"]),
         "length mean / p50 / p90 (tokens)":
             f"{lengths['mean']:.0f} / {lengths['p50']:.0f} / {lengths['p90']:.0f}",
@@ -126,11 +133,30 @@ def _rows(model: dict, timing_: dict, n: int) -> dict[str, str]:
         "KL to teacher (nats/token)": _num(a.get("kl"), ".4f"),
         "top-1 agreement": _pct(a.get("top1_agreement")),
     }
+    if model.get("thinking"):
+        t = model["thinking"]
+        rows["thinking tokens (mean)"] = f"{t['mean_tokens']:.0f}"
+        rows["thinking ended at the budget"] = _pct(t["forced"])
+        if t["waits"]:
+            rows["waits inserted (mean)"] = f"{t['waits']:.2f}"
     if a.get("nll") is not None:  # scored on text-only traces
         rows["NLL of teacher traces (nats/token)"] = _num(a["nll"], ".4f")
     for d, v in model["by_difficulty"].items():
         rows[f"pass@1, difficulty {d}"] = f"{_pct(v['pass@1'])} (n={v['prompts']})"
     return rows
+
+
+def _forcing(protocol: dict) -> str:
+    """The header's words on budget forcing ("" without it)."""
+    parts = []
+    if protocol.get("thinking_budget"):
+        parts.append(f"thinking budget {protocol['thinking_budget']} tokens" + (
+            f" (then {protocol['answer_prefix']!r})" if protocol.get("answer_prefix") else ""))
+    if protocol.get("min_thinking"):
+        parts.append(f"thinking at least {protocol['min_thinking']} tokens "
+                     f"(wait: {protocol['wait']!r})")
+    return f" Budget forcing: {', '.join(parts)}; max {protocol['max_new_tokens']} new tokens." if (
+        parts) else ""
 
 
 def markdown(report: dict) -> str:
@@ -145,7 +171,8 @@ def markdown(report: dict) -> str:
              f"{report['prompts']['split']}); temperature {report['protocol']['temperature']}, "
              f"top-p {report['protocol']['top_p']}, {n} samples per prompt, seed "
              f"{report['protocol']['seed']}; answers read "
-             f"{_READINGS[report['protocol']['answer_reading']]}.", "",
+             f"{_READINGS[report['protocol']['answer_reading']]}.{_forcing(report['protocol'])}",
+             "",
              "| metric | " + " | ".join(names) + " |",
              "|---|" + "---|" * len(names)]
     lines += [f"| {key} | " + " | ".join(c.get(key, "–") for c in cols) + " |" for key in keys]
@@ -172,7 +199,14 @@ def sample_rows(runs: list, prompts: list[PromptRecord]):
                        "greedy": greedy, "reference": prompt.reference,
                        "predicted": o.predicted, "correct": o.correct,
                        "think_closed": o.think_closed, "tokens": o.tokens,
-                       "finish_reason": o.finish_reason, "completion": o.completion}
+                       "finish_reason": o.finish_reason, "completion": o.completion,
+                       **_thinking_fields(o)}
+
+
+def _thinking_fields(o) -> dict:
+    """A budget-forced sample's thinking tokens, forced close and waits (nothing otherwise)."""
+    t = o.thinking
+    return {} if t is None else {"thinking_tokens": t.tokens, "forced": t.forced, "waits": t.waits}
 
 
 def write_outputs(out_dir: Path, report: dict, runs: list, prompts: list[PromptRecord],

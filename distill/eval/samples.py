@@ -126,6 +126,9 @@ class SampleStore:
                "greedy": greedy, "completion": sample.completion,
                "finish_reason": sample.finish_reason, "prompt_tokens": sample.prompt_tokens,
                "completion_tokens": sample.completion_tokens}
+        if sample.thinking is not None:  # budget forcing
+            row |= {"thinking_tokens": sample.thinking.tokens, "forced": sample.thinking.forced,
+                    "waits": sample.thinking.waits}
         line = (json.dumps(row, ensure_ascii=False) + "\n").encode()
         with self._lock:
             with writing(self.path, self.safe):
