@@ -323,9 +323,11 @@ def request_key(seed: int, sample_index: int) -> np.ndarray:
     return np.asarray(jax.random.fold_in(jax.random.PRNGKey(seed), sample_index))
 
 
-def sample_seed(seed: int, prompt_id: str, index: int) -> int:
+def sample_seed(seed: int, prompt_id: str, index: int, round_: int | None = None) -> int:
     """The seed of one sample (one request of n = 1, in process or over HTTP): a function of the
     run seed, the prompt id and the sample index only, so a resumed run asks for what an
-    uninterrupted one did, whatever ran beside it."""
-    digest = hashlib.sha256(f"{seed}:{prompt_id}:{index}".encode()).digest()
+    uninterrupted one did, whatever ran beside it; `round_`: one round of a sample sampled in
+    several (budget forcing)."""
+    key = f"{seed}:{prompt_id}:{index}" + ("" if round_ is None else f":{round_}")
+    digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF

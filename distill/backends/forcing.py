@@ -19,14 +19,13 @@ the close was forced and how many waits were inserted.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Callable, Sequence
 
 from distill.backends.base import Extender, Piece, Sampler
 from distill.chat import THINK_CLOSE, has_think_block, prompt_opens_think, think_end, think_parts
 from distill.data.records import PromptRecord, Sample, Thinking
 from distill.errors import DistillError
-from distill.sampling import SamplingParams
+from distill.sampling import SamplingParams, sample_seed
 
 SLACK_TOKENS = 16  # a text so far may tokenize a few tokens longer than it was sampled
 
@@ -41,13 +40,6 @@ class Forcing:
     min_thinking: int | None = None
     wait: str = "Wait"
     answer_prefix: str = ""
-
-
-def phase_seed(seed: int, prompt_id: str, index: int, phase: int) -> int:
-    """The seed of one round of one sample: a function of the run seed, the prompt id, the
-    sample index and the round only (as the backends' own seeds are)."""
-    digest = hashlib.sha256(f"{seed}:{prompt_id}:{index}:{phase}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 @dataclasses.dataclass
@@ -127,7 +119,7 @@ class BudgetForced:
             left = min(left, self.forcing.budget - run.thinking)
         return params.model_copy(update={
             "n": 1, "max_new_tokens": left, "stop": (), "logprobs": 0,
-            "seed": phase_seed(params.seed, run.prompt.id, run.index, run.phase)})
+            "seed": sample_seed(params.seed, run.prompt.id, run.index, run.phase)})
 
     def _step(self, run: _Run, piece: Piece, max_new: int) -> None:
         """Take one round's piece into the run: go on thinking, insert a wait or the close,
